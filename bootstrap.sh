@@ -1,0 +1,67 @@
+#!/bin/sh
+# vmtrim set-up for a fresh Debian 12 machine, run as root.
+#
+#   sh bootstrap.sh demo   install everything, then run vmtrim's main job on the built-in lab VM
+#   sh bootstrap.sh test   install everything, then run the whole test suite (what CI runs)
+#   sh bootstrap.sh install   only install
+#
+# Installs Debian packages with apt-get, creates .venv/ in this folder with vmtrim
+# and its Python dependencies, and the users and groups libvirtd needs.
+set -eu
+cd "$(dirname "$0")"
+HERE=$(pwd)
+MODE=${1:-install}
+
+PACKAGES="python3 python3-venv python3-dev gcc pkg-config
+  qemu-system-x86 qemu-utils qemu-guest-agent busybox-static kmod cpio
+  e2fsprogs xfsprogs btrfs-progs util-linux procps
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libxml2-utils"
+
+install() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap.sh: run as root (it installs Debian packages)" >&2
+        exit 3
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    # shellcheck disable=SC2086
+    apt-get install -y --no-install-recommends $PACKAGES
+
+    # libvirtd started by hand (no systemd) needs these; see DESIGN.md.
+    getent group kvm >/dev/null || groupadd -r kvm
+    getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null ||
+        useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+    mkdir -p /var/log/libvirt /var/lib/libvirt/qemu /var/cache/libvirt /run/libvirt
+
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    # libvirt-python must match the libvirt it is built against.
+    LIBVIRT_VERSION=$(pkg-config --modversion libvirt)
+    .venv/bin/python -m pip install --quiet -e ".[dev,libvirt]" "libvirt-python==${LIBVIRT_VERSION}"
+}
+
+case "$MODE" in
+install)
+    install
+    ;;
+demo)
+    install
+    # The main job on the built-in default: boot the lab guest, write and delete
+    # 200 MiB, and show the host image shrink.
+    exec .venv/bin/vmtrim verify
+    ;;
+test)
+    install
+    .venv/bin/ruff check src tests bench
+    .venv/bin/mypy
+    shift
+    exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+    ;;
+*)
+    echo "usage: sh bootstrap.sh [install|demo|test]" >&2
+    exit 2
+    ;;
+esac

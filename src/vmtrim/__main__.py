@@ -1,0 +1,3 @@
+from vmtrim.cli import main
+
+main()
