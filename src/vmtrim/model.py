@@ -1,0 +1,416 @@
+"""The discard-path model: what a disk is made of, and what the audit says about it.
+
+Every input (libvirt domain XML, a QEMU command line, a running QEMU, later a live
+libvirt connection with guest-agent facts) is turned into the same objects:
+
+::
+
+    Domain                      one VM: name, machine type, versions, guest facts
+     +-- Disk                   one guest-visible drive (disk, cdrom, lun, floppy)
+          +-- BlockNode         the QEMU node the device points at (format node) ...
+               +-- file         ... its protocol child (file, host_device, rbd, ...)
+               +-- backing      ... and the backing chain (overlays)
+
+The audit (:mod:`vmtrim.audit`) walks a disk through five layers, top to bottom:
+
+==============  ===========================================================
+LayerKind       question
+==============  ===========================================================
+guest_fs        does the guest filesystem issue discards (mount -o discard, fstrim)?
+guest_driver    does the guest's driver for this bus send TRIM/UNMAP/DISCARD?
+device          does the emulated QEMU device accept them (machine type, properties)?
+block_node      does every QEMU block node on the path have discard=unmap?
+host_storage    can the host file punch holes / the block device or network discard?
+==============  ===========================================================
+
+Each layer gets a :class:`Verdict` and the disk's verdict is the worst of them
+(``block`` > ``unknown`` > ``pass``). The model is plain data: it never reads
+files or talks to QEMU, so every producer and consumer can share it.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+Version = tuple[int, ...]
+"""A dotted version as integers: ``(7, 2)`` for QEMU 7.2, ``(5, 10, 0)`` for Linux 5.10.0."""
+
+
+def parse_version(text: str | None) -> Version | None:
+    """``"7.2.0"`` -> ``(7, 2, 0)``; ``"5.10.0-26-cloud-amd64"`` -> ``(5, 10, 0)``.
+
+    Takes the leading run of dotted integers; returns None when there is none.
+    """
+    if not text:
+        return None
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def format_version(version: Version | None) -> str:
+    return ".".join(str(part) for part in version) if version else "unknown"
+
+
+class Verdict(enum.Enum):
+    """A layer's (or a disk's) answer. Ordered: ``worst()`` picks block over unknown over pass."""
+
+    PASS = "pass"
+    UNKNOWN = "unknown"
+    BLOCK = "block"
+
+    @property
+    def rank(self) -> int:
+        return _VERDICT_RANK[self]
+
+    @staticmethod
+    def worst(verdicts: Iterable[Verdict]) -> Verdict:
+        """The worst of an iterable of verdicts; ``PASS`` for an empty one."""
+        result = Verdict.PASS
+        for verdict in verdicts:
+            if verdict.rank > result.rank:
+                result = verdict
+        return result
+
+
+_VERDICT_RANK = {Verdict.PASS: 0, Verdict.UNKNOWN: 1, Verdict.BLOCK: 2}
+
+
+class LayerKind(enum.Enum):
+    """The layers of the discard path, in order from the guest down to the host."""
+
+    GUEST_FS = "guest_fs"
+    GUEST_DRIVER = "guest_driver"
+    DEVICE = "device"
+    BLOCK_NODE = "block_node"
+    HOST_STORAGE = "host_storage"
+
+    @property
+    def is_config(self) -> bool:
+        """True for the layers that libvirt XML or the QEMU command line decide.
+
+        ``vmtrim fix`` can change these; the guest and the host storage it cannot.
+        """
+        return self in (LayerKind.DEVICE, LayerKind.BLOCK_NODE)
+
+
+class Severity(enum.Enum):
+    """How much a finding matters. ``block`` findings explain a blocking layer."""
+
+    INFO = "info"
+    WARNING = "warning"
+    BLOCK = "block"
+
+    @property
+    def rank(self) -> int:
+        return {Severity.INFO: 0, Severity.WARNING: 1, Severity.BLOCK: 2}[self]
+
+
+class DeviceType(enum.Enum):
+    """What the guest sees (libvirt's ``<disk device=...>``)."""
+
+    DISK = "disk"
+    CDROM = "cdrom"
+    LUN = "lun"
+    FLOPPY = "floppy"
+
+
+class StorageKind(enum.Enum):
+    """Where the bytes live on the host (libvirt's ``<disk type=...>``, or the protocol node)."""
+
+    FILE = "file"
+    BLOCK = "block"
+    NETWORK = "network"
+    VOLUME = "volume"  # a storage-pool volume: resolved only through a libvirt connection
+    DIR = "dir"  # a host directory shown as a FAT disk (vvfat)
+    NVME = "nvme"  # a host NVMe controller driven by QEMU's userspace driver
+    VHOSTUSER = "vhostuser"  # a vhost-user-blk backend outside QEMU's block layer
+    NONE = "none"  # an empty drive (a cdrom with no media)
+    UNKNOWN = "unknown"
+
+
+class Origin(enum.Enum):
+    """Where the domain came from; decides how a fix is phrased."""
+
+    LIBVIRT_XML = "libvirt-xml"
+    QEMU_ARGS = "qemu-args"
+
+
+@dataclass
+class BlockNode:
+    """One QEMU block-layer node (a ``-blockdev``, or a node implied by ``-drive`` or by libvirt).
+
+    ``discard`` is normalised to ``"unmap"`` or ``"ignore"``, or None when not set
+    (QEMU's default is ignore). ``detect_zeroes`` is ``"off"``, ``"on"`` or ``"unmap"``.
+    ``file`` is the protocol child (for a format or filter node); ``backing`` the next
+    image down the chain. ``inherited`` says that ``discard`` came from a parent node
+    (QEMU copies it into inline children, not into nodes referenced by name).
+    """
+
+    driver: str | None
+    node_name: str | None = None
+    discard: str | None = None
+    detect_zeroes: str | None = None
+    discard_no_unref: bool | None = None
+    cache: str | None = None
+    read_only: bool = False
+    filename: str | None = None
+    file: BlockNode | None = None
+    backing: BlockNode | None = None
+    inherited: bool = False
+    defined_by: str | None = None  # e.g. "-blockdev libvirt-1-format", "-drive drive0", "<disk>"
+    options: dict[str, Any] = field(default_factory=dict)  # everything else, for findings
+
+    def file_chain(self) -> list[BlockNode]:
+        """This node and its ``file`` children down to the protocol node (no backing files)."""
+        chain: list[BlockNode] = []
+        node: BlockNode | None = self
+        seen: set[int] = set()
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            chain.append(node)
+            node = node.file
+        return chain
+
+    def backing_chain(self) -> list[BlockNode]:
+        """The images under this one: its backing node, that node's backing, and so on."""
+        chain: list[BlockNode] = []
+        node = self.backing
+        seen: set[int] = {id(self)}
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            chain.append(node)
+            node = node.backing
+        return chain
+
+    @property
+    def protocol(self) -> BlockNode:
+        """The bottom of the file chain: the node that talks to host storage."""
+        return self.file_chain()[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_name": self.node_name,
+            "driver": self.driver,
+            "discard": self.discard,
+            "detect_zeroes": self.detect_zeroes,
+            "discard_no_unref": self.discard_no_unref,
+            "cache": self.cache,
+            "read_only": self.read_only,
+            "filename": self.filename,
+            "file": self.file.to_json() if self.file else None,
+            "backing": self.backing.to_json() if self.backing else None,
+        }
+
+
+@dataclass
+class GuestFilesystem:
+    """A filesystem mounted in the guest, as the guest agent reports it.
+
+    ``mount_options`` is None when unknown (no ``guest-exec``). ``luks_allow_discards``
+    is None when the filesystem is not on LUKS or it is unknown.
+    """
+
+    mountpoint: str
+    fstype: str
+    mount_options: tuple[str, ...] | None = None
+    luks: bool = False
+    luks_allow_discards: bool | None = None
+    lvm: bool = False
+
+
+@dataclass
+class GuestInfo:
+    """Facts about the guest OS (from the guest agent, when there is one)."""
+
+    os_id: str | None = None  # "linux", "mswindows", ...
+    kernel_release: str | None = None  # "5.10.0-26-cloud-amd64"
+    fstrim_timer: bool | None = None  # systemd fstrim.timer enabled?
+    agent: bool = True
+    reason: str | None = None  # why facts are missing (e.g. "agent not responding")
+
+    @property
+    def kernel_version(self) -> Version | None:
+        return parse_version(self.kernel_release)
+
+    @property
+    def is_windows(self) -> bool:
+        return (self.os_id or "").lower() in ("mswindows", "windows")
+
+
+@dataclass
+class Disk:
+    """One guest-visible drive and the path from its QEMU device down to host storage.
+
+    ``target`` is the libvirt target (``sda``, ``vdb``); for a QEMU command line it is
+    None and ``ident`` is the device id, drive id or node name. ``discard`` is the
+    setting as configured on the node the device points at (``"unmap"``, ``"ignore"``
+    or None when unset). ``bus`` uses libvirt's names (ide, sata, scsi, virtio, usb,
+    fdc, nvme, ...); ``qemu_device`` QEMU's (ide-hd, scsi-hd, virtio-blk-pci, ...).
+    ``guest_filesystems`` is None when nothing is known about the guest side.
+    """
+
+    domain: str
+    ident: str
+    target: str | None = None
+    device: DeviceType = DeviceType.DISK
+    bus: str | None = None
+    controller_model: str | None = None
+    qemu_device: str | None = None
+    device_properties: dict[str, Any] = field(default_factory=dict)
+    storage: StorageKind = StorageKind.UNKNOWN
+    protocol: str | None = None  # network disks: rbd, iscsi, nbd, gluster, http, ...
+    source: str | None = None  # path, device, or protocol://host/name
+    format: str | None = None
+    discard: str | None = None
+    detect_zeroes: str | None = None
+    read_only: bool = False
+    shareable: bool = False
+    node: BlockNode | None = None
+    locator: str | None = None  # where it was defined: "/domain/devices/disk[2]", "argv[7]"
+    guest_filesystems: list[GuestFilesystem] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.storage is StorageKind.NONE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "target": self.target or self.ident,
+            "device": self.device.value,
+            "bus": self.bus,
+            "controller_model": self.controller_model,
+            "qemu_device": self.qemu_device,
+            "storage": self.storage.value,
+            "protocol": self.protocol,
+            "source": self.source,
+            "format": self.format,
+            "discard": self.discard,
+            "detect_zeroes": self.detect_zeroes,
+            "read_only": self.read_only,
+            "shareable": self.shareable,
+            "nodes": self.node.to_json() if self.node else None,
+        }
+
+
+@dataclass
+class Domain:
+    """One VM as far as discard is concerned."""
+
+    name: str
+    origin: Origin
+    machine: str | None = None  # "pc-q35-7.2", "pc-i440fx-3.1", "pc", ...
+    arch: str | None = None
+    disks: list[Disk] = field(default_factory=list)
+    qemu_version: Version | None = None
+    libvirt_version: Version | None = None
+    guest: GuestInfo | None = None
+    notes: list[str] = field(default_factory=list)  # things skipped while reading the input
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """A QEMU machine type split into family and version (None for aliases like ``pc``)."""
+
+    name: str
+    family: str
+    version: Version | None
+
+    @classmethod
+    def parse(cls, name: str) -> MachineType:
+        match = re.fullmatch(r"(.*?)-(\d+\.\d+(?:\.\d+)?)", name)
+        if match:
+            return cls(name, match.group(1), parse_version(match.group(2)))
+        return cls(name, name, None)
+
+
+@dataclass
+class Layer:
+    """One layer's verdict, why, and what to change (None when nothing to change)."""
+
+    kind: LayerKind
+    verdict: Verdict
+    reason: str
+    fix: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.kind.value,
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "fix": self.fix,
+        }
+
+
+@dataclass
+class Finding:
+    """Something the user should know about a disk, with the fact table's source."""
+
+    severity: Severity
+    layer: LayerKind
+    message: str
+    fix: str | None = None
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity.value,
+            "layer": self.layer.value,
+            "message": self.message,
+            "fix": self.fix,
+            "source": self.source,
+        }
+
+
+@dataclass
+class DiskReport:
+    """The audit of one disk: its layers, its findings, and the verdicts.
+
+    ``exempt`` names why the disk does not count towards the exit code (a cdrom,
+    a read-only or empty drive); it is still listed with its layers.
+    """
+
+    disk: Disk
+    layers: list[Layer]
+    findings: list[Finding] = field(default_factory=list)
+    exempt: str | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        """The worst layer."""
+        return Verdict.worst(layer.verdict for layer in self.layers)
+
+    @property
+    def config_verdict(self) -> Verdict:
+        """The worst of the layers the configuration decides (device and block nodes)."""
+        return Verdict.worst(layer.verdict for layer in self.layers if layer.kind.is_config)
+
+    @property
+    def blocks(self) -> bool:
+        """True when this disk should fail the run (exit code 1)."""
+        return self.exempt is None and self.verdict is Verdict.BLOCK
+
+    def layer(self, kind: LayerKind) -> Layer:
+        for layer in self.layers:
+            if layer.kind is kind:
+                return layer
+        raise KeyError(kind)
+
+    def sorted_findings(self) -> list[Finding]:
+        return sorted(self.findings, key=lambda finding: -finding.severity.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.disk.to_json(),
+            "verdict": self.verdict.value,
+            "config_verdict": self.config_verdict.value,
+            "exempt": self.exempt,
+            "layers": [layer.to_json() for layer in self.layers],
+            "findings": [finding.to_json() for finding in self.sorted_findings()],
+        }
