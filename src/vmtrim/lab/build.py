@@ -1,0 +1,300 @@
+"""Build and cache the lab appliance: a kernel plus a small initramfs.
+
+The initramfs holds busybox (static), the kernel modules for every bus verify
+tests (see :mod:`vmtrim.lab.modules`), qemu-ga with the shared libraries ``ldd``
+names, and ``init.sh`` as ``/init``.
+
+Cache layout under ``$XDG_CACHE_HOME/vmtrim`` (default ``~/.cache/vmtrim``)::
+
+    kernels/linux-image-*.deb      Debian's kernel package, downloaded once
+    lab/<key>/vmlinuz              the appliance; <key> hashes every input:
+    lab/<key>/initrd.img             kernel, modules, busybox, qemu-ga and its
+    lab/<key>/manifest.json          libraries, init.sh and BUILD_FORMAT
+    lab.lock                       flock: one build at a time, across processes
+
+A build happens in a temporary directory and is renamed into place, so a reader
+never sees half an appliance.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vmtrim.errors import EnvironmentProblem
+from vmtrim.lab.kernel import (
+    KernelInput,
+    locate_kernel,
+    remove_unpacked,
+    sha256_file,
+    unpack,
+)
+from vmtrim.lab.modules import OPTIONAL, REQUIRED, ModuleTree, install_module
+from vmtrim.lab.proc import run_tool
+
+# Bump when the layout of the initramfs changes in a way the inputs do not show.
+BUILD_FORMAT = 1
+KEEP_BUILDS = 3
+
+
+@dataclass(frozen=True)
+class Appliance:
+    """A built lab guest, ready to boot with -kernel/-initrd."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    key: str
+    origin: str
+    built: bool  # True if this call built it, False if it came from the cache
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": str(self.kernel),
+            "initrd": str(self.initrd),
+            "kernel_version": self.kernel_version,
+            "key": self.key,
+            "origin": self.origin,
+            "built": self.built,
+        }
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vmtrim"
+
+
+def init_script() -> bytes:
+    return resources.files("vmtrim.lab").joinpath("init.sh").read_bytes()
+
+
+def find_tool(name: str, candidates: tuple[str, ...] = ()) -> Path:
+    found = shutil.which(name) or next((c for c in candidates if os.access(c, os.X_OK)), None)
+    if not found:
+        raise EnvironmentProblem(f"{name} is not installed", subject="lab")
+    return Path(found).resolve()
+
+
+def shared_libraries(binary: Path) -> list[tuple[Path, Path]]:
+    """(path the loader asks for, file to copy) for every library ``ldd`` lists."""
+    try:
+        out = run_tool(["ldd", str(binary)], subject=str(binary), timeout=60)
+    except EnvironmentProblem as exc:
+        if "not a dynamic executable" in exc.message:
+            return []
+        raise
+    libs: list[tuple[Path, Path]] = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            target = parts[parts.index("=>") + 1]
+            if target.startswith("/"):
+                libs.append((Path(target), Path(target).resolve()))
+        elif parts and parts[0].startswith("/"):  # the loader itself
+            libs.append((Path(parts[0]), Path(parts[0]).resolve()))
+    return libs
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    kernel: KernelInput
+    busybox: Path
+    qemu_ga: Path
+    ga_libs: list[tuple[Path, Path]]
+    busybox_libs: list[tuple[Path, Path]]
+    init: bytes
+
+
+def _gather(cache: Path, kernel: Path | None, modules: Path | None) -> _Inputs:
+    busybox = find_tool("busybox", ("/bin/busybox", "/usr/bin/busybox"))
+    qemu_ga = find_tool("qemu-ga", ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga"))
+    return _Inputs(
+        kernel=locate_kernel(cache, kernel, modules),
+        busybox=busybox,
+        qemu_ga=qemu_ga,
+        ga_libs=shared_libraries(qemu_ga),
+        busybox_libs=shared_libraries(busybox),
+        init=init_script(),
+    )
+
+
+def _key(inputs: _Inputs) -> str:
+    """Hash of everything that ends up in the appliance."""
+    h = hashlib.sha256(f"vmtrim-lab/{BUILD_FORMAT}\n".encode())
+    h.update(repr((REQUIRED, OPTIONAL)).encode())
+    kin = inputs.kernel
+    if kin.deb is not None:
+        h.update(b"deb\n")
+        sha256_file(kin.deb, h)  # a .deb is immutable: its bytes stand for the whole tree
+    else:
+        assert kin.image is not None and kin.modules is not None
+        h.update(b"tree\n")
+        sha256_file(kin.image, h)
+        tree = ModuleTree.load(kin.modules)
+        for rel in tree.load_order(REQUIRED, OPTIONAL):
+            h.update(rel.encode())
+            sha256_file(kin.modules / rel, h)
+    for path in (inputs.busybox, inputs.qemu_ga):
+        sha256_file(path, h)
+    for _, real in sorted(set(inputs.ga_libs + inputs.busybox_libs)):
+        sha256_file(real, h)
+    h.update(inputs.init)
+    return h.hexdigest()[:20]
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "lab.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not ((directory / "vmlinuz").is_file() and (directory / "initrd.img").is_file()):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ensure_appliance(
+    kernel: Path | None = None,
+    modules: Path | None = None,
+    *,
+    rebuild: bool = False,
+    cache: Path | None = None,
+) -> Appliance:
+    """Return the cached appliance for the current inputs, building it if needed."""
+    cache = cache or cache_root()
+    with _locked(cache):
+        inputs = _gather(cache, kernel, modules)
+        key = _key(inputs)
+        target = cache / "lab" / key
+        manifest = None if rebuild else _read_manifest(target)
+        built = manifest is None
+        if manifest is None:
+            manifest = _build(inputs, key, target)
+            _prune(cache / "lab", keep=target)
+        return Appliance(
+            kernel=target / "vmlinuz",
+            initrd=target / "initrd.img",
+            kernel_version=str(manifest["kernel_version"]),
+            key=key,
+            origin=str(manifest["origin"]),
+            built=built,
+        )
+
+
+def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".build-{key}-"))
+    try:
+        unpacked = unpack(inputs.kernel, work)
+        out = work / "out"
+        out.mkdir()
+        shutil.copyfile(unpacked.image, out / "vmlinuz")
+        tree = ModuleTree.load(unpacked.modules)
+        order = tree.load_order(REQUIRED, OPTIONAL)
+        root = work / "root"
+        loaded = _assemble_root(root, inputs, tree, order)
+        remove_unpacked(work)
+        _write_cpio(root, out / "initrd.img")
+        manifest = {
+            "key": key,
+            "origin": inputs.kernel.origin,
+            "kernel_version": unpacked.version,
+            "modules": loaded,
+            "busybox": str(inputs.busybox),
+            "qemu_ga": str(inputs.qemu_ga),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_into(root: Path, inside: Path, source: Path, mode: int = 0o755) -> None:
+    dest = root / inside.relative_to("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    dest.chmod(mode)
+
+
+def _assemble_root(
+    root: Path, inputs: _Inputs, tree: ModuleTree, order: list[str]
+) -> list[str]:
+    for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "run", "var/lib", "etc/vmtrim", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var" / "run").symlink_to("../run")
+    (root / "sbin").symlink_to("bin")
+    _copy_into(root, Path("/bin/busybox"), inputs.busybox)
+    applets = run_tool([str(inputs.busybox), "--list"], subject=str(inputs.busybox)).split()
+    for applet in applets:
+        # An applet called "busybox" would make bin/busybox a link to itself: ELOOP, panic.
+        if applet != "busybox" and "/" not in applet:
+            (root / "bin" / applet).symlink_to("busybox")
+    _copy_into(root, Path("/usr/sbin/qemu-ga"), inputs.qemu_ga)
+    for wanted, real in inputs.ga_libs + inputs.busybox_libs:
+        _copy_into(root, wanted, real)
+    (root / "init").write_bytes(inputs.init)
+    (root / "init").chmod(0o755)
+    installed = [install_module(tree, rel, root / "lib" / "modules") for rel in order]
+    (root / "etc" / "vmtrim" / "modules").write_text("".join(f"{m}\n" for m in installed))
+    return [m.rsplit("/", 1)[-1] for m in installed]
+
+
+def _write_cpio(root: Path, dest: Path) -> None:
+    """An uncompressed newc archive: the guest skips decompression, which is slow under TCG."""
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    listing = "\n".join(names).encode() + b"\n"
+    with open(dest, "wb") as out:
+        try:
+            result = subprocess.run(
+                ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible"],
+                cwd=root,
+                input=listing,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                check=False,
+                timeout=300,
+            )
+        except FileNotFoundError as exc:
+            raise EnvironmentProblem("cpio is not installed", subject="lab") from exc
+    if result.returncode != 0:
+        raise EnvironmentProblem(
+            f"cpio failed: {result.stderr.decode(errors='replace').strip()}", subject=str(dest)
+        )
+
+
+def _prune(lab: Path, keep: Path) -> None:
+    """Keep the newest few appliances; older keys belong to inputs that changed."""
+    builds = sorted(
+        (p for p in lab.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[KEEP_BUILDS:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
