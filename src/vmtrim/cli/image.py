@@ -1,0 +1,184 @@
+"""``vmtrim image info|map``: read qcow2/raw allocation without QEMU.
+
+The JSON paths import neither rich nor lxml: start-up time counts on big images.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from vmtrim.image import ImageInfo
+    from vmtrim.image_map import Extents
+
+FORMATS = click.Choice(["qcow2", "raw"])
+
+
+@click.group("image")
+def image() -> None:
+    """Read qcow2 and raw allocation without QEMU."""
+
+
+@image.command("info")
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image/1 JSON document.")
+@click.option("--scan-zeros", is_flag=True,
+              help="Also read every data cluster to find all-zero ones (slow).")
+@click.option("-f", "--format", "fmt", type=FORMATS, default=None,
+              help="Image format (default: probe).")
+@click.option("--no-backing", is_flag=True, help="Do not follow the backing chain.")
+def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing: bool) -> int:
+    """Header, guest, host and reclaim figures of IMAGE and its backing chain."""
+    from vmtrim.image import SCHEMA, inspect
+
+    if scan_zeros:
+        result = _with_progress("scanning for zero clusters", lambda cb: inspect(
+            path, scan_zeros=True, follow_backing=not no_backing, fmt=fmt, progress=cb))
+    else:
+        result = inspect(path, follow_backing=not no_backing, fmt=fmt)
+    if as_json:
+        from vmtrim.output import print_json
+
+        print_json(SCHEMA, result.to_json())
+    else:
+        _render_info(result)
+    return 0
+
+
+@image.command("map")
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one vmtrim.image-map/1 JSON document (extents as qemu-img map).")
+@click.option("-f", "--format", "fmt", type=FORMATS, default=None,
+              help="Image format (default: probe).")
+def map_(path: str, as_json: bool, fmt: str | None) -> int:
+    """Guest extents of IMAGE, with the meaning of `qemu-img map --output=json`."""
+    from vmtrim.image_map import SCHEMA, map_image
+
+    extents = map_image(path, fmt)
+    if as_json:
+        _write_map_json(SCHEMA, path, extents)
+    else:
+        _render_map(path, extents)
+    return 0
+
+
+def _write_map_json(schema: str, path: str, ext: Extents) -> None:
+    # Hundreds of thousands of extents: format lines directly instead of json.dumps.
+    tf = ("false", "true")
+    lines = []
+    for st, ln, dp, fl, off in zip(ext.start.tolist(), ext.length.tolist(), ext.depth.tolist(),
+                                   ext.flags.tolist(), ext.offset.tolist(), strict=True):
+        tail = f', "offset": {off}}}' if off >= 0 else "}"
+        lines.append(f'    {{"start": {st}, "length": {ln}, "depth": {dp}, '
+                     f'"present": {tf[fl & 1]}, "zero": {tf[(fl >> 1) & 1]}, '
+                     f'"data": {tf[(fl >> 2) & 1]}{tail}')
+    out = sys.stdout
+    out.write(f'{{\n  "schema": {json.dumps(schema)},\n  "filename": {json.dumps(path)},\n'
+              f'  "extents": [\n')
+    out.write(",\n".join(lines))
+    out.write("\n  ]\n}\n" if lines else "  ]\n}\n")
+
+
+def _with_progress(label: str, work: Any) -> ImageInfo:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from vmtrim.output import console
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        result: ImageInfo = work(update)
+    return result
+
+
+def _render_info(top: ImageInfo) -> None:
+    from rich.table import Table
+
+    from vmtrim.output import console, human_bytes
+
+    con = console()
+    for depth, layer in enumerate(top.chain()):
+        table = Table(title=f"{layer.path}" + (f" (backing depth {depth})" if depth else ""),
+                      show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value")
+
+        def row(name: str, value: Any, *, size: bool = False, _t: Table = table) -> None:
+            if value is None:
+                return
+            _t.add_row(name, f"{human_bytes(value)} ({value} B)" if size else str(value))
+
+        row("format", layer.format)
+        row("virtual size", layer.virtual_size, size=True)
+        row("file size (ls)", layer.file_size, size=True)
+        row("allocated (du)", layer.allocated_bytes, size=True)
+        if layer.format == "qcow2":
+            row("cluster size", layer.cluster_size, size=True)
+            row("compat / refcount bits", f"{layer.compat} / {layer.refcount_bits}")
+            on = [k for k, v in layer.features.items() if v is True]
+            row("features", ", ".join(on) or "none")
+            row("compression", layer.features["compression_type"])
+            if layer.features.get("external_data_file"):
+                row("external data file", layer.features["external_data_file"])
+            row("snapshots", layer.snapshot_count)
+            if layer.backing_file:
+                row("backing file", f"{layer.backing_file} -> {layer.backing_path}"
+                    + (f" ({layer.backing_format})" if layer.backing_format else ""))
+            table.add_section()
+            row("allocated / total clusters", f"{layer.allocated_clusters} / "
+                f"{layer.total_clusters}")
+            row("fragmented clusters", layer.fragmented_clusters)
+            row("compressed clusters", f"{layer.compressed_clusters} "
+                f"({human_bytes(layer.guest.compressed_bytes)} stored)")
+        g, h, r = layer.guest, layer.host, layer.reclaim
+        table.add_section()
+        row("guest: data", g.data_bytes, size=True)
+        row("guest: zero", g.zero_bytes, size=True)
+        if layer.format == "qcow2":
+            row("guest: unallocated (from backing)",
+                f"{human_bytes(g.unallocated_bytes)} in {g.unallocated_ranges} ranges")
+            if g.data_subclusters is not None:
+                row("guest: data / zero / unallocated subclusters",
+                    f"{g.data_subclusters} / {g.zero_subclusters} / {g.unallocated_subclusters}")
+            table.add_section()
+            row("host: clusters in use", f"{h.clusters_in_use} ({human_bytes(h.bytes_in_use)})")
+            row("host: shared clusters (refcount >= 2)",
+                f"{h.shared_clusters} ({human_bytes(h.shared_bytes)})")
+            row("host: leaked clusters", f"{h.leaked_clusters} ({human_bytes(h.leaked_bytes)})")
+            row("host: metadata", h.metadata_bytes, size=True)
+            row("host: image end offset", h.image_end_offset, size=True)
+        row("host: punched holes", h.punched_hole_bytes, size=True)
+        table.add_section()
+        row("reclaim: most a full guest trim frees", r.max_trim_bytes, size=True)
+        row("reclaim: wasted now", r.wasted_bytes, size=True)
+        if layer.format == "qcow2":
+            row("  leaks", r.leaked_bytes, size=True)
+            row("  tail past image end", r.tail_bytes, size=True)
+        row("  all-zero data (--scan-zeros)", r.zero_data_bytes, size=True)
+        con.print(table)
+
+
+def _render_map(path: str, ext: Extents) -> None:
+    from rich.table import Table
+
+    from vmtrim.output import console, human_bytes
+
+    table = Table(title=f"{path}: guest map", title_justify="left")
+    for name in ("Start", "Length", "Depth", "Present", "Zero", "Data", "Offset"):
+        table.add_column(name, justify="right" if name in ("Start", "Length", "Offset") else "left")
+    yes = ("-", "yes")
+    for row in ext.rows():
+        offset = row.get("offset")
+        table.add_row(f"{row['start']:#x}", human_bytes(int(row["length"])), str(row["depth"]),
+                      yes[bool(row["present"])], yes[bool(row["zero"])], yes[bool(row["data"])],
+                      f"{offset:#x}" if offset is not None else "")
+    console().print(table)

@@ -1,0 +1,353 @@
+"""Inspect a qcow2 or raw disk image without QEMU: ``vmtrim image info``.
+
+:func:`inspect` returns an :class:`ImageInfo` with the header facts, the guest
+view (what the guest sees where), the host view (what the file holds) and the
+reclaim view (what a trim could give back, what is wasted now), for the image
+and, through ``backing``, for every layer of its backing chain.
+
+Counts named after ``qemu-img check`` (allocated, fragmented, compressed
+clusters, image-end-offset, leaks) mean exactly what qemu-img means by them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vmtrim.allocation import Coverage, extents_fd
+from vmtrim.errors import ImageError
+from vmtrim.qcow2 import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSED,
+    COMPRESSION_NAMES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    MAGIC,
+    NORMAL,
+    UNALLOCATED_ALLOC,
+    UNALLOCATED_PLAIN,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    Qcow2Reader,
+    open_readonly,
+)
+
+if TYPE_CHECKING:
+    from vmtrim.qcow2_scan import Scan
+
+SCHEMA = "vmtrim.image/1"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class GuestView:
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    unallocated_bytes: int = 0
+    unallocated_ranges: int = 0
+    data_clusters: int | None = None
+    zero_clusters: int | None = None
+    data_subclusters: int | None = None
+    zero_subclusters: int | None = None
+    unallocated_subclusters: int | None = None
+    compressed_clusters: int | None = None
+    compressed_bytes: int | None = None
+
+
+@dataclass
+class HostView:
+    clusters_in_use: int | None = None
+    bytes_in_use: int | None = None
+    shared_clusters: int | None = None
+    shared_bytes: int | None = None
+    leaked_clusters: int | None = None
+    leaked_bytes: int | None = None
+    metadata_bytes: int | None = None
+    image_end_offset: int | None = None
+    punched_hole_bytes: int = 0
+
+
+@dataclass
+class ReclaimView:
+    max_trim_bytes: int = 0
+    wasted_bytes: int = 0
+    leaked_bytes: int = 0
+    tail_bytes: int = 0
+    zero_data_bytes: int | None = None  # only with scan_zeros
+
+
+@dataclass
+class ImageInfo:
+    path: str
+    format: str  # 'qcow2' | 'raw'
+    virtual_size: int
+    file_size: int
+    allocated_bytes: int
+    cluster_size: int | None = None
+    version: int | None = None
+    compat: str | None = None
+    refcount_bits: int | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    snapshot_count: int = 0
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    backing_file: str | None = None
+    backing_path: str | None = None
+    backing_format: str | None = None
+    backing: ImageInfo | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    compressed_clusters: int | None = None
+    image_end_offset: int | None = None
+    leaks: int | None = None
+    corruptions: int | None = None
+    guest: GuestView = field(default_factory=GuestView)
+    host: HostView = field(default_factory=HostView)
+    reclaim: ReclaimView = field(default_factory=ReclaimView)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict for ``vmtrim.image/1`` (without the schema field)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "backing":
+                out[name] = value.to_json() if value is not None else None
+            elif name in ("guest", "host", "reclaim"):
+                out[name] = dict(value.__dict__)
+            else:
+                out[name] = value
+        return out
+
+    def chain(self) -> list[ImageInfo]:
+        layers: list[ImageInfo] = []
+        node: ImageInfo | None = self
+        while node is not None:
+            layers.append(node)
+            node = node.backing
+        return layers
+
+
+def probe_format(path: str) -> str:
+    fd = open_readonly(path)
+    try:
+        head = os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
+    return "qcow2" if head == MAGIC else "raw"
+
+
+def resolve_backing(image_path: str, name: str) -> str:
+    """Backing names are relative to the directory of the image that names them."""
+    if name.startswith("json:") or ("://" in name and not name.startswith("file://")):
+        raise ImageError(f"backing file {name!r} uses a protocol vmtrim cannot read",
+                         subject=image_path)
+    if name.startswith("file:"):
+        name = name[5:].removeprefix("//")
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def chain_paths(path: str, fmt: str | None = None) -> list[tuple[str, str]]:
+    """[(path, format)] from ``path`` down its backing chain, checked for loops and gaps."""
+    out: list[tuple[str, str]] = []
+    seen: list[str] = []
+    current: str | None = path
+    while current is not None:
+        real = os.path.realpath(current)
+        if real in seen:
+            raise ImageError(f"backing chain loops back to {current}", subject=path)
+        seen.append(real)
+        layer_fmt = fmt or probe_format(current)
+        if layer_fmt not in ("qcow2", "raw"):
+            raise ImageError(f"format {layer_fmt!r} is not supported (qcow2 and raw are)",
+                             subject=current)
+        out.append((current, layer_fmt))
+        if layer_fmt == "raw":
+            break
+        with Qcow2Reader(current) as reader:
+            name, fmt = reader.header.backing_file, reader.header.backing_format
+        if not name:
+            break
+        below = resolve_backing(current, name)
+        if not os.path.exists(below):
+            raise ImageError(f"backing file {name!r} not found (looked at {below})",
+                             subject=current)
+        current = below
+    return out
+
+
+def inspect(path: str | os.PathLike[str], *, scan_zeros: bool = False,
+            follow_backing: bool = True, fmt: str | None = None,
+            progress: Progress | None = None) -> ImageInfo:
+    """Read ``path`` (qcow2 or raw) read-only and return what it holds.
+
+    With ``follow_backing`` every layer of the backing chain is inspected too
+    and linked through :attr:`ImageInfo.backing`.
+    """
+    path = os.fspath(path)
+    layers = chain_paths(path, fmt) if follow_backing else [(path, fmt or probe_format(path))]
+    infos: list[ImageInfo] = []
+    for layer_path, layer_fmt in layers:
+        if layer_fmt == "raw":
+            infos.append(_inspect_raw(layer_path, scan_zeros, progress))
+        else:
+            with Qcow2Reader(layer_path) as reader:
+                infos.append(_inspect_qcow2(reader, scan_zeros, progress))
+    for upper, lower in itertools.pairwise(infos):
+        upper.backing = lower
+    return infos[0]
+
+
+def _file_facts(fd: int, path: str) -> tuple[int, int, Coverage]:
+    st = os.fstat(fd)
+    try:
+        starts, ends = extents_fd(fd, st.st_size)
+    except OSError as exc:
+        raise ImageError(f"cannot read allocation: {exc.strerror}", subject=path) from exc
+    return st.st_size, st.st_blocks * 512, Coverage(starts, ends)
+
+
+def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> ImageInfo:
+    fd = open_readonly(path)
+    try:
+        size, allocated, cov = _file_facts(fd, path)
+        info = ImageInfo(path=path, format="raw", virtual_size=-(-size // 512) * 512,
+                         file_size=size, allocated_bytes=allocated)
+        data = cov.total
+        info.guest.data_bytes = data
+        info.guest.zero_bytes = size - data
+        info.host.punched_hole_bytes = size - data
+        info.reclaim.max_trim_bytes = data
+        if scan_zeros:
+            zero = zero_bytes(fd, cov.starts, cov.ends - cov.starts, 4096, progress)
+            info.reclaim.zero_data_bytes = zero
+            info.reclaim.wasted_bytes = zero
+    finally:
+        os.close(fd)
+    return info
+
+
+def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
+                   progress: Progress | None) -> ImageInfo:
+    from vmtrim.qcow2_scan import scan
+
+    h = reader.header
+    cs = h.cluster_size
+    size, allocated, cov = _file_facts(reader.fd, reader.path)
+    info = ImageInfo(
+        path=reader.path, format="qcow2", virtual_size=h.size, file_size=size,
+        allocated_bytes=allocated, cluster_size=cs, version=h.version, compat=h.compat,
+        refcount_bits=h.refcount_bits,
+        features={
+            "dirty": bool(h.incompatible & INCOMPAT_DIRTY),
+            "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT),
+            "lazy_refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
+            "extended_l2": h.extended_l2,
+            "compression_type": COMPRESSION_NAMES[h.compression_type],
+            "external_data_file": h.data_file,
+            "bitmaps": h.bitmap_directory[0] if h.bitmap_directory else 0,
+        },
+        snapshot_count=len(reader.snapshots),
+        snapshots=[{"id": s.id, "name": s.name, "vm_state_size": s.vm_state_size,
+                    "disk_size": s.disk_size} for s in reader.snapshots],
+        backing_file=h.backing_file,
+        backing_format=h.backing_format,
+    )
+    if h.backing_file:
+        info.backing_path = resolve_backing(reader.path, h.backing_file)
+    s = scan(reader, want_units=True)
+    info.total_clusters = s.total_clusters
+    info.allocated_clusters = s.allocated_clusters
+    info.fragmented_clusters = s.fragmented_clusters
+    info.compressed_clusters = s.compressed_clusters
+    info.image_end_offset = s.image_end_offset
+    info.leaks = s.leaks
+    info.corruptions = s.corruptions
+
+    g = info.guest
+    unit = cs // 32 if h.extended_l2 else cs
+    uc = s.unit_counts
+    data_units = uc.get(NORMAL, 0)
+    zero_units = uc.get(ZERO_PLAIN, 0) + uc.get(ZERO_ALLOC, 0)
+    g.data_clusters = s.data_clusters
+    g.zero_clusters = s.zero_clusters
+    if h.extended_l2:
+        g.data_subclusters = data_units
+        g.zero_subclusters = zero_units
+        total_units = -(-h.size // unit)
+        g.unallocated_subclusters = total_units - sum(
+            v for k, v in uc.items() if k not in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC))
+    g.compressed_clusters = s.compressed_clusters
+    g.compressed_bytes = s.compressed_bytes
+    g.data_bytes = min(h.size, (data_units + uc.get(COMPRESSED, 0)) * unit)
+    g.zero_bytes = min(h.size - g.data_bytes, zero_units * unit)
+    g.unallocated_bytes = max(0, h.size - g.data_bytes - g.zero_bytes)
+    g.unallocated_ranges = _unallocated_ranges(reader, s)
+
+    hv = info.host
+    hv.clusters_in_use = s.clusters_in_use
+    hv.bytes_in_use = s.clusters_in_use * cs
+    hv.shared_clusters = s.shared_clusters
+    hv.shared_bytes = s.shared_clusters * cs
+    hv.leaked_clusters = s.leaks
+    leaked = cov.within(s.leaked_index * cs, np.full(len(s.leaked_index), cs, np.int64))
+    hv.leaked_bytes = int(leaked.sum())
+    hv.metadata_bytes = s.metadata_clusters * cs
+    hv.image_end_offset = s.image_end_offset
+    hv.punched_hole_bytes = size - cov.total
+
+    r = info.reclaim
+    excl = s.exclusive_data_host
+    r.max_trim_bytes = int(cov.within(excl, np.full(len(excl), cs, np.int64)).sum())
+    r.max_trim_bytes += s.exclusive_compressed_bytes
+    r.leaked_bytes = hv.leaked_bytes
+    end = min(s.image_end_offset, size)
+    r.tail_bytes = cov.total - int(cov.upto(np.array([end], np.int64))[0])
+    r.wasted_bytes = r.leaked_bytes + r.tail_bytes
+    if scan_zeros:
+        lengths = np.full(len(excl), cs, np.int64)
+        r.zero_data_bytes = zero_bytes(reader.fd, np.sort(excl), lengths, cs, progress)
+        r.wasted_bytes += r.zero_data_bytes
+    return info
+
+
+def _unallocated_ranges(reader: Qcow2Reader, s: Scan) -> int:
+    """Number of guest ranges the top layer leaves to its backing file (or to zeros)."""
+    from vmtrim.image_map import qcow2_runs
+
+    runs = qcow2_runs(reader, s, recurse=False)
+    unalloc = (runs.kind == UNALLOCATED_PLAIN) | (runs.kind == UNALLOCATED_ALLOC)
+    return int(unalloc.sum())
+
+
+def zero_bytes(fd: int, starts: Any, lengths: Any, granularity: int,
+               progress: Progress | None = None) -> int:
+    """Bytes in ``granularity`` blocks of the given ranges whose content is all zeros."""
+    total = int(np.sum(lengths))
+    done = 0
+    zero = 0
+    chunk = max(granularity, (4 << 20) // granularity * granularity)
+    for start, length in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist(),
+                             strict=True):
+        pos = start
+        end = start + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            buf = os.pread(fd, n, pos)
+            if not buf:
+                break
+            usable = len(buf) // granularity * granularity
+            if usable:
+                blocks = np.frombuffer(buf, dtype=np.uint8, count=usable).reshape(-1, granularity)
+                zero += int((~blocks.any(axis=1)).sum()) * granularity
+            pos += n
+            done += n
+            if progress is not None:
+                progress(done, total)
+    return zero
