@@ -1,0 +1,477 @@
+"""Walk every disk of a :class:`~vmtrim.model.Domain` through the discard path.
+
+:func:`audit_domain` gives one :class:`~vmtrim.model.DiskReport` per disk, with a
+verdict, a reason and a fix for each layer (guest filesystem, guest driver, QEMU
+device, QEMU block nodes, host storage), plus findings from the fact tables and
+from the image header. It only reads: the image header (read-only) and a probe
+file next to the image; it never opens an image for writing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from vmtrim.errors import VmtrimError
+from vmtrim.facts import BUSES, DEVICES, FACTS, FILTERS, FORMATS, GUEST_FS, NOTES, PROTOCOLS
+from vmtrim.hostprobe import HostProbes, Probe
+from vmtrim.model import (
+    BlockNode,
+    DeviceType,
+    Disk,
+    DiskReport,
+    Domain,
+    Finding,
+    Layer,
+    LayerKind,
+    MachineType,
+    Origin,
+    Severity,
+    StorageKind,
+    Verdict,
+    Version,
+    format_version,
+)
+
+_PASSTHROUGH = {"scsi-block", "scsi-generic"}
+_GUEST_FIX = ("in the guest: mount with `-o discard`, or enable periodic trims"
+              " (`systemctl enable --now fstrim.timer`)")
+
+
+def audit_domains(domains: Iterable[Domain], probes: HostProbes | None = None,
+                  read_images: bool = True) -> list[DiskReport]:
+    probes = probes or HostProbes()
+    return [report for domain in domains
+            for report in audit_domain(domain, probes, read_images=read_images)]
+
+
+def audit_domain(domain: Domain, probes: HostProbes | None = None,
+                 read_images: bool = True) -> list[DiskReport]:
+    """Audit every disk of ``domain``. ``probes`` is shared so its cache is too."""
+    probes = probes or HostProbes()
+    return [_DiskAudit(domain, disk, probes, read_images).run() for disk in domain.disks]
+
+
+def qemu_lower_bound(domain: Domain) -> tuple[Version | None, bool]:
+    """The QEMU version we can count on, and whether it is exact.
+
+    A versioned machine type (pc-q35-7.2) only exists in QEMU >= 7.2, so it is a
+    lower bound when the QEMU version itself is not known.
+    """
+    if domain.qemu_version:
+        return domain.qemu_version, True
+    if domain.machine:
+        return MachineType.parse(domain.machine).version, False
+    return None, False
+
+
+class _DiskAudit:
+    def __init__(self, domain: Domain, disk: Disk, probes: HostProbes, read_images: bool) -> None:
+        self.domain = domain
+        self.disk = disk
+        self.probes = probes
+        self.findings: list[Finding] = []
+        self.image: Any = None
+        if read_images:
+            self.image = self._read_image()
+
+    def run(self) -> DiskReport:
+        layers = [self.guest_fs(), self.guest_driver(), self.device(), self.block_nodes(),
+                  self.host_storage()]
+        for layer in layers:
+            if layer.verdict is Verdict.BLOCK:
+                self.findings.append(Finding(Severity.BLOCK, layer.kind, layer.reason, layer.fix,
+                                             self._layer_source(layer.kind)))
+        self.findings.extend(self._format_notes())
+        return DiskReport(self.disk, layers, self.findings, self._exempt())
+
+    def _exempt(self) -> str | None:
+        disk = self.disk
+        if disk.device is DeviceType.CDROM:
+            return "cdrom"
+        if disk.empty:
+            return "empty drive"
+        if disk.read_only:
+            return "read-only"
+        return None
+
+    def _layer_source(self, kind: LayerKind) -> str | None:
+        if kind is LayerKind.BLOCK_NODE:
+            return FACTS["default_discard"].source
+        if kind is LayerKind.DEVICE and self.disk.bus == "virtio":
+            return FACTS["virtio_blk_discard"].source
+        if kind is LayerKind.GUEST_DRIVER:
+            rule = BUSES.get(self.disk.bus or "")
+            return rule.source if rule else None
+        return None
+
+    # ------------------------------------------------------------ guest filesystem
+
+    def guest_fs(self) -> Layer:
+        kind = LayerKind.GUEST_FS
+        guest = self.domain.guest
+        filesystems = self.disk.guest_filesystems
+        if guest is None and filesystems is None:
+            return Layer(kind, Verdict.UNKNOWN, "no guest information (audit the live domain"
+                         " with a guest agent to check mounts)", _GUEST_FIX)
+        if guest is not None and not guest.agent:
+            return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", _GUEST_FIX)
+        if guest is not None and guest.is_windows:
+            return Layer(kind, Verdict.PASS, GUEST_FS["ntfs"].needs)
+        if not filesystems:
+            return Layer(kind, Verdict.UNKNOWN, "the guest reports no mounted filesystem on"
+                         " this disk", None)
+        kernel = guest.kernel_version if guest else None
+        timer = guest.fstrim_timer if guest else None
+        results: list[Layer] = []
+        for fs in filesystems:
+            rule = GUEST_FS.get(fs.fstype)
+            where = f"{fs.mountpoint} ({fs.fstype})"
+            options = fs.mount_options
+            if fs.luks and fs.luks_allow_discards is False:
+                results.append(Layer(kind, Verdict.BLOCK, f"{where} is on LUKS without"
+                                     " allow_discards", "open the LUKS device with"
+                                     " --allow-discards (crypttab: discard)"))
+                continue
+            if rule is None:
+                results.append(Layer(kind, Verdict.UNKNOWN, f"{where}: vmtrim does not know"
+                                     " this filesystem", _GUEST_FIX))
+                continue
+            off = options is not None and "nodiscard" in options
+            if options is not None and "discard" in options and rule.mount_option:
+                results.append(Layer(kind, Verdict.PASS, f"{where} is mounted with discard"))
+            elif (not off and rule.default_since and kernel
+                  and kernel >= rule.default_since):
+                results.append(Layer(kind, Verdict.PASS, f"{where} discards by default"
+                                     f" on Linux {format_version(kernel)}"))
+            elif timer and rule.fstrim:
+                results.append(Layer(kind, Verdict.PASS, f"{where}: fstrim.timer trims it"))
+            elif options is None or timer is None:
+                results.append(Layer(kind, Verdict.UNKNOWN, f"{where}: mount options or"
+                                     " fstrim.timer not known", rule.needs))
+            else:
+                results.append(Layer(kind, Verdict.BLOCK, f"{where} is mounted without discard"
+                                     " and fstrim.timer is off", f"in the guest: {rule.needs}"))
+        return _worst(results)
+
+    # ------------------------------------------------------------ guest driver
+
+    def guest_driver(self) -> Layer:
+        kind = LayerKind.GUEST_DRIVER
+        disk = self.disk
+        if disk.qemu_device in _PASSTHROUGH:
+            return Layer(kind, Verdict.PASS, "passthrough LUN: the guest's sd driver sees the"
+                         " real device's UNMAP support")
+        rule = BUSES.get(disk.bus or "")
+        if rule is None:
+            return Layer(kind, Verdict.UNKNOWN, f"bus {disk.bus or '?'}: vmtrim does not know"
+                         " its guest driver", None)
+        if rule.bus == "virtio":
+            return self._virtio_guest(kind, rule.reason)
+        fix = None
+        if rule.guest is not Verdict.PASS:
+            fix = "move the disk to a virtio-scsi controller (bus='scsi')"
+        return Layer(kind, rule.guest, f"{rule.bus}: {rule.reason}", fix)
+
+    def _virtio_guest(self, kind: LayerKind, what: str) -> Layer:
+        need = FACTS["virtio_blk_guest"].linux or (5, 0)
+        guest = self.domain.guest
+        kernel = guest.kernel_version if guest else None
+        if guest is not None and guest.is_windows:
+            return Layer(kind, Verdict.UNKNOWN, "Windows viostor: discard depends on the"
+                         " virtio-win driver version", "update the virtio-win drivers")
+        if kernel is None:
+            return Layer(kind, Verdict.UNKNOWN, f"{what} needs guest Linux >="
+                         f" {format_version(need)}; the guest kernel is not known",
+                         f"make sure the guest runs Linux >= {format_version(need)}, or use"
+                         " virtio-scsi (bus='scsi')")
+        if kernel >= need:
+            return Layer(kind, Verdict.PASS, f"{what}: guest Linux {format_version(kernel)}"
+                         f" >= {format_version(need)}")
+        return Layer(kind, Verdict.BLOCK, f"guest Linux {format_version(kernel)} is older than"
+                     f" {format_version(need)}: virtio_blk sends no DISCARD",
+                     "move the disk to virtio-scsi (bus='scsi'), or upgrade the guest kernel")
+
+    # ------------------------------------------------------------ QEMU device
+
+    def device(self) -> Layer:
+        kind = LayerKind.DEVICE
+        disk = self.disk
+        if disk.device is DeviceType.CDROM:
+            return Layer(kind, Verdict.BLOCK, "cdrom: read-only media, nothing to discard")
+        if disk.qemu_device is None:
+            return Layer(kind, Verdict.UNKNOWN, f"bus {disk.bus or '?'}: no known QEMU device")
+        name = disk.qemu_device
+        rule = DEVICES.get(name)
+        if rule is None:
+            return Layer(kind, Verdict.UNKNOWN, f"{name}: vmtrim does not know this device")
+        if not rule.discard:
+            return Layer(kind, Verdict.BLOCK, f"{name} has no discard command",
+                         "move the disk to a virtio-scsi controller (bus='scsi')")
+        if name in _PASSTHROUGH:
+            return Layer(kind, Verdict.PASS, f"{name}: SCSI commands, UNMAP included, go to"
+                         " the host device")
+        granularity = disk.device_properties.get("discard_granularity")
+        if granularity is not None and str(granularity) == "0":
+            return Layer(kind, Verdict.BLOCK, f"{name}: discard_granularity=0 turns discard off",
+                         "remove discard_granularity=0 from the device")
+        if rule.bus == "virtio":
+            return self._virtio_device(kind, name)
+        if rule.bus == "nvme":
+            return self._versioned(kind, name, "nvme_dsm", "NVMe Dataset Management")
+        controller = f" on {disk.controller_model}" if disk.controller_model else ""
+        what = {"scsi": "passes SCSI UNMAP", "ide": "passes ATA TRIM",
+                "usb": "passes SCSI UNMAP (usb-storage)"}.get(rule.bus, "passes discard")
+        return Layer(kind, Verdict.PASS, f"{name}{controller} {what}")
+
+    def _virtio_device(self, kind: LayerKind, name: str) -> Layer:
+        fact = FACTS["virtio_blk_discard"]
+        need_qemu = fact.qemu or (4, 0)
+        need_machine = fact.machine or (4, 0)
+        explicit = self.disk.device_properties.get("discard")
+        qemu, exact = qemu_lower_bound(self.domain)
+        if explicit is not None and str(explicit).lower() in ("off", "false", "no"):
+            return Layer(kind, Verdict.BLOCK, f"{name} has discard=off",
+                         "remove discard=off from the virtio-blk device")
+        if exact and qemu is not None and qemu < need_qemu:
+            return Layer(kind, Verdict.BLOCK, f"QEMU {format_version(qemu)} is older than"
+                         f" {format_version(need_qemu)}: virtio-blk has no discard",
+                         f"upgrade QEMU to >= {format_version(need_qemu)}, or use virtio-scsi")
+        if explicit is not None:
+            return Layer(kind, Verdict.PASS, f"{name} has discard=on set explicitly")
+        machine = self.domain.machine
+        if machine is None:
+            if exact and qemu is not None:
+                return Layer(kind, Verdict.PASS, f"no machine type given: QEMU"
+                             f" {format_version(qemu)} defaults to its newest")
+            return Layer(kind, Verdict.UNKNOWN, "no machine type given: virtio-blk discard"
+                         f" needs a machine type >= {format_version(need_machine)}",
+                         "give a versioned machine type >= 4.0 (e.g. -machine pc-q35-7.2)")
+        version = MachineType.parse(machine).version
+        if version is None:
+            if exact and qemu is not None:
+                return Layer(kind, Verdict.PASS, f"machine {machine} is an alias of QEMU"
+                             f" {format_version(qemu)}'s newest machine type")
+            return Layer(kind, Verdict.UNKNOWN, f"machine {machine} is an alias: its version"
+                         " depends on the QEMU release")
+        if version < need_machine:
+            return Layer(kind, Verdict.BLOCK, f"machine type {machine} is older than"
+                         f" {format_version(need_machine)}: QEMU turns virtio-blk discard off"
+                         " for it (hw_compat_3_1)",
+                         f"change the machine type to >= {format_version(need_machine)} (for"
+                         " example pc-q35-7.2; the guest sees new hardware), or move the disk"
+                         " to virtio-scsi (bus='scsi'), or set discard=on on the virtio-blk"
+                         " device")
+        return Layer(kind, Verdict.PASS, f"{name} on machine {machine} (>="
+                     f" {format_version(need_machine)}) has discard on")
+
+    def _versioned(self, kind: LayerKind, name: str, key: str, what: str) -> Layer:
+        need = FACTS[key].qemu or (0,)
+        qemu, exact = qemu_lower_bound(self.domain)
+        if qemu is not None and qemu >= need:
+            return Layer(kind, Verdict.PASS, f"{name}: {what} (QEMU >= {format_version(need)})")
+        if exact:
+            return Layer(kind, Verdict.BLOCK, f"{name}: QEMU {format_version(qemu)} is older"
+                         f" than {format_version(need)} ({what})",
+                         f"upgrade QEMU to >= {format_version(need)}")
+        return Layer(kind, Verdict.UNKNOWN, f"{name}: {what} needs QEMU >="
+                     f" {format_version(need)}; the QEMU version is not known")
+
+    # ------------------------------------------------------------ QEMU block nodes
+
+    def block_nodes(self) -> Layer:
+        kind = LayerKind.BLOCK_NODE
+        disk = self.disk
+        if disk.qemu_device in _PASSTHROUGH:
+            return Layer(kind, Verdict.PASS, "passthrough: QEMU's discard option does not apply")
+        if disk.empty:
+            return Layer(kind, Verdict.UNKNOWN, "no medium")
+        top = disk.node
+        if top is None:
+            return Layer(kind, Verdict.UNKNOWN, f"{disk.storage.value} disk: no QEMU block node"
+                         " to check")
+        if disk.read_only:
+            return Layer(kind, Verdict.BLOCK, "read-only: nothing can be discarded")
+        results = [self._discard_chain(top), self._format_layer(top)]
+        return _worst(results)
+
+    def _discard_chain(self, top: BlockNode) -> Layer:
+        kind = LayerKind.BLOCK_NODE
+        for node in top.file_chain():
+            if node.discard == "unmap":
+                continue
+            setting = (f"discard={node.discard}" if node.discard else
+                       "no discard setting (QEMU's default is ignore)")
+            label = node.defined_by or node.node_name or node.driver or "node"
+            if node is top:
+                what = "the node the device uses"
+            else:
+                what = f"{top.node_name or 'its parent'}'s file child"
+            return Layer(kind, Verdict.BLOCK, f"{label} ({what}) has {setting}: guest discards"
+                         " are dropped here", self._discard_fix(node))
+        detail = " and its file child" if top.file else ""
+        return Layer(kind, Verdict.PASS, f"discard=unmap on {top.node_name or top.driver or 'the'}"
+                     f" node{detail}")
+
+    def _discard_fix(self, node: BlockNode) -> str:
+        if self.domain.origin is Origin.LIBVIRT_XML:
+            return "add discard='unmap' to the disk's <driver> element"
+        label = node.defined_by or ""
+        if label.startswith("-blockdev"):
+            return f"add \"discard\":\"unmap\" to {label}"
+        if label.startswith("-drive"):
+            return f"add discard=unmap to {label.split(' ')[0]} {label.split(' ')[-1]}"
+        return "add discard=unmap to the drive"
+
+    def _format_layer(self, top: BlockNode) -> Layer:
+        kind = LayerKind.BLOCK_NODE
+        fmt = self.disk.format
+        if fmt is None and self.image is not None:
+            fmt = str(self.image.format)
+        if fmt is None:
+            return Layer(kind, Verdict.UNKNOWN, "no format given (QEMU probes it) and the image"
+                         " is not readable here", "give the format explicitly (format=qcow2)")
+        if fmt in FILTERS:
+            return Layer(kind, Verdict.PASS, f"{fmt} filter passes discards on")
+        verdict, reason = FORMATS.get(fmt, (Verdict.UNKNOWN, f"format {fmt}: not known"))
+        for node in top.file_chain():
+            if str(node.options.get("pass-discard-request", "on")).lower() in ("off", "false"):
+                return Layer(kind, Verdict.BLOCK, f"{node.node_name or fmt}:"
+                             " pass-discard-request=off keeps the space in the file",
+                             "remove pass-discard-request=off")
+        return Layer(kind, verdict, reason,
+                     None if verdict is Verdict.PASS else "convert the image to qcow2 or raw"
+                     " (qemu-img convert -O qcow2)")
+
+    # ------------------------------------------------------------ host storage
+
+    def host_storage(self) -> Layer:
+        kind = LayerKind.HOST_STORAGE
+        disk = self.disk
+        probe: Probe
+        if disk.storage is StorageKind.FILE and disk.source:
+            probe = self.probes.file(disk.source)
+        elif disk.storage is StorageKind.BLOCK and disk.source:
+            probe = self.probes.block(disk.source)
+        elif disk.storage in (StorageKind.NETWORK, StorageKind.NVME, StorageKind.DIR):
+            probe = self.probes.network(disk.protocol)
+        elif disk.storage is StorageKind.VOLUME:
+            probe = Probe(Verdict.UNKNOWN, f"storage pool volume {disk.source}: resolve it"
+                          " through a libvirt connection (-c URI)")
+        elif disk.storage is StorageKind.NONE:
+            probe = Probe(Verdict.UNKNOWN, "no medium")
+        else:
+            probe = Probe(Verdict.UNKNOWN, f"{disk.storage.value} storage"
+                          f" {disk.protocol or ''}: vmtrim cannot tell".replace("  ", " "))
+        return Layer(kind, probe.verdict, probe.reason, probe.fix)
+
+    # ------------------------------------------------------------ image facts
+
+    def _read_image(self) -> Any:
+        disk = self.disk
+        if disk.storage is not StorageKind.FILE or not disk.source:
+            return None
+        if not os.path.isfile(disk.source):
+            return None
+        fmt = disk.format if disk.format in ("qcow2", "raw") else None
+        if fmt is None and disk.format is not None:
+            return None  # a format vmtrim cannot read (vmdk, ...)
+        try:
+            image = importlib.import_module("vmtrim.image")
+        except ImportError:
+            return None
+        try:
+            return image.inspect(disk.source, follow_backing=False)
+        except (VmtrimError, OSError) as exc:
+            text = exc.one_line() if isinstance(exc, VmtrimError) else str(exc)
+            self.findings.append(Finding(Severity.WARNING, LayerKind.BLOCK_NODE,
+                                         f"cannot read the image header: {text}"))
+            return None
+
+    def _format_notes(self) -> list[Finding]:
+        notes: list[Finding] = []
+        disk = self.disk
+        layer = LayerKind.BLOCK_NODE
+        info = self.image
+        if disk.storage is StorageKind.FILE and not disk.read_only:
+            note = NOTES["ls_size"]
+            notes.append(Finding(Severity.INFO, LayerKind.HOST_STORAGE, note.message, None,
+                                 note.source))
+        if info is not None:
+            if disk.format and disk.format != info.format and disk.format in ("qcow2", "raw"):
+                notes.append(Finding(Severity.WARNING, layer, f"configured as {disk.format} but"
+                                     f" the file is {info.format}", f"set the format to"
+                                     f" {info.format}"))
+            if info.format == "qcow2":
+                cluster = int(info.cluster_size or 0)
+                note = NOTES["qcow2_small_discard"]
+                notes.append(Finding(Severity.INFO, layer, note.message.format(
+                    cluster=_size(cluster)), None, note.source))
+                if info.compat == "0.10" or info.version == 2:
+                    note = NOTES["qcow2_compat010"]
+                    notes.append(Finding(Severity.WARNING, layer, note.message,
+                                         "qemu-img amend -o compat=1.1 IMAGE (VM off)",
+                                         note.source))
+                if info.snapshot_count:
+                    note = NOTES["qcow2_snapshots"]
+                    notes.append(Finding(Severity.WARNING, layer, note.message.format(
+                        count=info.snapshot_count), "delete snapshots you no longer need"
+                        " (qemu-img snapshot -d)", note.source))
+                if info.backing_file and (disk.node is None or disk.node.backing is None):
+                    notes.append(self._overlay(str(info.backing_file)))
+            if info.virtual_size and info.allocated_bytes >= info.virtual_size:
+                note = NOTES["preallocation_lost"]
+                notes.append(Finding(Severity.INFO, layer, "the image looks fully allocated"
+                                     f" (preallocated?): {note.message}", None, note.source))
+        elif disk.format == "qcow2" and disk.storage is StorageKind.FILE:
+            note = NOTES["qcow2_small_discard"]
+            notes.append(Finding(Severity.INFO, layer, note.message.format(
+                cluster="64 KiB by default"), None, note.source))
+        if disk.node is not None and disk.node.backing is not None:
+            backing = disk.node.backing
+            notes.append(self._overlay(backing.filename or backing.node_name or "a backing file"))
+        top = disk.node
+        if top is not None:
+            if top.detect_zeroes == "unmap" and top.discard != "unmap":
+                notes.append(Finding(Severity.WARNING, layer, "detect_zeroes=unmap needs"
+                                     " discard=unmap; without it zeroes are only written",
+                                     "set discard='unmap' too", FACTS["detect_zeroes"].source))
+            elif top.discard == "unmap" and top.detect_zeroes in (None, "off") \
+                    and not disk.read_only:
+                notes.append(Finding(Severity.INFO, layer, "detect_zeroes='unmap' would also"
+                                     " free space when the guest writes zeroes",
+                                     "optional: add detect_zeroes='unmap'",
+                                     FACTS["detect_zeroes"].source))
+            if top.discard_no_unref:
+                notes.append(Finding(Severity.INFO, layer, "discard-no-unref=on: qcow2 keeps"
+                                     " the clusters allocated (the file is still punched)",
+                                     None, FACTS["discard_no_unref"].source))
+        if disk.protocol and disk.protocol in PROTOCOLS and PROTOCOLS[disk.protocol].read_only \
+                and not disk.read_only:
+            notes.append(Finding(Severity.WARNING, LayerKind.HOST_STORAGE,
+                                 f"{disk.protocol} disks are read-only in QEMU", None,
+                                 PROTOCOLS[disk.protocol].source))
+        return notes
+
+    def _overlay(self, backing: str) -> Finding:
+        note = NOTES["qcow2_overlay"]
+        return Finding(Severity.INFO, LayerKind.BLOCK_NODE, note.message.format(backing=backing),
+                       "to shrink the whole chain: qemu-img commit or a block-stream, then trim",
+                       note.source)
+
+
+def _worst(layers: list[Layer]) -> Layer:
+    """The worst of several verdicts for one layer, keeping its reason and fix."""
+    worst = layers[0]
+    for layer in layers[1:]:
+        if layer.verdict.rank > worst.verdict.rank:
+            worst = layer
+    return worst
+
+
+def _size(n: int) -> str:
+    from vmtrim.output import human_bytes
+
+    return human_bytes(n)

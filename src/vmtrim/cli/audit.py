@@ -1,0 +1,137 @@
+"""``vmtrim audit``: which layer blocks discard on each disk, and how to fix it.
+
+Exit codes: 0 no disk blocks, 1 a disk blocks discard, 2 bad input, 3 environment.
+Cdroms, read-only and empty drives are listed but never fail the run; ``unknown``
+layers (for example the guest, without a guest agent) do not fail it either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
+from vmtrim.model import DiskReport, Domain, LayerKind, Severity, Verdict
+
+SCHEMA = "vmtrim.audit/1"
+
+_LAYER_HEADERS = {
+    LayerKind.GUEST_FS: "guest fs",
+    LayerKind.GUEST_DRIVER: "guest drv",
+    LayerKind.DEVICE: "device",
+    LayerKind.BLOCK_NODE: "qemu block",
+    LayerKind.HOST_STORAGE: "host",
+}
+_VERDICT_STYLE = {Verdict.PASS: "green", Verdict.UNKNOWN: "yellow", Verdict.BLOCK: "bold red"}
+_VERDICT_NAMES = {verdict.value for verdict in Verdict}
+_SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yellow"),
+                  Severity.INFO: ("·", "dim")}
+
+
+@click.command("audit")
+@click.option("--xml", "xml_files", metavar="FILE", multiple=True,
+              help="libvirt domain XML as `virsh dumpxml` prints it ('-' for stdin).")
+@click.option("--qemu-args", "args_files", metavar="FILE", multiple=True,
+              help="A QEMU command line: shell text or NUL-separated ('-' for stdin).")
+@click.option("--pid", "pids", metavar="PID", type=int, multiple=True,
+              help="A running QEMU process (reads /proc/PID/cmdline).")
+@click.option("--no-probe", is_flag=True,
+              help="Do not probe host filesystems/devices (the input is from another host).")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
+def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[int, ...],
+          no_probe: bool, as_json: bool) -> int:
+    """Trace every disk's discard path layer by layer and say what blocks it."""
+    from vmtrim.libvirt_xml import parse_domain_file
+    from vmtrim.qemu_args import read_args_file, read_pid
+
+    if not (xml_files or args_files or pids):
+        raise click.UsageError("give --xml FILE, --qemu-args FILE or --pid PID")
+    if [*xml_files, *args_files].count("-") > 1:
+        raise BadInput("stdin ('-') can be read only once", subject="audit")
+    domains = [parse_domain_file(path) for path in xml_files]
+    domains += [read_args_file(path) for path in args_files]
+    domains += [read_pid(pid) for pid in pids]
+    return report_domains(domains, probe=not no_probe, as_json=as_json)
+
+
+def report_domains(domains: list[Domain], *, probe: bool = True, as_json: bool = False,
+                   extra: dict[str, Any] | None = None) -> int:
+    """Audit ``domains``, print the table or the JSON document, and return the exit code.
+
+    Shared with the live (``-c URI``) audit, which builds its domains elsewhere.
+    """
+    from vmtrim.audit import audit_domain
+    from vmtrim.hostprobe import HostProbes
+
+    probes = HostProbes(local=probe)
+    reports = [r for domain in domains for r in audit_domain(domain, probes)]
+    if as_json:
+        from vmtrim.output import print_json
+
+        print_json(SCHEMA, {
+            "disks": [r.to_json() for r in reports],
+            "domains": [{"name": d.name, "machine": d.machine, "origin": d.origin.value,
+                         "notes": d.notes} for d in domains],
+            **(extra or {}),
+        })
+    else:
+        render(domains, reports)
+    return EXIT_FINDINGS if any(r.blocks for r in reports) else EXIT_OK
+
+
+def _cells(report: DiskReport) -> list[str]:
+    disk = report.disk
+    return [disk.domain, disk.target or disk.ident, disk.bus or "-", disk.source or "-",
+            disk.format or "-", disk.discard or "(unset)"]
+
+
+def render(domains: list[Domain], reports: list[DiskReport]) -> None:
+    """One row per disk, its findings (worst first) below it, columns aligned across disks."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from vmtrim.output import console
+
+    out = console()
+    headers = ["domain", "target", "bus", "source", "format", "discard",
+               *_LAYER_HEADERS.values(), "verdict"]
+    rows = []
+    for report in reports:
+        layers = [report.layer(kind).verdict.value for kind in _LAYER_HEADERS]
+        verdict = report.verdict.value + (f" ({report.exempt})" if report.exempt else "")
+        rows.append([*_cells(report), *layers, verdict])
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    for index, (report, row) in enumerate(zip(reports, rows, strict=True)):
+        table = Table(box=None, show_header=index == 0, header_style="bold", pad_edge=False,
+                      show_edge=False)
+        for i, header in enumerate(headers):
+            table.add_column(header, min_width=widths[i], overflow="fold",
+                             max_width=60 if header == "source" else None)
+        styled: list[Text] = []
+        for i, cell in enumerate(row):
+            style = ""
+            word = cell.split(" ")[0]
+            if i >= 6 and word in _VERDICT_NAMES:
+                style = _VERDICT_STYLE[Verdict(word)]
+            styled.append(Text(cell, style=style))
+        table.add_row(*styled)
+        out.print(table)
+        for finding in report.sorted_findings():
+            mark, style = _SEVERITY_MARK[finding.severity]
+            line = Text(f"    {mark} ", style=style)
+            line.append(f"{finding.layer.value}: {finding.message}")
+            if finding.fix:
+                line.append(f"  → fix: {finding.fix}", style="cyan")
+            out.print(line)
+    if not reports:
+        out.print("no disks found")
+    for domain in domains:
+        for note in domain.notes:
+            out.print(Text(f"note: {domain.name}: {note}", style="dim"))
+    blocking = sum(1 for r in reports if r.blocks)
+    exempt = sum(1 for r in reports if r.exempt)
+    passing = sum(1 for r in reports if r.verdict is Verdict.PASS and not r.exempt)
+    out.print(f"{len(reports)} disk(s): {blocking} block discard, {passing} pass,"
+              f" {len(reports) - blocking - passing - exempt} unknown, {exempt} not counted"
+              " (cdrom, read-only or empty)")
