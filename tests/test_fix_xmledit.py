@@ -149,7 +149,9 @@ def test_random_edits_keep_text_and_tree_in_step(text: str, data: st.DataObject)
         attached = any(a is editor.root for a in element.iterancestors())
         if not attached or any(id(d) in touched for d in element.iter()):
             continue  # already removed with an ancestor, or edited: leave it
-        action = data.draw(st.sampled_from(["set", "prepend", "after", "before", "remove"]))
+        action = data.draw(
+            st.sampled_from(["set", "prepend", "after", "before", "remove", "unset"])
+        )
         touched |= {id(element), *(id(a) for a in element.iterancestors())}
         if action == "set":
             editor.set_attribute(element, data.draw(st.sampled_from(["a", "z"])), data.draw(values))
@@ -163,6 +165,8 @@ def test_random_edits_keep_text_and_tree_in_step(text: str, data: st.DataObject)
             editor.insert_child(parent, new, **kwargs)
         elif action == "remove":
             editor.remove(element)
+        elif action == "unset" and element.attrib:
+            editor.remove_attribute(element, str(next(iter(element.attrib))))
     editor.check()
     again = XmlEditor(editor.text())
     assert again.text() == editor.text()

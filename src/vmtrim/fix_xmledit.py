@@ -247,6 +247,17 @@ class XmlEditor:
         self._splice(at, at, f" {name}={quote}{_escape_attribute(value, quote)}{quote}")
         element.set(name, value)
 
+    def remove_attribute(self, element: etree._Element, name: str) -> None:
+        """Drop an attribute and the whitespace before it."""
+        tag = self._tag(element)
+        tag_text = self.original[tag.start : tag.end]
+        for match in _ATTRIBUTE.finditer(tag_text):
+            if match.group(1) == name:
+                self._splice(tag.start + match.start(), tag.start + match.end(), "")
+                del element.attrib[name]
+                return
+        raise KeyError(name)
+
     def prepend_attributes(
         self, element: etree._Element, attributes: list[tuple[str, str]]
     ) -> None:
