@@ -1,0 +1,321 @@
+"""``vmtrim fix`` for libvirt domain XML.
+
+:func:`fix_domain_xml` reads the XML with :mod:`vmtrim.libvirt_xml`, asks
+:mod:`vmtrim.audit` which disks block discard at the configuration layers, and
+edits only those, through :class:`~vmtrim.fix_xmledit.XmlEditor` so that every
+byte it does not change stays as it was:
+
+- ``<driver discard='unmap'/>`` (the ``<driver>`` is created, or given
+  ``name='qemu'`` and ``type``, when missing), and ``detect_zeroes`` on request;
+- with ``bus='scsi'``: disks whose device cannot pass discard (or every disk, with
+  ``all_disks``) move to a virtio-scsi controller: the controller is added with a
+  free index if there is none, the target is renamed ``sdX`` and the disk gets a
+  ``<address type='drive'>`` with a free unit; the old PCI/CCW address and the
+  driver attributes only virtio-blk accepts are dropped; boot order, serial, wwn and
+  alias stay.
+
+Then the new XML is parsed and audited again, which is the proof the fix worked
+and the source of what still does not pass (guest, host storage).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from vmtrim.audit import audit_domain
+from vmtrim.errors import BadInput
+from vmtrim.fix import (
+    Change,
+    FixOptions,
+    FixResult,
+    Remaining,
+    Skip,
+    device_blocker,
+    disk_name,
+    leave_alone,
+    remaining_after,
+)
+from vmtrim.fix_xmledit import XmlEditor
+from vmtrim.hostprobe import HostProbes
+from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.model import Disk, DiskReport, StorageKind
+
+VIRTIO_SCSI = "virtio-scsi"
+
+# <driver> attributes libvirt accepts only on virtio disks (qemu_validate.c refuses
+# them on bus='scsi'): dropped when a disk moves to virtio-scsi.
+_VIRTIO_ONLY_DRIVER = (
+    "queues", "queue_size", "iothread", "ioeventfd", "event_idx", "iommu", "ats", "packed",
+    "page_per_vq",
+)  # fmt: skip
+
+# libvirt gives a scsi disk without <address> controller = i // N, unit = i % N from
+# its target name's index i; N is 7 (narrow bus) or 16 (wide), by controller model.
+_IMPLICIT_UNITS_PER_CONTROLLER = (7, 16)
+
+_DISK_LOCATOR = re.compile(r"/domain/devices/disk\[(\d+)\]$")
+
+
+def fix_domain_xml(
+    xml_text: str,
+    options: FixOptions | None = None,
+    *,
+    subject: str = "<xml>",
+    probes: HostProbes | None = None,
+    read_images: bool = True,
+) -> FixResult:
+    """Fix one libvirt domain XML document. Raises only :class:`BadInput` on bad input."""
+    options = options or FixOptions()
+    if options.bus not in (None, "scsi"):
+        raise BadInput(f"--bus {options.bus}: only 'scsi' is supported", subject=subject)
+    if options.modernize:
+        raise BadInput("--modernize applies to QEMU command lines, not libvirt XML", subject)
+    probes = probes or HostProbes()
+    domain = parse_domain_xml(xml_text, subject)
+    editor = XmlEditor(xml_text, subject)
+    root = editor.root
+    if root.tag == "domstatus":  # libvirt's status file: the domain is inside
+        inner = root.find("domain")
+        assert inner is not None  # parse_domain_xml accepted it
+        root = inner
+    reports = audit_domain(domain, probes, read_images=read_images)
+    fixer = _XmlFixer(editor, root, options)
+    result = FixResult(subject=subject, original=xml_text, new_text=xml_text)
+    for report in reports:
+        fixer.fix_disk(report, result)
+    result.new_text = editor.text()
+    editor.check()
+    result.changes = fixer.changes
+    result.remaining = _audit_again(result, fixer, subject, probes, read_images)
+    return result
+
+
+def _audit_again(
+    result: FixResult, fixer: _XmlFixer, subject: str, probes: HostProbes, read_images: bool
+) -> list[Remaining]:
+    if not result.changed:
+        reports = fixer.reports
+    else:
+        reports = audit_domain(parse_domain_xml(result.new_text, subject), probes, read_images)
+    names = {disk_name(report.disk) for report in reports if report.disk.locator in fixer.touched}
+    return remaining_after(reports, names)
+
+
+@dataclass
+class _XmlFixer:
+    editor: XmlEditor
+    root: etree._Element
+    options: FixOptions
+    changes: list[Change] = field(default_factory=list)
+    reports: list[DiskReport] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)  # locators of fixed or already-fine disks
+    _controller: str | None = None
+
+    def __post_init__(self) -> None:
+        devices = self.root.find("devices")
+        self.devices = devices
+        self.disks = [] if devices is None else devices.findall("disk")
+        self.targets = {
+            dev for dev in (t.get("dev") for t in self.root.iterfind("devices/disk/target")) if dev
+        }
+
+    # -- one disk ------------------------------------------------------------------
+
+    def fix_disk(self, report: DiskReport, result: FixResult) -> None:
+        self.reports.append(report)
+        disk = report.disk
+        name = disk_name(disk)
+        element = self._element(disk)
+        if element is None:
+            result.skipped.append(Skip(name, "hostdev: a passthrough device, not a QEMU disk"))
+            return
+        skip = leave_alone(disk)
+        if skip is not None:
+            result.skipped.append(skip)
+            return
+        blocker = device_blocker(report)
+        move = self.options.bus == "scsi" and (
+            blocker is not None or (self.options.all_disks and disk.bus != "scsi")
+        )
+        if blocker is not None and not move:
+            result.skipped.append(
+                Skip(name, f"{blocker.reason}; run with --bus scsi to move it to virtio-scsi", True)
+            )
+            return
+        target = element.find("target")
+        if move and (target is None or not target.get("dev")):
+            result.skipped.append(Skip(name, "no <target dev=...>: cannot move it", True))
+            return
+        before = len(self.changes)
+        self._driver(element, disk, name)
+        if move:
+            assert target is not None
+            name = self._move_to_scsi(element, target, name)
+        assert disk.locator is not None
+        self.touched.add(disk.locator)
+        (result.fixed if len(self.changes) > before else result.already).append(name)
+
+    def _element(self, disk: Disk) -> etree._Element | None:
+        match = _DISK_LOCATOR.match(disk.locator or "")
+        if match is None:
+            return None
+        return self.disks[int(match.group(1)) - 1]
+
+    def _driver(self, element: etree._Element, disk: Disk, name: str) -> None:
+        wanted = [("discard", "unmap")]
+        if self.options.detect_zeroes:
+            wanted.append(("detect_zeroes", self.options.detect_zeroes))
+        driver = element.find("driver")
+        # libvirt reads a disk without type as raw (image probing is off); say so.
+        fmt = None if disk.storage is StorageKind.VOLUME else (disk.format or "raw")
+        if driver is None:
+            driver = etree.Element("driver", name="qemu")
+            if fmt:
+                driver.set("type", fmt)
+            for key, value in wanted:
+                driver.set(key, value)
+            first = next((child for child in element if isinstance(child.tag, str)), None)
+            self.editor.insert_child(element, driver, before=first)
+            created = " ".join(f"{k!s}='{v!s}'" for k, v in driver.attrib.items())
+            self.changes.append(Change(name, "driver", None, f"<driver {created}/>"))
+            for key, value in wanted:
+                self.changes.append(Change(name, key, None, value))
+            return
+        missing = [("name", "qemu")] if driver.get("name") is None else []
+        if fmt and driver.get("type") is None:
+            missing.append(("type", fmt))
+        if missing:
+            self.editor.prepend_attributes(driver, missing)
+            for key, value in missing:
+                self.changes.append(Change(name, f"driver {key}", None, value))
+        for key, value in wanted:
+            if driver.get(key) != value:
+                self.changes.append(Change(name, key, driver.get(key), value))
+                self.editor.set_attribute(driver, key, value)
+
+    # -- moving a disk to virtio-scsi --------------------------------------------------
+
+    def _move_to_scsi(self, element: etree._Element, target: etree._Element, name: str) -> str:
+        controller = self._virtio_scsi_controller()
+        old_dev = target.get("dev", "")
+        new_dev = old_dev if old_dev.startswith("sd") else self._free_target()
+        if new_dev != old_dev:
+            self.targets.discard(old_dev)
+            self.targets.add(new_dev)
+            self.editor.set_attribute(target, "dev", new_dev)
+            self.changes.append(Change(name, "target", old_dev, new_dev))
+        unit = self._free_unit(controller, exclude=element)
+        old_bus = target.get("bus")
+        self.editor.set_attribute(target, "bus", "scsi")
+        self.changes.append(Change(new_dev, "bus", old_bus, "scsi"))
+        drive = {"type": "drive", "controller": controller, "bus": "0", "target": "0",
+                 "unit": str(unit)}  # fmt: skip
+        address = element.find("address")
+        if address is not None and address.get("type") == "drive":
+            old = _describe(address)
+            for key, value in drive.items():
+                if address.get(key) != value:
+                    self.editor.set_attribute(address, key, value)
+            self.changes.append(Change(new_dev, "address", old, _describe(address)))
+        else:
+            if address is not None:
+                self.changes.append(Change(new_dev, "address", _describe(address), None))
+                self.editor.remove(address)
+            new = etree.Element("address", drive)
+            self.editor.insert_child(element, new, after=target)
+            self.changes.append(Change(new_dev, "address", None, _describe(new)))
+        driver = element.find("driver")
+        if driver is not None:
+            for key in _VIRTIO_ONLY_DRIVER:
+                if key in driver.attrib:
+                    self.changes.append(Change(new_dev, f"driver {key}", driver.get(key), None))
+                    self.editor.remove_attribute(driver, key)
+        return new_dev
+
+    def _virtio_scsi_controller(self) -> str:
+        if self._controller is not None:
+            return self._controller
+        scsi = list(self.root.iterfind("devices/controller[@type='scsi']"))
+        for controller in scsi:
+            if controller.get("model") == VIRTIO_SCSI:
+                self._controller = controller.get("index", "0")
+                return self._controller
+        used = {c.get("index", "0") for c in scsi}
+        used |= {str(controller) for controller, _ in self._scsi_slots()}
+        index = next(str(i) for i in range(len(used) + 1) if str(i) not in used)
+        new = etree.Element("controller", type="scsi", index=index, model=VIRTIO_SCSI)
+        assert self.devices is not None  # a disk to move was found under <devices>
+        anchors = self.devices.findall("controller") or self.devices.findall("disk")
+        self.editor.insert_child(self.devices, new, after=anchors[-1])
+        self.changes.append(Change(None, "controller", None, f"scsi index={index} virtio-scsi"))
+        self._controller = index
+        return index
+
+    def _scsi_slots(self, exclude: etree._Element | None = None) -> Iterator[tuple[int, int]]:
+        """(controller, unit) of every SCSI disk and hostdev at bus 0 target 0, implicit too."""
+        elements = [*self.root.iterfind("devices/disk"), *self.root.iterfind("devices/hostdev")]
+        for element in elements:
+            if element is exclude:
+                continue
+            address = element.find("address")
+            target = element.find("target")
+            if element.tag == "hostdev":
+                on_scsi = element.get("type") == "scsi"
+            else:
+                on_scsi = target is not None and target.get("bus") == "scsi"
+            if not on_scsi:
+                continue
+            if address is not None and address.get("type") == "drive":
+                if address.get("bus", "0") == "0" and address.get("target", "0") == "0":
+                    yield _int(address.get("controller")), _int(address.get("unit"))
+            elif address is None and target is not None:
+                index = disk_index(target.get("dev", ""))
+                if index is not None:
+                    for per in _IMPLICIT_UNITS_PER_CONTROLLER:
+                        yield index // per, index % per
+
+    def _free_unit(self, controller: str, exclude: etree._Element) -> int:
+        used = {unit for ctl, unit in self._scsi_slots(exclude) if ctl == _int(controller)}
+        return next(unit for unit in range(len(used) + 1) if unit not in used)
+
+    def _free_target(self) -> str:
+        index = 0
+        while (name := "sd" + index_to_letters(index)) in self.targets:
+            index += 1
+        return name
+
+
+def _describe(address: etree._Element) -> str:
+    return " ".join(f"{key!s}={value!s}" for key, value in address.attrib.items())
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or "0", 0)
+    except ValueError:
+        return -1
+
+
+def index_to_letters(index: int) -> str:
+    """0 -> 'a', 25 -> 'z', 26 -> 'aa' (libvirt's disk name suffixes)."""
+    letters = ""
+    index += 1
+    while index > 0:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return letters
+
+
+def disk_index(dev: str) -> int | None:
+    """'sda' -> 0, 'sdaa' -> 26; None when the name has no letter suffix."""
+    match = re.fullmatch(r"(?:sd|vd|hd|xvd|ubd|fd)([a-z]+)", dev)
+    if match is None:
+        return None
+    index = 0
+    for char in match.group(1):
+        index = index * 26 + (ord(char) - ord("a") + 1)
+    return index - 1
