@@ -482,21 +482,24 @@ class Qcow2Reader:
         types = cluster_types(entries, self.header.data_file is not None, bitmaps is not None)
         if bitmaps is None:
             return types
-        alloc = ((bitmaps[..., None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)) != 0
-        zero = ((bitmaps[..., None] >> np.arange(32, 64, dtype=np.uint64)) & np.uint64(1)) != 0
-        t = types[..., None]
-        out = np.full(alloc.shape, UNALLOCATED_PLAIN, dtype=np.uint8)
+        bit = np.arange(SUBCLUSTERS, dtype=np.uint64)
+        alloc = ((bitmaps[..., None] >> bit) & np.uint64(1)) != 0
+        zero = ((bitmaps[..., None] >> (bit + np.uint64(32))) & np.uint64(1)) != 0
+        shape = alloc.shape
+        t = np.broadcast_to(types[..., None], shape)
+        conflict = np.broadcast_to(((bitmaps & (bitmaps >> np.uint64(32))) != 0)[..., None],
+                                   shape)
+        any_alloc = np.broadcast_to(((bitmaps & np.uint64(0xFFFF_FFFF)) != 0)[..., None], shape)
+        out = np.full(shape, UNALLOCATED_PLAIN, dtype=np.uint8)
         normal = t == NORMAL
-        invalid_n = normal & ((bitmaps & (bitmaps >> np.uint64(32))) != 0)[..., None]
         out[normal & ~alloc & ~zero] = UNALLOCATED_ALLOC
         out[normal & alloc] = NORMAL
         out[normal & zero] = ZERO_ALLOC
-        out[invalid_n] = INVALID
+        out[normal & conflict] = INVALID
         unalloc = t == UNALLOCATED_PLAIN
-        invalid_u = unalloc & ((bitmaps & np.uint64(0xFFFF_FFFF)) != 0)[..., None]
         out[unalloc & zero] = ZERO_PLAIN
-        out[invalid_u] = INVALID
-        out[np.broadcast_to(t == COMPRESSED, out.shape)] = COMPRESSED
+        out[unalloc & any_alloc] = INVALID
+        out[t == COMPRESSED] = COMPRESSED
         return out
 
     def compressed_extent(self, entries: U64) -> tuple[U64, U64]:

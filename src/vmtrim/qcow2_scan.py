@@ -102,6 +102,8 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     counts = np.zeros(8, dtype=np.int64)
     exclusive_candidates: list[I64] = []
     compressed_host: list[tuple[I64, I64]] = []
+    # active L2 tables and data clusters: (host offset, COPIED flag, refcount taken as 1)
+    copied: list[tuple[I64, npt.NDArray[np.bool_], bool]] = []
     l2n = h.l2_entries
     data_file = h.data_file is not None
 
@@ -110,6 +112,10 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         meta.append(_range(l1_offset, l1_size * 8, cb))
         l2_offsets = (l1[l1 != 0] & np.uint64(OFFSET_MASK)).astype(np.int64)
         meta.append(l2_offsets >> cb)
+        if active:
+            has_l2 = l2_offsets != 0
+            copied.append((l2_offsets[has_l2], (l1[l1 != 0][has_l2] >> np.uint64(63)) != 0,
+                           False))
         for idx, entries, bitmaps in reader.l2_batches(l1):
             nz = entries != 0
             if bitmaps is not None:
@@ -142,6 +148,8 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
             res.fragmented_clusters += int((same_table & (ho[1:] != ho[:-1] + cs)).sum())
             res.fragmented_clusters += int(comp.sum())
             exclusive_candidates.append(offset[ctype == NORMAL])
+            copied.append((offset[with_host], (ent[with_host] >> np.uint64(63)) != 0,
+                           data_file))
             compressed_host.append((c_off.astype(np.int64), c_len.astype(np.int64)))
             vunit = idx[row].astype(np.int64) * l2n + col
             if bitmaps is None:
@@ -184,6 +192,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
 
     # guest-trim upper bound: active data clusters nothing else shares
     ondisk_all = reader.refcounts(-(-reader.file_size // cs))
+    res.corruptions += _copied_mismatches(ondisk_all, copied, cb)
     if exclusive_candidates:
         cand = np.concatenate(exclusive_candidates)
         ci = cand >> cb
@@ -200,6 +209,22 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
 
     res.units = _units(h.extended_l2, cs, unit_parts) if want_units else None
     return res
+
+
+def _copied_mismatches(ondisk: U64, entries: list[tuple[I64, npt.NDArray[np.bool_], bool]],
+                       cluster_bits: int) -> int:
+    """QEMU's check_oflag_copied: COPIED must be set exactly when the refcount is 1."""
+    bad = 0
+    for offsets, flags, assume_one in entries:
+        if assume_one:
+            bad += int((~flags).sum())
+            continue
+        idx = offsets >> cluster_bits
+        refcount = np.zeros(len(idx), dtype=np.uint64)
+        inside = idx < len(ondisk)
+        refcount[inside] = ondisk[idx[inside]]
+        bad += int(((refcount == 1) != flags).sum())
+    return bad
 
 
 def _units(extended_l2: bool, cs: int, parts: list[tuple[I64, U8, I64]]) -> Units:
