@@ -1,0 +1,181 @@
+"""The libvirt connection: lazy import, URI choice, domain lookup, one-line errors.
+
+libvirt-python is an optional extra (``vmtrim[libvirt]``), so it is imported only
+here and only when a command asks for a hypervisor. libvirt's default error
+handler prints every error to stderr on its own; we silence it once at import and
+turn the exceptions into :mod:`vmtrim.errors` with the URI or domain as subject.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+from vmtrim.errors import BadInput, EnvironmentProblem
+
+INSTALL_HINT = "install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')"
+_UUID = re.compile(r"^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$", re.IGNORECASE)
+
+_modules: dict[str, ModuleType] = {}
+
+
+def _import(name: str) -> ModuleType:
+    if name not in _modules:
+        try:
+            module = __import__(name)
+        except ImportError as exc:
+            raise EnvironmentProblem(INSTALL_HINT, subject="libvirt-python") from exc
+        if name == "libvirt":
+            # Without this libvirt prints "libvirt: QEMU Driver error : ..." itself.
+            module.registerErrorHandler(_ignore_error, None)
+        _modules[name] = module
+    return _modules[name]
+
+
+def _ignore_error(_ctx: object, _err: object) -> None:
+    return None
+
+
+def libvirt_module() -> ModuleType:
+    """``import libvirt``, or a one-line EnvironmentProblem telling how to install it."""
+    return _import("libvirt")
+
+
+def libvirt_qemu_module() -> ModuleType:
+    _import("libvirt")
+    return _import("libvirt_qemu")
+
+
+def error_text(exc: BaseException) -> str:
+    """libvirt's own message, without the 'libvirt: ... error :' prefix noise."""
+    get = getattr(exc, "get_error_message", None)
+    text = get() if callable(get) else None
+    return " ".join(str(text or exc).split())
+
+
+def error_code(exc: BaseException) -> int | None:
+    get = getattr(exc, "get_error_code", None)
+    code = get() if callable(get) else None
+    return code if isinstance(code, int) else None
+
+
+def resolve_uri(uri: str | None) -> str | None:
+    """-c wins, then LIBVIRT_DEFAULT_URI; None lets libvirt pick its own default."""
+    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or None
+
+
+def is_local_uri(uri: str) -> bool:
+    """True when the hypervisor runs on this host, so its file paths are our paths."""
+    host = urlsplit(uri).hostname
+    return host in (None, "", "localhost", "127.0.0.1", "::1")
+
+
+@dataclass
+class Connection:
+    """An open libvirt connection and the URI it answers to."""
+
+    conn: Any
+    uri: str
+
+    @property
+    def local(self) -> bool:
+        return is_local_uri(self.uri)
+
+    def versions(self) -> tuple[str | None, str]:
+        """(hypervisor version, libvirt version) as dotted strings, from the daemon itself."""
+        libvirt = libvirt_module()
+        try:
+            hv = int(self.conn.getVersion())
+        except libvirt.libvirtError:
+            hv = 0
+        lib = int(self.conn.getLibVersion())
+        return (dotted(hv) if hv else None), dotted(lib)
+
+    def close(self) -> None:
+        # Closing a dead connection must not mask the real error.
+        with suppress(Exception):
+            self.conn.close()
+
+
+def dotted(version: int) -> str:
+    """libvirt's packed 1000000*major + 1000*minor + micro -> '9.0.0'."""
+    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
+
+
+def open_connection(uri: str | None) -> Connection:
+    """Open ``uri`` (or the default); one-line EnvironmentProblem (exit 3) on failure."""
+    libvirt = libvirt_module()
+    uri = resolve_uri(uri)
+    subject = uri or "libvirt"
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise EnvironmentProblem(
+            f"cannot connect: {error_text(exc)}", subject=subject
+        ) from exc
+    if conn is None:  # old bindings returned None instead of raising
+        raise EnvironmentProblem("cannot connect", subject=subject)
+    return Connection(conn=conn, uri=conn.getURI() or subject)
+
+
+@contextmanager
+def connection(uri: str | None) -> Iterator[Connection]:
+    conn = open_connection(uri)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lookup_domain(conn: Connection, spec: str) -> Any:
+    """A domain by ID, UUID or name, in that order of how the spec looks."""
+    libvirt = libvirt_module()
+    attempts: list[tuple[str, Any]] = []
+    if spec.isdigit():
+        attempts.append(("id", lambda: conn.conn.lookupByID(int(spec))))
+    if _UUID.match(spec):
+        attempts.append(("uuid", lambda: conn.conn.lookupByUUIDString(spec)))
+    attempts.append(("name", lambda: conn.conn.lookupByName(spec)))
+    last: BaseException | None = None
+    for _kind, lookup in attempts:
+        try:
+            return lookup()
+        except libvirt.libvirtError as exc:
+            if error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                raise EnvironmentProblem(error_text(exc), subject=spec) from exc
+            last = exc
+    raise BadInput(f"no such domain on {conn.uri}", subject=spec) from last
+
+
+def select_domains(conn: Connection, specs: Iterable[str], every: bool) -> list[Any]:
+    """The domains named on the command line, or every domain with ``--all``.
+
+    Names are de-duplicated by UUID, keeping the order the user gave.
+    """
+    specs = list(specs)
+    if every and specs:
+        raise BadInput("give domain names or --all, not both", subject="--all")
+    if every:
+        libvirt = libvirt_module()
+        try:
+            domains = list(conn.conn.listAllDomains(0))
+        except libvirt.libvirtError as exc:
+            raise EnvironmentProblem(error_text(exc), subject=conn.uri) from exc
+        return sorted(domains, key=lambda d: str(d.name()))
+    if not specs:
+        raise BadInput("name at least one domain, or use --all", subject=conn.uri)
+    seen: set[str] = set()
+    chosen: list[Any] = []
+    for spec in specs:
+        dom = lookup_domain(conn, spec)
+        uuid = str(dom.UUIDString())
+        if uuid not in seen:
+            seen.add(uuid)
+            chosen.append(dom)
+    return chosen

@@ -1,0 +1,316 @@
+"""The trim engine: ask guests to trim through their agent, and measure what the host got back.
+
+For each target (a libvirt domain, or a QEMU started without libvirt) the engine
+
+1. measures every disk's host allocation (``du`` of a local file; libvirt's
+   ``blockInfo`` allocation for block devices and remote hosts);
+2. sends ``guest-fstrim`` through the guest agent and keeps the per-path results
+   (``virDomainFSTrim`` throws them away), or, with ``--mountpoint``, runs the
+   guest's ``fstrim`` on that one mountpoint through ``guest-exec`` (guest-fstrim
+   has no mountpoint argument);
+3. measures again. The guest's "trimmed" numbers are upper bounds (FITRIM reports
+   what it asked for, not what the host freed); only the host measurement counts.
+
+A target without an agent, or whose agent does not answer, is *skipped* with a
+reason, never later than ``timeout`` seconds after its trim started: the agent
+work runs in a daemon thread that is abandoned at the deadline. One target failing
+never stops the others (``--parallel`` runs them on a thread pool).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from vmtrim.agent import ExecStatus, FstrimPath, FstrimResult
+from vmtrim.errors import VmtrimError
+
+SCHEMA = "vmtrim.trim/1"
+UPPER_BOUND_NOTE = (
+    "guest_trimmed_bytes and paths[].trimmed are what the guest asked to discard "
+    "(upper bounds); reclaimed_bytes is what the host measured"
+)
+
+TRIMMED = "trimmed"
+SKIPPED = "skipped"
+FAILED = "failed"
+NOT_RUNNING = "the domain is not running"
+
+T = TypeVar("T")
+
+
+class AgentUnavailable(Exception):
+    """No agent, or it does not answer: the target is skipped."""
+
+
+class AgentFailed(Exception):
+    """The agent answered with an error: the target failed."""
+
+
+@dataclass(frozen=True)
+class TrimOptions:
+    minimum: int = 0
+    mountpoint: str | None = None
+    timeout: float = 60.0
+    parallel: int = 1
+
+
+@dataclass(frozen=True)
+class DiskRef:
+    """A disk to measure: its guest-visible name, host source, and the local file if any."""
+
+    target: str
+    source: str | None
+    local_file: str | None = None  # set when the image is a file on this host
+    key: str | None = None  # QMP device/qdev name, for the unmap counters
+
+
+@dataclass
+class DiskResult:
+    target: str
+    source: str | None
+    allocated_before: int | None = None
+    allocated_after: int | None = None
+    measured_by: str | None = None  # "du" or "blockInfo"
+    error: str | None = None
+    unmap_bytes: int | None = None  # QMP query-blockstats delta, when a QMP socket is given
+    unmap_operations: int | None = None
+
+    @property
+    def reclaimed_bytes(self) -> int | None:
+        if self.allocated_before is None or self.allocated_after is None:
+            return None
+        return self.allocated_before - self.allocated_after
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "target": self.target,
+            "source": self.source,
+            "allocated_before": self.allocated_before,
+            "allocated_after": self.allocated_after,
+            "reclaimed_bytes": self.reclaimed_bytes,
+            "measured_by": self.measured_by,
+        }
+        if self.error:
+            doc["error"] = self.error
+        if self.unmap_bytes is not None:
+            doc["unmap_bytes"] = self.unmap_bytes
+            doc["unmap_operations"] = self.unmap_operations
+        return doc
+
+
+@dataclass
+class TrimResult:
+    domain: str
+    status: str = TRIMMED
+    reason: str | None = None
+    paths: list[FstrimPath] = field(default_factory=list)
+    disks: list[DiskResult] = field(default_factory=list)
+    seconds: float = 0.0
+    agent_seconds: float = 0.0  # time spent waiting for the guest's trim
+
+    @property
+    def guest_trimmed_bytes(self) -> int:
+        return sum(p.trimmed or 0 for p in self.paths)
+
+    @property
+    def reclaimed_bytes(self) -> int | None:
+        values = [d.reclaimed_bytes for d in self.disks if d.reclaimed_bytes is not None]
+        return sum(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "status": self.status,
+            "reason": self.reason,
+            "paths": [p.to_json() for p in self.paths],
+            "disks": [d.to_json() for d in self.disks],
+            "guest_trimmed_bytes": self.guest_trimmed_bytes,
+            "reclaimed_bytes": self.reclaimed_bytes,
+            "seconds": round(self.seconds, 3),
+            "agent_seconds": round(self.agent_seconds, 3),
+        }
+
+
+class Agent(Protocol):
+    """A guest agent. Raises AgentUnavailable (no agent, or no answer within ``timeout``)
+    or AgentFailed (it answered with an error)."""
+
+    def fstrim(self, minimum: int, timeout: float) -> FstrimResult: ...
+
+    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
+        """guest-exec ``path args`` and wait for it to exit."""
+        ...
+
+
+class Target(Protocol):
+    """Something with a guest agent and disks: a libvirt domain or a bare QEMU."""
+
+    name: str
+
+    def skip_reason(self) -> str | None:
+        """Why this target cannot be trimmed at all (e.g. not running), or None."""
+        ...
+
+    def disks(self) -> list[DiskRef]: ...
+
+    def measure(self, disk: DiskRef) -> tuple[int, str]:
+        """(allocated bytes, how it was measured)."""
+        ...
+
+    def agent(self, timeout: float) -> Agent:
+        """The guest agent, ready for commands within ``timeout`` (a direct socket syncs)."""
+        ...
+
+    def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
+        """DiskRef.key -> (unmap_bytes, unmap_operations) from QMP; None without QMP."""
+        ...
+
+
+def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """Run ``fn`` in a daemon thread; raise AgentUnavailable if it is not done in time.
+
+    The thread is abandoned, not killed: a hung agent call in libvirt or in a socket
+    read cannot be interrupted from Python, but it must not hold up the run.
+    """
+    if seconds <= 0:
+        raise AgentUnavailable(f"{what}: no time left")
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"vmtrim-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise AgentUnavailable(f"{what}: no answer within {seconds:.3g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+_FSTRIM_BYTES = re.compile(r"\((\d+) bytes\)|(\d+) bytes trimmed")
+
+
+def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> FstrimPath:
+    """Trim one mountpoint: guest-fstrim cannot, so run the guest's fstrim via guest-exec.
+
+    Parses both busybox (``/mnt: N bytes trimmed``) and util-linux
+    (``/mnt: 200 MiB (N bytes) trimmed``) output.
+    """
+    args = ["-v", *(["-m", str(minimum)] if minimum else []), mountpoint]
+    try:
+        status = agent.run("fstrim", args, timeout)
+    except AgentFailed as exc:
+        raise AgentFailed(f"--mountpoint needs guest-exec and fstrim in the guest: {exc}"
+                          ) from exc
+    out = (status.out_data + status.err_data).decode("utf-8", "replace")
+    if status.exitcode != 0 or status.signal:
+        return FstrimPath(mountpoint, minimum=minimum, error=out.strip() or "fstrim failed")
+    match = _FSTRIM_BYTES.search(out)
+    trimmed = int(match.group(1) or match.group(2)) if match else None
+    return FstrimPath(mountpoint, trimmed=trimmed, minimum=minimum)
+
+
+def _measure_all(target: Target, disks: Sequence[DiskRef]
+                 ) -> list[tuple[int | None, str | None, str | None]]:
+    """(bytes, how, error) per disk; one unreadable disk must not hide the others."""
+    out: list[tuple[int | None, str | None, str | None]] = []
+    for disk in disks:
+        try:
+            value, how = target.measure(disk)
+            out.append((value, how, None))
+        except VmtrimError as exc:
+            out.append((None, None, exc.one_line()))
+        except Exception as exc:
+            out.append((None, None, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def trim_target(target: Target, options: TrimOptions) -> TrimResult:
+    """Trim one target; never raises, never waits on its agent past ``options.timeout``."""
+    start = time.monotonic()
+    result = TrimResult(domain=target.name)
+    try:
+        _trim_into(result, target, options)
+    except AgentUnavailable as exc:
+        result.status, result.reason = SKIPPED, str(exc)
+    except AgentFailed as exc:
+        result.status, result.reason = FAILED, str(exc)
+    except VmtrimError as exc:  # e.g. unreadable domain XML, a malformed agent reply
+        result.status, result.reason = FAILED, exc.one_line()
+    except Exception as exc:  # a vanished domain, a library bug: report, don't stop the run
+        result.status, result.reason = FAILED, f"{type(exc).__name__}: {exc}"
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _trim_into(result: TrimResult, target: Target, options: TrimOptions) -> None:
+    reason = target.skip_reason()
+    if reason:
+        result.status, result.reason = SKIPPED, reason
+        return
+    disks = target.disks()
+    before = _measure_all(target, disks)
+    counters_before = target.unmap_counters()
+    result.disks = [
+        DiskResult(d.target, d.source, allocated_before=v, measured_by=how, error=err)
+        for d, (v, how, err) in zip(disks, before, strict=True)
+    ]
+    agent_start = time.monotonic()
+    deadline = agent_start + options.timeout
+
+    def trim_in_guest() -> list[FstrimPath]:
+        agent = target.agent(deadline - time.monotonic())
+        if options.mountpoint:
+            return [fstrim_one(agent, options.mountpoint, options.minimum,
+                               deadline - time.monotonic())]
+        return agent.fstrim(options.minimum, deadline - time.monotonic()).paths
+
+    try:
+        result.paths = call_with_deadline(trim_in_guest, options.timeout, "guest agent")
+    finally:
+        result.agent_seconds = time.monotonic() - agent_start
+    after = _measure_all(target, disks)
+    for disk, (value, how, err) in zip(result.disks, after, strict=True):
+        disk.allocated_after = value
+        disk.measured_by = disk.measured_by or how
+        disk.error = disk.error or err
+    counters_after = target.unmap_counters()
+    if counters_before is not None and counters_after is not None:
+        for ref, disk in zip(disks, result.disks, strict=True):
+            key = ref.key or ref.target
+            if key in counters_before and key in counters_after:
+                (b0, o0), (b1, o1) = counters_before[key], counters_after[key]
+                disk.unmap_bytes, disk.unmap_operations = b1 - b0, o1 - o0
+    errors = [p for p in result.paths if p.error]
+    if result.paths and len(errors) == len(result.paths):
+        result.status = FAILED
+        result.reason = "; ".join(f"{p.path}: {p.error}" for p in errors)
+    elif not result.paths:
+        result.reason = "the guest has no filesystem that can be trimmed"
+
+
+def trim_all(
+    targets: Iterable[Target],
+    options: TrimOptions,
+    on_done: Callable[[TrimResult], None] | None = None,
+) -> list[TrimResult]:
+    """Trim every target, ``options.parallel`` at a time; results in the targets' order."""
+    targets = list(targets)
+    with ThreadPoolExecutor(max_workers=max(1, options.parallel),
+                            thread_name_prefix="vmtrim-trim") as pool:
+        futures = [pool.submit(trim_target, t, options) for t in targets]
+        if on_done is not None:
+            for future in futures:
+                future.add_done_callback(lambda f: on_done(f.result()))
+        return [f.result() for f in futures]
