@@ -79,6 +79,10 @@ exec 3<>"$CTL"
 
 if [ "$AGENT" = 1 ]; then
     GA=$(wait_port org.qemu.guest_agent.0) || die "no virtio-serial port org.qemu.guest_agent.0"
+    # qemu-ga's guest-shutdown runs /sbin/shutdown, which busybox lacks: power off instead
+    # (vmtrim fix --restart shuts a guest down through its agent).
+    mkdir -p /sbin
+    printf '#!/bin/sh\nsync\nexec poweroff -f\n' >/sbin/shutdown && chmod 755 /sbin/shutdown
     qemu-ga -m virtio-serial -p "$GA" -d || die "qemu-ga did not start"
 fi
 
