@@ -15,6 +15,7 @@ the audit's (:mod:`vmtrim.audit`), and the fixed text is audited again to prove 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,8 @@ class FixResult:
             difflib.unified_diff(
                 self.original.splitlines(keepends=True),
                 _with_newline(self.new_text.splitlines(keepends=True)),
-                fromfile=f"a/{self.subject}",
-                tofile=f"b/{self.subject}",
+                fromfile=self.subject,
+                tofile=f"{self.subject} (fixed)",
             )
         )
 
@@ -199,13 +200,10 @@ def device_blocker(report: DiskReport) -> Layer | None:
     return layer if layer.verdict is Verdict.BLOCK else None
 
 
-def remaining_after(reports: list[DiskReport], names: set[str]) -> list[Remaining]:
-    """Layers of the given (fixed or already fine) disks that still do not pass."""
+def remaining_after(reports: Iterable[tuple[DiskReport, str]]) -> list[Remaining]:
+    """Layers of the fixed (or already fine) disks, under their names, that still don't pass."""
     items: list[Remaining] = []
-    for report in reports:
-        name = disk_name(report.disk)
-        if name not in names:
-            continue
+    for report, name in reports:
         for layer in report.layers:
             if layer.verdict is Verdict.PASS:
                 continue

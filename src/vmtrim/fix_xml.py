@@ -101,8 +101,11 @@ def _audit_again(
         reports = fixer.reports
     else:
         reports = audit_domain(parse_domain_xml(result.new_text, subject), probes, read_images)
-    names = {disk_name(report.disk) for report in reports if report.disk.locator in fixer.touched}
-    return remaining_after(reports, names)
+    return remaining_after(
+        (report, disk_name(report.disk))
+        for report in reports
+        if report.disk.locator in fixer.touched
+    )
 
 
 @dataclass

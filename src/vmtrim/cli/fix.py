@@ -1,0 +1,182 @@
+"""``vmtrim fix``: rewrite libvirt XML or a QEMU command line so discard passes.
+
+Output modes: the new text on stdout (default), ``--dry-run`` (a unified diff,
+nothing written), ``-o FILE`` (written atomically; an existing FILE is backed up
+first), ``--in-place`` (a 0600 timestamped backup beside the file, then an atomic
+replace). A summary of the changes and the disks left alone goes to stderr, or
+everything into one ``vmtrim.fix/1`` document with ``--json``.
+
+Exit codes: 0 changed, or nothing to change ("already enabled"; also when the only
+disks are cdroms, luns, read-only or shared disks, which fix leaves alone on
+purpose); 1 a writable disk still blocks discard at the configuration and fix could
+not change it (for example virtio-blk on a machine type before 4.0 without
+``--bus scsi``; the other disks are still fixed and written); 2 bad input or usage;
+3 environment (a write failed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
+from vmtrim.fix import SCHEMA, FixOptions, FixResult
+
+
+@click.command("fix")
+@click.option("--xml", "xml_file", metavar="FILE", help="libvirt domain XML ('-' for stdin).")
+@click.option("--qemu-args", "args_file", metavar="FILE",
+              help="A QEMU command line: shell text or NUL-separated ('-' for stdin).")  # fmt: skip
+@click.option("--detect-zeroes", type=click.Choice(["unmap", "on", "off"]),
+              help="Also set detect-zeroes (unmap: zero writes become discards).")  # fmt: skip
+@click.option("--bus", type=click.Choice(["scsi"]),
+              help="Move disks whose device cannot pass discard onto virtio-scsi.")  # fmt: skip
+@click.option("--all-disks", is_flag=True, help="With --bus scsi: move every disk.")
+@click.option("--modernize", is_flag=True,
+              help="QEMU: legacy -drive if=ide|scsi|virtio becomes if=none + -device.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Print a unified diff; write nothing.")
+@click.option("-o", "--output", "output", metavar="FILE", help="Write the new text to FILE.")
+@click.option("--in-place", is_flag=True,
+              help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
+@click.option("--no-probe", is_flag=True,
+              help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
+def fix(
+    xml_file: str | None,
+    args_file: str | None,
+    detect_zeroes: str | None,
+    bus: str | None,
+    all_disks: bool,
+    modernize: bool,
+    dry_run: bool,
+    output: str | None,
+    in_place: bool,
+    no_probe: bool,
+    as_json: bool,
+) -> int:
+    """Rewrite libvirt XML or a QEMU command line so discard passes."""
+    if (xml_file is None) == (args_file is None):
+        raise click.UsageError("give exactly one of --xml FILE or --qemu-args FILE")
+    if sum((dry_run, output is not None, in_place)) > 1:
+        raise click.UsageError("--dry-run, -o and --in-place exclude each other")
+    if all_disks and bus is None:
+        raise click.UsageError("--all-disks needs --bus scsi")
+    if modernize and xml_file is not None:
+        raise click.UsageError("--modernize applies to --qemu-args only")
+    path = xml_file if xml_file is not None else args_file
+    assert path is not None
+    if in_place and path == "-":
+        raise click.UsageError("--in-place needs a file, not stdin")
+    options = FixOptions(
+        detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, modernize=modernize
+    )
+    result = run_fix(path, options, xml=xml_file is not None, probe=not no_probe)
+    written, backup = _write(result, path, output=output, in_place=in_place)
+    if as_json:
+        from vmtrim.output import print_json
+
+        body: dict[str, Any] = {
+            **result.to_json(),
+            "mode": "dry-run"
+            if dry_run
+            else "in-place"
+            if in_place
+            else "output"
+            if output
+            else "stdout",
+            "written": written,
+            "backup": backup,
+            "diff": result.diff,
+        }
+        if not (dry_run or in_place or output):
+            body["text"] = result.new_text
+        print_json(SCHEMA, body)
+    else:
+        if dry_run:
+            click.echo(result.diff, nl=False)
+        elif not (in_place or output):
+            click.echo(result.new_text, nl=False)
+        summarize(result, written=written, backup=backup)
+    return EXIT_FINDINGS if any(skip.blocking for skip in result.skipped) else EXIT_OK
+
+
+def run_fix(path: str, options: FixOptions, *, xml: bool, probe: bool = True) -> FixResult:
+    """Read ``path`` ('-' for stdin) and fix it as libvirt XML or as a QEMU command line."""
+    from vmtrim.hostprobe import HostProbes
+    from vmtrim.libvirt_xml import read_input
+
+    subject = "<stdin>" if path == "-" else path
+    data = read_input(path)
+    probes = HostProbes(local=probe)
+    if not xml:
+        from vmtrim.fix_qemu import fix_qemu_args
+
+        return fix_qemu_args(data, options, subject=subject, probes=probes)
+    from vmtrim.fix_xml import fix_domain_xml
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text: {exc.reason} at byte {exc.start}", subject) from exc
+    return fix_domain_xml(text, options, subject=subject, probes=probes)
+
+
+def _write(
+    result: FixResult, path: str, *, output: str | None, in_place: bool
+) -> tuple[str | None, str | None]:
+    """Write as asked; returns (written path, backup path). Nothing is written on no change."""
+    from vmtrim.atomic import atomic_write, backup_beside
+
+    if in_place:
+        if not result.changed:
+            return None, None
+        backup = backup_beside(path)
+        atomic_write(path, result.new_text)
+        return path, str(backup)
+    if output is not None:
+        target = Path(output)
+        backup_path = None
+        if target.exists() and target.read_bytes() != result.new_text.encode():
+            backup_path = str(backup_beside(target))
+        atomic_write(target, result.new_text, new_file_mode=0o600)
+        return output, backup_path
+    return None, None
+
+
+def summarize(result: FixResult, *, written: str | None, backup: str | None) -> None:
+    """The human summary on stderr: a table of changes, the disks left alone, what remains."""
+    from rich.table import Table
+
+    from vmtrim.output import console
+
+    err = console(stderr=True)
+    if result.changes:
+        table = Table(title=f"vmtrim fix: {result.subject}", title_justify="left")
+        for column in ("disk", "setting", "old", "new"):
+            table.add_column(column)
+        for change in result.changes:
+            table.add_row(change.disk or "(domain)", change.setting, change.old or "-",
+                          change.new or "-")  # fmt: skip
+        err.print(table)
+    if result.already:
+        err.print(f"already enabled: {', '.join(result.already)}")
+    for skip in result.skipped:
+        mark = "[red]✗[/]" if skip.blocking else "·"
+        err.print(f"{mark} left alone: {skip.disk}: {skip.reason}", markup=True)
+    # The same finding on many disks (the guest, without an agent) is printed once.
+    grouped: dict[tuple[str, str, str, str | None], list[str]] = {}
+    for item in result.remaining:
+        grouped.setdefault((item.verdict, item.layer, item.reason, item.fix), []).append(item.disk)
+    for (verdict, layer, reason, fix_text), disks in grouped.items():
+        how = f" ({fix_text})" if fix_text else ""
+        err.print(f"! still {verdict} at {layer} ({', '.join(disks)}): {reason}{how}",
+                  markup=False)  # fmt: skip
+    if not result.changed:
+        if not result.fixed and not result.already:
+            err.print("nothing to fix: no writable disk that fix can change")
+        else:
+            err.print("already enabled: nothing to change")
+    if written:
+        err.print(f"wrote {written}" + (f" (backup: {backup})" if backup else ""), markup=False)
