@@ -85,6 +85,8 @@ def _expand(start: I64, nbytes: I64, cluster_bits: int) -> I64:
 
 
 def _range(offset: int, nbytes: int, cluster_bits: int) -> I64:
+    if nbytes <= 0:
+        return np.zeros(0, np.int64)
     return _expand(np.array([offset], np.int64), np.array([nbytes], np.int64), cluster_bits)
 
 
