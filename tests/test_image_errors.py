@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_image_support import KiB, MiB, create, qemu_img, qemu_io
 
+from test_image_support import KiB, MiB, create, qemu_img, qemu_io, qemu_map
 from vmtrim.cli import run
 from vmtrim.errors import ImageError
 from vmtrim.image import inspect
@@ -304,8 +304,8 @@ def test_images_are_opened_read_only(tmp_path: Path) -> None:
         assert flags != -1 and flags & os.O_ACCMODE == os.O_RDONLY, (mode, flags)
 
 
-def test_backing_chain_with_huge_layer_count_is_fine(tmp_path: Path) -> None:
-    # a long (but finite) chain is read layer by layer without recursion limits
+def test_long_backing_chain(tmp_path: Path) -> None:
+    # 40 layers: no recursion limit, and the map still matches qemu-img's
     prev = create(tmp_path / "l0.qcow2", 1 * MiB)
     for i in range(1, 40):
         cur = tmp_path / f"l{i}.qcow2"
@@ -313,4 +313,4 @@ def test_backing_chain_with_huge_layer_count_is_fine(tmp_path: Path) -> None:
         prev = cur
     qemu_io(prev, f"write -P 1 0 {4 * KiB}")
     assert len(inspect(prev).chain()) == 40
-    assert list(map_image(prev).rows())[0]["depth"] == 0
+    assert list(map_image(prev).rows()) == qemu_map(prev)
