@@ -150,13 +150,13 @@ class _XmlFixer:
             )
             return
         target = element.find("target")
-        if move and (target is None or not target.get("dev")):
-            result.skipped.append(Skip(name, "no <target dev=...>: cannot move it", True))
+        if target is None or not target.get("dev"):
+            # libvirt refuses such a disk, and without a bus there is no device to judge.
+            result.skipped.append(Skip(name, "no <target dev=...>: libvirt needs one", True))
             return
         before = len(self.changes)
         self._driver(element, disk, name)
         if move:
-            assert target is not None
             name = self._move_to_scsi(element, target, name)
         assert disk.locator is not None
         self.touched.add(disk.locator)

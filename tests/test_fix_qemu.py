@@ -1,0 +1,206 @@
+"""vmtrim fix on QEMU command lines: discard on the right nodes, --modernize, --bus scsi."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fix_support import AUDIT_DATA, args_files, materialize
+from vmtrim.audit import audit_domain
+from vmtrim.errors import BadInput
+from vmtrim.fix import FixOptions, FixResult
+from vmtrim.fix_qemu import fix_qemu_args
+from vmtrim.hostprobe import HostProbes
+from vmtrim.model import Disk, Verdict
+from vmtrim.qemu_args import parse_qemu_command, tokenize
+
+OPTION_SETS = [
+    FixOptions(),
+    FixOptions(detect_zeroes="unmap"),
+    FixOptions(modernize=True),
+    FixOptions(bus="scsi"),
+    FixOptions(bus="scsi", modernize=True),
+    FixOptions(bus="scsi", all_disks=True),
+]
+
+
+def fix(text: str, options: FixOptions | None = None) -> FixResult:
+    return fix_qemu_args(text, options, probes=HostProbes(local=False), read_images=False)
+
+
+def options_of(text: str, name: str) -> list[str]:
+    argv = tokenize(text)
+    return [argv[i + 1] for i, token in enumerate(argv) if token == name]
+
+
+def shape(disk: Disk) -> tuple[Any, ...]:
+    """What a user compares between two command lines, ids and option order aside."""
+    node = disk.node
+    return (
+        disk.source, disk.format, disk.qemu_device, disk.bus, disk.controller_model,
+        disk.discard, node.cache if node else None, disk.read_only,
+    )  # fmt: skip
+
+
+def test_legacy_one_liner_becomes_the_current_one_liner() -> None:
+    legacy = (AUDIT_DATA / "design-legacy.args").read_text()
+    current = (AUDIT_DATA / "design-current.args").read_text()
+    result = fix(legacy, FixOptions(bus="scsi", modernize=True))
+    got = parse_qemu_command(result.new_text)
+    want = parse_qemu_command(current)
+    assert sorted(map(shape, got.disks)) == sorted(map(shape, want.disks))
+    assert len(got.disks) == 2
+    devices = [d.split(",")[0] for d in options_of(result.new_text, "-device")]
+    assert sorted(devices) == sorted(d.split(",")[0] for d in options_of(current, "-device"))
+    assert "  --enable-kvm \\" in result.new_text.splitlines()  # a flag on its own line
+
+
+def test_current_one_liner_is_already_enabled() -> None:
+    result = fix((AUDIT_DATA / "design-current.args").read_text())
+    assert not result.changed and result.already == ["hd2", "hd"]
+
+
+def test_libvirt_blockdev_gets_discard_on_the_format_node(tmp_path: Path) -> None:
+    text = materialize("libvirt-blockdev.args", tmp_path, images=False)
+    result = fix(text)
+    before = [json.loads(v) for v in options_of(text, "-blockdev")]
+    after = [json.loads(v) for v in options_of(result.new_text, "-blockdev")]  # still JSON
+    assert after[0] == before[0]  # the storage node already said unmap
+    assert after[1] == {**before[1], "discard": "unmap"}
+    assert after[2:] == before[2:]  # the virtio disk on pc-i440fx-3.1 is left alone
+    (skip,) = result.skipped
+    assert skip.disk == "virtio-disk1" and skip.blocking and "pc-i440fx-3.1" in skip.reason
+
+
+def test_bus_scsi_moves_virtio_blk_device_keeping_json(tmp_path: Path) -> None:
+    text = materialize("libvirt-blockdev.args", tmp_path, images=False)
+    result = fix(text, FixOptions(bus="scsi"))
+    moved = json.loads(options_of(result.new_text, "-device")[-1])
+    assert moved == {"driver": "scsi-hd", "bus": "scsi0.0", "drive": "libvirt-1-format",
+                     "id": "virtio-disk1"}  # fmt: skip
+    assert json.loads(options_of(result.new_text, "-blockdev")[3])["discard"] == "unmap"
+    assert result.skipped == []
+
+
+def test_keyval_blockdev_inline_child_override(tmp_path: Path) -> None:
+    text = materialize("keyval-blockdev.args", tmp_path, images=False)
+    result = fix(text)
+    first, second = options_of(result.new_text, "-blockdev")
+    assert first.split(",") == [
+        "driver=qcow2", "node-name=top", "file.driver=file",
+        f"file.filename={tmp_path}/kv.qcow2", "file.discard=unmap", "discard=unmap",
+    ]  # fmt: skip
+    assert second.endswith(",discard=unmap") and "kv,,comma.raw" in second
+
+
+def test_legacy_mixed_without_and_with_modernize(tmp_path: Path) -> None:
+    text = materialize("legacy-mixed.args", tmp_path, images=False)
+    plain = fix(text)
+    assert {s.disk: s.blocking for s in plain.skipped} == {"virtio0": True, "ide2": False}
+    drives = options_of(plain.new_text, "-drive")
+    assert f"file={tmp_path}/hdb.raw,if=ide,index=1,media=disk,discard=unmap" in drives
+    modern = fix(text, FixOptions(modernize=True))
+    devices = options_of(modern.new_text, "-device")
+    # The bus and unit QEMU gave each legacy IDE drive: index 0, 1 and 3 (2 is the cdrom).
+    assert [d.split(",drive=")[0] for d in devices] == [
+        "ide-hd,bus=ide.0,unit=0", "ide-hd,bus=ide.0,unit=1", "ide-hd,bus=ide.1,unit=1",
+    ]  # fmt: skip
+    assert "if=ide,index=2,media=cdrom" in options_of(modern.new_text, "-drive")
+
+
+def test_output_is_one_option_per_line(tmp_path: Path) -> None:
+    text = materialize("keyval-blockdev.args", tmp_path, images=False)
+    result = fix(text)
+    lines = result.new_text.splitlines()
+    assert lines[0] == "qemu-system-x86_64 \\"
+    assert all(line.startswith("  -") and line.endswith(" \\") for line in lines[1:-1])
+    assert lines[-1] == "  -device virtio-blk-pci,drive=rawtop,id=rawdisk"
+    assert len(tokenize(result.new_text)) == 2 * (len(lines) - 1) + 1
+
+
+@pytest.mark.parametrize("name", args_files())
+def test_idempotent_and_audit_agrees(name: str, tmp_path: Path) -> None:
+    text = materialize(name, tmp_path, images=False)
+    for options in OPTION_SETS:
+        first = fix(text, options)
+        second = fix(first.new_text, options)
+        assert second.new_text == first.new_text, options
+        assert second.changes == []
+        skipped = {skip.disk for skip in first.skipped}
+        names = set(first.fixed) | set(first.already)
+        reports = audit_domain(parse_qemu_command(first.new_text), HostProbes(local=False),
+                               read_images=False)  # fmt: skip
+        blocking = [r for r in reports if r.config_verdict is Verdict.BLOCK and not r.exempt]
+        # Every disk that still blocks at the configuration is one fix said it left alone.
+        assert len(blocking) <= len([s for s in first.skipped if s.blocking]), (name, options)
+        assert len(names) + len(skipped) >= len([r for r in reports if not r.exempt])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ls -l",
+        "qemu-system-x86_64 -frobnicate",
+        "qemu-system-x86_64 -blockdev '{\"driver\":'",
+        "qemu-system-x86_64 -device scsi-hd,drive=nowhere",
+        "qemu-system-x86_64 -drive",
+        "qemu-system-x86_64 'unterminated",
+    ],
+)
+def test_bad_command_lines_are_bad_input(text: str) -> None:
+    with pytest.raises(BadInput):
+        fix(text)
+
+
+def test_nul_separated_input() -> None:
+    text = (AUDIT_DATA / "design-legacy.args").read_text()
+    argv = tokenize(text)
+    from_proc = fix_qemu_args(
+        "\0".join(argv).encode() + b"\0", FixOptions(modernize=True),
+        probes=HostProbes(local=False), read_images=False,
+    )  # fmt: skip
+    assert from_proc.new_text == fix(text, FixOptions(modernize=True)).new_text
+
+
+# -- property: random command lines are fixed or refused, and fixing is idempotent ----------
+
+_OPTIONS = [
+    "-drive file=/i/a.qcow2,if=ide,format=qcow2",
+    "-drive file=/i/b.raw,if=virtio,discard=off",
+    "-drive file=/i/c.qcow2,if=scsi",
+    "-drive file=/i/d.raw,if=none,id=d0",
+    "-drive if=ide,media=cdrom",
+    "-device scsi-hd,drive=d0",
+    "-device ide-hd,drive=d0",
+    "-device virtio-blk-pci,drive=d0,num-queues=2",
+    "-device virtio-scsi-pci,id=scsi0",
+    "-blockdev driver=file,filename=/i/e.raw,node-name=e0",
+    '-blockdev \'{"driver":"qcow2","node-name":"f0","file":{"driver":"file",'
+    '"filename":"/i/f.qcow2"}}\'',
+    '-device \'{"driver":"scsi-hd","drive":"f0"}\'',
+    "-device virtio-blk-pci,drive=e0",
+    "-hda /i/h.raw",
+    "-M pc-i440fx-3.1",
+    "-machine pc-q35-7.2",
+    "-m 128",
+    "-S",
+    "-frob",
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_OPTIONS), max_size=7), st.sampled_from(OPTION_SETS))
+def test_fix_raises_only_bad_input_and_is_idempotent(parts: list[str], options: FixOptions) -> None:
+    text = " ".join(["qemu-system-x86_64", *parts])
+    try:
+        first = fix(text, options)
+    except BadInput:
+        return
+    second = fix(first.new_text, options)
+    assert second.new_text == first.new_text
