@@ -52,6 +52,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
 @dataclass
 class Daemons:
     uri: str = URI
@@ -76,6 +80,16 @@ def start_libvirtd(timeout: float = 60.0) -> Daemons:
     daemons = Daemons()
     if libvirtd_answers():
         return daemons
+    # A libvirtd that is alive but slow to answer (busy, or still starting in another
+    # test session) must not get a twin: the twin unlinks its sockets and then fails
+    # on the driver pid files, which leaves no libvirtd reachable at all.
+    if _running("libvirtd"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if libvirtd_answers():
+                return daemons
+            time.sleep(0.5)
+        raise RuntimeError(f"a libvirtd is running but does not answer on {URI}")
     if os.geteuid() != 0:
         raise RuntimeError("starting libvirtd needs root")
     for tool in ("virtlogd", "libvirtd", "virsh"):
