@@ -9,10 +9,9 @@ file next to the image; it never opens an image for writing.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vmtrim.errors import VmtrimError
 from vmtrim.facts import BUSES, DEVICES, FACTS, FILTERS, FORMATS, GUEST_FS, NOTES, PROTOCOLS
@@ -34,6 +33,9 @@ from vmtrim.model import (
     Version,
     format_version,
 )
+
+if TYPE_CHECKING:
+    from vmtrim.image import ImageInfo
 
 _PASSTHROUGH = {"scsi-block", "scsi-generic"}
 _GUEST_FIX = ("in the guest: mount with `-o discard`, or enable periodic trims"
@@ -73,7 +75,7 @@ class _DiskAudit:
         self.disk = disk
         self.probes = probes
         self.findings: list[Finding] = []
-        self.image: Any = None
+        self.image: ImageInfo | None = None
         if read_images:
             self.image = self._read_image()
 
@@ -369,21 +371,18 @@ class _DiskAudit:
 
     # ------------------------------------------------------------ image facts
 
-    def _read_image(self) -> Any:
+    def _read_image(self) -> ImageInfo | None:
         disk = self.disk
         if disk.storage is not StorageKind.FILE or not disk.source:
             return None
         if not os.path.isfile(disk.source):
             return None
-        fmt = disk.format if disk.format in ("qcow2", "raw") else None
-        if fmt is None and disk.format is not None:
+        if disk.format not in (None, "qcow2", "raw"):
             return None  # a format vmtrim cannot read (vmdk, ...)
+        from vmtrim.image import inspect  # numpy: only when there is an image to read
+
         try:
-            image = importlib.import_module("vmtrim.image")
-        except ImportError:
-            return None
-        try:
-            return image.inspect(disk.source, follow_backing=False)
+            return inspect(disk.source, follow_backing=False)
         except (VmtrimError, OSError) as exc:
             text = exc.one_line() if isinstance(exc, VmtrimError) else str(exc)
             self.findings.append(Finding(Severity.WARNING, LayerKind.BLOCK_NODE,
@@ -399,6 +398,13 @@ class _DiskAudit:
             note = NOTES["ls_size"]
             notes.append(Finding(Severity.INFO, LayerKind.HOST_STORAGE, note.message, None,
                                  note.source))
+        if disk.node is not None and disk.node.options.get("format_defaulted"):
+            looks_qcow2 = (disk.source or "").endswith(".qcow2") or (
+                info is not None and info.format == "qcow2")
+            notes.append(Finding(
+                Severity.WARNING if looks_qcow2 else Severity.INFO, layer,
+                "no <driver type=...>: libvirt opens the image as raw (it does not probe)",
+                "set <driver name='qemu' type='qcow2'/> (or 'raw') explicitly"))
         if info is not None:
             if disk.format and disk.format != info.format and disk.format in ("qcow2", "raw"):
                 notes.append(Finding(Severity.WARNING, layer, f"configured as {disk.format} but"
@@ -472,6 +478,8 @@ def _worst(layers: list[Layer]) -> Layer:
 
 
 def _size(n: int) -> str:
-    from vmtrim.output import human_bytes
-
-    return human_bytes(n)
+    """Cluster sizes are powers of two: 65536 -> '64 KiB'."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"

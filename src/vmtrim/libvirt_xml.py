@@ -181,6 +181,8 @@ class _DomainReader:
             cache=cache, read_only=disk.read_only, filename=disk.source, file=storage,
             defined_by=f"<disk> {disk.ident} <driver>",
         )
+        if driver is None or driver.get("type") is None:
+            top.options["format_defaulted"] = True  # libvirt uses raw; it never probes
         top.backing = _backing(element.find("backingStore"), disk.domain, 0)
         return top
 
@@ -199,7 +201,7 @@ class _DomainReader:
         source = element.find("source")
         protocol = source.get("protocol") if source is not None else None
         if protocol:
-            name = source.get("name", "") if source is not None else ""
+            name = source.get("name", "").lstrip("/") if source is not None else ""
             where = f"{protocol}://{_hosts(source)}/{name}"
         else:
             adapter = element.find("source/adapter")
@@ -258,7 +260,7 @@ def _source(disk_type: str, source: etree._Element | None, device: DeviceType
         return (StorageKind.BLOCK, None, path, driver) if path else _empty()
     if disk_type == "network":
         protocol = source.get("protocol") or "unknown"
-        name = source.get("name") or ""
+        name = (source.get("name") or "").lstrip("/")
         return StorageKind.NETWORK, protocol, f"{protocol}://{_hosts(source)}/{name}", protocol
     if disk_type == "volume":
         pool, volume = source.get("pool"), source.get("volume")

@@ -192,6 +192,7 @@ class _Drive:
     opts: dict[str, Any]
     argv_index: int
     used: bool = False
+    name: str = ""  # the id, or the one QEMU makes up (ide0-hd0, virtio0, floppy0)
 
 
 @dataclass
@@ -329,6 +330,7 @@ class _Builder:
                 self.specs[node_name] = (spec, index)
         self.nodes: dict[str, BlockNode] = {}
         self.building: set[str] = set()
+        _name_drives(parsed.drives)
         self.controllers: dict[str, str] = {}  # id -> QEMU controller driver
         for device, _ in parsed.devices:
             driver = str(device.get("driver", ""))
@@ -337,7 +339,6 @@ class _Builder:
 
     def domain(self) -> Domain:
         domain = Domain(name=self.name, origin=Origin.QEMU_ARGS, machine=self.parsed.machine)
-        domain.notes.extend(self.parsed.notes)
         drives_by_id = {str(d.opts["id"]): d for d in self.parsed.drives if "id" in d.opts}
         for device, index in self.parsed.devices:
             driver = str(device.get("driver", ""))
@@ -350,6 +351,7 @@ class _Builder:
             disk = self._legacy_drive_disk(drive)
             if disk is not None:
                 domain.disks.append(disk)
+        domain.notes.extend(self.parsed.notes)
         return domain
 
     # -- devices attached to -drive if=none or to -blockdev nodes
@@ -410,7 +412,7 @@ class _Builder:
     def _legacy_drive_disk(self, drive: _Drive) -> Disk | None:
         opts = drive.opts
         interface = str(opts.get("if", "ide"))
-        ident = str(opts.get("id") or f"{interface}{opts.get('index', opts.get('unit', ''))}")
+        ident = drive.name
         media = str(opts.get("media", "disk"))
         device = DeviceType.CDROM if media == "cdrom" else DeviceType.DISK
         q35 = (self.parsed.machine or "").startswith(("q35", "pc-q35"))
@@ -468,7 +470,7 @@ class _Builder:
     def _drive_nodes(self, drive: _Drive) -> BlockNode:
         """The nodes a -drive creates: a format node over a protocol node (discard inherited)."""
         opts = drive.opts
-        ident = str(opts.get("id") or f"argv[{drive.argv_index + 1}]")
+        ident = drive.name
         discard = normalize_discard(opts.get("discard"))
         read_only = _flag(opts.get("readonly", opts.get("read-only", "off"))) \
             or str(opts.get("media", "")) == "cdrom"
@@ -571,6 +573,35 @@ class _Builder:
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
         return node
+
+
+_UNITS_PER_BUS = {"ide": 2, "scsi": 7}
+
+
+def _name_drives(drives: list[_Drive]) -> None:
+    """Give each -drive its id, or the name QEMU gives a drive without one."""
+    taken: dict[str, set[int]] = {}
+    for drive in drives:
+        if "index" in drive.opts and str(drive.opts["index"]).isdigit():
+            taken.setdefault(str(drive.opts.get("if", "ide")), set()).add(
+                int(drive.opts["index"]))
+    for drive in drives:
+        if "id" in drive.opts:
+            drive.name = str(drive.opts["id"])
+            continue
+        interface = str(drive.opts.get("if", "ide"))
+        used = taken.setdefault(interface, set())
+        if str(drive.opts.get("index", "")).isdigit():
+            index = int(drive.opts["index"])
+        else:
+            index = next(i for i in range(len(used) + 1) if i not in used)
+            used.add(index)
+        per_bus = _UNITS_PER_BUS.get(interface)
+        media = ("-cd" if drive.opts.get("media") == "cdrom" else "-hd") if per_bus else ""
+        if per_bus:
+            drive.name = f"{interface}{index // per_bus}{media}{index % per_bus}"
+        else:
+            drive.name = f"{interface}{index}"
 
 
 def _opt_str(value: Any) -> str | None:
