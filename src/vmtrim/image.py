@@ -318,12 +318,17 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
 
 
 def _unallocated_ranges(reader: Qcow2Reader, s: Scan) -> int:
-    """Number of guest ranges the top layer leaves to its backing file (or to zeros)."""
-    from vmtrim.image_map import qcow2_runs
-
-    runs = qcow2_runs(reader, s, recurse=False)
-    unalloc = (runs.kind == UNALLOCATED_PLAIN) | (runs.kind == UNALLOCATED_ALLOC)
-    return int(unalloc.sum())
+    """Number of maximal guest ranges the top layer leaves to its backing file."""
+    units = s.units
+    assert units is not None
+    size = reader.header.size
+    us = units.unit_size
+    alloc = units.kind != UNALLOCATED_ALLOC
+    index = units.index[alloc & (units.index * us < size)]  # sorted: the walk is in order
+    if not len(index):
+        return 1 if size else 0
+    gaps = int(np.count_nonzero(np.diff(index) > 1))
+    return gaps + int(index[0] > 0) + int((int(index[-1]) + 1) * us < size)
 
 
 def zero_bytes(fd: int, starts: Any, lengths: Any, granularity: int,

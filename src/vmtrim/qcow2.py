@@ -16,6 +16,7 @@ file, an unaligned table, an impossible header field) raises
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -393,44 +394,56 @@ class Qcow2Reader:
         return self._table(h.l1_table_offset if offset is None else offset,
                            h.l1_size if size is None else size, "L1 table")
 
-    def l2_batches(self, l1: U64, batch_bytes: int = 32 << 20
-                   ) -> Iterator[tuple[I64, U64, U64 | None]]:
-        """Yield (L1 indices, L2 entries [n, l2_entries], bitmaps or None) in batches.
+    def l2_entries(self, l1: U64, batch_tables: int = 512
+                   ) -> Iterator[tuple[I64, I64, U64, U64 | None]]:
+        """Yield the non-zero L2 entries of the tables ``l1`` points to, in guest order.
 
-        Only L1 entries that point to an L2 table are read. Batching keeps memory
-        flat however big the image is.
+        Each batch is (L1 indices of its tables, entry position ``k * l2_entries + i``
+        within the batch, entry values, extended-L2 bitmaps or None). All-zero
+        entries (unallocated clusters, most of a big sparse image) are never
+        decoded: the tables are scanned through a read-only mmap, so a warm page
+        cache is read in place, and only non-zero words are gathered and swapped.
         """
         h = self.header
         cs = h.cluster_size
         l2_offsets = l1 & np.uint64(OFFSET_MASK)
         indices = np.flatnonzero(l1 != 0)
-        present = l2_offsets[indices]
-        bad = present % np.uint64(cs) != 0
+        present = l2_offsets[indices].astype(np.int64)
+        bad = present % cs != 0
         if bad.any():
             i = int(indices[np.argmax(bad)])
             raise self.error(f"L2 table offset {int(l2_offsets[i])} (L1 index {i}) is not "
                              "aligned to a cluster")
-        past = present + np.uint64(cs) > np.uint64(self.file_size)
+        past = present + cs > self.file_size
         if past.any():
             i = int(indices[np.argmax(past)])
             raise self.error(f"L2 table at offset {int(l2_offsets[i])} (L1 index {i}) is past "
                              f"the end of the file ({self.file_size} bytes); truncated or corrupt")
-        per_batch = max(1, batch_bytes // cs)
-        buf = bytearray(per_batch * cs)
-        view = memoryview(buf)
-        for start in range(0, len(indices), per_batch):
-            idx = indices[start:start + per_batch]
-            offs = present[start:start + per_batch].tolist()
-            for k, off in enumerate(offs):
-                got = os.preadv(self.fd, [view[k * cs:(k + 1) * cs]], off)
-                if got != cs:
-                    raise self.error(f"L2 table at offset {off}: short read")
-            raw = np.frombuffer(buf, dtype=">u8", count=len(idx) * cs // 8)
-            table = raw.astype(np.uint64).reshape(len(idx), cs // 8)
-            if h.extended_l2:
-                yield idx, table[:, 0::2], table[:, 1::2]
-            else:
-                yield idx, table, None
+        if not len(indices):
+            return
+        words_per_table = cs // 8
+        step = 2 if h.extended_l2 else 1
+        with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as mm:
+            words = np.frombuffer(mm, dtype=np.uint64, count=self.file_size // 8)
+            try:
+                nonzero = np.empty((min(batch_tables, len(indices)), words_per_table), bool)
+                for start in range(0, len(indices), batch_tables):
+                    first_word = present[start:start + batch_tables] // 8
+                    n = len(first_word)
+                    for k, w in enumerate(first_word.tolist()):
+                        # zero is zero in any byte order: no swap needed to find entries
+                        np.not_equal(words[w:w + words_per_table], 0, out=nonzero[k])
+                    flat = np.flatnonzero(nonzero[:n])
+                    entry = flat // step
+                    if step == 2 and len(entry):
+                        entry = entry[np.concatenate(([True], entry[1:] != entry[:-1]))]
+                    table, within = np.divmod(entry, words_per_table // step)
+                    at = first_word[table] + within * step
+                    ent = words[at].byteswap()
+                    bitmaps = words[at + 1].byteswap() if step == 2 else None
+                    yield indices[start:start + n], entry, ent, bitmaps
+            finally:
+                del words
 
     # -- refcounts -----------------------------------------------------------
 

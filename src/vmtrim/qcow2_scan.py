@@ -118,12 +118,9 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
             has_l2 = l2_offsets != 0
             copied.append((l2_offsets[has_l2], (l1[l1 != 0][has_l2] >> np.uint64(63)) != 0,
                            False))
-        for idx, entries, bitmaps in reader.l2_batches(l1):
-            nz = entries != 0
-            if bitmaps is not None:
-                nz |= bitmaps != 0
-            row, col = np.nonzero(nz)
-            ent = entries[row, col]
+        for idx, entry, ent, bitmaps in reader.l2_entries(l1):
+            row = entry // l2n
+            col = entry % l2n
             ctype = cluster_types(ent, data_file, bitmaps is not None)
             offset = (ent & np.uint64(OFFSET_MASK)).astype(np.int64)
             with_host = (ctype == NORMAL) | (ctype == ZERO_ALLOC)
@@ -159,7 +156,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
                 uindex = vunit
                 host = np.where(with_host, offset, -1)
             else:
-                kinds2 = reader.unit_kinds(ent, bitmaps[row, col])
+                kinds2 = reader.unit_kinds(ent, bitmaps)
                 kinds = kinds2.reshape(-1)
                 uindex = (vunit[:, None] * SUBCLUSTERS + np.arange(SUBCLUSTERS)).reshape(-1)
                 sub = cs // SUBCLUSTERS
@@ -267,7 +264,9 @@ def _compare(reader: Qcow2Reader, res: Scan, meta: list[I64], data: list[I64]) -
     res.image_end_offset = (highest + 1) * cs
     res.clusters_in_use = int((ondisk > 0).sum())
     res.shared_clusters = int((ondisk >= 2).sum())
-    res.metadata_clusters = len(np.unique(meta_refs))
+    meta_in = meta_refs[meta_refs < nb]
+    res.metadata_clusters = int(np.count_nonzero(np.bincount(meta_in, minlength=nb)))
+    res.metadata_clusters += len(set(meta_refs[meta_refs >= nb].tolist()))
     _detect_prealloc(reader, res)
 
 
