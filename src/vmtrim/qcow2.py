@@ -441,6 +441,9 @@ class Qcow2Reader:
                     at = first_word[table] + within * step
                     ent = words[at].byteswap()
                     bitmaps = words[at + 1].byteswap() if step == 2 else None
+                    if cs % mmap.PAGESIZE == 0:  # the page cache keeps them; our RSS need not
+                        for w in first_word.tolist():
+                            mm.madvise(mmap.MADV_DONTNEED, w * 8, cs)
                     yield indices[start:start + n], entry, ent, bitmaps
             finally:
                 del words

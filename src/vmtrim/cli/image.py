@@ -67,21 +67,27 @@ def map_(path: str, as_json: bool, fmt: str | None) -> int:
     return 0
 
 
-def _write_map_json(schema: str, path: str, ext: Extents) -> None:
-    # Hundreds of thousands of extents: format lines directly instead of json.dumps.
-    tf = ("false", "true")
-    lines = []
-    for st, ln, dp, fl, off in zip(ext.start.tolist(), ext.length.tolist(), ext.depth.tolist(),
-                                   ext.flags.tolist(), ext.offset.tolist(), strict=True):
-        tail = f', "offset": {off}}}' if off >= 0 else "}"
-        lines.append(f'    {{"start": {st}, "length": {ln}, "depth": {dp}, '
-                     f'"present": {tf[fl & 1]}, "zero": {tf[(fl >> 1) & 1]}, '
-                     f'"data": {tf[(fl >> 2) & 1]}{tail}')
+_FLAG_TEXT = [
+    f'"present": {"true" if f & 1 else "false"}, "zero": {"true" if f & 2 else "false"}, '
+    f'"data": {"true" if f & 4 else "false"}' for f in range(8)
+]
+
+
+def _write_map_json(schema: str, path: str, ext: Extents, chunk: int = 50_000) -> None:
+    # Hundreds of thousands of extents: format lines directly, a chunk at a time,
+    # instead of building dicts for json.dumps.
     out = sys.stdout
     out.write(f'{{\n  "schema": {json.dumps(schema)},\n  "filename": {json.dumps(path)},\n'
-              f'  "extents": [\n')
-    out.write(",\n".join(lines))
-    out.write("\n  ]\n}\n" if lines else "  ]\n}\n")
+              f'  "extents": [')
+    for lo in range(0, len(ext), chunk):
+        sl = slice(lo, lo + chunk)
+        flags = [_FLAG_TEXT[f] for f in ext.flags[sl].tolist()]
+        tails = [f', "offset": {o}}}' if o >= 0 else "}" for o in ext.offset[sl].tolist()]
+        lines = [f'    {{"start": {s}, "length": {n}, "depth": {d}, {f}{t}'
+                 for s, n, d, f, t in zip(ext.start[sl].tolist(), ext.length[sl].tolist(),
+                                          ext.depth[sl].tolist(), flags, tails, strict=True)]
+        out.write(("\n" if lo == 0 else ",\n") + ",\n".join(lines))
+    out.write("\n  ]\n}\n")
 
 
 def _with_progress(label: str, work: Any) -> ImageInfo:
