@@ -166,7 +166,7 @@ def leave_alone(disk: Disk) -> Skip | None:
     if disk.device is DeviceType.LUN:
         return skip("lun: SCSI passthrough, the guest's UNMAP already goes to the device")
     if disk.device is DeviceType.FLOPPY:
-        return skip("floppy: the floppy controller has no discard command")
+        return skip("floppy: the floppy controller has no discard command", True)
     if disk.empty:
         return skip("no media")
     if disk.read_only:
