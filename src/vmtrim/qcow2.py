@@ -394,7 +394,7 @@ class Qcow2Reader:
         return self._table(h.l1_table_offset if offset is None else offset,
                            h.l1_size if size is None else size, "L1 table")
 
-    def l2_entries(self, l1: U64, batch_tables: int = 512
+    def l2_entries(self, l1: U64, batch_bytes: int = 8 << 20
                    ) -> Iterator[tuple[I64, I64, U64, U64 | None]]:
         """Yield the non-zero L2 entries of the tables ``l1`` points to, in guest order.
 
@@ -423,30 +423,27 @@ class Qcow2Reader:
             return
         words_per_table = cs // 8
         step = 2 if h.extended_l2 else 1
-        with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as mm:
-            words = np.frombuffer(mm, dtype=np.uint64, count=self.file_size // 8)
-            try:
-                nonzero = np.empty((min(batch_tables, len(indices)), words_per_table), bool)
-                for start in range(0, len(indices), batch_tables):
-                    first_word = present[start:start + batch_tables] // 8
-                    n = len(first_word)
-                    for k, w in enumerate(first_word.tolist()):
-                        # zero is zero in any byte order: no swap needed to find entries
-                        np.not_equal(words[w:w + words_per_table], 0, out=nonzero[k])
-                    flat = np.flatnonzero(nonzero[:n])
-                    entry = flat // step
-                    if step == 2 and len(entry):
-                        entry = entry[np.concatenate(([True], entry[1:] != entry[:-1]))]
-                    table, within = np.divmod(entry, words_per_table // step)
-                    at = first_word[table] + within * step
-                    ent = words[at].byteswap()
-                    bitmaps = words[at + 1].byteswap() if step == 2 else None
-                    if cs % mmap.PAGESIZE == 0:  # the page cache keeps them; our RSS need not
-                        for w in first_word.tolist():
-                            mm.madvise(mmap.MADV_DONTNEED, w * 8, cs)
-                    yield indices[start:start + n], entry, ent, bitmaps
-            finally:
+        per_batch = max(1, batch_bytes // cs)
+        nonzero = np.empty((min(per_batch, len(indices)), words_per_table), bool)
+        for start in range(0, len(indices), per_batch):
+            first_word = present[start:start + per_batch] // 8
+            n = len(first_word)
+            # a fresh mapping per batch: closing it drops the pages from our RSS in one go
+            with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as mm:
+                words = np.frombuffer(mm, dtype=np.uint64, count=self.file_size // 8)
+                for k, w in enumerate(first_word.tolist()):
+                    # zero is zero in any byte order: no swap needed to find entries
+                    np.not_equal(words[w:w + words_per_table], 0, out=nonzero[k])
+                flat = np.flatnonzero(nonzero[:n])
+                entry = flat // step
+                if step == 2 and len(entry):
+                    entry = entry[np.concatenate(([True], entry[1:] != entry[:-1]))]
+                table, within = np.divmod(entry, words_per_table // step)
+                at = first_word[table] + within * step
+                ent = words[at].byteswap()
+                bitmaps = words[at + 1].byteswap() if step == 2 else None
                 del words
+            yield indices[start:start + n], entry, ent, bitmaps
 
     # -- refcounts -----------------------------------------------------------
 
