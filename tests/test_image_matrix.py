@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -356,9 +357,32 @@ def test_cli_json_documents(images: dict[str, Path]) -> None:
     human = subprocess.run([*exe, "image", "info", str(path)], check=True, capture_output=True,
                            text=True).stdout
     assert "top.qcow2" in human and "base.qcow2" in human
+    env = {**os.environ, "COLUMNS": "300"}
     human_map = subprocess.run([*exe, "image", "map", str(path)], check=True,
-                               capture_output=True, text=True).stdout
-    assert "Offset" in human_map
+                               capture_output=True, text=True, env=env).stdout
+    ours = [tuple(int(x, 16) for x in re.findall(r"0x[0-9a-f]+", line))
+            for line in human_map.splitlines() if ".qcow2" in line and "0x" in line]
+    theirs = [tuple(int(x, 0) for x in line.split()[:3])
+              for line in qemu_img("map", path).stdout.splitlines()[1:]]
+    assert ours == theirs and len(ours) > 2
+
+
+def test_info_json_imports_neither_rich_nor_lxml(images: dict[str, Path]) -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vmtrim", "image", "info",
+                           "--json", str(images["snapshots"])],
+                          check=True, capture_output=True, text=True)
+    modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+    assert "numpy" in modules
+    assert not {m for m in modules if m.split(".")[0] in ("rich", "lxml")}
+
+
+def test_cli_scan_zeros(tmp_path: Path) -> None:
+    img = create(tmp_path / "z.qcow2", 4 * MiB)
+    qemu_io(img, "write -P 0 0 128k", "write -P 1 1M 64k")
+    proc = subprocess.run([sys.executable, "-m", "vmtrim", "image", "info", "--scan-zeros",
+                           "--json", str(img)], check=True, capture_output=True, text=True)
+    doc = json.loads(proc.stdout)
+    assert doc["reclaim"]["zero_data_bytes"] == 128 * KiB
 
 
 def test_image_is_not_modified(images: dict[str, Path], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from vmtrim.allocation import Coverage, extents_fd
 from vmtrim.errors import ImageError
@@ -225,7 +226,8 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
         info.host.punched_hole_bytes = size - data
         info.reclaim.max_trim_bytes = data
         if scan_zeros:
-            zero = zero_bytes(fd, cov.starts, cov.ends - cov.starts, 4096, progress)
+            blocks = zero_blocks(fd, cov.starts, cov.ends - cov.starts, 4096, progress)
+            zero = int(cov.within(blocks, np.full(len(blocks), 4096, np.int64)).sum())
             info.reclaim.zero_data_bytes = zero
             info.reclaim.wasted_bytes = zero
     finally:
@@ -311,8 +313,11 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
     r.tail_bytes = cov.total - int(cov.upto(np.array([end], np.int64))[0])
     r.wasted_bytes = r.leaked_bytes + r.tail_bytes
     if scan_zeros:
-        lengths = np.full(len(excl), cs, np.int64)
-        r.zero_data_bytes = zero_bytes(reader.fd, np.sort(excl), lengths, cs, progress)
+        # only clusters the host stores: a zero cluster that is a hole wastes nothing
+        stored = np.sort(excl[cov.within(excl, np.full(len(excl), cs, np.int64)) > 0])
+        lengths = np.full(len(stored), cs, np.int64)
+        blocks = zero_blocks(reader.fd, stored, lengths, cs, progress)
+        r.zero_data_bytes = int(cov.within(blocks, np.full(len(blocks), cs, np.int64)).sum())
         r.wasted_bytes += r.zero_data_bytes
     return info
 
@@ -331,12 +336,12 @@ def _unallocated_ranges(reader: Qcow2Reader, s: Scan) -> int:
     return gaps + int(index[0] > 0) + int((int(index[-1]) + 1) * us < size)
 
 
-def zero_bytes(fd: int, starts: Any, lengths: Any, granularity: int,
-               progress: Progress | None = None) -> int:
-    """Bytes in ``granularity`` blocks of the given ranges whose content is all zeros."""
+def zero_blocks(fd: int, starts: Any, lengths: Any, granularity: int,
+                progress: Progress | None = None) -> npt.NDArray[np.int64]:
+    """Offsets of the ``granularity`` blocks of the given ranges that hold only zeros."""
     total = int(np.sum(lengths))
     done = 0
-    zero = 0
+    found: list[npt.NDArray[np.int64]] = []
     chunk = max(granularity, (4 << 20) // granularity * granularity)
     for start, length in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist(),
                              strict=True):
@@ -350,9 +355,9 @@ def zero_bytes(fd: int, starts: Any, lengths: Any, granularity: int,
             usable = len(buf) // granularity * granularity
             if usable:
                 blocks = np.frombuffer(buf, dtype=np.uint8, count=usable).reshape(-1, granularity)
-                zero += int((~blocks.any(axis=1)).sum()) * granularity
+                found.append(pos + np.flatnonzero(~blocks.any(axis=1)) * granularity)
             pos += n
             done += n
             if progress is not None:
                 progress(done, total)
-    return zero
+    return np.concatenate(found) if found else np.zeros(0, np.int64)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -196,6 +196,7 @@ class Extents:
     depth: I64
     flags: I64  # bit 0 present, bit 1 zero, bit 2 data
     offset: I64  # -1: none
+    files: list[str] = field(default_factory=list)  # the file of each depth
 
     def __len__(self) -> int:
         return len(self.start)
@@ -277,7 +278,9 @@ def map_image(path: str | os.PathLike[str], fmt: str | None = None) -> Extents:
             layers.append(Layer(layer_path, reader.header.size, qcow2_runs(reader, s)))
     if not layers:
         raise ImageError("no layers", subject=os.fspath(path))
-    return compose(layers)
+    extents = compose(layers)
+    extents.files = [layer.path for layer in layers]
+    return extents
 
 
 __all__ = ["COMPRESSED", "SCHEMA", "ZERO_ALLOC", "ZERO_PLAIN", "Extents", "map_image"]

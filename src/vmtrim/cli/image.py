@@ -174,17 +174,29 @@ def _render_info(top: ImageInfo) -> None:
 
 
 def _render_map(path: str, ext: Extents) -> None:
+    """Like qemu-img map's human format: only ranges that hold data, where they live."""
     from rich.table import Table
 
     from vmtrim.output import console, human_bytes
 
-    table = Table(title=f"{path}: guest map", title_justify="left")
-    for name in ("Start", "Length", "Depth", "Present", "Zero", "Data", "Offset"):
-        table.add_column(name, justify="right" if name in ("Start", "Length", "Offset") else "left")
-    yes = ("-", "yes")
+    table = Table(title=f"{path}: data extents", title_justify="left")
+    for name in ("Offset", "Length", "Mapped to", "File"):
+        table.add_column(name, justify="left" if name == "File" else "right")
+    totals = {"data": 0, "zero": 0, "unallocated": 0}
     for row in ext.rows():
-        offset = row.get("offset")
-        table.add_row(f"{row['start']:#x}", human_bytes(int(row["length"])), str(row["depth"]),
-                      yes[bool(row["present"])], yes[bool(row["zero"])], yes[bool(row["data"])],
-                      f"{offset:#x}" if offset is not None else "")
-    console().print(table)
+        length = int(row["length"])
+        if not row["present"]:
+            totals["unallocated"] += length
+        elif row["zero"]:
+            totals["zero"] += length
+        else:
+            totals["data"] += length
+        if row["data"] and not row["zero"]:
+            offset = row.get("offset")
+            table.add_row(f"{row['start']:#x}", f"{length:#x}",
+                          f"{offset:#x}" if offset is not None else "compressed",
+                          ext.files[int(row["depth"])] if ext.files else "")
+    con = console()
+    con.print(table)
+    con.print(", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
+              + f" in {len(ext)} extents")
