@@ -200,6 +200,18 @@ def device_blocker(report: DiskReport) -> Layer | None:
     return layer if layer.verdict is Verdict.BLOCK else None
 
 
+def move_to_scsi(report: DiskReport, options: FixOptions, name: str) -> bool | Skip:
+    """Whether the disk moves to virtio-scsi, or why it is left alone (its device blocks
+    discard and ``--bus scsi`` was not given)."""
+    blocker = device_blocker(report)
+    move = options.bus == "scsi" and (
+        blocker is not None or (options.all_disks and report.disk.bus != "scsi")
+    )
+    if blocker is not None and not move:
+        return Skip(name, f"{blocker.reason}; run with --bus scsi to move it to virtio-scsi", True)
+    return move
+
+
 def remaining_after(reports: Iterable[tuple[DiskReport, str]]) -> list[Remaining]:
     """Layers of the fixed (or already fine) disks, under their names, that still don't pass."""
     items: list[Remaining] = []

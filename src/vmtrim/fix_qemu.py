@@ -33,9 +33,9 @@ from vmtrim.fix import (
     FixOptions,
     FixResult,
     Skip,
-    device_blocker,
     disk_name,
     leave_alone,
+    move_to_scsi,
     remaining_after,
 )
 from vmtrim.hostprobe import HostProbes
@@ -247,14 +247,9 @@ class _QemuFixer:
         if option is None or option.name is None or option.tokens[1:] == []:
             result.skipped.append(Skip(name, "a bare image argument: give it as -drive", True))
             return
-        blocker = device_blocker(report)
-        move = self.fix.bus == "scsi" and (
-            blocker is not None or (self.fix.all_disks and disk.bus != "scsi")
-        )
-        if blocker is not None and not move:
-            result.skipped.append(
-                Skip(name, f"{blocker.reason}; run with --bus scsi to move it to virtio-scsi", True)
-            )
+        move = move_to_scsi(report, self.fix, name)
+        if isinstance(move, Skip):
+            result.skipped.append(move)
             return
         before = len(self.changes)
         assert position is not None

@@ -34,9 +34,9 @@ from vmtrim.fix import (
     FixResult,
     Remaining,
     Skip,
-    device_blocker,
     disk_name,
     leave_alone,
+    move_to_scsi,
     remaining_after,
 )
 from vmtrim.fix_xmledit import XmlEditor
@@ -140,14 +140,9 @@ class _XmlFixer:
         if skip is not None:
             result.skipped.append(skip)
             return
-        blocker = device_blocker(report)
-        move = self.options.bus == "scsi" and (
-            blocker is not None or (self.options.all_disks and disk.bus != "scsi")
-        )
-        if blocker is not None and not move:
-            result.skipped.append(
-                Skip(name, f"{blocker.reason}; run with --bus scsi to move it to virtio-scsi", True)
-            )
+        move = move_to_scsi(report, self.options, name)
+        if isinstance(move, Skip):
+            result.skipped.append(move)
             return
         target = element.find("target")
         if target is None or not target.get("dev"):
