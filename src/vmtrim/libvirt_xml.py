@@ -135,7 +135,7 @@ class _DomainReader:
             storage=storage,
             protocol=protocol,
             source=source,
-            format=fmt or ("raw" if storage is not StorageKind.NONE else None),
+            format=None if storage is StorageKind.NONE else (fmt or "raw"),
             discard=driver.get("discard") if driver is not None else None,
             detect_zeroes=driver.get("detect_zeroes") if driver is not None else None,
             read_only=read_only,

@@ -43,7 +43,8 @@ no-hpet no-reboot no-shutdown no-fd-bootchk full-screen daemonize mem-prealloc
 only-migratable portrait singlestep usb win2k-hack xen-attach xen-domid-restrict preconfig
 enable-sync-profile async-teardown audio-help curses no-quit alt-grab ctrl-grab no-frame
 semihosting enable-fips no-kvm-irqchip no-kvm-pit no-kvm-pit-reinjection tdf show-cursor
-sdl localtime enable-nesting no-shutdown-on-crash old-param nouserconfig
+sdl localtime enable-nesting no-shutdown-on-crash old-param nouserconfig nodefconfig
+no-kvm-pit-reinjection
 """)
 
 # Options that take one argument.
@@ -56,7 +57,7 @@ kernel append initrd dtb bios L D d dfilter seed trace plugin sandbox runas chro
 writeconfig msg overcommit object tpmdev fw_cfg smbios acpitable option-rom netdev nic net bt
 gdb compat prom-env semihosting-config dump-vmstate run-with tb-size qtest qtest-log balloon
 kvm-shadow-memory mem-merge xen-create hot-add virtioconsole clock redir smb tftp bootp
-watchdog-action nvram cpu-throttle
+watchdog-action nvram cpu-throttle realtime mem-merge
 """)
 
 # Disk shorthands: option -> (if, index, media).
@@ -369,6 +370,7 @@ class _Builder:
                     device_properties=properties, locator=f"argv[{index + 1}]",
                     storage=StorageKind.NONE)
         disk.bus, disk.controller_model = self._attachment(rule.bus, device)
+        disk.read_only = disk.device is DeviceType.CDROM
         if ref is None:
             return disk
         ref = str(ref)
@@ -400,12 +402,14 @@ class _Builder:
             kinds = [c for c in self.controllers.values() if CONTROLLERS[c][0] in (bus, "sata")]
             controller = kinds[0] if kinds else None
         if controller is None:
-            if bus == "ide" and wanted and wanted.startswith("ide"):
-                return "sata" if (self.parsed.machine or "").startswith(("q35", "pc-q35")) \
-                    else "ide", None
+            if bus == "ide" and self._q35():  # q35's built-in ICH9 AHCI: buses ide.0-ide.5
+                return "sata", "ahci"
             return bus, None
         kind, model = CONTROLLERS[controller]
         return (kind if kind in ("sata", "ide", "scsi") else bus), model
+
+    def _q35(self) -> bool:
+        return (self.parsed.machine or "").startswith(("q35", "pc-q35"))
 
     # -- legacy drives that imply their own device
 
@@ -415,7 +419,7 @@ class _Builder:
         ident = drive.name
         media = str(opts.get("media", "disk"))
         device = DeviceType.CDROM if media == "cdrom" else DeviceType.DISK
-        q35 = (self.parsed.machine or "").startswith(("q35", "pc-q35"))
+        q35 = self._q35()
         mapping: dict[str, tuple[str, str | None, str | None]] = {
             "ide": ("sata" if q35 else "ide", "ahci" if q35 else None,
                     "ide-cd" if device is DeviceType.CDROM else "ide-hd"),
@@ -628,8 +632,10 @@ def _describe_location(spec: dict[str, Any]) -> str | None:
         host = str(server.get("host") or server.get("path") or "")
         if server.get("port"):
             host += f":{server['port']}"
-    elif isinstance(server, list) and server and isinstance(server[0], dict):
-        host = str(server[0].get("host", ""))
+    elif isinstance(server, list):
+        host = ",".join(f"{item.get('host', '')}:{item['port']}" if item.get("port")
+                        else str(item.get("host", "")) for item in server
+                        if isinstance(item, dict))
     name = "/".join(str(spec[k]) for k in ("pool", "image", "target", "export", "volume", "path",
                                            "url", "device", "namespace") if k in spec)
     return f"{driver}://{host}/{name}"
