@@ -163,6 +163,12 @@ def _bitmap(d: Path) -> Path:
     return img
 
 
+def _data_file(d: Path) -> Path:
+    img = create(d / "meta.qcow2", 4 * MiB, data_file="data.raw")
+    qemu_io(img, "write -P 1 0 64k", "write -z 1M 64k", "write -P 2 2M 128k", "discard 2M 64k")
+    return img
+
+
 def _leak_by_l2_edit(d: Path) -> Path:
     """Drop one L2 reference in a copy: its data cluster keeps refcount 1 -> a leak."""
     img = create(d / "leak.qcow2", 4 * MiB)
@@ -222,6 +228,7 @@ CASES: dict[str, Callable[[Path], Path]] = {
     "snapshots": _snapshots,
     "discard-and-zero": _discarded,
     "bitmaps": _bitmap,
+    "external-data-file": _data_file,
     "leak-l2-edit": _leak_by_l2_edit,
     "leak-refcount-edit": _leak_by_refcount_edit,
     "lazy-refcounts-crash": _lazy_crash,
@@ -295,6 +302,7 @@ def test_header_facts_agree_with_qemu_img_info(images: dict[str, Path]) -> None:
                 assert layer.features["extended_l2"] == spec.get("extended-l2", False)
                 assert layer.features["compression_type"] == spec["compression-type"]
                 assert layer.features["corrupt"] == spec["corrupt"]
+                assert layer.features["external_data_file"] == spec.get("data-file")
 
 
 def test_chain_layers_and_relative_names(images: dict[str, Path]) -> None:

@@ -87,8 +87,11 @@ def _cells(report: DiskReport) -> list[str]:
 
 
 def render(domains: list[Domain], reports: list[DiskReport]) -> None:
-    """One row per disk, its findings (worst first) below it, columns aligned across disks."""
-    from rich.table import Table
+    """One row per disk, its findings (worst first) below it, columns aligned across disks.
+
+    Rows are padded by hand and printed as one Text: a rich Table per disk (findings
+    cannot span a table's columns) took 12 s for 1,000 domains.
+    """
     from rich.text import Text
 
     from vmtrim.output import console
@@ -102,28 +105,24 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
         verdict = report.verdict.value + (f" ({report.exempt})" if report.exempt else "")
         rows.append([*_cells(report), *layers, verdict])
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-    for index, (report, row) in enumerate(zip(reports, rows, strict=True)):
-        table = Table(box=None, show_header=index == 0, header_style="bold", pad_edge=False,
-                      show_edge=False)
-        for i, header in enumerate(headers):
-            table.add_column(header, min_width=widths[i], overflow="fold",
-                             max_width=60 if header == "source" else None)
-        styled: list[Text] = []
+    text = Text(no_wrap=True, overflow="ignore")
+    if reports:
+        text.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+                    + "\n", style="bold")
+    for report, row in zip(reports, rows, strict=True):
         for i, cell in enumerate(row):
-            style = ""
             word = cell.split(" ")[0]
-            if i >= 6 and word in _VERDICT_NAMES:
-                style = _VERDICT_STYLE[Verdict(word)]
-            styled.append(Text(cell, style=style))
-        table.add_row(*styled)
-        out.print(table)
+            style = _VERDICT_STYLE[Verdict(word)] if i >= 6 and word in _VERDICT_NAMES else ""
+            text.append(cell, style=style)
+            text.append("\n" if i == len(row) - 1 else " " * (widths[i] - len(cell) + 2))
         for finding in report.sorted_findings():
             mark, style = _SEVERITY_MARK[finding.severity]
-            line = Text(f"    {mark} ", style=style)
-            line.append(f"{finding.layer.value}: {finding.message}")
+            text.append(f"    {mark} ", style=style)
+            text.append(f"{finding.layer.value}: {finding.message}")
             if finding.fix:
-                line.append(f"  → fix: {finding.fix}", style="cyan")
-            out.print(line)
+                text.append(f"  → fix: {finding.fix}", style="cyan")
+            text.append("\n")
+    out.print(text, end="", crop=False, soft_wrap=True)
     if not reports:
         out.print("no disks found")
     for domain in domains:
