@@ -211,6 +211,15 @@ def test_unreadable_path_as_unprivileged_user(tmp_path: Path) -> None:
     assert proc.stderr.strip() == f"vmtrim: {img}: permission denied (cannot open for reading)"
 
 
+def test_protocol_backing_is_reported_not_followed(tmp_path: Path) -> None:
+    img = tmp_path / "nbd-top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "nbd://127.0.0.1:10809/x", "-F", "raw",
+             img, "1M")
+    assert inspect(img, follow_backing=False).backing_file == "nbd://127.0.0.1:10809/x"
+    with pytest.raises(ImageError, match="protocol"):
+        inspect(img)
+
+
 # -- hypothesis: mutate real images -------------------------------------------
 
 

@@ -11,6 +11,7 @@ clusters, image-end-offset, leaks) mean exactly what qemu-img means by them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -262,7 +263,9 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
         backing_format=h.backing_format,
     )
     if h.backing_file:
-        info.backing_path = resolve_backing(reader.path, h.backing_file)
+        # a protocol backing (nbd://, json:) has no path; following it is what fails
+        with contextlib.suppress(ImageError):
+            info.backing_path = resolve_backing(reader.path, h.backing_file)
     s = scan(reader, want_units=True)
     info.total_clusters = s.total_clusters
     info.allocated_clusters = s.allocated_clusters
