@@ -48,9 +48,11 @@ _FACT_ROWS = [
          qemu=(2, 1), libvirt=(2, 0, 0)),
     Fact("libvirt_discard", "libvirt <driver discard='unmap|ignore'/>", "libvirt formatdomain",
          libvirt=(1, 0, 6)),
-    Fact("discard_no_unref", "qcow2 discard-no-unref: keep clusters allocated on discard",
+    Fact("discard_no_unref", "qcow2 discard-no-unref: keep clusters allocated on discard;"
+         " the file is still punched when pass-discard-request is on",
          "qapi/block-core.json BlockdevOptionsQcow2; libvirt formatdomain", qemu=(8, 1),
-         libvirt=(9, 5, 0)),
+         libvirt=(9, 5, 0),
+         checked="block-core.json doc comment '(since 8.1)', read with the code search"),
     Fact("domfstrim", "virDomainFSTrim / virsh domfstrim (drops the agent's per-path result)",
          "libvirt src/qemu/qemu_agent.c", libvirt=(1, 0, 1)),
     Fact("guest_fstrim", "guest-fstrim; per-path results since QGA 2.4", "qga/qapi-schema.json",
@@ -62,8 +64,12 @@ _FACT_ROWS = [
     Fact("nvme_dsm", "emulated NVMe Dataset Management (deallocate)",
          "qemu hw/block/nvme.c 'add the dataset management command' (qemu-devel, 2020-11)",
          qemu=(6, 0)),
-    Fact("libvirt_blockdev", "libvirt renders disks as -blockdev JSON", "libvirt qemu_command.c"
-         " (QEMU_CAPS_BLOCKDEV)", libvirt=(6, 0, 0), qemu=(4, 2)),
+    Fact("libvirt_blockdev", "libvirt renders disks as -blockdev JSON; the storage node always"
+         " says discard=unmap, the format node carries the configured discard",
+         "libvirt qemu_block.c / qemu_command.c (QEMU_CAPS_BLOCKDEV)", libvirt=(6, 0, 0),
+         qemu=(4, 2),
+         checked="virsh domxml-to-native qemu-argv with libvirt 9.0 on the dev machine"
+                 " (tests/data/audit/pairs/design-*.args)"),
     Fact("scsi_unmap", "scsi-hd advertises UNMAP (logical block provisioning VPD page)",
          "qemu hw/scsi/scsi-disk.c (Block Limits / LBP VPD pages)"),
     Fact("ide_trim", "ide-hd and AHCI advertise DSM TRIM",
@@ -140,7 +146,8 @@ _BUS_ROWS = [
             "usb-storage", "usb-storage", "Linux drivers/usb/storage/scsiglue.c (skip_vpd_pages)"),
     BusRule("fdc", Verdict.BLOCK, "floppy controllers have no discard command", "floppy", None,
             "qemu hw/block/fdc.c"),
-    BusRule("xen", Verdict.UNKNOWN, "Xen PV disks: not audited by vmtrim", None, None, "-"),
+    BusRule("xen", Verdict.UNKNOWN, "Xen PV disks: not audited by vmtrim", None, None,
+            "libvirt formatdomain (target bus='xen')"),
     BusRule("sd", Verdict.BLOCK, "SD cards are emulated without discard", "sd-card", None,
             "qemu hw/sd/sd.c"),
 ]
