@@ -163,3 +163,20 @@ def test_fuzz_random_text_is_bad_input_or_parses(text: str) -> None:
     except BadInput:
         return
     audit_domain(domain, OFFLINE, read_images=False)
+
+
+def test_dir_disk_and_nvme_bus() -> None:
+    domain = parse_domain_xml(
+        "<domain><name>d</name><os><type machine='pc-q35-7.2'>hvm</type></os><devices>"
+        "<disk type='dir' device='disk'><driver name='qemu' type='fat'/>"
+        "<source dir='/srv/share'/><target dev='sdx' bus='usb'/><readonly/></disk>"
+        "<disk type='file' device='disk'><driver name='qemu' type='raw' discard='unmap'/>"
+        "<source file='/srv/n.img'/><target dev='nvme0n1' bus='nvme'/></disk>"
+        "</devices></domain>")
+    fat, nvme = audit_domain(domain, OFFLINE, read_images=False)
+    assert (fat.disk.storage, fat.disk.protocol, fat.exempt) == (StorageKind.DIR, "vvfat",
+                                                                 "read-only")
+    assert fat.layer(LayerKind.HOST_STORAGE).verdict is Verdict.BLOCK
+    assert (nvme.disk.qemu_device, nvme.layer(LayerKind.DEVICE).verdict) == ("nvme-ns",
+                                                                              Verdict.PASS)
+    assert nvme.config_verdict is Verdict.PASS

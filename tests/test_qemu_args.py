@@ -268,3 +268,22 @@ def test_fuzz_raw_bytes_only_raise_bad_input(data: bytes) -> None:
     except BadInput:
         return
     audit_domain(domain, OFFLINE, read_images=False)
+
+
+def test_unformatted_drive_is_probed_from_the_header(tmp_path: Path) -> None:
+    image = tmp_path / "probe-me.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    domain = parse_qemu_command(["qemu-system-x86_64", "-drive",
+                                 f"file={image},if=none,id=d0,discard=unmap",
+                                 "-device", "virtio-scsi-pci", "-device", "scsi-hd,drive=d0"])
+    (report,) = audit_domain(domain, HostProbes())
+    assert report.disk.format is None
+    assert report.layer(LayerKind.BLOCK_NODE).verdict is Verdict.PASS  # qcow2 from the header
+    assert any("header says qcow2" in f.message for f in report.findings)
+    assert report.disk.controller_model == "virtio-scsi"
+
+
+def test_host_device_from_dev_path() -> None:
+    domain = parse_qemu_command("qemu-system-x86_64 -drive file=/dev/sdq,format=raw,if=virtio")
+    (disk,) = domain.disks
+    assert (disk.storage, disk.format, disk.source) == (StorageKind.BLOCK, "raw", "/dev/sdq")

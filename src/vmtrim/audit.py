@@ -406,6 +406,10 @@ class _DiskAudit:
                 "no <driver type=...>: libvirt opens the image as raw (it does not probe)",
                 "set <driver name='qemu' type='qcow2'/> (or 'raw') explicitly"))
         if info is not None:
+            if disk.format is None:
+                notes.append(Finding(Severity.INFO, layer, f"no format given: QEMU probes it"
+                                     f" (the header says {info.format})",
+                                     f"give format={info.format} explicitly"))
             if disk.format and disk.format != info.format and disk.format in ("qcow2", "raw"):
                 notes.append(Finding(Severity.WARNING, layer, f"configured as {disk.format} but"
                                      f" the file is {info.format}", f"set the format to"
