@@ -1,0 +1,90 @@
+"""The fixed XML on the real libvirtd: `virsh define` accepts it, `virsh dumpxml` shows discard."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from fix_support import materialize
+from vmtrim.fix import FixOptions
+from vmtrim.fix_xml import fix_domain_xml
+from vmtrim.hostprobe import HostProbes
+
+pytestmark = pytest.mark.libvirt
+
+CASES = [
+    ("design-scsi-nodriver.xml", FixOptions()),
+    ("old-virtio.xml", FixOptions(bus="scsi", detect_zeroes="unmap")),
+    ("all-disks.xml", FixOptions(bus="scsi", all_disks=True)),
+    ("mixed.xml", FixOptions()),
+]
+
+
+def virsh(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-c", uri, *args], capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=[c[0] for c in CASES])
+def test_libvirt_defines_fixed_xml(
+    libvirtd: str, tmp_path: Path, name: str, options: FixOptions
+) -> None:
+    text = materialize(name, tmp_path)
+    domain = f"vmtrim-fix-{uuid.uuid4().hex[:8]}"
+    root = etree.fromstring(text.encode())
+    name_element = root.find("name")
+    assert name_element is not None
+    text = text.replace(f"<name>{name_element.text}</name>", f"<name>{domain}</name>")
+    text = text.replace(root.findtext("uuid") or "no-uuid", str(uuid.uuid4()))
+    result = fix_domain_xml(text, options, probes=HostProbes())
+    fixed_sources = {
+        disk.findtext("source") or _source(disk)
+        for disk in etree.fromstring(result.new_text.encode()).iterfind("devices/disk")
+        if _target(disk) in result.fixed or _target(disk) in result.already
+    }
+    assert fixed_sources
+    path = tmp_path / "fixed.xml"
+    path.write_text(result.new_text)
+    defined = virsh(libvirtd, "define", str(path))
+    assert defined.returncode == 0, defined.stderr
+    try:
+        dumped = virsh(libvirtd, "dumpxml", "--inactive", domain)
+        assert dumped.returncode == 0, dumped.stderr
+        live = etree.fromstring(dumped.stdout.encode())
+        seen = set()
+        for disk in live.iterfind("devices/disk"):
+            source = _source(disk)
+            if source not in fixed_sources:
+                continue
+            seen.add(source)
+            driver = disk.find("driver")
+            assert driver is not None and driver.get("discard") == "unmap", source
+            if options.detect_zeroes:
+                assert driver.get("detect_zeroes") == options.detect_zeroes
+            if options.bus == "scsi" and options.all_disks:
+                target = disk.find("target")
+                assert target is not None and target.get("bus") == "scsi"
+        assert seen == fixed_sources
+        if options.bus:
+            models = [c.get("model") for c in live.iterfind("devices/controller[@type='scsi']")]
+            assert "virtio-scsi" in models
+    finally:
+        undefined = virsh(libvirtd, "undefine", domain)
+        assert undefined.returncode == 0, undefined.stderr
+
+
+def _target(disk: etree._Element) -> str | None:
+    target = disk.find("target")
+    return None if target is None else target.get("dev")
+
+
+def _source(disk: etree._Element) -> str:
+    source = disk.find("source")
+    if source is None:
+        return ""
+    return source.get("file") or source.get("dev") or source.get("name") or ""
