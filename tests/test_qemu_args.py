@@ -287,3 +287,25 @@ def test_host_device_from_dev_path() -> None:
     domain = parse_qemu_command("qemu-system-x86_64 -drive file=/dev/sdq,format=raw,if=virtio")
     (disk,) = domain.disks
     assert (disk.storage, disk.format, disk.source) == (StorageKind.BLOCK, "raw", "/dev/sdq")
+
+
+@pytest.mark.parametrize("form", ["inline", "referenced", "dotted"])
+def test_absurdly_deep_node_graphs_are_bad_input(form: str) -> None:
+    depth = 400
+    argv = ["qemu-system-x86_64"]
+    if form == "inline":
+        spec: dict[str, object] = {"driver": "file", "filename": "/x"}
+        for _ in range(depth):
+            spec = {"driver": "raw", "file": spec}
+        argv += ["-blockdev", json.dumps({**spec, "node-name": "top"})]
+    elif form == "referenced":
+        argv += ["-blockdev", "driver=file,filename=/x,node-name=n0"]
+        argv += [arg for i in range(1, depth) for arg in
+                 ("-blockdev", f"driver=raw,file=n{i - 1},node-name=n{i}")]
+        argv[-1] = argv[-1].replace(f"node-name=n{depth - 1}", "node-name=top")
+    else:
+        keys = ",".join("file." * k + "driver=raw" for k in range(1, depth))
+        argv += ["-blockdev", f"driver=raw,node-name=top,{keys}"]
+    argv += ["-device", "virtio-blk-pci,drive=top"]
+    with pytest.raises(BadInput, match="nested more than"):
+        parse_qemu_command(argv)

@@ -547,7 +547,10 @@ class _Builder:
         return node
 
     def _node_from_spec(self, spec: dict[str, Any], inherited_discard: str | None,
-                        defined_by: str) -> BlockNode:
+                        defined_by: str, depth: int = 0) -> BlockNode:
+        if depth > _MAX_NODE_DEPTH or len(self.building) > _MAX_NODE_DEPTH:
+            raise BadInput(f"{defined_by}: block node graph nested more than {_MAX_NODE_DEPTH}"
+                           " levels deep", subject=self.subject)
         driver = spec.get("driver")
         if driver is None:
             raise BadInput(f"{defined_by}: no 'driver'", subject=self.subject)
@@ -573,13 +576,15 @@ class _Builder:
             elif isinstance(child, dict):
                 # Inline children inherit discard from their parent; backing files don't.
                 setattr(node, role, self._node_from_spec(
-                    child, discard if role == "file" else None, f"{defined_by} {role}"))
+                    child, discard if role == "file" else None, f"{defined_by} {role}",
+                    depth + 1))
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
         return node
 
 
 _UNITS_PER_BUS = {"ide": 2, "scsi": 7}
+_MAX_NODE_DEPTH = 64  # real chains are a few nodes; this keeps recursion far from Python's limit
 
 
 def _name_drives(drives: list[_Drive]) -> None:
