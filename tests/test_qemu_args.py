@@ -24,6 +24,7 @@ from vmtrim.qemu_args import (
     parse_opts,
     parse_qemu_command,
     read_args_file,
+    read_pid,
     split_commas,
     tokenize,
 )
@@ -218,6 +219,13 @@ def test_pid_of_a_running_qemu(running_qemu: subprocess.Popen[bytes]) -> None:
     host = next(layer for layer in disk["layers"] if layer["layer"] == "host_storage")
     assert host["verdict"] == "pass"
     assert any("64 KiB" in f["message"] for f in disk["findings"])
+
+
+def test_pid_knows_the_qemu_version(running_qemu: subprocess.Popen[bytes]) -> None:
+    installed = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout
+    domain = read_pid(running_qemu.pid)
+    assert domain.qemu_version is not None
+    assert installed.startswith("QEMU emulator version " + ".".join(map(str, domain.qemu_version)))
 
 
 def test_real_qemu_turns_virtio_blk_discard_off_on_3_1_machines(tmp_path: Path) -> None:

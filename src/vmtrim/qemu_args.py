@@ -21,6 +21,8 @@ import json
 import os
 import re
 import shlex
+import stat
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,16 @@ from typing import Any
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.facts import CONTROLLERS, DEVICES, LOCAL_PROTOCOLS, PROTOCOLS
 from vmtrim.libvirt_xml import read_input
-from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
+from vmtrim.model import (
+    BlockNode,
+    DeviceType,
+    Disk,
+    Domain,
+    Origin,
+    StorageKind,
+    Version,
+    parse_version,
+)
 
 
 def _words(text: str) -> frozenset[str]:
@@ -228,7 +239,20 @@ def read_pid(pid: int) -> Domain:
     if not data:
         raise BadInput("process has no command line (a kernel thread or a zombie)",
                        subject=subject)
-    return parse_qemu_command(data, subject=subject)
+    domain = parse_qemu_command(data, subject=subject)
+    domain.qemu_version = qemu_binary_version(f"/proc/{pid}/exe")
+    return domain
+
+
+def qemu_binary_version(binary: str) -> Version | None:
+    """``QEMU emulator version 7.2.22 (Debian ...)`` -> (7, 2, 22); None if it cannot tell."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"QEMU emulator version (\d+(?:\.\d+)*)", out)
+    return parse_version(match.group(1)) if match else None
 
 
 def parse_qemu_command(data: bytes | str | list[str], subject: str = "<args>") -> Domain:
@@ -647,8 +671,6 @@ def _describe_location(spec: dict[str, Any]) -> str | None:
 
 
 def _is_block_device(path: str) -> bool:
-    import stat
-
     try:
         return stat.S_ISBLK(os.stat(path).st_mode)
     except (OSError, ValueError):
