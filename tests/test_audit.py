@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,21 @@ def test_missing_file_is_one_line_exit_2(tmp_path: Path, option: str) -> None:
 def test_missing_pid_is_one_line_exit_2() -> None:
     proc = vmtrim("audit", "--pid", "999999999")
     assert (proc.returncode, proc.stderr) == (2, "vmtrim: pid 999999999: no such process\n")
+
+
+def test_pid_that_is_not_qemu_is_one_line_exit_2() -> None:
+    own = vmtrim("audit", "--pid", str(os.getpid()))
+    assert own.returncode == 2
+    assert own.stderr.startswith(f"vmtrim: pid {os.getpid()}: not a QEMU command line")
+    kthread = vmtrim("audit", "--pid", "2")  # kthreadd: no command line at all
+    assert (kthread.returncode, kthread.stderr.count("\n")) == (2, 1)
+    assert "no command line" in kthread.stderr
+
+
+def test_directory_instead_of_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = vmtrim("audit", "--xml", str(tmp_path))
+    expected = f"vmtrim: {tmp_path}: is a directory, not a file\n"
+    assert (proc.returncode, proc.stderr) == (2, expected)
 
 
 def test_no_input_is_a_usage_error() -> None:
