@@ -18,6 +18,7 @@ from pathlib import Path
 from lxml import etree
 
 from vmtrim.errors import BadInput
+from vmtrim.fix_xmledit import xml_parser  # the project's one safe parser configuration
 from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).
@@ -26,11 +27,6 @@ _PREFIX_BUS = (("xvd", "xen"), ("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), 
 
 # libvirt's default SCSI controller model for x86 QEMU builds with the LSI controller.
 DEFAULT_SCSI_MODEL = "lsilogic"
-
-
-def _parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           huge_tree=False, remove_blank_text=False)
 
 
 def read_input(path: str) -> bytes:
@@ -57,7 +53,7 @@ def parse_domain_xml(data: bytes | str, subject: str = "<xml>") -> Domain:
     if isinstance(data, str):
         data = data.encode("utf-8")
     try:
-        root = etree.fromstring(data, _parser())
+        root = etree.fromstring(data, xml_parser())
     except etree.XMLSyntaxError as exc:
         raise BadInput(f"malformed XML: {exc}", subject=subject) from exc
     except ValueError as exc:  # e.g. an unsupported encoding declaration
