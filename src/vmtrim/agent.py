@@ -15,7 +15,8 @@ starts with ``guest-sync`` and a random id, repeated until that id comes back.
 
 Every call has a time limit. Failures (no socket, no answer, a command error) are
 raised as :class:`~vmtrim.errors.EnvironmentProblem` with the socket as subject.
-:func:`parse_fstrim` is shared with the libvirt path (``qemuAgentCommand``).
+:func:`parse_fstrim` and :func:`parse_fsinfo` are shared with the libvirt path
+(``qemuAgentCommand``).
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def parse_fstrim(ret: object, subject: str | None = None) -> FstrimResult:
     return FstrimResult(paths)
 
 
-def _parse_fsinfo(ret: object) -> list[FsInfo]:
+def parse_fsinfo(ret: object) -> list[FsInfo]:
+    """The ``return`` of guest-get-fsinfo (shared with the libvirt path in vmtrim.live)."""
     out = []
     for fs in ret if isinstance(ret, list) else []:
         if isinstance(fs, dict):
@@ -240,7 +242,7 @@ class GuestAgent(_Session):
         return parse_fstrim(ret, self.subject)
 
     async def get_fsinfo(self) -> list[FsInfo]:
-        return _parse_fsinfo(await self.execute("guest-get-fsinfo"))
+        return parse_fsinfo(await self.execute("guest-get-fsinfo"))
 
     async def get_osinfo(self) -> dict[str, Any]:
         ret = await self.execute("guest-get-osinfo")

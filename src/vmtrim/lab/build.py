@@ -7,7 +7,7 @@ names, and ``init.sh`` as ``/init``.
 Cache layout under ``$XDG_CACHE_HOME/vmtrim`` (default ``~/.cache/vmtrim``)::
 
     kernels/linux-image-*.deb      Debian's kernel package, downloaded once
-    lab/<key>/vmlinuz              the appliance; <key> hashes every input:
+    lab/<key>/vmlinux (or vmlinuz) the appliance; <key> hashes every input:
     lab/<key>/initrd.img             kernel, modules, busybox, qemu-ga and its
     lab/<key>/manifest.json          libraries, init.sh and BUILD_FORMAT
     lab.lock                       flock: one build at a time, across processes
@@ -36,16 +36,24 @@ from typing import Any
 from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab.kernel import (
     KernelInput,
+    extract_pvh_kernel,
     locate_kernel,
     remove_unpacked,
     sha256_file,
     unpack,
 )
-from vmtrim.lab.modules import OPTIONAL, REQUIRED, ModuleTree, install_module
+from vmtrim.lab.modules import (
+    FS_GROUPS,
+    OPTIONAL,
+    REQUIRED,
+    ModuleTree,
+    grouped_load_order,
+    install_module,
+)
 from vmtrim.lab.proc import run_tool
 
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 3
 KEEP_BUILDS = 3
 
 
@@ -133,7 +141,7 @@ def _gather(cache: Path, kernel: Path | None, modules: Path | None) -> _Inputs:
 def _key(inputs: _Inputs) -> str:
     """Hash of everything that ends up in the appliance."""
     h = hashlib.sha256(f"vmtrim-lab/{BUILD_FORMAT}\n".encode())
-    h.update(repr((REQUIRED, OPTIONAL)).encode())
+    h.update(repr((REQUIRED, OPTIONAL, FS_GROUPS)).encode())
     kin = inputs.kernel
     if kin.deb is not None:
         h.update(b"deb\n")
@@ -143,7 +151,7 @@ def _key(inputs: _Inputs) -> str:
         h.update(b"tree\n")
         sha256_file(kin.image, h)
         tree = ModuleTree.load(kin.modules)
-        for rel in tree.load_order(REQUIRED, OPTIONAL):
+        for _, rel in grouped_load_order(tree):
             h.update(rel.encode())
             sha256_file(kin.modules / rel, h)
     for path in (inputs.busybox, inputs.qemu_ga):
@@ -170,9 +178,12 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         data = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if not ((directory / "vmlinuz").is_file() and (directory / "initrd.img").is_file()):
+    if not isinstance(data, dict):
         return None
-    return data if isinstance(data, dict) else None
+    if not ((directory / str(data.get("kernel_file"))).is_file()
+            and (directory / "initrd.img").is_file()):
+        return None
+    return data
 
 
 def ensure_appliance(
@@ -194,7 +205,7 @@ def ensure_appliance(
             manifest = _build(inputs, key, target)
             _prune(cache / "lab", keep=target)
         return Appliance(
-            kernel=target / "vmlinuz",
+            kernel=target / str(manifest["kernel_file"]),
             initrd=target / "initrd.img",
             kernel_version=str(manifest["kernel_version"]),
             key=key,
@@ -210,9 +221,11 @@ def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
         unpacked = unpack(inputs.kernel, work)
         out = work / "out"
         out.mkdir()
-        shutil.copyfile(unpacked.image, out / "vmlinuz")
+        boot = "pvh" if extract_pvh_kernel(unpacked.image, out / "vmlinux") else "bzimage"
+        if boot == "bzimage":
+            shutil.copyfile(unpacked.image, out / "vmlinuz")
         tree = ModuleTree.load(unpacked.modules)
-        order = tree.load_order(REQUIRED, OPTIONAL)
+        order = grouped_load_order(tree)
         root = work / "root"
         loaded = _assemble_root(root, inputs, tree, order)
         remove_unpacked(work)
@@ -221,6 +234,8 @@ def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
             "key": key,
             "origin": inputs.kernel.origin,
             "kernel_version": unpacked.version,
+            "kernel_file": "vmlinux" if boot == "pvh" else "vmlinuz",
+            "boot": boot,
             "modules": loaded,
             "busybox": str(inputs.busybox),
             "qemu_ga": str(inputs.qemu_ga),
@@ -243,7 +258,7 @@ def _copy_into(root: Path, inside: Path, source: Path, mode: int = 0o755) -> Non
 
 
 def _assemble_root(
-    root: Path, inputs: _Inputs, tree: ModuleTree, order: list[str]
+    root: Path, inputs: _Inputs, tree: ModuleTree, order: list[tuple[str, str]]
 ) -> list[str]:
     for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "run", "var/lib", "etc/vmtrim", "root"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -260,9 +275,12 @@ def _assemble_root(
         _copy_into(root, wanted, real)
     (root / "init").write_bytes(inputs.init)
     (root / "init").chmod(0o755)
-    installed = [install_module(tree, rel, root / "lib" / "modules") for rel in order]
-    (root / "etc" / "vmtrim" / "modules").write_text("".join(f"{m}\n" for m in installed))
-    return [m.rsplit("/", 1)[-1] for m in installed]
+    # One "group path" line per module; init.sh loads "base" and its filesystem's group.
+    installed = [(group, install_module(tree, rel, root / "lib" / "modules"))
+                 for group, rel in order]
+    (root / "etc" / "vmtrim" / "modules").write_text(
+        "".join(f"{group} {m}\n" for group, m in installed))
+    return [f"{group}:{m.rsplit('/', 1)[-1]}" for group, m in installed]
 
 
 def _write_cpio(root: Path, dest: Path) -> None:

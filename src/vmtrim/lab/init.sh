@@ -64,8 +64,10 @@ wait_port() {
     done
 }
 
-while read -r m; do
-    insmod "/lib/modules/$m" 2>/dev/null || echo "VMTRIM step=warn module=$m"
+while read -r group m; do
+    case "$group" in
+    base | "$FS") insmod "/lib/modules/$m" 2>/dev/null || echo "VMTRIM step=warn module=$m" ;;
+    esac
 done </etc/vmtrim/modules
 say "step=boot kernel=$(uname -r)"
 

@@ -160,3 +160,79 @@ def unpack(kin: KernelInput, workdir: Path) -> UnpackedKernel:
 
 def remove_unpacked(workdir: Path) -> None:
     shutil.rmtree(workdir / "deb", ignore_errors=True)
+
+
+# --- PVH boot ----------------------------------------------------------------------------
+#
+# Under TCG the kernel's own decompressor is slow: with Debian's xz bzImage, 4.5 of the
+# 8 s from QEMU start to init. QEMU can instead load an uncompressed ELF vmlinux that
+# carries a PVH entry note (CONFIG_PVH), which brings a lab boot down to about 3.5 s.
+
+_PAYLOAD_MAGIC = {
+    b"\xfd7zXZ\x00": "xz",
+    b"\x1f\x8b\x08": "gzip",
+    b"BZh": "bzip2",
+    b"\x5d\x00\x00": "lzma",
+}
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _decompress(kind: str, data: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    if kind == "xz":
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
+    if kind == "lzma":
+        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
+    if kind == "gzip":
+        return gzip.decompress(data)
+    return bz2.BZ2Decompressor().decompress(data)
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """True if a 64-bit little-endian ELF has the Xen PHYS32_ENTRY note QEMU boots by."""
+    import struct
+
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize)
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12: pos + 12 + namesz].rstrip(b"\x00")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def extract_pvh_kernel(bzimage: Path, dest: Path) -> bool:
+    """Write the uncompressed vmlinux inside ``bzimage`` to ``dest`` if QEMU can PVH-boot it."""
+    import struct
+
+    data = bzimage.read_bytes()
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return False
+    setup_sects = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = data[start: start + payload_length]
+    kind = next((k for magic, k in _PAYLOAD_MAGIC.items() if payload.startswith(magic)), None)
+    if kind is None:  # zstd, lz4, lzo: no decompressor in the standard library
+        return False
+    try:
+        elf = _decompress(kind, payload)
+    except (OSError, EOFError, ValueError):
+        return False
+    if not _has_pvh_note(elf):
+        return False
+    dest.write_bytes(elf)
+    return True

@@ -1,0 +1,119 @@
+"""``vmtrim verify``: prove discard end to end on a throwaway VM (one cell or the matrix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from vmtrim.output import console, human_bytes, print_json
+from vmtrim.verify import FILESYSTEMS, MODES
+from vmtrim.vm import BUSES, DISCARDS, FORMATS
+
+if TYPE_CHECKING:
+    from vmtrim.verify import CellResult
+
+
+@click.command("verify")
+@click.option("--bus", type=click.Choice(BUSES), default="virtio-scsi", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qcow2",
+              show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="online",
+              show_default=True, help="online: mounted -o discard; fstrim in the guest; "
+              "agent: guest-fstrim from the host.")
+@click.option("--discard", type=click.Choice(DISCARDS), default="unmap",
+              show_default=True)
+@click.option("--size", "size_mib", type=click.IntRange(1, 1 << 20), default=200,
+              show_default=True, help="MiB to write and delete.")
+@click.option("--fs", type=click.Choice(FILESYSTEMS), default="ext4",
+              show_default=True, help="Guest filesystem.")
+@click.option("--matrix", is_flag=True, help="Run every bus x format x mode x discard cell.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None,
+              help="Cells at once with --matrix (default: the CPU count).")
+@click.option("--machine", default="pc", show_default=True,
+              help="QEMU machine type, e.g. pc-i440fx-3.1.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True)
+@click.option("-c", "--connect", default=None,
+              help="Run the guest as a transient libvirt domain on this URI (qemu:///system).")
+@click.option("--boot-timeout", type=click.FloatRange(0.1, 3600), default=90.0,
+              show_default=True, help="Seconds for the guest to boot and mount its disk.")
+@click.option("--kernel", type=click.Path(path_type=Path), help="Lab kernel override.")
+@click.option("--modules", type=click.Path(path_type=Path), help="Its modules directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--png", type=click.Path(path_type=Path), help="Write a chart of the results.")
+def verify(bus: str, fmt: str, mode: str, discard: str, size_mib: int, fs: str, matrix: bool,
+           jobs: int | None, machine: str, accel: str, connect: str | None,
+           boot_timeout: float, kernel: Path | None, modules: Path | None, as_json: bool,
+           png: Path | None) -> int:
+    """Boot a throwaway guest, write and delete data, and measure the host image shrink.
+
+    \b
+    Exit codes: 0 every cell matches what the facts table expects, 1 some cell
+    does not, 3 the guest did not boot or timed out (the serial log's tail is shown).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from vmtrim.accel import choose_accel
+    from vmtrim.lab import ensure_appliance
+    from vmtrim.verify import Cell, Settings, host_info, matrix_cells, run_cell, run_cells
+    from vmtrim.vm import cleanup_on_signals
+
+    err = console(stderr=True)
+    with cleanup_on_signals():
+        with err.status("preparing the lab guest"):
+            appliance = ensure_appliance(kernel, modules)
+            chosen = choose_accel(accel, appliance)
+        settings = Settings(appliance, accel=chosen, machine=machine, connect=connect,
+                            boot_timeout=boot_timeout)
+        if matrix:
+            cells = matrix_cells(size_mib, fs)
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                          transient=True) as progress:
+                task = progress.add_task("verify matrix", total=len(cells))
+                results = run_cells(cells, settings, jobs=jobs,
+                                    on_done=lambda _: progress.advance(task))
+        else:
+            cell = Cell(bus, fmt, mode, discard, size_mib, fs)
+            with err.status(f"verify {cell.name} ({size_mib} MiB, {chosen})"):
+                results = [run_cell(cell, settings)]
+    host = host_info(results, settings)
+    if png is not None:
+        from vmtrim.verify_chart import write_chart
+
+        write_chart(results, host, png)
+    if as_json:
+        print_json("vmtrim.verify/1", {"host": host, "cells": [r.to_json() for r in results]})
+    else:
+        _render(results, host)
+    failed = [r for r in results if r.error]
+    if failed:
+        for r in failed:
+            err.print(f"vmtrim: {r.error}", markup=False, highlight=False)
+        return max(r.error_exit_code or 3 for r in failed)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _render(results: list[CellResult], host: dict[str, object]) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.print(f"QEMU {host['qemu_version']}, machine {host['machine']}, accel {host['accel']}, "
+              f"guest kernel {host['guest_kernel']}, runner {host['runner']}")
+    table = Table("bus", "format", "mode", "discard", "written", "du before", "du after",
+                  "reclaimed", "ratio", "expected", "measured", "ok", "s")
+    for r in results:
+        ratio = "-" if r.reclaim_ratio is None else f"{r.reclaim_ratio:.1%}"
+        measured = r.measured or ("error" if r.error else "-")
+        table.add_row(r.bus, r.format, r.mode, r.discard, human_bytes(r.written_bytes),
+                      human_bytes(r.allocated_before), human_bytes(r.allocated_after),
+                      human_bytes(r.reclaimed_bytes), ratio, r.expected, measured,
+                      "yes" if r.ok else "NO", f"{r.seconds:.0f}")
+    out.print(table)
+    for r in results:
+        if not r.ok and not r.error:
+            out.print(f"{r.bus}/{r.format}/{r.mode}/{r.discard}: expected {r.expected} "
+                      f"({r.expected_because}), measured {r.measured}"
+                      + (f"; {r.trim_error}" if r.trim_error else ""))
