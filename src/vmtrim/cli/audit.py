@@ -39,14 +39,28 @@ _SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yello
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems/devices (the input is from another host).")
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
+@click.option("-c", "--connect", "uri", metavar="URI",
+              help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
+@click.option("--all", "every", is_flag=True, help="With -c: every domain.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, metavar="S", help="With -c: wait S seconds for a guest agent.")
+@click.argument("names", nargs=-1, metavar="[DOMAIN...]")
 def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[int, ...],
-          no_probe: bool, as_json: bool) -> int:
+          no_probe: bool, as_json: bool, uri: str | None = None, every: bool = False,
+          timeout: float = 10.0, names: tuple[str, ...] = ()) -> int:
     """Trace every disk's discard path layer by layer and say what blocks it."""
     from vmtrim.libvirt_xml import parse_domain_file
     from vmtrim.qemu_args import read_args_file, read_pid
 
+    if uri or every or names:  # live libvirt domains (vmtrim.live)
+        if xml_files or args_files or pids:
+            raise click.UsageError("-c/DOMAIN/--all cannot be mixed with --xml/--qemu-args/--pid")
+        from vmtrim.live import audit_live
+
+        live, extra, local = audit_live(uri, names, every, timeout)
+        return report_domains(live, probe=local and not no_probe, as_json=as_json, extra=extra)
     if not (xml_files or args_files or pids):
-        raise click.UsageError("give --xml FILE, --qemu-args FILE or --pid PID")
+        raise click.UsageError("give --xml FILE, --qemu-args FILE, --pid PID or -c URI DOMAIN")
     if [*xml_files, *args_files].count("-") > 1:
         raise BadInput("stdin ('-') can be read only once", subject="audit")
     domains = [parse_domain_file(path) for path in xml_files]

@@ -43,6 +43,13 @@ from vmtrim.fix import SCHEMA, FixOptions, FixResult
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
+@click.option("-c", "--connect", "uri", metavar="URI",
+              help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
+@click.option("--restart", is_flag=True,
+              help="With -c: power-cycle a running domain so the fix takes effect.")
+@click.option("--restart-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True, metavar="S", help="With --restart: wait S s for shutdown.")
+@click.argument("names", nargs=-1, metavar="[DOMAIN...]")
 def fix(
     xml_file: str | None,
     args_file: str | None,
@@ -55,8 +62,21 @@ def fix(
     in_place: bool,
     no_probe: bool,
     as_json: bool,
+    uri: str | None = None,
+    restart: bool = False,
+    restart_timeout: float = 120.0,
+    names: tuple[str, ...] = (),
 ) -> int:
     """Rewrite libvirt XML or a QEMU command line so discard passes."""
+    if uri or names:
+        if xml_file or args_file or output or in_place or modernize:
+            raise click.UsageError("-c/DOMAIN cannot be mixed with --xml, --qemu-args, -o,"
+                                   " --in-place or --modernize")
+        options = FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks)
+        return fix_libvirt(uri, names, options, dry_run=dry_run, restart=restart,
+                           restart_timeout=restart_timeout, as_json=as_json)
+    if restart:
+        raise click.UsageError("--restart needs -c URI DOMAIN")
     if (xml_file is None) == (args_file is None):
         raise click.UsageError("give exactly one of --xml FILE or --qemu-args FILE")
     if sum((dry_run, output is not None, in_place)) > 1:
@@ -180,3 +200,36 @@ def summarize(result: FixResult, *, written: str | None, backup: str | None) -> 
             err.print("already enabled: nothing to change")
     if written:
         err.print(f"wrote {written}" + (f" (backup: {backup})" if backup else ""), markup=False)
+
+
+def fix_libvirt(uri: str | None, names: tuple[str, ...], options: FixOptions, *, dry_run: bool,
+                restart: bool, restart_timeout: float, as_json: bool) -> int:
+    """``fix -c URI DOMAIN...``: see :mod:`vmtrim.live_fix` for the steps."""
+    from vmtrim.connect import connection, select_domains
+    from vmtrim.live_fix import POWER_CYCLE_NOTE, fix_live
+    from vmtrim.output import console
+
+    if not names:
+        raise click.UsageError("name the domain(s) to fix")
+    with connection(uri) as conn:
+        outcomes = [fix_live(conn, dom, options, dry_run=dry_run, restart=restart,
+                             restart_timeout=restart_timeout)
+                    for dom in select_domains(conn, names, every=False)]
+    if as_json:
+        from vmtrim.output import print_json
+
+        print_json(SCHEMA, {"domains": [o.to_json() for o in outcomes]})
+    for outcome in outcomes if not as_json else []:
+        if dry_run:
+            click.echo(outcome.result.diff, nl=False)
+        summarize(outcome.result, written=None, backup=outcome.backup)
+        err = console(stderr=True)
+        if outcome.defined:
+            err.print(f"{outcome.domain}: defined the fixed XML; read back: no difference left"
+                      + (f" (backup: {outcome.backup})" if outcome.backup else ""), markup=False)
+        if outcome.restarted:
+            err.print(f"{outcome.domain}: restarted: the fix is in effect", markup=False)
+        elif outcome.pending:
+            err.print(f"{outcome.domain}: {POWER_CYCLE_NOTE}", markup=False)
+    blocking = any(skip.blocking for o in outcomes for skip in o.result.skipped)
+    return EXIT_FINDINGS if blocking else EXIT_OK
