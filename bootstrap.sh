@@ -33,6 +33,10 @@ install() {
     getent passwd libvirt-qemu >/dev/null ||
         useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
     mkdir -p /var/log/libvirt /var/lib/libvirt/qemu /var/cache/libvirt /run/libvirt
+    # Without udev /dev/kvm stays root 0600. libvirtd then probes QEMU with KVM but checks
+    # the cache as libvirt-qemu without it, so it re-probes on every call (virsh version
+    # took minutes). Debian's udev rule makes it root:kvm 0660; do the same.
+    if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
 
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
