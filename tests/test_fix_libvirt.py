@@ -42,12 +42,13 @@ def test_libvirt_defines_fixed_xml(
     text = text.replace(f"<name>{name_element.text}</name>", f"<name>{domain}</name>")
     text = text.replace(root.findtext("uuid") or "no-uuid", str(uuid.uuid4()))
     result = fix_domain_xml(text, options, probes=HostProbes())
-    fixed_sources = {
-        disk.findtext("source") or _source(disk)
+    # Keyed by target: two disks may share a source (mixed.xml has a disk and a lun on /dev/null).
+    fixed_targets = {
+        _target(disk)
         for disk in etree.fromstring(result.new_text.encode()).iterfind("devices/disk")
         if _target(disk) in result.fixed or _target(disk) in result.already
     }
-    assert fixed_sources
+    assert fixed_targets
     path = tmp_path / "fixed.xml"
     path.write_text(result.new_text)
     defined = virsh(libvirtd, "define", str(path))
@@ -58,18 +59,18 @@ def test_libvirt_defines_fixed_xml(
         live = etree.fromstring(dumped.stdout.encode())
         seen = set()
         for disk in live.iterfind("devices/disk"):
-            source = _source(disk)
-            if source not in fixed_sources:
+            target = _target(disk)
+            if target not in fixed_targets:
                 continue
-            seen.add(source)
+            seen.add(target)
             driver = disk.find("driver")
-            assert driver is not None and driver.get("discard") == "unmap", source
+            assert driver is not None and driver.get("discard") == "unmap", target
             if options.detect_zeroes:
                 assert driver.get("detect_zeroes") == options.detect_zeroes
             if options.bus == "scsi" and options.all_disks:
-                target = disk.find("target")
-                assert target is not None and target.get("bus") == "scsi"
-        assert seen == fixed_sources
+                target_element = disk.find("target")
+                assert target_element is not None and target_element.get("bus") == "scsi"
+        assert seen == fixed_targets
         if options.bus:
             models = [c.get("model") for c in live.iterfind("devices/controller[@type='scsi']")]
             assert "virtio-scsi" in models
@@ -82,9 +83,3 @@ def _target(disk: etree._Element) -> str | None:
     target = disk.find("target")
     return None if target is None else target.get("dev")
 
-
-def _source(disk: etree._Element) -> str:
-    source = disk.find("source")
-    if source is None:
-        return ""
-    return source.get("file") or source.get("dev") or source.get("name") or ""
