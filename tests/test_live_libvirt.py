@@ -10,6 +10,7 @@ Domains run under TCG (<domain type='qemu'>) and are destroyed and undefined in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import libvirt_qemu
 import pytest
 
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.vm import ControlChannel
+from vmtrim.vm import ControlChannel, GuestFailed, serial_tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 MiB = 1024 * 1024
@@ -107,9 +108,15 @@ class LabDomain:
         return self.workdir / "disk.qcow2"
 
     def connect(self) -> None:
-        self.ctl = ControlChannel.connect(
-            self.workdir / "ctl.sock", subject=self.name, alive=lambda: bool(self.dom.isActive()),
-            serial=self.workdir / "serial.log", timeout=120)
+        serial = self.workdir / "serial.log"
+        # vmtrim.vm is changing from (subject, serial) to a failure callback; accept both.
+        if "failure" in inspect.signature(ControlChannel.connect).parameters:
+            how: dict[str, Any] = {"failure": lambda what: GuestFailed(
+                f"{what}; serial log: {serial_tail(serial)}", subject=self.name)}
+        else:
+            how = {"subject": self.name, "serial": serial}
+        self.ctl = ControlChannel.connect(self.workdir / "ctl.sock", timeout=120,
+                                          alive=lambda: bool(self.dom.isActive()), **how)
 
     def until_deleted(self) -> None:
         """ready -> go -> written -> go -> deleted: the space is free in the guest only."""
