@@ -164,7 +164,8 @@ def _bitmap(d: Path) -> Path:
 
 
 def _data_file(d: Path) -> Path:
-    img = create(d / "meta.qcow2", 4 * MiB, data_file="data.raw")
+    # qemu-img creates a relative data file in its working directory, not beside the image.
+    img = create(d / "meta.qcow2", 4 * MiB, data_file=str(d / "data.raw"))
     qemu_io(img, "write -P 1 0 64k", "write -z 1M 64k", "write -P 2 2M 128k", "discard 2M 64k")
     return img
 
