@@ -37,7 +37,6 @@ from vmtrim.vm import (
     GuestFailed,
     GuestSpec,
     RunPaths,
-    serial_tail,
 )
 
 # libvirt <target bus=...> and device name for each verify bus.
@@ -147,9 +146,9 @@ class LibvirtGuest(GuestBase):
             raise EnvironmentProblem(f"cannot connect: {exc.get_error_message()}",
                                      subject=self.uri) from exc
         workdir = self.paths.workdir
-        kernel = workdir / "vmlinuz"
+        kernel = workdir / self.spec.kernel().name
         initrd = workdir / "initrd.img"
-        shutil.copyfile(self.spec.appliance.kernel, kernel)
+        shutil.copyfile(self.spec.kernel(), kernel)
         shutil.copyfile(self.spec.appliance.initrd, initrd)
         owner = _qemu_owner()
         if owner is not None:
@@ -173,6 +172,10 @@ class LibvirtGuest(GuestBase):
 
     def _stop(self) -> None:
         lv = self._libvirt
+        if self._dom is None and self._conn is not None:
+            # Interrupted while createXML ran: the domain may exist without our handle.
+            with contextlib.suppress(lv.libvirtError):
+                self._dom = self._conn.lookupByName(self.name)
         if self._dom is not None and self.alive():
             with contextlib.suppress(lv.libvirtError):
                 self._dom.destroy()
@@ -220,9 +223,7 @@ class LibvirtGuest(GuestBase):
         deadline = time.monotonic() + timeout
         while self.alive():
             if time.monotonic() > deadline:
-                raise GuestFailed(f"the guest did not power off within {timeout:g} s; "
-                                  f"serial log: {serial_tail(self.serial_log)}",
-                                  subject=self.subject)
+                raise self.failure(f"the guest did not power off within {timeout:g} s")
             time.sleep(0.1)
 
 

@@ -131,10 +131,20 @@ class GuestSpec:
     machine: str = "pc"
     accel: str = "tcg"
     memory_mib: int = 512
+    extra_cmdline: tuple[str, ...] = ()  # more kernel parameters, e.g. for debugging
+
+    def kernel(self) -> Path:
+        """PVH needs machine type 4.0 or later (pvh_enabled); older ones boot the bzImage."""
+        version = machine_version(self.machine)
+        if version is not None and version < (4, 0):
+            return self.appliance.bzimage
+        return self.appliance.kernel
 
     def cmdline(self) -> str:
+        # panic=-1 reboots on a panic, and -no-reboot turns that into QEMU exiting.
         words = ["console=ttyS0", "panic=-1", "quiet"]
         words += [f"vmtrim.{k}={v}" for k, v in self.scenario.items()]
+        words += self.extra_cmdline
         return " ".join(words)
 
 
@@ -195,7 +205,7 @@ def qemu_argv(spec: GuestSpec, paths: RunPaths) -> list[str]:
         QEMU, "-name", "vmtrim-lab", "-machine", spec.machine, *accel,
         "-m", str(spec.memory_mib), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.appliance.kernel), "-initrd", str(spec.appliance.initrd),
+        "-kernel", str(spec.kernel()), "-initrd", str(spec.appliance.initrd),
         "-append", spec.cmdline(),
         "-chardev", f"file,id=serial0,path={paths.serial}", "-serial", "chardev:serial0",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
@@ -217,15 +227,21 @@ def qemu_argv(spec: GuestSpec, paths: RunPaths) -> list[str]:
 # --- the serial log and the control channel -----------------------------------------------
 
 
-def serial_tail(path: Path, lines: int = 6, width: int = 600) -> str:
-    """The last non-empty lines of a console log, joined with ' | ' for one error line."""
+def serial_tail(path: Path, lines: int = 6, width: int = 160) -> str:
+    """The last non-empty lines of a console log, joined with ' | ' for one error line.
+
+    A kernel panic's headline comes first even when its stack trace fills the tail.
+    """
     try:
-        data = path.read_bytes()[-16384:].decode(errors="replace")
+        data = path.read_bytes()[-65536:].decode(errors="replace")
     except OSError:
         return "(no serial log)"
-    kept = [ln.strip() for ln in data.replace("\r", "").splitlines() if ln.strip()]
-    text = " | ".join(kept[-lines:]) or "(serial log is empty)"
-    return text[-width:]
+    kept = [ln.strip()[:width] for ln in data.replace("\r", "").splitlines() if ln.strip()]
+    tail = kept[-lines:]
+    panics = [ln for ln in kept if "Kernel panic" in ln]
+    if panics and panics[-1] not in tail:
+        tail = [panics[-1], "...", *tail[-(lines - 2):]]
+    return " | ".join(tail) or "(serial log is empty)"
 
 
 class GuestFailed(EnvironmentProblem):
@@ -250,37 +266,35 @@ def parse_status(line: str) -> dict[str, str] | None:
 
 
 class ControlChannel:
-    """Line protocol on the org.vmtrim.ctl socket; see the module docstring."""
+    """Line protocol on the org.vmtrim.ctl socket; see the module docstring.
 
-    def __init__(self, sock: socket.socket, subject: str, alive: Callable[[], bool],
-                 serial: Path) -> None:
+    ``failure(what)`` builds the error for a guest that stopped answering (with the
+    serial tail and whatever the runner knows about why the VM is gone).
+    """
+
+    def __init__(self, sock: socket.socket, failure: Callable[[str], GuestFailed],
+                 alive: Callable[[], bool]) -> None:
         self._sock = sock
         self._buffer = b""
-        self.subject = subject
+        self._fail = failure
         self._alive = alive
-        self._serial = serial
         self.seen: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def connect(cls, path: Path, *, subject: str, alive: Callable[[], bool], serial: Path,
-                timeout: float = 30.0) -> ControlChannel:
+    def connect(cls, path: Path, *, failure: Callable[[str], GuestFailed],
+                alive: Callable[[], bool], timeout: float = 30.0) -> ControlChannel:
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(path))
-                return cls(sock, subject, alive, serial)
+                return cls(sock, failure, alive)
             except OSError as exc:
                 sock.close()
                 if not alive() or time.monotonic() > deadline:
-                    raise GuestFailed(f"cannot connect to the control port {path}: {exc}; "
-                                      f"serial log: {serial_tail(serial)}",
-                                      subject=subject) from exc
+                    raise failure(f"cannot connect to the control port: {exc.strerror}"
+                                  ) from exc
                 time.sleep(0.05)
-
-    def _fail(self, what: str) -> GuestFailed:
-        return GuestFailed(f"{what}; serial log: {serial_tail(self._serial)}",
-                           subject=self.subject)
 
     def _readline(self, deadline: float, waiting_for: str) -> str:
         while b"\n" not in self._buffer:
@@ -312,8 +326,7 @@ class ControlChannel:
                 continue
             self.seen[fields["step"]] = fields
             if fields["step"] == "error":
-                raise GuestFailed(f"the guest failed: {fields.get('message', '?')}",
-                                  subject=self.subject)
+                raise self._fail(f"the guest failed: {fields.get('message', '?')}")
             if fields["step"] == step:
                 return fields
 
@@ -389,10 +402,10 @@ class GuestBase:
         raise NotImplementedError
 
     def _connect_ctl(self) -> None:
-        if self.spec.control:
-            self._ctl = ControlChannel.connect(
-                self.paths.ctl, subject=self.subject, alive=self.alive,
-                serial=self.serial_log, timeout=self.connect_timeout)
+        if not self.spec.control:
+            return
+        self._ctl = ControlChannel.connect(self.paths.ctl, failure=self.failure,
+                                           alive=self.alive, timeout=self.connect_timeout)
 
     def stop(self) -> None:
         try:
@@ -401,6 +414,15 @@ class GuestBase:
             if self._ctl is not None:
                 self._ctl.close()
             unregister(self)
+
+    def exit_detail(self) -> str:
+        """Why the VM is gone, if the runner knows (e.g. QEMU's last stderr line)."""
+        return ""
+
+    def failure(self, what: str) -> GuestFailed:
+        detail = self.exit_detail()
+        return GuestFailed(f"{what}{f' ({detail})' if detail else ''}; "
+                           f"serial log: {serial_tail(self.serial_log)}", subject=self.subject)
 
     @property
     def ctl(self) -> ControlChannel:
@@ -463,14 +485,12 @@ class DirectGuest(GuestBase):
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
-    def failure(self, what: str) -> GuestFailed:
-        detail = ""
-        if self.process is not None and self.process.poll() is not None:
-            err = self.paths.stderr.read_text(errors="replace").strip().splitlines()
-            detail = f" (QEMU exited with status {self.process.returncode}" + (
-                f": {err[-1]}" if err else "") + ")"
-        return GuestFailed(f"{what}{detail}; serial log: {serial_tail(self.serial_log)}",
-                           subject=self.subject)
+    def exit_detail(self) -> str:
+        if self.process is None or self.process.poll() is None:
+            return ""
+        err = self.paths.stderr.read_text(errors="replace").strip().splitlines()
+        return f"QEMU exited with status {self.process.returncode}" + (
+            f": {err[-1]}" if err else "")
 
     def agent_fstrim(self, minimum: int = 0) -> FstrimResult:
         with SyncGuestAgent(str(self.paths.agent), timeout=30.0,

@@ -53,7 +53,7 @@ from vmtrim.lab.modules import (
 from vmtrim.lab.proc import run_tool
 
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
-BUILD_FORMAT = 3
+BUILD_FORMAT = 4
 KEEP_BUILDS = 3
 
 
@@ -61,12 +61,13 @@ KEEP_BUILDS = 3
 class Appliance:
     """A built lab guest, ready to boot with -kernel/-initrd."""
 
-    kernel: Path
+    kernel: Path  # the fastest to boot: an uncompressed PVH vmlinux where possible
     initrd: Path
     kernel_version: str
     key: str
     origin: str
     built: bool  # True if this call built it, False if it came from the cache
+    bzimage: Path  # the compressed kernel, for machine types that cannot PVH-boot
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class Appliance:
             "key": self.key,
             "origin": self.origin,
             "built": self.built,
+            "bzimage": str(self.bzimage),
         }
 
 
@@ -180,8 +182,8 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         return None
-    if not ((directory / str(data.get("kernel_file"))).is_file()
-            and (directory / "initrd.img").is_file()):
+    files = (str(data.get("kernel_file")), "vmlinuz", "initrd.img")
+    if not all((directory / name).is_file() for name in files):
         return None
     return data
 
@@ -211,6 +213,7 @@ def ensure_appliance(
             key=key,
             origin=str(manifest["origin"]),
             built=built,
+            bzimage=target / "vmlinuz",
         )
 
 
@@ -221,9 +224,9 @@ def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
         unpacked = unpack(inputs.kernel, work)
         out = work / "out"
         out.mkdir()
+        # Machine types before 4.0 cannot PVH-boot with an initrd: they get the bzImage.
+        shutil.copyfile(unpacked.image, out / "vmlinuz")
         boot = "pvh" if extract_pvh_kernel(unpacked.image, out / "vmlinux") else "bzimage"
-        if boot == "bzimage":
-            shutil.copyfile(unpacked.image, out / "vmlinuz")
         tree = ModuleTree.load(unpacked.modules)
         order = grouped_load_order(tree)
         root = work / "root"
