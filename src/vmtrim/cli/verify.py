@@ -102,18 +102,48 @@ def _render(results: list[CellResult], host: dict[str, object]) -> None:
     out = console()
     out.print(f"QEMU {host['qemu_version']}, machine {host['machine']}, accel {host['accel']}, "
               f"guest kernel {host['guest_kernel']}, runner {host['runner']}")
-    table = Table("bus", "format", "mode", "discard", "written", "du before", "du after",
-                  "reclaimed", "ratio", "expected", "measured", "ok", "s")
+    if len(results) == 1:
+        _render_cell(results[0])
+        return
+    table = Table("bus", "format", "mode", "discard", "du before", "du after", "reclaimed",
+                  "expected", "measured", "ok", "s")
     for r in results:
-        ratio = "-" if r.reclaim_ratio is None else f"{r.reclaim_ratio:.1%}"
-        measured = r.measured or ("error" if r.error else "-")
-        table.add_row(r.bus, r.format, r.mode, r.discard, human_bytes(r.written_bytes),
-                      human_bytes(r.allocated_before), human_bytes(r.allocated_after),
-                      human_bytes(r.reclaimed_bytes), ratio, r.expected, measured,
-                      "yes" if r.ok else "NO", f"{r.seconds:.0f}")
+        table.add_row(r.bus, r.format, r.mode, r.discard, human_bytes(r.allocated_before),
+                      human_bytes(r.allocated_after), _ratio(r), r.expected,
+                      r.measured or ("error" if r.error else "-"), "yes" if r.ok else "NO",
+                      f"{r.seconds:.0f}")
     out.print(table)
     for r in results:
         if not r.ok and not r.error:
             out.print(f"{r.bus}/{r.format}/{r.mode}/{r.discard}: expected {r.expected} "
                       f"({r.expected_because}), measured {r.measured}"
                       + (f"; {r.trim_error}" if r.trim_error else ""))
+
+
+def _ratio(r: CellResult) -> str:
+    return "-" if r.reclaim_ratio is None else f"{r.reclaim_ratio:.1%}"
+
+
+def _render_cell(r: CellResult) -> None:
+    from rich.table import Table
+
+    table = Table("", "", show_header=False, box=None)
+    rows = [
+        ("cell", f"{r.bus}, {r.format}, {r.mode}, discard={r.discard}, {r.fs}"),
+        ("written and deleted", human_bytes(r.written_bytes)),
+        ("host image (du)", f"{human_bytes(r.allocated_before)} -> "
+                            f"{human_bytes(r.allocated_after)}"),
+    ]
+    if r.clusters_before is not None:
+        rows.append(("qcow2 clusters", f"{human_bytes(r.clusters_before)} -> "
+                                       f"{human_bytes(r.clusters_after)}"))
+    rows += [
+        ("reclaimed", f"{human_bytes(r.reclaimed_bytes)} ({_ratio(r)} of the bytes deleted)"),
+        ("expected", f"{r.expected}: {r.expected_because}"),
+        ("measured", f"{r.measured or '-'}" + (f" ({r.trim_error})" if r.trim_error else "")),
+        ("result", "ok" if r.ok else "MISMATCH"),
+        ("seconds", f"{r.seconds:.1f}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console().print(table)
