@@ -301,8 +301,15 @@ class _DiskAudit:
 
     def _discard_chain(self, top: BlockNode) -> Layer:
         kind = LayerKind.BLOCK_NODE
+        unknown: Layer | None = None
         for node in top.file_chain():
             if node.discard == "unmap":
+                continue
+            if node.discard_unknown:  # a known block lower down still wins
+                unknown = unknown or Layer(
+                    kind, Verdict.UNKNOWN, f"{node.node_name or node.driver or 'node'}:"
+                    f" {node.discard_unknown}", "give the disk discard=unmap where it is"
+                    " defined (-drive/-blockdev, or blockdev-add \"discard\":\"unmap\")")
                 continue
             setting = (f"discard={node.discard}" if node.discard else
                        "no discard setting (QEMU's default is ignore)")
@@ -313,6 +320,8 @@ class _DiskAudit:
                 what = f"{top.node_name or 'its parent'}'s file child"
             return Layer(kind, Verdict.BLOCK, f"{label} ({what}) has {setting}: guest discards"
                          " are dropped here", self._discard_fix(node))
+        if unknown is not None:
+            return unknown
         detail = " and its file child" if top.file else ""
         return Layer(kind, Verdict.PASS, f"discard=unmap on {top.node_name or top.driver or 'the'}"
                      f" node{detail}")

@@ -150,6 +150,8 @@ class BlockNode:
     ``file`` is the protocol child (for a format or filter node); ``backing`` the next
     image down the chain. ``inherited`` says that ``discard`` came from a parent node
     (QEMU copies it into inline children, not into nodes referenced by name).
+    ``discard_unknown`` says why ``discard`` is not known (a node seen only over QMP,
+    which does not show discard); None when it is known, or known to be unset.
     """
 
     driver: str | None
@@ -164,6 +166,7 @@ class BlockNode:
     backing: BlockNode | None = None
     inherited: bool = False
     defined_by: str | None = None  # e.g. "-blockdev libvirt-1-format", "-drive drive0", "<disk>"
+    discard_unknown: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # everything else, for findings
 
     def file_chain(self) -> list[BlockNode]:
@@ -198,6 +201,7 @@ class BlockNode:
             "node_name": self.node_name,
             "driver": self.driver,
             "discard": self.discard,
+            "discard_unknown": self.discard_unknown,
             "detect_zeroes": self.detect_zeroes,
             "discard_no_unref": self.discard_no_unref,
             "cache": self.cache,
@@ -249,9 +253,10 @@ class Disk:
 
     ``target`` is the libvirt target (``sda``, ``vdb``); for a QEMU command line it is
     None and ``ident`` is the device id, drive id or node name. ``discard`` is the
-    setting as configured on the node the device points at (``"unmap"``, ``"ignore"``
-    or None when unset). ``bus`` uses libvirt's names (ide, sata, scsi, virtio, usb,
-    fdc, nvme, ...); ``qemu_device`` QEMU's (ide-hd, scsi-hd, virtio-blk-pci, ...).
+    setting as configured on the node the device points at (``"unmap"``, ``"ignore"``,
+    None when unset, or ``"unknown"`` for a node seen only over QMP). ``bus`` uses
+    libvirt's names (ide, sata, scsi, virtio, usb, fdc, nvme, ...); ``qemu_device``
+    QEMU's (ide-hd, scsi-hd, virtio-blk-pci, ...).
     ``guest_filesystems`` is None when nothing is known about the guest side.
     """
 

@@ -413,7 +413,7 @@ class _Builder:
         if disk.device is DeviceType.CDROM:
             disk.read_only = True
         if top is not None:
-            self._fill_from_nodes(disk, top)
+            fill_disk_from_nodes(disk, top)
         return disk
 
     def _attachment(self, bus: str, device: dict[str, Any]) -> tuple[str, str | None]:
@@ -467,31 +467,8 @@ class _Builder:
                     locator=f"argv[{drive.argv_index + 1}]", storage=StorageKind.NONE,
                     read_only=device is DeviceType.CDROM)
         if "file" in opts or any(key.startswith("file.") for key in opts):
-            self._fill_from_nodes(disk, self._drive_nodes(drive))
+            fill_disk_from_nodes(disk, self._drive_nodes(drive))
         return disk
-
-    def _fill_from_nodes(self, disk: Disk, top: BlockNode) -> None:
-        disk.node = top
-        protocol = top.protocol
-        disk.read_only = disk.read_only or top.read_only
-        disk.discard = top.discard
-        disk.detect_zeroes = top.detect_zeroes
-        disk.source = protocol.filename or top.filename
-        chain = top.file_chain()
-        formats = [node.driver for node in chain if node is not protocol]
-        disk.format = next((f for f in formats if f not in ("copy-on-read", "throttle")), None)
-        if len(chain) == 1 and top.driver in LOCAL_PROTOCOLS:
-            disk.format = "raw"  # a device straight on a protocol node sees the raw bytes
-        kind = LOCAL_PROTOCOLS.get(protocol.driver or "")
-        if kind is not None:
-            disk.storage = StorageKind(kind)
-        elif protocol.driver in PROTOCOLS:
-            disk.storage = (StorageKind.NVME if protocol.driver == "nvme" else StorageKind.DIR
-                            if protocol.driver == "vvfat" else StorageKind.NETWORK)
-            disk.protocol = protocol.driver
-        else:
-            disk.storage = StorageKind.UNKNOWN
-            disk.protocol = protocol.driver
 
     # -- block nodes
 
@@ -605,6 +582,34 @@ class _Builder:
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
         return node
+
+
+def fill_disk_from_nodes(disk: Disk, top: BlockNode) -> None:
+    """Source, format, storage, discard and detect_zeroes of ``disk`` from its top node.
+
+    Shared with :mod:`vmtrim.qmp_audit`, which fills disks from the live node graph.
+    """
+    disk.node = top
+    protocol = top.protocol
+    disk.read_only = disk.read_only or top.read_only
+    disk.discard = top.discard
+    disk.detect_zeroes = top.detect_zeroes
+    disk.source = protocol.filename or top.filename
+    chain = top.file_chain()
+    formats = [node.driver for node in chain if node is not protocol]
+    disk.format = next((f for f in formats if f not in ("copy-on-read", "throttle")), None)
+    if len(chain) == 1 and top.driver in LOCAL_PROTOCOLS:
+        disk.format = "raw"  # a device straight on a protocol node sees the raw bytes
+    kind = LOCAL_PROTOCOLS.get(protocol.driver or "")
+    if kind is not None:
+        disk.storage = StorageKind(kind)
+    elif protocol.driver in PROTOCOLS:
+        disk.storage = (StorageKind.NVME if protocol.driver == "nvme" else StorageKind.DIR
+                        if protocol.driver == "vvfat" else StorageKind.NETWORK)
+        disk.protocol = protocol.driver
+    else:
+        disk.storage = StorageKind.UNKNOWN
+        disk.protocol = protocol.driver
 
 
 _UNITS_PER_BUS = {"ide": 2, "scsi": 7}

@@ -36,6 +36,9 @@ _SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yello
               help="A QEMU command line: shell text or NUL-separated ('-' for stdin).")
 @click.option("--pid", "pids", metavar="PID", type=int, multiple=True,
               help="A running QEMU process (reads /proc/PID/cmdline).")
+@click.option("--qmp", "qmp_sockets", metavar="SOCKET", multiple=True,
+              help="A running QEMU's QMP socket: live devices and nodes, discard from its"
+              " command line.")
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems/devices (the input is from another host).")
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
@@ -43,29 +46,37 @@ _SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yello
               help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
 @click.option("--all", "every", is_flag=True, help="With -c: every domain.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, metavar="S", help="With -c: wait S seconds for a guest agent.")
+              show_default=True, metavar="S",
+              help="With -c: wait S seconds for a guest agent; with --qmp, for QEMU.")
 @click.argument("names", nargs=-1, metavar="[DOMAIN...]")
 def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[int, ...],
           no_probe: bool, as_json: bool, uri: str | None = None, every: bool = False,
-          timeout: float = 10.0, names: tuple[str, ...] = ()) -> int:
+          timeout: float = 10.0, names: tuple[str, ...] = (),
+          qmp_sockets: tuple[str, ...] = ()) -> int:
     """Trace every disk's discard path layer by layer and say what blocks it."""
     from vmtrim.libvirt_xml import parse_domain_file
     from vmtrim.qemu_args import read_args_file, read_pid
 
     if uri or every or names:  # live libvirt domains (vmtrim.live)
-        if xml_files or args_files or pids:
-            raise click.UsageError("-c/DOMAIN/--all cannot be mixed with --xml/--qemu-args/--pid")
+        if xml_files or args_files or pids or qmp_sockets:
+            raise click.UsageError("-c/DOMAIN/--all cannot be mixed with"
+                                   " --xml/--qemu-args/--pid/--qmp")
         from vmtrim.live import audit_live
 
         live, extra, local = audit_live(uri, names, every, timeout)
         return report_domains(live, probe=local and not no_probe, as_json=as_json, extra=extra)
-    if not (xml_files or args_files or pids):
-        raise click.UsageError("give --xml FILE, --qemu-args FILE, --pid PID or -c URI DOMAIN")
+    if not (xml_files or args_files or pids or qmp_sockets):
+        raise click.UsageError("give --xml FILE, --qemu-args FILE, --pid PID, --qmp SOCKET"
+                               " or -c URI DOMAIN")
     if [*xml_files, *args_files].count("-") > 1:
         raise BadInput("stdin ('-') can be read only once", subject="audit")
     domains = [parse_domain_file(path) for path in xml_files]
     domains += [read_args_file(path) for path in args_files]
     domains += [read_pid(pid) for pid in pids]
+    if qmp_sockets:
+        from vmtrim.qmp_audit import read_qmp
+
+        domains += [read_qmp(path, timeout) for path in qmp_sockets]
     return report_domains(domains, probe=not no_probe, as_json=as_json)
 
 

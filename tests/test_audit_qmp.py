@@ -1,0 +1,335 @@
+"""`vmtrim audit --qmp SOCKET` against real QEMU processes (paused with -S, TCG, no guest).
+
+The verdicts over QMP must be those of `--pid` (the same process's /proc/PID/cmdline)
+and of `--qemu-args` (the same command line as text); QMP adds what only the running
+QEMU knows: its exact version, the resolved machine type, hot-plugged disks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmtrim.agent import SyncMonitor
+from vmtrim.qmp_audit import build_domain, parse_live
+
+pytestmark = pytest.mark.slow
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class Qemu:
+    pid: int
+    qmp: Path
+    argv: list[str]
+
+
+@contextlib.contextmanager
+def run_qemu(workdir: Path, name: str, extra: list[str]) -> Iterator[Qemu]:
+    """A paused QEMU with a QMP socket; killed by PID whatever happens."""
+    sock = workdir / f"{name}.qmp"
+    argv = [QEMU, "-S", "-display", "none", "-accel", "tcg", "-nodefaults", "-name", name,
+            "-qmp", f"unix:{sock},server=on,wait=off", *extra]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"QEMU exited: {proc.stderr.read().decode()}"
+                                     if proc.stderr else "QEMU exited")
+            assert time.monotonic() < deadline, "QEMU did not create its QMP socket"
+            time.sleep(0.05)
+        yield Qemu(proc.pid, sock, argv)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)  # reap it: PID 1 does not reap orphans here
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def qcow2(path: Path) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmtrim", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def audit_json(*args: str) -> tuple[int, dict[str, Any]]:
+    result = vmtrim("audit", "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def by_target(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {disk["target"]: disk for disk in doc["disks"]}
+
+
+def verdicts(doc: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
+    return {target: (disk["verdict"], {layer["layer"]: layer["verdict"]
+                                       for layer in disk["layers"]})
+            for target, disk in by_target(doc).items()}
+
+
+def layer(disk: dict[str, Any], name: str) -> dict[str, Any]:
+    [found] = [item for item in disk["layers"] if item["layer"] == name]
+    return found
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Short path: a unix socket path must fit in 108 bytes.
+    return tmp_path_factory.mktemp("qmp")
+
+
+@pytest.fixture(scope="module")
+def three_disks(workdir: Path) -> Iterator[Qemu]:
+    """disk-a passes (virtio-scsi, discard=unmap), disk-b has no discard, disk-c is a
+    virtio-blk on a machine type older than 4.0."""
+    a, b, c = (qcow2(workdir / f"{n}.qcow2") for n in "abc")
+    extra = [
+        "-machine", "pc-i440fx-3.1",
+        "-device", "virtio-scsi-pci,id=scsi0",
+        "-blockdev", json.dumps({"driver": "file", "filename": str(a), "node-name": "a-file",
+                                 "discard": "unmap"}),
+        "-blockdev", json.dumps({"driver": "qcow2", "file": "a-file", "node-name": "a-fmt",
+                                 "discard": "unmap", "detect-zeroes": "unmap"}),
+        "-device", "scsi-hd,drive=a-fmt,id=disk-a,bus=scsi0.0",
+        "-drive", f"file={b},format=qcow2,if=none,id=drive-b,cache=none",
+        "-device", "scsi-hd,drive=drive-b,id=disk-b,bus=scsi0.0",
+        "-drive", f"file={c},format=qcow2,if=none,id=drive-c,discard=unmap",
+        "-device", "virtio-blk-pci,drive=drive-c,id=disk-c",
+    ]
+    with run_qemu(workdir, "three", extra) as qemu:
+        yield qemu
+
+
+def test_verdicts_equal_pid_and_qemu_args(three_disks: Qemu, workdir: Path) -> None:
+    args_file = workdir / "three.args"
+    args_file.write_text(shlex.join(three_disks.argv) + "\n")
+    code_qmp, over_qmp = audit_json("--qmp", str(three_disks.qmp))
+    code_pid, over_pid = audit_json("--pid", str(three_disks.pid))
+    code_args, over_args = audit_json("--qemu-args", str(args_file))
+    assert (code_qmp, code_pid, code_args) == (1, 1, 1)
+    assert verdicts(over_qmp) == verdicts(over_pid) == verdicts(over_args)
+    disks = by_target(over_qmp)
+    assert sorted(disks) == ["disk-a", "disk-b", "disk-c"]
+    assert layer(disks["disk-a"], "block_node")["verdict"] == "pass"
+    assert layer(disks["disk-a"], "device")["verdict"] == "pass"
+    b_nodes = layer(disks["disk-b"], "block_node")
+    assert b_nodes["verdict"] == "block" and "-drive drive-b" in b_nodes["reason"]
+    c_device = layer(disks["disk-c"], "device")
+    assert c_device["verdict"] == "block" and "pc-i440fx-3.1" in c_device["reason"]
+    assert layer(disks["disk-c"], "block_node")["verdict"] == "pass"
+
+
+def test_live_facts_from_qmp(three_disks: Qemu, workdir: Path) -> None:
+    _, doc = audit_json("--qmp", str(three_disks.qmp))
+    [domain] = doc["domains"]
+    assert (domain["name"], domain["machine"]) == ("three", "pc-i440fx-3.1")
+    banner = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                            check=True).stdout
+    version = re.search(r"version (\d+\.\d+\.\d+)", banner)
+    assert version is not None
+    assert f"QEMU {version.group(1)}," in domain["notes"][0]
+    assert f"/proc/{three_disks.pid}/cmdline (pid from SO_PEERCRED)" in " ".join(
+        domain["notes"])
+    disks = by_target(doc)
+    a = disks["disk-a"]["nodes"]
+    assert (a["node_name"], a["driver"], a["discard"], a["detect_zeroes"]) == (
+        "a-fmt", "qcow2", "unmap", "unmap")
+    assert (a["file"]["node_name"], a["file"]["driver"], a["file"]["filename"]) == (
+        "a-file", "file", str(workdir / "a.qcow2"))
+    b = disks["disk-b"]
+    assert (b["source"], b["format"], b["discard"], b["nodes"]["cache"]) == (
+        str(workdir / "b.qcow2"), "qcow2", None, "none")
+    assert disks["disk-c"]["qemu_device"] == "virtio-blk-pci"
+
+
+def test_hotplugged_disk_shows_up(workdir: Path) -> None:
+    image = qcow2(workdir / "hot.qcow2")
+    with run_qemu(workdir, "hot", ["-device", "virtio-scsi-pci,id=scsi0"]) as qemu:
+        with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
+            monitor.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": "hot-fmt", "discard": "unmap",
+                "file": {"driver": "file", "filename": str(image), "node-name": "hot-file"}})
+            monitor.execute("device_add", {"driver": "scsi-hd", "drive": "hot-fmt",
+                                           "id": "hot0", "bus": "scsi0.0"})
+        _, on_cmdline = audit_json("--pid", str(qemu.pid))
+        code, doc = audit_json("--qmp", str(qemu.qmp))
+    assert on_cmdline["disks"] == []
+    assert code == 0
+    [disk] = doc["disks"]
+    assert (disk["target"], disk["source"], disk["bus"], disk["controller_model"]) == (
+        "hot0", str(image), "scsi", "virtio-scsi")
+    assert disk["discard"] == "unknown"
+    nodes = layer(disk, "block_node")
+    assert nodes["verdict"] == "unknown"
+    assert "QMP does not show discard" in nodes["reason"] and "hot-plugged" in nodes["reason"]
+    assert layer(disk, "device")["verdict"] == "pass"
+
+
+@contextlib.contextmanager
+def forwarder(listen: Path, target: Path) -> Iterator[None]:
+    """Forward a unix socket the way socat would: its peer is this (python) process."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(listen))
+    server.listen(1)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = server.accept()
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(target))
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+            pump(client, upstream)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.close()
+        thread.join(timeout=10)
+
+
+def test_forwarded_socket_falls_back_to_qmp_only(three_disks: Qemu, workdir: Path) -> None:
+    relay = workdir / "relay.sock"
+    with forwarder(relay, three_disks.qmp):
+        code, doc = audit_json("--qmp", str(relay))
+    [domain] = doc["domains"]
+    assert f"the socket's peer is pid {os.getpid()}" in " ".join(domain["notes"])
+    assert "QMP-only" in " ".join(domain["notes"])
+    disks = by_target(doc)
+    assert {t: d["discard"] for t, d in disks.items()} == {
+        "disk-a": "unmap",  # detect_zeroes=unmap proves it on the top node
+        "disk-b": "unknown", "disk-c": "unknown"}
+    assert {t: layer(d, "block_node")["verdict"] for t, d in disks.items()} == {
+        "disk-a": "unknown", "disk-b": "unknown", "disk-c": "unknown"}
+    # The device layer needs no command line: the machine type still blocks virtio-blk.
+    assert code == 1
+    assert "pc-i440fx-3.1" in layer(disks["disk-c"], "device")["reason"]
+
+
+@pytest.fixture
+def speaker(workdir: Path) -> Iterator[Path]:
+    """A unix socket that greets with something that is not QMP."""
+    path = workdir / "speaker.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = server.accept()
+            client.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            client.recv(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        server.close()
+        path.unlink()
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_bad_sockets(workdir: Path, speaker: Path) -> None:
+    missing = vmtrim("audit", "--qmp", "/nonexistent/qmp.sock")
+    assert missing.returncode == 2
+    assert one_line(missing) == \
+        "vmtrim: /nonexistent/qmp.sock: no such socket (given with --qmp)\n"
+    image = qcow2(workdir / "plain.qcow2")
+    plain = vmtrim("audit", "--qmp", str(image))
+    assert plain.returncode == 2 and one_line(plain).startswith(f"vmtrim: {image}: not a socket")
+    other = vmtrim("audit", "--qmp", str(speaker))
+    assert other.returncode == 2
+    assert one_line(other) == (f"vmtrim: {speaker}: not a QMP socket (it said"
+                               " 'SSH-2.0-OpenSSH_9.2')\n")
+    stale = workdir / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(stale))  # bound, never listening: what a dead QEMU leaves behind
+    refused = vmtrim("audit", "--qmp", str(stale))
+    assert refused.returncode == 3 and "connection refused" in one_line(refused)
+
+
+def test_silent_and_agent_sockets(workdir: Path) -> None:
+    silent = workdir / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(silent))
+        server.listen(1)  # never accepts: like a monitor another client holds
+        started = time.monotonic()
+        result = vmtrim("audit", "--qmp", str(silent), "--timeout", "1")
+        assert time.monotonic() - started < 15
+    assert result.returncode == 3 and "no QMP greeting within 1 s" in one_line(result)
+    agent_sock = workdir / "qga.sock"
+    agent = subprocess.Popen(["qemu-ga", "-m", "unix-listen", "-p", str(agent_sock),
+                              "-t", str(workdir), "-f", str(workdir / "qga.pid")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not agent_sock.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "qemu-ga did not start"
+            time.sleep(0.05)
+        wrong = vmtrim("audit", "--qmp", str(agent_sock), "--timeout", "1")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=30)
+    assert wrong.returncode == 2
+    assert one_line(wrong) == (f"vmtrim: {agent_sock}: a guest agent socket, not QMP (give"
+                               " it to `vmtrim trim --qga`)\n")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["qdev", "device", "inserted", "node-name", "drv", "file", "name",
+                         "nodes", "edges", "id", "type", "parent", "child", "qemu", "major",
+                         "ro", "cache", "detect_zeroes", "discard", "hotplugged"]),
+        inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.fixed_dictionaries({}, optional={key: _json for key in (
+    "version", "machine", "name", "block", "nodes", "graph", "qom")}))
+def test_parse_live_takes_any_answer(raw: dict[str, Any]) -> None:
+    """QMP answers from another QEMU version may lack or reshape anything: never a crash."""
+    live = parse_live(raw)
+    domain = build_domain(live, None, "fuzz.sock", "fuzzing")
+    assert domain.name and all(disk.ident for disk in domain.disks)
