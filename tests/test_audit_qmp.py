@@ -106,8 +106,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def three_disks(workdir: Path) -> Iterator[Qemu]:
     """disk-a passes (virtio-scsi, discard=unmap), disk-b has no discard, disk-c is a
-    virtio-blk on a machine type older than 4.0."""
-    a, b, c = (qcow2(workdir / f"{n}.qcow2") for n in "abc")
+    virtio-blk on a machine type older than 4.0, ide0-hd0 a legacy IDE drive that passes,
+    disk-e a virtio-blk with discard=on set on the device, which overrides the machine type."""
+    a, b, c, d, e = (qcow2(workdir / f"{n}.qcow2") for n in "abcde")
     extra = [
         "-machine", "pc-i440fx-3.1",
         "-device", "virtio-scsi-pci,id=scsi0",
@@ -120,6 +121,9 @@ def three_disks(workdir: Path) -> Iterator[Qemu]:
         "-device", "scsi-hd,drive=drive-b,id=disk-b,bus=scsi0.0",
         "-drive", f"file={c},format=qcow2,if=none,id=drive-c,discard=unmap",
         "-device", "virtio-blk-pci,drive=drive-c,id=disk-c",
+        "-drive", f"file={d},format=qcow2,if=ide,discard=on",  # legacy: the drive is the disk
+        "-drive", f"file={e},format=qcow2,if=none,id=drive-e,discard=unmap",
+        "-device", "virtio-blk-pci,drive=drive-e,id=disk-e,discard=on",
     ]
     with run_qemu(workdir, "three", extra) as qemu:
         yield qemu
@@ -134,7 +138,7 @@ def test_verdicts_equal_pid_and_qemu_args(three_disks: Qemu, workdir: Path) -> N
     assert (code_qmp, code_pid, code_args) == (1, 1, 1)
     assert verdicts(over_qmp) == verdicts(over_pid) == verdicts(over_args)
     disks = by_target(over_qmp)
-    assert sorted(disks) == ["disk-a", "disk-b", "disk-c"]
+    assert sorted(disks) == ["disk-a", "disk-b", "disk-c", "disk-e", "ide0-hd0"]
     assert layer(disks["disk-a"], "block_node")["verdict"] == "pass"
     assert layer(disks["disk-a"], "device")["verdict"] == "pass"
     b_nodes = layer(disks["disk-b"], "block_node")
@@ -142,6 +146,8 @@ def test_verdicts_equal_pid_and_qemu_args(three_disks: Qemu, workdir: Path) -> N
     c_device = layer(disks["disk-c"], "device")
     assert c_device["verdict"] == "block" and "pc-i440fx-3.1" in c_device["reason"]
     assert layer(disks["disk-c"], "block_node")["verdict"] == "pass"
+    assert layer(disks["ide0-hd0"], "block_node")["verdict"] == "pass"
+    assert layer(disks["disk-e"], "device")["verdict"] == "pass"
 
 
 def test_live_facts_from_qmp(three_disks: Qemu, workdir: Path) -> None:
@@ -168,7 +174,10 @@ def test_live_facts_from_qmp(three_disks: Qemu, workdir: Path) -> None:
 
 
 def test_hotplugged_disk_shows_up(workdir: Path) -> None:
-    image = qcow2(workdir / "hot.qcow2")
+    base = qcow2(workdir / "base.qcow2")
+    image = workdir / "hot.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(image)], check=True)
     with run_qemu(workdir, "hot", ["-device", "virtio-scsi-pci,id=scsi0"]) as qemu:
         with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
             monitor.execute("blockdev-add", {
@@ -188,6 +197,10 @@ def test_hotplugged_disk_shows_up(workdir: Path) -> None:
     assert nodes["verdict"] == "unknown"
     assert "QMP does not show discard" in nodes["reason"] and "hot-plugged" in nodes["reason"]
     assert layer(disk, "device")["verdict"] == "pass"
+    # The backing chain QEMU opened, from the live node graph.
+    assert (disk["nodes"]["backing"]["driver"], disk["nodes"]["backing"]["filename"],
+            disk["nodes"]["backing"]["read_only"]) == ("qcow2", str(base), True)
+    assert any(str(base) in f["message"] for f in disk["findings"])  # overlay: base never shrinks
 
 
 @contextlib.contextmanager
@@ -231,12 +244,14 @@ def test_forwarded_socket_falls_back_to_qmp_only(three_disks: Qemu, workdir: Pat
     disks = by_target(doc)
     assert {t: d["discard"] for t, d in disks.items()} == {
         "disk-a": "unmap",  # detect_zeroes=unmap proves it on the top node
-        "disk-b": "unknown", "disk-c": "unknown"}
-    assert {t: layer(d, "block_node")["verdict"] for t, d in disks.items()} == {
-        "disk-a": "unknown", "disk-b": "unknown", "disk-c": "unknown"}
-    # The device layer needs no command line: the machine type still blocks virtio-blk.
+        "disk-b": "unknown", "disk-c": "unknown", "disk-e": "unknown", "ide0-hd0": "unknown"}
+    assert {layer(d, "block_node")["verdict"] for d in disks.values()} == {"unknown"}
+    # The device layer needs no command line: QOM's live virtio-blk `discard` property
+    # (false on disk-c by the machine type, true on disk-e by discard=on) decides it.
     assert code == 1
     assert "pc-i440fx-3.1" in layer(disks["disk-c"], "device")["reason"]
+    assert layer(disks["disk-c"], "device")["verdict"] == "block"
+    assert layer(disks["disk-e"], "device")["verdict"] == "pass"
 
 
 @pytest.fixture

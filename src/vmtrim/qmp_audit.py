@@ -246,10 +246,11 @@ class LiveDevice:
         rest = self.path[len(prefix):] if self.path.startswith(prefix) else ""
         return rest if rest and "/" not in rest else None
 
-    def names(self) -> set[str]:
-        """Names a command-line disk may have for this device."""
+    def names(self) -> set[tuple[str, str]]:
+        """(namespace, name) pairs by which a command-line disk may name this device."""
         top = self.top.node_name if self.top else None
-        return {n for n in (self.id, self.backend, top) if n}
+        return {(kind, name) for kind, name in (("id", self.id), ("backend", self.backend),
+                                                ("node", top)) if name}
 
     @property
     def ident(self) -> str:
@@ -407,14 +408,18 @@ def build_domain(live: LiveQemu, configured: Domain | None, subject: str,
     return domain
 
 
-def _disk_names(disk: Disk) -> set[str]:
-    names = {disk.ident}
+def _disk_names(disk: Disk) -> set[tuple[str, str]]:
+    """The names of a command-line disk, each in its QEMU namespace (device ids, drive
+    ids and node names may repeat across namespaces)."""
+    names = set()
+    if disk.device_properties.get("id"):
+        names.add(("id", str(disk.device_properties["id"])))
     if disk.node is not None:
         if disk.node.node_name:
-            names.add(disk.node.node_name)
-        label = disk.node.defined_by or ""
-        if label.startswith("-drive "):
-            names.add(label.split(" ")[1])
+            names.add(("node", disk.node.node_name))
+        label = (disk.node.defined_by or "").split(" ")
+        if label[0] == "-drive" and len(label) > 1:
+            names.add(("backend", label[1]))
     return names
 
 
@@ -472,8 +477,13 @@ def _overlay(live: BlockNode, conf: BlockNode | None, reason: str, depth: int) -
         return
     for role in ("file", "backing"):
         child = getattr(live, role)
-        if child is not None:
-            _overlay(child, getattr(conf, role) if conf else None, reason, depth + 1)
+        if child is None:
+            continue
+        below = getattr(conf, role) if conf else None
+        why = reason
+        if conf is not None and below is None and role == "backing":
+            why = f"{NOT_SHOWN} (a backing file QEMU opened from the image header)"
+        _overlay(child, below, why, depth + 1)
 
 
 def _same_node(live: BlockNode, conf: BlockNode) -> bool:
