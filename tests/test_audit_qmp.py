@@ -28,7 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmtrim.agent import SyncMonitor
-from vmtrim.qmp_audit import build_domain, parse_live
+from vmtrim.errors import BadInput
+from vmtrim.qmp_audit import build_domain, expect_greeting, parse_live
 
 pytestmark = pytest.mark.slow
 QEMU = "qemu-system-x86_64"
@@ -348,3 +349,19 @@ def test_parse_live_takes_any_answer(raw: dict[str, Any]) -> None:
     live = parse_live(raw)
     domain = build_domain(live, None, "fuzz.sock", "fuzzing")
     assert domain.name and all(disk.ident for disk in domain.disks)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=1, max_size=200))
+def test_any_greeting_is_qmp_or_bad_input(data: bytes) -> None:
+    """Whatever a socket says first, the check accepts a QMP greeting or names the socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX)
+    with ours, theirs:
+        theirs.sendall(data)
+        try:
+            expect_greeting(ours, "peer.sock", 1.0)
+        except BadInput as exc:
+            assert exc.subject == "peer.sock" and "not a QMP socket" in exc.message
+        else:
+            assert data.lstrip()[:1] == b"{"  # a greeting is a JSON object
+        assert ours.recv(4096, socket.MSG_PEEK) == data  # only peeked: qemu.qmp reads it next

@@ -95,7 +95,7 @@ def connect(path: str, timeout: float) -> tuple[socket.socket, int | None]:
             raise EnvironmentProblem(f"cannot connect: {exc.strerror or exc}",
                                      subject=path) from exc
         pid = _peer_pid(sock)
-        _expect_greeting(sock, path, timeout)
+        expect_greeting(sock, path, timeout)
         sock.setblocking(False)
         return sock, pid
     except BaseException:
@@ -112,7 +112,7 @@ def _peer_pid(sock: socket.socket) -> int | None:
     return pid or None  # 0: the listener lives in a PID namespace we cannot see
 
 
-def _expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
+def expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
     readable, _, _ = select.select([sock], [], [], timeout)
     if not readable:
         if _answers_like_agent(sock):
