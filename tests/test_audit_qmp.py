@@ -174,34 +174,55 @@ def test_live_facts_from_qmp(three_disks: Qemu, workdir: Path) -> None:
     assert disks["disk-c"]["qemu_device"] == "virtio-blk-pci"
 
 
-def test_hotplugged_disk_shows_up(workdir: Path) -> None:
+def test_hotplugged_disk_and_runtime_snapshot(workdir: Path) -> None:
     base = qcow2(workdir / "base.qcow2")
     image = workdir / "hot.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
                     str(image)], check=True)
-    with run_qemu(workdir, "hot", ["-device", "virtio-scsi-pci,id=scsi0"]) as qemu:
+    kept = qcow2(workdir / "kept.qcow2")
+    snapshot = workdir / "snap.qcow2"
+    extra = ["-device", "virtio-scsi-pci,id=scsi0",
+             "-drive", f"file={kept},format=qcow2,if=none,id=drive-k,discard=unmap",
+             "-device", "scsi-hd,drive=drive-k,id=disk-k,bus=scsi0.0"]
+    with run_qemu(workdir, "hot", extra) as qemu:
         with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
             monitor.execute("blockdev-add", {
                 "driver": "qcow2", "node-name": "hot-fmt", "discard": "unmap",
                 "file": {"driver": "file", "filename": str(image), "node-name": "hot-file"}})
             monitor.execute("device_add", {"driver": "scsi-hd", "drive": "hot-fmt",
                                            "id": "hot0", "bus": "scsi0.0"})
+        _, before = audit_json("--qmp", str(qemu.qmp))  # QMP takes one client at a time
+        with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
+            monitor.execute("blockdev-snapshot-sync", {
+                "device": "drive-k", "snapshot-file": str(snapshot), "format": "qcow2"})
         _, on_cmdline = audit_json("--pid", str(qemu.pid))
-        code, doc = audit_json("--qmp", str(qemu.qmp))
-    assert on_cmdline["disks"] == []
+        code, after = audit_json("--qmp", str(qemu.qmp))
+    assert [d["target"] for d in on_cmdline["disks"]] == ["disk-k"]
     assert code == 0
-    [disk] = doc["disks"]
-    assert (disk["target"], disk["source"], disk["bus"], disk["controller_model"]) == (
-        "hot0", str(image), "scsi", "virtio-scsi")
-    assert disk["discard"] == "unknown"
-    nodes = layer(disk, "block_node")
+    disks = by_target(before)
+    assert sorted(disks) == ["disk-k", "hot0"]
+    hot = disks["hot0"]
+    assert (hot["source"], hot["bus"], hot["controller_model"]) == (
+        str(image), "scsi", "virtio-scsi")
+    assert hot["discard"] == "unknown"
+    nodes = layer(hot, "block_node")
     assert nodes["verdict"] == "unknown"
     assert "QMP does not show discard" in nodes["reason"] and "hot-plugged" in nodes["reason"]
-    assert layer(disk, "device")["verdict"] == "pass"
+    assert layer(hot, "device")["verdict"] == "pass"
     # The backing chain QEMU opened, from the live node graph.
-    assert (disk["nodes"]["backing"]["driver"], disk["nodes"]["backing"]["filename"],
-            disk["nodes"]["backing"]["read_only"]) == ("qcow2", str(base), True)
-    assert any(str(base) in f["message"] for f in disk["findings"])  # overlay: base never shrinks
+    assert (hot["nodes"]["backing"]["driver"], hot["nodes"]["backing"]["filename"],
+            hot["nodes"]["backing"]["read_only"]) == ("qcow2", str(base), True)
+    assert any(str(base) in f["message"] for f in hot["findings"])  # overlay: base never shrinks
+    # A snapshot taken at runtime puts a new node on top: the command line no longer
+    # describes the node the device uses, so its discard is unknown; --pid cannot see it.
+    assert layer(disks["disk-k"], "block_node")["verdict"] == "pass"
+    kept_now = by_target(after)["disk-k"]
+    assert (kept_now["source"], kept_now["discard"]) == (str(snapshot), "unknown")
+    assert "created at runtime" in layer(kept_now, "block_node")["reason"]
+    below = kept_now["nodes"]["backing"]  # the configured node, now under the snapshot
+    assert (below["filename"], below["discard"], below["discard_unknown"]) == (
+        str(kept), "unmap", None)
+    assert layer(by_target(on_cmdline)["disk-k"], "block_node")["verdict"] == "pass"
 
 
 @contextlib.contextmanager

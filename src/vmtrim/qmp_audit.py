@@ -432,7 +432,7 @@ def _merged(domain: Domain, device: LiveDevice, disk: Disk) -> Disk:
     if device.top is not None:
         reason = (f"{NOT_SHOWN}, and this node is not on the command line (created at"
                   " runtime, e.g. by a snapshot or block job)")
-        _overlay(device.top, disk.node, reason, 0)
+        _overlay_disk(device.top, disk.node, reason)
         fill_disk_from_nodes(disk, device.top)
         _mark_unknown(disk)
     return disk
@@ -458,9 +458,26 @@ def _live_only(domain: Domain, device: LiveDevice, why: str) -> Disk:
     return disk
 
 
-def _overlay(live: BlockNode, conf: BlockNode | None, reason: str, depth: int) -> None:
-    """Give ``live`` (and its children, position by position) the discard of ``conf``."""
-    if conf is not None and _same_node(live, conf):
+def _overlay_disk(top: BlockNode, conf: BlockNode | None, reason: str) -> None:
+    """:func:`_overlay`, and when a runtime snapshot put new nodes over the configured
+    top, find the configured top further down the live backing chain."""
+    if _overlay(top, conf, reason, 0) or conf is None:
+        return
+    node, depth = top.backing, 0
+    while node is not None and depth < _MAX_DEPTH:
+        if _same_node(node, conf):
+            _overlay(node, conf, reason, 0)
+            return
+        node, depth = node.backing, depth + 1
+
+
+def _overlay(live: BlockNode, conf: BlockNode | None, reason: str, depth: int) -> bool:
+    """Give ``live`` (and its children, position by position) the discard of ``conf``.
+
+    Returns whether ``live`` matched ``conf``.
+    """
+    matched = conf is not None and _same_node(live, conf)
+    if conf is not None and matched:
         live.discard, live.inherited = conf.discard, conf.inherited
         live.discard_no_unref = conf.discard_no_unref
         live.defined_by, live.options = conf.defined_by, dict(conf.options)
@@ -474,7 +491,7 @@ def _overlay(live: BlockNode, conf: BlockNode | None, reason: str, depth: int) -
             # unmap"; blockdev-add on QEMU 7.2), so this node has discard=unmap.
             live.discard, live.discard_unknown = "unmap", None
     if depth >= _MAX_DEPTH:
-        return
+        return matched
     for role in ("file", "backing"):
         child = getattr(live, role)
         if child is None:
@@ -484,6 +501,7 @@ def _overlay(live: BlockNode, conf: BlockNode | None, reason: str, depth: int) -
         if conf is not None and below is None and role == "backing":
             why = f"{NOT_SHOWN} (a backing file QEMU opened from the image header)"
         _overlay(child, below, why, depth + 1)
+    return matched
 
 
 def _same_node(live: BlockNode, conf: BlockNode) -> bool:
