@@ -56,7 +56,7 @@ from vmtrim.qemu_args import fill_disk_from_nodes, read_pid
 
 NOT_SHOWN = "QMP does not show discard"
 _MAX_DEPTH = 64
-_PEER_PROPERTIES = ("discard", "discard_granularity")  # device properties the audit reads
+_DEVICE_PROPERTIES = ("discard", "discard_granularity")  # device properties the audit reads
 
 
 # ---------------------------------------------------------------- connecting
@@ -113,6 +113,7 @@ def _peer_pid(sock: socket.socket) -> int | None:
 
 
 def expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
+    """Check, without consuming it, that the peer greets like QMP (``{"QMP": ...}``)."""
     readable, _, _ = select.select([sock], [], [], timeout)
     if not readable:
         if _answers_like_agent(sock):
@@ -120,7 +121,13 @@ def expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
                            subject=path)
         raise EnvironmentProblem(f"no QMP greeting within {timeout:g} s (is another client"
                                  " holding the monitor?)", subject=path)
-    head = sock.recv(4096, socket.MSG_PEEK)
+    try:
+        head = sock.recv(4096, socket.MSG_PEEK)
+    except OSError as exc:
+        raise EnvironmentProblem(f"connection lost: {exc.strerror or exc}",
+                                 subject=path) from exc
+    if not head:
+        raise BadInput("not a QMP socket (it hung up without a greeting)", subject=path)
     line = head.split(b"\n", 1)[0].strip()
     try:
         greeting = json.loads(line)
@@ -128,7 +135,7 @@ def expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
         greeting = None
     whole = isinstance(greeting, dict) and "QMP" in greeting
     if not (whole or (b"\n" not in head and line.startswith(b'{"QMP"'))):  # a partial line
-        shown = line[:40].decode("utf-8", "replace") if line else "closed without a word"
+        shown = head.strip()[:40].decode("utf-8", "replace")
         raise BadInput(f"not a QMP socket (it said {shown!r})", subject=path)
 
 
@@ -204,11 +211,10 @@ async def _device_facts(monitor: _SocketMonitor, path: str) -> dict[str, Any]:
         return await monitor.optional("qom-get", {"path": where, "property": name})
 
     listed = await monitor.optional("qom-list", {"path": path})
-    names = {p.get("name") for p in listed if isinstance(p, dict)} if isinstance(listed,
-                                                                                 list) else set()
+    names = {p.get("name") for p in _dicts(listed)}  # properties this device type has
     facts: dict[str, Any] = {"type": await get(path, "type"),
                              "hotplugged": await get(path, "hotplugged")}
-    for name in _PEER_PROPERTIES:
+    for name in _DEVICE_PROPERTIES:
         if name in names:
             facts[name] = await get(path, name)
     bus = await get(path, "parent_bus")
@@ -307,7 +313,7 @@ def parse_live(raw: dict[str, Any]) -> LiveQemu:
             hotplugged=facts.get("hotplugged") if isinstance(facts.get("hotplugged"),
                                                              bool) else None,
             controller=facts["controller"] if isinstance(facts.get("controller"), str) else None,
-            properties={k: facts[k] for k in _PEER_PROPERTIES if k in facts},
+            properties={k: facts[k] for k in _DEVICE_PROPERTIES if k in facts},
             top=top,
         ))
     return live
