@@ -164,6 +164,26 @@ def test_virtio_blk_on_machine_3_1_does_not_reclaim(
     assert cell["trim_error"]  # the guest's fstrim fails: the device has no discard at all
 
 
+def test_matrix_slice_runs_in_parallel_and_prints_the_table(
+        tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    _, env = tmpdir_env
+    # --bus and --format pin those dimensions: 3 modes x 2 discard settings remain
+    code, doc, err = verify_json(env, "--matrix", "--bus", "virtio-blk", "--format", "raw",
+                                 "--size", "8")
+    assert code == 0, err
+    cells = doc["cells"]
+    assert [(c["mode"], c["discard"]) for c in cells] == [
+        (m, d) for m in ("online", "fstrim", "agent") for d in ("unmap", "ignore")]
+    for c in cells:
+        assert c["ok"] and c["measured"] == c["expected"]
+        assert (c["reclaimed_bytes"] >= 0.99 * c["written_bytes"]) == (c["discard"] == "unmap")
+    table = vmtrim(env, "verify", "--accel", "tcg", "--matrix", "--bus", "virtio-blk",
+                   "--format", "raw", "--mode", "fstrim", "--size", "8")
+    assert table.returncode == 0, table.stderr
+    rows = [ln for ln in table.stdout.splitlines() if "virtio-blk" in ln]
+    assert len(rows) == 2 and all("fstrim" in r and "yes" in r for r in rows)
+
+
 @pytest.mark.libvirt
 def test_libvirt_cell_reclaims(libvirtd: str, tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     tmp, env = tmpdir_env

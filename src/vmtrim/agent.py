@@ -300,7 +300,7 @@ class _Blocking(Generic[S]):
         try:
             self._run(self._session.__aenter__())
         except BaseException:
-            self._loop.close()
+            self._close_loop()
             raise
         return self
 
@@ -309,7 +309,17 @@ class _Blocking(Generic[S]):
         try:
             self._run(self._session.close())
         finally:
-            self._loop.close()
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        """Cancel what a Ctrl-C left running, so nothing is destroyed while pending."""
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            with contextlib.suppress(BaseException):
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
 
 class SyncGuestAgent(_Blocking[GuestAgent]):

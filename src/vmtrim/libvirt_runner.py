@@ -37,6 +37,7 @@ from vmtrim.vm import (
     GuestFailed,
     GuestSpec,
     RunPaths,
+    launching,
 )
 
 # libvirt <target bus=...> and device name for each verify bus.
@@ -156,7 +157,8 @@ class LibvirtGuest(GuestBase):
         workdir.chmod(0o750)
         xml = domain_xml(self.spec, self.name, self.paths, kernel, initrd)
         try:
-            self._dom = self._conn.createXML(xml, 0)
+            with launching():
+                self._dom = self._conn.createXML(xml, 0)
         except lv.libvirtError as exc:
             raise GuestFailed(f"libvirt did not start the domain: {exc.get_error_message()}",
                               subject=self.subject) from exc

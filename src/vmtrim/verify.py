@@ -50,6 +50,7 @@ from vmtrim.vm import (
     machine_version,
     make_workdir,
     qemu_version,
+    stop_all,
 )
 
 MODES = ("online", "fstrim", "agent")
@@ -325,9 +326,12 @@ def _int(text: str | None) -> int | None:
 # --- the matrix ------------------------------------------------------------------------------
 
 
-def matrix_cells(size_mib: int, fs: str = "ext4") -> list[Cell]:
+def matrix_cells(size_mib: int, fs: str = "ext4", *, buses: tuple[str, ...] = BUSES,
+                 formats: tuple[str, ...] = FORMATS, modes: tuple[str, ...] = MODES,
+                 discards: tuple[str, ...] = DISCARDS) -> list[Cell]:
+    """Every bus x format x mode x discard cell (or the slice the arguments keep)."""
     return [Cell(bus, fmt, mode, discard, size_mib, fs)
-            for bus, fmt, mode, discard in itertools.product(BUSES, FORMATS, MODES, DISCARDS)]
+            for bus, fmt, mode, discard in itertools.product(buses, formats, modes, discards)]
 
 
 def run_cells(cells: list[Cell], settings: Settings, *, jobs: int | None = None,
@@ -355,8 +359,10 @@ def run_cells(cells: list[Cell], settings: Settings, *, jobs: int | None = None,
                 if on_done is not None:
                     on_done(res)
         except BaseException:
+            # Ctrl-C/SIGTERM: kill the running guests now, or the pool would wait for them.
             for f in futures:
                 f.cancel()
+            stop_all()
             raise
     return [results[c] for c in cells]
 

@@ -59,6 +59,9 @@ class Stoppable(Protocol):
 
 LIVE: set[Stoppable] = set()
 _LIVE_LOCK = threading.Lock()
+# Set once an interrupt stops everything: a guest that is still starting in another
+# thread must not carry on as if nothing happened.
+STOPPING = threading.Event()
 
 
 def register(thing: Stoppable) -> None:
@@ -73,6 +76,7 @@ def unregister(thing: Stoppable) -> None:
 
 def stop_all() -> None:
     """Stop every VM and domain this process started and has not stopped yet."""
+    STOPPING.set()
     with _LIVE_LOCK:
         things = list(LIVE)
     for thing in things:
@@ -82,25 +86,55 @@ def stop_all() -> None:
 
 atexit.register(stop_all)
 
+# A signal that lands between starting a VM and recording its handle would leak the
+# VM, so the handler below only notes it inside `launching()` and raises at its end.
+_critical = 0
+_deferred = False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _deferred
+    if _critical:
+        _deferred = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def launching() -> Iterator[None]:
+    """Start a VM and record its handle in here; a Ctrl-C/SIGTERM waits until the end."""
+    global _critical, _deferred
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        _critical += 1
+    try:
+        yield
+    finally:
+        if main:
+            _critical -= 1
+            if not _critical and _deferred:
+                _deferred = False
+                raise KeyboardInterrupt
+    if STOPPING.is_set():
+        raise KeyboardInterrupt
+
 
 @contextlib.contextmanager
 def cleanup_on_signals() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt and stop all VMs on either (main thread only)."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt (outside `launching`); stop all VMs then."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    STOPPING.clear()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
         stop_all()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- what to boot ------------------------------------------------------------------------
@@ -447,7 +481,7 @@ class DirectGuest(GuestBase):
         if shutil.which(QEMU) is None:
             raise EnvironmentProblem(f"{QEMU} is not installed", subject=self.subject)
         argv = qemu_argv(self.spec, self.paths)
-        with open(self.paths.stderr, "wb") as err:
+        with open(self.paths.stderr, "wb") as err, launching():
             # Own session: a Ctrl-C on the terminal reaches vmtrim, which stops QEMU itself.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
                                             stderr=err, start_new_session=True)

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
               show_default=True, help="MiB to write and delete.")
 @click.option("--fs", type=click.Choice(FILESYSTEMS), default="ext4",
               show_default=True, help="Guest filesystem.")
-@click.option("--matrix", is_flag=True, help="Run every bus x format x mode x discard cell.")
+@click.option("--matrix", is_flag=True, help="Run every bus x format x mode x discard cell "
+              "(--bus, --format, --mode or --discard given too keep only that value).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=None,
               help="Cells at once with --matrix (default: the CPU count).")
 @click.option("--machine", default="pc", show_default=True,
@@ -43,8 +44,9 @@ if TYPE_CHECKING:
 @click.option("--modules", type=click.Path(path_type=Path), help="Its modules directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--png", type=click.Path(path_type=Path), help="Write a chart of the results.")
-def verify(bus: str, fmt: str, mode: str, discard: str, size_mib: int, fs: str, matrix: bool,
-           jobs: int | None, machine: str, accel: str, connect: str | None,
+@click.pass_context
+def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size_mib: int,
+           fs: str, matrix: bool, jobs: int | None, machine: str, accel: str, connect: str | None,
            boot_timeout: float, kernel: Path | None, modules: Path | None, as_json: bool,
            png: Path | None) -> int:
     """Boot a throwaway guest, write and delete data, and measure the host image shrink.
@@ -68,7 +70,8 @@ def verify(bus: str, fmt: str, mode: str, discard: str, size_mib: int, fs: str, 
         settings = Settings(appliance, accel=chosen, machine=machine, connect=connect,
                             boot_timeout=boot_timeout)
         if matrix:
-            cells = matrix_cells(size_mib, fs)
+            cells = matrix_cells(size_mib, fs, **_pinned(ctx, buses=bus, formats=fmt,
+                                                         modes=mode, discards=discard))
             with Progress("[progress.description]{task.description}", BarColumn(),
                           MofNCompleteColumn(), TimeElapsedColumn(), console=err,
                           transient=True) as progress:
@@ -96,6 +99,13 @@ def verify(bus: str, fmt: str, mode: str, discard: str, size_mib: int, fs: str, 
     return 0 if all(r.ok for r in results) else 1
 
 
+def _pinned(ctx: click.Context, **values: str) -> dict[str, tuple[str, ...]]:
+    """The matrix dimensions the user pinned on the command line (not the defaults)."""
+    names = {"buses": "bus", "formats": "fmt", "modes": "mode", "discards": "discard"}
+    return {dim: (value,) for dim, value in values.items()
+            if ctx.get_parameter_source(names[dim]) == click.core.ParameterSource.COMMANDLINE}
+
+
 def _render(results: list[CellResult], host: dict[str, object]) -> None:
     from rich.table import Table
 
@@ -105,6 +115,8 @@ def _render(results: list[CellResult], host: dict[str, object]) -> None:
     if len(results) == 1:
         _render_cell(results[0])
         return
+    if not out.is_terminal:  # a file or pipe has no width of its own; keep rows unwrapped
+        out.width = max(out.width, 132)
     table = Table("bus", "format", "mode", "discard", "du before", "du after", "reclaimed",
                   "expected", "measured", "ok", "s")
     for r in results:
