@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def appliance() -> Appliance:
 
 @pytest.fixture(scope="module")
 def kernel_tree(appliance: Appliance,
-                tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A kernel image and depmod'ed modules directory, unpacked from the cached .deb."""
     debs = sorted((cache_root() / "kernels").glob("linux-image-*.deb"))
     assert debs, "the default build keeps Debian's kernel package in the cache"
@@ -35,7 +36,8 @@ def kernel_tree(appliance: Appliance,
     (image,) = (root / "boot").glob("vmlinuz-*")
     version = image.name.removeprefix("vmlinuz-")
     subprocess.run(["depmod", "-b", str(root), version], check=True, timeout=300)
-    return image, root / "lib" / "modules" / version
+    yield image, root / "lib" / "modules" / version
+    shutil.rmtree(root)  # 400 MB unpacked: do not leave it to pytest's retention
 
 
 def lab_build(cache: Path, *args: str) -> tuple[int, dict[str, Any], str]:
