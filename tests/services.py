@@ -1,5 +1,8 @@
 """Start and stop the real libvirtd + virtlogd for the tests (as root, no systemd).
 
+They run under tests/reaper.py, a child subreaper, because PID 1 here does not reap
+the QEMU processes libvirt daemonizes (see reaper.py).
+
 The tests meet the same libvirtd a user runs. We start the daemons ourselves and
 stop them by the PID we started; a daemon that was already running is used as it
 is and left alone.
@@ -11,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,18 +63,29 @@ def _running(name: str) -> bool:
 @dataclass
 class Daemons:
     uri: str = URI
+    # (name, pid) in start order; the reaper (last) is stopped first and stops the others.
     started: list[tuple[str, int]] = field(default_factory=list)
+    process: subprocess.Popen[str] | None = None
 
     def stop(self) -> None:
         for name, pid in reversed(self.started):
-            if not _alive(pid):
+            if self.process is not None and pid == self.process.pid:
+                # Our own child: wait() reaps it (a zombie would look alive to kill(0)).
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            elif _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 15
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            else:
                 continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
             print(f"services: stopped {name} (pid {pid})")
         self.started.clear()
 
@@ -98,17 +113,24 @@ def start_libvirtd(timeout: float = 60.0) -> Daemons:
     for directory in RUNTIME_DIRS:
         Path(directory).mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
+    reaper = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("reaper.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daemons.started.append(("reaper", reaper.pid))
     try:
-        for name in ("virtlogd", "libvirtd"):
-            pidfile = Path(f"/run/vmtrim-tests-{name}.pid")
-            pidfile.unlink(missing_ok=True)
-            subprocess.run([name, "-d", "-p", str(pidfile)], check=True, timeout=timeout)
-            daemons.started.append((name, _read_pid(pidfile, deadline)))
+        assert reaper.stdout is not None
+        line = reaper.stdout.readline().split()
+        for item in line:
+            name, _, pid = item.partition("=")
+            daemons.started.insert(0, (name, int(pid)))
         while not libvirtd_answers():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or reaper.poll() is not None:
                 raise RuntimeError(f"libvirtd did not answer on {URI} within {timeout:.0f} s")
             time.sleep(0.2)
     except BaseException:
         daemons.stop()
         raise
+    daemons.process = reaper
     return daemons
