@@ -294,7 +294,20 @@ class _Blocking(Generic[S]):
         self._session = session
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coro)
+        task = self._loop.create_task(coro)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            # A Ctrl-C/SIGTERM can leave the task pending; finish it here, or its later
+            # failure (the VM is killed) is logged at exit as "never retrieved".
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            if not task.cancelled():
+                with contextlib.suppress(BaseException):
+                    task.exception()
+            raise
 
     def __enter__(self) -> Self:
         try:
