@@ -469,11 +469,15 @@ class DirectGuest(GuestBase):
     """A lab guest under a QEMU process this object starts, and always stops.
 
     Use as a context manager. The caller owns ``workdir`` (sockets, logs, images).
+    ``rewrite_argv`` receives the lab's command line and returns the one to run (e.g.
+    a user's disk options, or that line after ``vmtrim fix``); the channels stay.
     """
 
     def __init__(self, spec: GuestSpec, workdir: Path, *, subject: str = "vm",
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0,
+                 rewrite_argv: Callable[[list[str]], list[str]] | None = None) -> None:
         super().__init__(spec, workdir, subject=subject, connect_timeout=connect_timeout)
+        self.rewrite_argv = rewrite_argv
         self.process: subprocess.Popen[bytes] | None = None
         self._info: dict[str, Any] = {}
 
@@ -481,6 +485,8 @@ class DirectGuest(GuestBase):
         if shutil.which(QEMU) is None:
             raise EnvironmentProblem(f"{QEMU} is not installed", subject=self.subject)
         argv = qemu_argv(self.spec, self.paths)
+        if self.rewrite_argv is not None:
+            argv = self.rewrite_argv(argv)
         with open(self.paths.stderr, "wb") as err, launching():
             # Own session: a Ctrl-C on the terminal reaches vmtrim, which stops QEMU itself.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
