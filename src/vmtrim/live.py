@@ -221,7 +221,8 @@ def match_guest_disk(entry: dict[str, Any], addresses: dict[str, _Address]) -> s
 
     By serial when both sides have one; otherwise by bus type and address: virtio-blk by
     the device's PCI address, SCSI by the controller's PCI address plus target and unit,
-    IDE/SATA by bus and unit. With one disk of that bus type, that disk.
+    IDE/SATA by the controller's PCI address plus bus and unit (every AHCI or IDE
+    controller numbers its ports from 0). With one disk of that bus type, that disk.
     """
     serial = entry.get("serial")
     if serial:
@@ -238,7 +239,8 @@ def match_guest_disk(entry: dict[str, Any], addresses: dict[str, _Address]) -> s
                 addr.drive[1], addr.drive[2]) == (entry.get("target"), entry.get("unit")):
             return dev
         if bus_type in ("ide", "sata") and addr.drive is not None and (
-                addr.drive[0], addr.drive[2]) == (entry.get("bus"), entry.get("unit")):
+                addr.drive[0], addr.drive[2]) == (entry.get("bus"), entry.get("unit")) and (
+                addr.pci is None or pci is None or addr.pci == pci):
             return dev
     return next(iter(same_bus)) if len(same_bus) == 1 else None
 
