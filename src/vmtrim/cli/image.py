@@ -24,7 +24,7 @@ def image() -> None:
 
 
 @image.command("info")
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image/1 JSON document.")
 @click.option("--scan-zeros", is_flag=True,
               help="Also read every data cluster to find all-zero ones (slow).")
@@ -50,7 +50,7 @@ def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing
 
 
 @image.command("map")
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True,
               help="Print one vmtrim.image-map/1 JSON document (extents as qemu-img map).")
 @click.option("-f", "--format", "fmt", type=FORMATS, default=None,
