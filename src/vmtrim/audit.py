@@ -391,7 +391,8 @@ class _DiskAudit:
         from vmtrim.image import inspect  # numpy: only when there is an image to read
 
         try:
-            return inspect(disk.source, follow_backing=False)
+            # Only header facts are used here; the metadata scan is for `image info`.
+            return inspect(disk.source, follow_backing=False, header_only=True)
         except (VmtrimError, OSError) as exc:
             text = exc.one_line() if isinstance(exc, VmtrimError) else str(exc)
             self.findings.append(Finding(Severity.WARNING, LayerKind.BLOCK_NODE,

@@ -186,11 +186,13 @@ def chain_paths(path: str, fmt: str | None = None) -> list[tuple[str, str]]:
 
 def inspect(path: str | os.PathLike[str], *, scan_zeros: bool = False,
             follow_backing: bool = True, fmt: str | None = None,
-            progress: Progress | None = None) -> ImageInfo:
+            progress: Progress | None = None, header_only: bool = False) -> ImageInfo:
     """Read ``path`` (qcow2 or raw) read-only and return what it holds.
 
     With ``follow_backing`` every layer of the backing chain is inspected too
-    and linked through :attr:`ImageInfo.backing`.
+    and linked through :attr:`ImageInfo.backing`. With ``header_only`` the qcow2
+    L2/refcount scan is skipped: header facts, sizes and allocation only, and the
+    cluster counts and views stay unset (what audit needs, without reading metadata).
     """
     path = os.fspath(path)
     layers = chain_paths(path, fmt) if follow_backing else [(path, fmt or probe_format(path))]
@@ -200,7 +202,7 @@ def inspect(path: str | os.PathLike[str], *, scan_zeros: bool = False,
             infos.append(_inspect_raw(layer_path, scan_zeros, progress))
         else:
             with Qcow2Reader(layer_path) as reader:
-                infos.append(_inspect_qcow2(reader, scan_zeros, progress))
+                infos.append(_inspect_qcow2(reader, scan_zeros, progress, header_only))
     for upper, lower in itertools.pairwise(infos):
         upper.backing = lower
     return infos[0]
@@ -237,7 +239,7 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
 
 
 def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
-                   progress: Progress | None) -> ImageInfo:
+                   progress: Progress | None, header_only: bool = False) -> ImageInfo:
     from vmtrim.qcow2_scan import scan
 
     h = reader.header
@@ -266,6 +268,8 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
         # a protocol backing (nbd://, json:) has no path; following it is what fails
         with contextlib.suppress(ImageError):
             info.backing_path = resolve_backing(reader.path, h.backing_file)
+    if header_only:
+        return info
     s = scan(reader, want_units=True)
     info.total_clusters = s.total_clusters
     info.allocated_clusters = s.allocated_clusters
