@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmtrim.errors import BadInput
 from vmtrim.facts import FORMATS, PROTOCOLS
 from vmtrim.model import DeviceType, Disk, DiskReport, Layer, LayerKind, StorageKind, Verdict
 
@@ -38,6 +39,13 @@ class FixOptions:
     bus: str | None = None  # "scsi" or None
     all_disks: bool = False
     modernize: bool = False
+
+    def check(self, subject: str, *, command_line: bool) -> None:
+        """Raise :class:`BadInput` for options the input kind cannot take."""
+        if self.bus not in (None, "scsi"):
+            raise BadInput(f"--bus {self.bus}: only 'scsi' is supported", subject=subject)
+        if self.modernize and not command_line:
+            raise BadInput("--modernize applies to QEMU command lines, not libvirt XML", subject)
 
 
 @dataclass(frozen=True)

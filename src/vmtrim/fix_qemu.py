@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmtrim.audit import audit_domain
-from vmtrim.errors import BadInput
 from vmtrim.fix import (
     Change,
     FixOptions,
@@ -536,8 +535,7 @@ def fix_qemu_args(
 ) -> FixResult:
     """Fix a QEMU command line (shell text or NUL-separated). Raises only BadInput on bad input."""
     options = options or FixOptions()
-    if options.bus not in (None, "scsi"):
-        raise BadInput(f"--bus {options.bus}: only 'scsi' is supported", subject=subject)
+    options.check(subject, command_line=True)
     probes = probes or HostProbes()
     argv = tokenize(data, subject)
     domain = parse_qemu_command(argv, subject)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from vmtrim.audit import audit_domain
-from vmtrim.errors import BadInput
 from vmtrim.fix import (
     Change,
     FixOptions,
@@ -70,10 +69,7 @@ def fix_domain_xml(
 ) -> FixResult:
     """Fix one libvirt domain XML document. Raises only :class:`BadInput` on bad input."""
     options = options or FixOptions()
-    if options.bus not in (None, "scsi"):
-        raise BadInput(f"--bus {options.bus}: only 'scsi' is supported", subject=subject)
-    if options.modernize:
-        raise BadInput("--modernize applies to QEMU command lines, not libvirt XML", subject)
+    options.check(subject, command_line=False)
     probes = probes or HostProbes()
     domain = parse_domain_xml(xml_text, subject)
     editor = XmlEditor(xml_text, subject)
