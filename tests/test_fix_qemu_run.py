@@ -12,19 +12,19 @@ node down to the file.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fix_support import AUDIT_DATA, materialize
+from vmtrim.agent import SyncMonitor
+from vmtrim.allocation import allocated_bytes
+from vmtrim.errors import EnvironmentProblem
 from vmtrim.fix import FixOptions
 from vmtrim.fix_qemu import fix_qemu_args
 from vmtrim.hostprobe import HostProbes
@@ -34,45 +34,6 @@ from vmtrim.qemu_args import parse_qemu_command, tokenize
 pytestmark = pytest.mark.slow
 
 
-class Qmp:
-    """A minimal synchronous QMP client (line-delimited JSON over a unix socket)."""
-
-    def __init__(self, path: Path, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.settimeout(timeout)
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        while True:
-            message: dict[str, Any] = json.loads(self.file.readline())
-            if "event" not in message:
-                return message
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        request = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        self.file.write(json.dumps(request).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        assert "error" not in reply, (command, reply)
-        return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 def qemu_argv(fixed_text: str) -> list[str]:
     """The option part of a command line (no environment, no program, no KVM)."""
     argv = tokenize(fixed_text)
@@ -80,7 +41,7 @@ def qemu_argv(fixed_text: str) -> list[str]:
     return [a for a in argv[start:] if a not in ("--enable-kvm", "-enable-kvm")]
 
 
-def start(argv: list[str], directory: Path) -> Iterator[Qmp]:
+def start(argv: list[str], directory: Path) -> Iterator[SyncMonitor]:
     sock = directory / "qmp.sock"
     log = directory / "qemu.log"
     command = [
@@ -91,13 +52,13 @@ def start(argv: list[str], directory: Path) -> Iterator[Qmp]:
         # stderr is where QEMU reports errors; HMP qemu-io prints its progress on stdout.
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
-        try:
-            qmp = Qmp(sock)
-        except OSError:
-            proc.wait(timeout=10)
-            raise AssertionError(f"QEMU did not start: {log.read_text()}") from None
-        yield qmp
-        qmp.close()
+        with contextlib.ExitStack() as stack:
+            try:
+                qmp = stack.enter_context(SyncMonitor(str(sock), timeout=20))
+            except EnvironmentProblem:
+                proc.wait(timeout=10)
+                raise AssertionError(f"QEMU did not start: {log.read_text()}") from None
+            yield qmp
         # QEMU reported no error. (A warning about probing the format of an image given
         # without format=, like legacy-mixed's -hdb, belongs to the input, not the fix.)
         errors = [line for line in log.read_text().splitlines()
@@ -109,30 +70,30 @@ def start(argv: list[str], directory: Path) -> Iterator[Qmp]:
         proc.wait(timeout=30)
 
 
-def devices(qmp: Qmp) -> dict[str, str]:
+def devices(qmp: SyncMonitor) -> dict[str, str]:
     """image file name -> QOM type of the device it is inserted in."""
     found = {}
     for entry in qmp.execute("query-block"):
         inserted = entry.get("inserted")
         if not inserted or not entry.get("qdev"):
             continue
-        kind = qmp.execute("qom-get", path=entry["qdev"], property="type")
+        kind = qmp.execute("qom-get", {"path": entry["qdev"], "property": "type"})
         found[Path(inserted["image"]["filename"]).name] = kind
     return found
 
 
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
+def hmp(qmp: SyncMonitor, command_line: str) -> None:
+    qmp.execute("human-monitor-command", {"command-line": command_line})
 
 
-def discard_reclaims(qmp: Qmp, qdev: str, image: Path) -> tuple[int, int]:
+def discard_reclaims(qmp: SyncMonitor, qdev: str, image: Path) -> tuple[int, int]:
     """Write 1 MiB through the device's BlockBackend, then discard it: (after write, after)."""
-    qmp.execute("human-monitor-command", **{"command-line": f'qemu-io -d {qdev} "write 0 1M"'})
-    qmp.execute("human-monitor-command", **{"command-line": f'qemu-io -d {qdev} "flush"'})
-    written = allocated(image)
-    qmp.execute("human-monitor-command", **{"command-line": f'qemu-io -d {qdev} "discard 0 1M"'})
-    qmp.execute("human-monitor-command", **{"command-line": f'qemu-io -d {qdev} "flush"'})
-    return written, allocated(image)
+    hmp(qmp, f'qemu-io -d {qdev} "write 0 1M"')
+    hmp(qmp, f'qemu-io -d {qdev} "flush"')
+    written = allocated_bytes(image)
+    hmp(qmp, f'qemu-io -d {qdev} "discard 0 1M"')
+    hmp(qmp, f'qemu-io -d {qdev} "flush"')
+    return written, allocated_bytes(image)
 
 
 def expected_devices(fixed_text: str, directory: Path) -> dict[str, str]:
@@ -179,7 +140,7 @@ def test_fixed_command_line_runs_with_the_chosen_devices(
         got = devices(qmp)
         assert {k: got.get(k) for k in want} == want
         if options.detect_zeroes:
-            nodes = qmp.execute("query-named-block-nodes", flat=True)
+            nodes = qmp.execute("query-named-block-nodes", {"flat": True})
             tops = [n for n in nodes if n["drv"] in ("qcow2", "raw") and n["node-name"] in
                     ("top", "rawtop")]  # fmt: skip
             assert {n["detect_zeroes"] for n in tops} == {"unmap"}
