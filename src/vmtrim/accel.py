@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from vmtrim.atomic import atomic_write
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance, cache_root
 from vmtrim.vm import DirectGuest, GuestSpec, make_workdir, qemu_version
@@ -68,8 +69,7 @@ def choose_accel(requested: str, appliance: Appliance) -> str:
         pass
     works, reason = probe_kvm(appliance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "kvm": works, "reason": reason,
-                               "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"key": key, "kvm": works, "reason": reason,
+                                   "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                              time.gmtime())}))
     return "kvm" if works else "tcg"
