@@ -135,11 +135,6 @@ def _opts_set(text: str, key: str, value: str) -> str:
     return ",".join(_escape(part) for part in parts)
 
 
-def _opts_drop(text: str, keys: tuple[str, ...]) -> str:
-    parts = [p for p in split_commas(text) if p.partition("=")[0] not in keys]
-    return ",".join(_escape(part) for part in parts)
-
-
 def _opts_text(pairs: list[tuple[str, str]]) -> str:
     return ",".join(_escape(f"{key}={value}") for key, value in pairs)
 

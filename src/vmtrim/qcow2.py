@@ -89,13 +89,6 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class Bitmap:
-    name: str
-    table_offset: int
-    table_size: int
-
-
-@dataclass(frozen=True)
 class Header:
     version: int
     cluster_bits: int

@@ -268,14 +268,3 @@ def _compare(reader: Qcow2Reader, res: Scan, meta: list[I64], data: list[I64]) -
     res.metadata_clusters = int(np.count_nonzero(np.bincount(meta_in, minlength=nb)))
     res.metadata_clusters += len(set(meta_refs[meta_refs >= nb].tolist()))
     _detect_prealloc(reader, res)
-
-
-KIND_NAMES = {
-    UNALLOCATED_PLAIN: "unallocated",
-    UNALLOCATED_ALLOC: "unallocated_preallocated",
-    ZERO_PLAIN: "zero",
-    ZERO_ALLOC: "zero_preallocated",
-    NORMAL: "data",
-    COMPRESSED: "compressed",
-    INVALID: "invalid",
-}
