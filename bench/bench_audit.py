@@ -91,9 +91,9 @@ def main() -> int:
 
     from lxml import etree
 
-    from vmtrim.audit import audit_domain
-    from vmtrim.hostprobe import HostProbes
-    from vmtrim.libvirt_xml import parse_domain_file
+    from vmtrim.audit.engine import audit_domain
+    from vmtrim.audit.hostprobe import HostProbes
+    from vmtrim.sources.libvirt_xml import parse_domain_file
 
     rng = random.Random(2026)
     with tempfile.TemporaryDirectory(prefix="vmtrim-bench-audit-") as folder:

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from vmtrim.audit import audit_domain
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_file, parse_domain_xml
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.model import DiskReport, LayerKind, Verdict
-from vmtrim.qemu_args import parse_qemu_command, read_args_file
+from vmtrim.sources.libvirt_xml import parse_domain_file, parse_domain_xml
+from vmtrim.sources.qemu_args import parse_qemu_command, read_args_file
 
 DATA = Path(__file__).parent / "data" / "audit"
 OFFLINE = HostProbes(local=False)
@@ -131,7 +131,7 @@ def test_cdroms_read_only_and_empty_drives_do_not_fail_the_run() -> None:
 
 def test_json_document_shape() -> None:
     _, doc = audit_json("--no-probe", "--xml", str(DATA / "design-scsi.xml"))
-    assert doc["schema"] == "vmtrim.audit/1"
+    assert doc["schema"] == "vmtrim.audit.engine/1"
     (disk,) = doc["disks"]
     for key in ("domain", "target", "device", "bus", "source", "format", "discard", "verdict",
                 "layers", "findings"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vmtrim.audit import audit_domain
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.model import Domain, GuestFilesystem, GuestInfo, LayerKind, Verdict
+from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 XML = """<domain><name>g</name><os><type machine='pc-q35-7.2'>hvm</type></os><devices>
 <disk type='file'><driver name='qemu' type='raw' discard='unmap'/><source file='/x.img'/>

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from vmtrim import hostprobe
-from vmtrim.audit import audit_domain
-from vmtrim.hostprobe import HostProbes, block_device_probe
-from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes, block_device_probe
 from vmtrim.model import DiskReport, LayerKind, Severity, Verdict
+from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 
 def run(*cmd: str) -> str:

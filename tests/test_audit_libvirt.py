@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from test_audit_pairs import NAMES, PAIRS, signature
-from vmtrim.libvirt_xml import parse_domain_file
-from vmtrim.qemu_args import parse_qemu_command, tokenize
+from vmtrim.sources.libvirt_xml import parse_domain_file
+from vmtrim.sources.qemu_args import parse_qemu_command, tokenize
 
 pytestmark = pytest.mark.libvirt
 

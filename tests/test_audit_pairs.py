@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from vmtrim.audit import audit_domain
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_file
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.model import DiskReport, Domain
-from vmtrim.qemu_args import read_args_file
+from vmtrim.sources.libvirt_xml import parse_domain_file
+from vmtrim.sources.qemu_args import read_args_file
 
 PAIRS = Path(__file__).parent / "data" / "audit" / "pairs"
 NAMES = sorted(path.stem for path in PAIRS.glob("*.xml"))

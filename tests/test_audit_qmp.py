@@ -27,9 +27,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmtrim.agent import SyncMonitor
+from vmtrim.channels.qmp import SyncMonitor
 from vmtrim.errors import BadInput
-from vmtrim.qmp_audit import build_domain, expect_greeting, parse_live
+from vmtrim.sources.qmp import build_domain, expect_greeting, parse_live
 
 pytestmark = pytest.mark.slow
 QEMU = "qemu-system-x86_64"

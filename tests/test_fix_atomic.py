@@ -1,4 +1,4 @@
-"""Atomic writes and 0600 backups (vmtrim.atomic), checked on the real filesystem."""
+"""Atomic writes and 0600 backups (vmtrim._util.files), checked on the real filesystem."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmtrim.atomic import atomic_write, backup_beside, backup_to_state, state_backup_dir
+from vmtrim._util.files import atomic_write, backup_beside, backup_to_state, state_backup_dir
 from vmtrim.errors import BadInput
 
 ORIGINAL = b"<domain type='qemu'>\n  <name>keep</name>\n</domain>\n"
@@ -85,7 +85,7 @@ def test_killed_writer_leaves_original_intact(tmp_path: Path) -> None:
     target.write_bytes(ORIGINAL)
     payload = "Z" * 64 * 200  # 200 chunks of 64 bytes at 20 ms each: 4 s if not killed
     script = (
-        "import sys; from vmtrim.atomic import atomic_write; "
+        "import sys; from vmtrim._util.files import atomic_write; "
         f"atomic_write(sys.argv[1], {payload!r})"
     )
     env = {**os.environ, "VMTRIM_TEST_WRITE_DELAY": "0.02"}

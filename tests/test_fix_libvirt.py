@@ -10,9 +10,9 @@ import pytest
 from lxml import etree
 
 from fix_support import materialize
-from vmtrim.fix import FixOptions
-from vmtrim.fix_xml import fix_domain_xml
-from vmtrim.hostprobe import HostProbes
+from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.fix.policy import FixOptions
+from vmtrim.fix.xml import fix_domain_xml
 
 pytestmark = pytest.mark.libvirt
 

@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fix_support import AUDIT_DATA, args_files, materialize
-from vmtrim.audit import audit_domain
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
-from vmtrim.fix import FixOptions, FixResult
-from vmtrim.fix_qemu import fix_qemu_args
-from vmtrim.hostprobe import HostProbes
+from vmtrim.fix.policy import FixOptions, FixResult
+from vmtrim.fix.qemu import fix_qemu_args
 from vmtrim.model import Disk, Verdict
-from vmtrim.qemu_args import parse_qemu_command, tokenize
+from vmtrim.sources.qemu_args import parse_qemu_command, tokenize
 
 OPTION_SETS = [
     FixOptions(),

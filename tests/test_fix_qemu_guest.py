@@ -14,7 +14,7 @@ The command lines are the lab's own (serial, control port, kernel) plus the disk
   format=qcow2`` without ``discard=on`` (one drive: the guest mounts its only disk),
   fixed with ``--modernize --bus scsi``.
 
-Allocation is ``vmtrim.allocation.allocated_bytes``, checked against ``du -B1``.
+Allocation is ``vmtrim.image.allocation.allocated_bytes``, checked against ``du -B1``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from pathlib import Path
 import pytest
 
 from fix_support import vmtrim
-from vmtrim.allocation import allocated_bytes
-from vmtrim.fix import FixOptions
-from vmtrim.fix_qemu import fix_qemu_args
+from vmtrim.fix.policy import FixOptions
+from vmtrim.fix.qemu import fix_qemu_args
+from vmtrim.image.allocation import allocated_bytes
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.qemu_args import tokenize
-from vmtrim.verify import Cell, make_image
-from vmtrim.vm import DirectGuest, DiskSpec, GuestSpec, make_workdir
+from vmtrim.sources.qemu_args import tokenize
+from vmtrim.verify.engine import Cell, make_image
+from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

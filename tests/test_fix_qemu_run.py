@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from fix_support import AUDIT_DATA, materialize
-from vmtrim.agent import SyncMonitor
-from vmtrim.allocation import allocated_bytes
+from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.channels.qmp import SyncMonitor
 from vmtrim.errors import EnvironmentProblem
-from vmtrim.fix import FixOptions
-from vmtrim.fix_qemu import fix_qemu_args
-from vmtrim.hostprobe import HostProbes
+from vmtrim.fix.policy import FixOptions
+from vmtrim.fix.qemu import fix_qemu_args
+from vmtrim.image.allocation import allocated_bytes
 from vmtrim.model import DeviceType
-from vmtrim.qemu_args import parse_qemu_command, tokenize
+from vmtrim.sources.qemu_args import parse_qemu_command, tokenize
 
 pytestmark = pytest.mark.slow
 

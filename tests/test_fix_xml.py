@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from fix_support import AUDIT_DATA, DATA, materialize, xml_files
-from vmtrim.audit import audit_domain
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
-from vmtrim.fix import FixOptions, FixResult
-from vmtrim.fix_xml import disk_index, fix_domain_xml, index_to_letters
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.fix.policy import FixOptions, FixResult
+from vmtrim.fix.xml import disk_index, fix_domain_xml, index_to_letters
 from vmtrim.model import Verdict
+from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 SCSI = FixOptions(bus="scsi")
 OPTION_SETS = [

@@ -1,4 +1,4 @@
-"""The byte-preserving XML editor under vmtrim fix (vmtrim.fix_xmledit)."""
+"""The byte-preserving XML editor under vmtrim fix (vmtrim.fix.xmledit)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from vmtrim.errors import BadInput
-from vmtrim.fix_xmledit import XmlEditor
+from vmtrim.fix.xmledit import XmlEditor
 
 DOC = """<?xml version='1.0' encoding='UTF-8'?>
 <!-- written by hand -->

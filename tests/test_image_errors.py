@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from test_image_support import KiB, MiB, create, qemu_img, qemu_io, qemu_map
 from vmtrim.cli import run
 from vmtrim.errors import ImageError
-from vmtrim.image import inspect
-from vmtrim.image_map import map_image
+from vmtrim.image.info import inspect
+from vmtrim.image.map import map_image
 
 
 def _base(d: Path) -> Path:

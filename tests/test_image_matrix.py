@@ -28,8 +28,8 @@ from test_image_support import (
     qemu_io,
     qemu_map,
 )
-from vmtrim.image import ImageInfo, inspect
-from vmtrim.image_map import map_image
+from vmtrim.image.info import ImageInfo, inspect
+from vmtrim.image.map import map_image
 
 # A scatter of writes that lands in several L2 tables for every cluster size.
 SCATTER = ("write -P 0x11 0 4k", "write -P 0x22 96k 64k", "write -P 0x33 1M 192k",
@@ -355,13 +355,13 @@ def test_cli_json_documents(images: dict[str, Path]) -> None:
     exe = [sys.executable, "-m", "vmtrim"]
     info = json.loads(subprocess.run([*exe, "image", "info", "--json", str(path)], check=True,
                                      capture_output=True, text=True).stdout)
-    assert info["schema"] == "vmtrim.image/1"
+    assert info["schema"] == "vmtrim.image.info/1"
     expected = check_figures(qemu_check(path))
     assert {k: info[k] for k in expected} == expected
     assert info["backing"]["backing"]["path"].endswith("base.qcow2")
     doc = json.loads(subprocess.run([*exe, "image", "map", "--json", str(path)], check=True,
                                     capture_output=True, text=True).stdout)
-    assert doc["schema"] == "vmtrim.image-map/1"
+    assert doc["schema"] == "vmtrim.image.info-map/1"
     assert doc["extents"] == qemu_map(path)
     human = subprocess.run([*exe, "image", "info", str(path)], check=True, capture_output=True,
                            text=True).stdout

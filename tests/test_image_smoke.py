@@ -1,4 +1,4 @@
-"""First check of the public API others build on: vmtrim.image.inspect and allocation."""
+"""First check of the public API others build on: vmtrim.image.info.inspect and allocation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from vmtrim.allocation import allocated_bytes, data_extents
-from vmtrim.image import inspect
+from vmtrim.image.allocation import allocated_bytes, data_extents
+from vmtrim.image.info import inspect
 
 
 def test_inspect_qcow2_agrees_with_qemu_img(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_modules_dir_without_modules_dep_is_bad_input(kernel_tree: tuple[Path, P
 
 def test_accel_auto_probes_once_and_caches(appliance: Appliance, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmtrim.accel import choose_accel
+    from vmtrim.vm.accel import choose_accel
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     chosen = choose_accel("auto", appliance)

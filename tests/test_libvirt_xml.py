@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmtrim.audit import audit_domain
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_file, parse_domain_xml
 from vmtrim.model import DeviceType, DiskReport, LayerKind, StorageKind, Verdict
+from vmtrim.sources.libvirt_xml import parse_domain_file, parse_domain_xml
 
 DATA = Path(__file__).parent / "data" / "audit"
 OFFLINE = HostProbes(local=False)

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from vmtrim.channels.libvirt import connection, dotted, is_local_uri, select_domains
 from vmtrim.cli import run
-from vmtrim.connect import connection, dotted, is_local_uri, select_domains
 from vmtrim.errors import BadInput, EnvironmentProblem
 
 TEST_URI = "test:///default"
@@ -93,7 +93,7 @@ def test_cli_trim_test_driver_reports_failure_not_crash(capsys: pytest.CaptureFi
     code = run(["trim", "-c", TEST_URI, "--all", "--json", "--timeout", "5"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert doc["schema"] == "vmtrim.trim/1"
+    assert doc["schema"] == "vmtrim.trim.engine/1"
     [dom] = doc["domains"]
     assert dom["domain"] == "test"
     assert dom["status"] in ("failed", "skipped")

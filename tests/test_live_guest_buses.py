@@ -29,9 +29,9 @@ import pytest
 from lxml import etree
 
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.libvirt_runner import domain_xml
-from vmtrim.live import LibvirtAgent
-from vmtrim.vm import ControlChannel, DiskSpec, GuestFailed, GuestSpec, RunPaths, serial_tail
+from vmtrim.sources.libvirt_live import LibvirtAgent
+from vmtrim.vm.guest import ControlChannel, DiskSpec, GuestFailed, GuestSpec, RunPaths, serial_tail
+from vmtrim.vm.libvirt import domain_xml
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 class Layout:
     """One guest: its machine, scenario, and disks (target dev, <address>, device)."""
 
-    bus: str  # a vmtrim.vm bus name
+    bus: str  # a vmtrim.vm.guest bus name
     machine: str
     mode: str  # lab scenario: online mounts with -o discard, agent without
     disks: tuple[tuple[str, dict[str, str], str], ...]
@@ -195,7 +195,7 @@ def audit(guest: Guest) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.stdout, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.audit/1"
+    assert doc["schema"] == "vmtrim.audit.engine/1"
     [info] = doc["guests"]
     assert info["domain"] == guest.name and info["agent"] is True, info
     layers = {d["target"]: {la["layer"]: la for la in d["layers"]} for d in doc["disks"]}

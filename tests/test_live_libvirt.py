@@ -28,7 +28,7 @@ import libvirt_qemu
 import pytest
 
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.vm import ControlChannel, GuestFailed, serial_tail
+from vmtrim.vm.guest import ControlChannel, GuestFailed, serial_tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 MiB = 1024 * 1024
@@ -56,7 +56,7 @@ def make_image(path: Path, size_mib: int) -> None:
 def domain_xml(name: str, workdir: Path, appliance: Appliance, *, discard: bool, agent: bool,
                write_mib: int) -> str:
     driver_discard = " discard='unmap'" if discard else ""
-    cmdline = (f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.agent={int(agent)}"
+    cmdline = (f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.channels.qmp={int(agent)}"
                f" vmtrim.size={write_mib}")
     agent_channel = ("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
                      "</channel>" if agent else "")
@@ -109,7 +109,7 @@ class LabDomain:
 
     def connect(self) -> None:
         serial = self.workdir / "serial.log"
-        # vmtrim.vm is changing from (subject, serial) to a failure callback; accept both.
+        # vmtrim.vm.guest is changing from (subject, serial) to a failure callback; accept both.
         if "failure" in inspect.signature(ControlChannel.connect).parameters:
             how: dict[str, Any] = {"failure": lambda what: GuestFailed(
                 f"{what}; serial log: {serial_tail(serial)}", subject=self.name)}
@@ -209,7 +209,7 @@ def trim_json(*args: str) -> tuple[dict[str, Any], float, subprocess.CompletedPr
     elapsed = time.monotonic() - start
     assert result.stdout, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.trim/1"
+    assert doc["schema"] == "vmtrim.trim.engine/1"
     return doc, elapsed, result
 
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmtrim.audit import audit_domain
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
-from vmtrim.hostprobe import HostProbes
 from vmtrim.model import DeviceType, DiskReport, LayerKind, StorageKind, Verdict
-from vmtrim.qemu_args import (
+from vmtrim.sources.qemu_args import (
     ARG_OPTIONS,
     FLAG_OPTIONS,
     parse_keyval,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vmtrim.agent import SyncMonitor
+from vmtrim.channels.qmp import SyncMonitor
 from vmtrim.lab import ensure_appliance
-from vmtrim.vm import DirectGuest, DiskSpec, GuestSpec, make_workdir
+from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
 
 pytestmark = pytest.mark.vm
 MiB = 1024 * 1024
@@ -72,7 +72,7 @@ def test_qga_and_qmp_trim_and_count_unmaps(guest: DirectGuest) -> None:
                     "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.trim/1"
+    assert doc["schema"] == "vmtrim.trim.engine/1"
     [dom] = doc["domains"]
     assert dom["status"] == "trimmed"
     assert dom["domain"] == "vmtrim-lab"  # QEMU's -name, from QMP query-name

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.vm import BUSES, GuestFailed, GuestSpec, parse_status
+from vmtrim.vm.guest import BUSES, GuestFailed, GuestSpec, parse_status
 
 MiB = 1 << 20
 pytestmark = pytest.mark.vm
@@ -92,7 +92,7 @@ def passing_cell(env: dict[str, str], *args: str) -> tuple[dict[str, Any], dict[
     """Run one cell that must match its expectation; (the cell, the whole document)."""
     code, doc, err = verify_json(env, *args)
     assert code == 0, err
-    assert doc["schema"] == "vmtrim.verify/1"
+    assert doc["schema"] == "vmtrim.verify.engine/1"
     assert len(doc["cells"]) == 1
     cell: dict[str, Any] = doc["cells"][0]
     return cell, doc
@@ -212,7 +212,7 @@ def test_boot_timeout_is_exit_3_with_serial_tail(tmpdir_env: tuple[Path, dict[st
 
 def test_panicking_guest_fails_with_the_panic_in_the_error(
         appliance: Appliance, tmpdir_env: tuple[Path, dict[str, str]]) -> None:
-    from vmtrim.vm import DirectGuest
+    from vmtrim.vm.guest import DirectGuest
 
     tmp, _ = tmpdir_env
     work = Path(tempfile.mkdtemp(dir=tmp))
@@ -284,8 +284,8 @@ def test_status_parser_round_trip(step: str, pairs: dict[str, str], message: str
 
 @pytest.mark.parametrize("bus", BUSES)
 def test_domain_xml_is_valid_for_libvirt(appliance: Appliance, tmp_path: Path, bus: str) -> None:
-    from vmtrim.libvirt_runner import domain_xml
-    from vmtrim.vm import DiskSpec, RunPaths
+    from vmtrim.vm.guest import DiskSpec, RunPaths
+    from vmtrim.vm.libvirt import domain_xml
 
     spec = GuestSpec(appliance, scenario={"mode": "agent"}, agent=True,
                      disk=DiskSpec(tmp_path / "d.qcow2", "qcow2", bus, "unmap"))

@@ -1,6 +1,6 @@
 """What vmtrim knows about discard, as data: every row says where the knowledge comes from.
 
-The audit (:mod:`vmtrim.audit`) only combines these rows; when a fact turns out to
+The audit (:mod:`vmtrim.audit.engine`) only combines these rows; when a fact turns out to
 be wrong, fix it here and the audit follows. ``source`` names the file in QEMU,
 libvirt or Linux (or the document) that shows the fact; ``checked`` says how this
 project checked it (for example against the QEMU 7.2 binary on the dev machine).

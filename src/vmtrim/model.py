@@ -11,7 +11,7 @@ libvirt connection with guest-agent facts) is turned into the same objects:
                +-- file         ... its protocol child (file, host_device, rbd, ...)
                +-- backing      ... and the backing chain (overlays)
 
-The audit (:mod:`vmtrim.audit`) walks a disk through five layers, top to bottom:
+The audit (:mod:`vmtrim.audit.engine`) walks a disk through five layers, top to bottom:
 
 ==============  ===========================================================
 LayerKind       question

@@ -14,7 +14,7 @@ import click
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.model import DiskReport, Domain, LayerKind, Severity, Verdict
 
-SCHEMA = "vmtrim.audit/1"
+SCHEMA = "vmtrim.audit.engine/1"
 
 _LAYER_HEADERS = {
     LayerKind.GUEST_FS: "guest fs",
@@ -41,7 +41,7 @@ _SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yello
               " command line.")
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems/devices (the input is from another host).")
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit.engine/1 JSON document.")
 @click.option("-c", "--connect", "uri", metavar="URI",
               help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
 @click.option("--all", "every", is_flag=True, help="With -c: every domain.")
@@ -54,14 +54,14 @@ def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[i
           timeout: float = 10.0, names: tuple[str, ...] = (),
           qmp_sockets: tuple[str, ...] = ()) -> int:
     """Trace every disk's discard path layer by layer and say what blocks it."""
-    from vmtrim.libvirt_xml import parse_domain_file
-    from vmtrim.qemu_args import read_args_file, read_pid
+    from vmtrim.sources.libvirt_xml import parse_domain_file
+    from vmtrim.sources.qemu_args import read_args_file, read_pid
 
-    if uri or every or names:  # live libvirt domains (vmtrim.live)
+    if uri or every or names:  # live libvirt domains (vmtrim.sources.libvirt_live)
         if xml_files or args_files or pids or qmp_sockets:
             raise click.UsageError("-c/DOMAIN/--all cannot be mixed with"
                                    " --xml/--qemu-args/--pid/--qmp")
-        from vmtrim.live import audit_live
+        from vmtrim.sources.libvirt_live import audit_live
 
         live, extra, local = audit_live(uri, names, every, timeout)
         return report_domains(live, probe=local and not no_probe, as_json=as_json, extra=extra)
@@ -74,7 +74,7 @@ def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[i
     domains += [read_args_file(path) for path in args_files]
     domains += [read_pid(pid) for pid in pids]
     if qmp_sockets:
-        from vmtrim.qmp_audit import read_qmp
+        from vmtrim.sources.qmp import read_qmp
 
         domains += [read_qmp(path, timeout) for path in qmp_sockets]
     return report_domains(domains, probe=not no_probe, as_json=as_json)
@@ -86,8 +86,8 @@ def report_domains(domains: list[Domain], *, probe: bool = True, as_json: bool =
 
     Shared with the live (``-c URI``) audit, which builds its domains elsewhere.
     """
-    from vmtrim.audit import audit_domain
-    from vmtrim.hostprobe import HostProbes
+    from vmtrim.audit.engine import audit_domain
+    from vmtrim.audit.hostprobe import HostProbes
 
     probes = HostProbes(local=probe)
     reports = [r for domain in domains for r in audit_domain(domain, probes)]

@@ -4,7 +4,7 @@ Output modes: the new text on stdout (default), ``--dry-run`` (a unified diff,
 nothing written), ``-o FILE`` (written atomically; an existing FILE is backed up
 first), ``--in-place`` (a 0600 timestamped backup beside the file, then an atomic
 replace). A summary of the changes and the disks left alone goes to stderr, or
-everything into one ``vmtrim.fix/1`` document with ``--json``.
+everything into one ``vmtrim.fix.policy/1`` document with ``--json``.
 
 Exit codes: 0 changed, or nothing to change ("already enabled"; also when the only
 disks are cdroms, luns, read-only or shared disks, which fix leaves alone on
@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
-from vmtrim.fix import SCHEMA, FixOptions, FixResult
+from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
 
 
 @click.command("fix")
@@ -42,7 +42,7 @@ from vmtrim.fix import SCHEMA, FixOptions, FixResult
               help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix.policy/1 JSON document.")
 @click.option("-c", "--connect", "uri", metavar="URI",
               help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
 @click.option("--restart", is_flag=True,
@@ -124,17 +124,17 @@ def fix(
 
 def run_fix(path: str, options: FixOptions, *, xml: bool, probe: bool = True) -> FixResult:
     """Read ``path`` ('-' for stdin) and fix it as libvirt XML or as a QEMU command line."""
-    from vmtrim.hostprobe import HostProbes
-    from vmtrim.libvirt_xml import read_input
+    from vmtrim.audit.hostprobe import HostProbes
+    from vmtrim.sources.libvirt_xml import read_input
 
     subject = "<stdin>" if path == "-" else path
     data = read_input(path)
     probes = HostProbes(local=probe)
     if not xml:
-        from vmtrim.fix_qemu import fix_qemu_args
+        from vmtrim.fix.qemu import fix_qemu_args
 
         return fix_qemu_args(data, options, subject=subject, probes=probes)
-    from vmtrim.fix_xml import fix_domain_xml
+    from vmtrim.fix.xml import fix_domain_xml
 
     try:
         text = data.decode("utf-8")
@@ -147,7 +147,7 @@ def _write(
     result: FixResult, path: str, *, output: str | None, in_place: bool
 ) -> tuple[str | None, str | None]:
     """Write as asked; returns (written path, backup path). Nothing is written on no change."""
-    from vmtrim.atomic import atomic_write, backup_beside
+    from vmtrim._util.files import atomic_write, backup_beside
 
     if in_place:
         if not result.changed:
@@ -204,9 +204,9 @@ def summarize(result: FixResult, *, written: str | None, backup: str | None) -> 
 
 def fix_libvirt(uri: str | None, names: tuple[str, ...], options: FixOptions, *, dry_run: bool,
                 restart: bool, restart_timeout: float, as_json: bool) -> int:
-    """``fix -c URI DOMAIN...``: see :mod:`vmtrim.live_fix` for the steps."""
-    from vmtrim.connect import connection, select_domains
-    from vmtrim.live_fix import POWER_CYCLE_NOTE, fix_live
+    """``fix -c URI DOMAIN...``: see :mod:`vmtrim.fix.libvirt` for the steps."""
+    from vmtrim.channels.libvirt import connection, select_domains
+    from vmtrim.fix.libvirt import POWER_CYCLE_NOTE, fix_live
     from vmtrim.output import console
 
     if not names:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from vmtrim.image import ImageInfo
-    from vmtrim.image_map import Extents
+    from vmtrim.image.info import ImageInfo
+    from vmtrim.image.map import Extents
 
 FORMATS = click.Choice(["qcow2", "raw"])
 
@@ -25,7 +25,7 @@ def image() -> None:
 
 @image.command("info")
 @click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image/1 JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image.info/1 JSON document.")
 @click.option("--scan-zeros", is_flag=True,
               help="Also read every data cluster to find all-zero ones (slow).")
 @click.option("-f", "--format", "fmt", type=FORMATS, default=None,
@@ -33,7 +33,7 @@ def image() -> None:
 @click.option("--no-backing", is_flag=True, help="Do not follow the backing chain.")
 def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing: bool) -> int:
     """Header, guest, host and reclaim figures of IMAGE and its backing chain."""
-    from vmtrim.image import SCHEMA, inspect
+    from vmtrim.image.info import SCHEMA, inspect
 
     if scan_zeros:
         result = _with_progress("scanning for zero clusters", lambda cb: inspect(
@@ -52,12 +52,12 @@ def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing
 @image.command("map")
 @click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one vmtrim.image-map/1 JSON document (extents as qemu-img map).")
+              help="Print one vmtrim.image.info-map/1 JSON document (extents as qemu-img map).")
 @click.option("-f", "--format", "fmt", type=FORMATS, default=None,
               help="Image format (default: probe).")
 def map_(path: str, as_json: bool, fmt: str | None) -> int:
     """Guest extents of IMAGE, with the meaning of `qemu-img map --output=json`."""
-    from vmtrim.image_map import SCHEMA, map_image
+    from vmtrim.image.map import SCHEMA, map_image
 
     extents = map_image(path, fmt)
     if as_json:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
-from vmtrim.trim import (
+from vmtrim.trim.engine import (
     NOT_RUNNING,
     SCHEMA,
     TRIMMED,
@@ -37,7 +37,7 @@ from vmtrim.trim import (
               help="QEMU without libvirt: the guest agent's unix socket.")
 @click.option("--qmp", "qmp", metavar="SOCKET",
               help="With --qga: the QMP socket, for disks and unmap counters.")
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.trim/1 JSON document.")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.trim.engine/1 JSON document.")
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
 def trim(uri: str | None, every: bool, minimum: int, mountpoint: str | None, parallel: int,
          timeout: float, qga: str | None, qmp: str | None, as_json: bool,
@@ -59,12 +59,12 @@ def trim(uri: str | None, every: bool, minimum: int, mountpoint: str | None, par
                                subject="--qga")
             if not qga:
                 raise BadInput("trim needs the guest agent: add --qga SOCKET", subject="--qmp")
-            from vmtrim.direct import DirectTarget
+            from vmtrim.trim.qemu import DirectTarget
 
             targets: Sequence[Any] = [stack.enter_context(DirectTarget.open(qga, qmp))]
         else:
-            from vmtrim.connect import connection, select_domains
-            from vmtrim.live import DomainTarget
+            from vmtrim.channels.libvirt import connection, select_domains
+            from vmtrim.sources.libvirt_live import DomainTarget
 
             conn = stack.enter_context(connection(uri))
             targets = [DomainTarget(conn, d) for d in select_domains(conn, domains, every)]
@@ -84,7 +84,7 @@ def _run(targets: Sequence[Any], options: TrimOptions, show_progress: bool) -> l
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vmtrim.output import console
-    from vmtrim.trim import trim_all
+    from vmtrim.trim.engine import trim_all
 
     err = console(stderr=True)
     progress = Progress(TextColumn("trim"), BarColumn(), MofNCompleteColumn(),

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import click
 
 from vmtrim.output import console, human_bytes, print_json
-from vmtrim.verify import FILESYSTEMS, MODES
-from vmtrim.vm import BUSES, DISCARDS, FORMATS
+from vmtrim.verify.engine import FILESYSTEMS, MODES
+from vmtrim.vm.guest import BUSES, DISCARDS, FORMATS
 
 if TYPE_CHECKING:
-    from vmtrim.verify import CellResult
+    from vmtrim.verify.engine import CellResult
 
 
 @click.command("verify")
@@ -57,10 +57,10 @@ def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from vmtrim.accel import choose_accel
     from vmtrim.lab import ensure_appliance
-    from vmtrim.verify import Cell, Settings, host_info, matrix_cells, run_cell, run_cells
-    from vmtrim.vm import cleanup_on_signals
+    from vmtrim.verify.engine import Cell, Settings, host_info, matrix_cells, run_cell, run_cells
+    from vmtrim.vm.accel import choose_accel
+    from vmtrim.vm.guest import cleanup_on_signals
 
     err = console(stderr=True)
     with cleanup_on_signals():
@@ -84,11 +84,11 @@ def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size
                 results = [run_cell(cell, settings)]
     host = host_info(results, settings)
     if png is not None:
-        from vmtrim.verify_chart import write_chart
+        from vmtrim.verify.chart import write_chart
 
         write_chart(results, host, png)
     if as_json:
-        print_json("vmtrim.verify/1", {"host": host, "cells": [r.to_json() for r in results]})
+        print_json("vmtrim.verify.engine/1", {"host": host, "cells": [r.to_json() for r in results]})
     else:
         _render(results, host)
     failed = [r for r in results if r.error]

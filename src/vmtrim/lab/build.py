@@ -33,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vmtrim._util.proc import run_tool
 from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab.kernel import (
     KernelInput,
@@ -50,7 +51,6 @@ from vmtrim.lab.modules import (
     grouped_load_order,
     install_module,
 )
-from vmtrim.lab.proc import run_tool
 
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
 BUILD_FORMAT = 4

@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmtrim._util.proc import run_tool
 from vmtrim.errors import BadInput, EnvironmentProblem
-from vmtrim.lab.proc import run_tool
 
 META_PACKAGE = "linux-image-amd64"
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim.allocation import Coverage, extents_fd
 from vmtrim.errors import ImageError
-from vmtrim.qcow2 import (
+from vmtrim.image.allocation import Coverage, extents_fd
+from vmtrim.image.qcow2 import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSED,
     COMPRESSION_NAMES,
@@ -40,9 +40,9 @@ from vmtrim.qcow2 import (
 )
 
 if TYPE_CHECKING:
-    from vmtrim.qcow2_scan import Scan
+    from vmtrim.image.scan import Scan
 
-SCHEMA = "vmtrim.image/1"
+SCHEMA = "vmtrim.image.info/1"
 Progress = Callable[[int, int], None]
 
 
@@ -113,7 +113,7 @@ class ImageInfo:
     reclaim: ReclaimView = field(default_factory=ReclaimView)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain dict for ``vmtrim.image/1`` (without the schema field)."""
+        """Plain dict for ``vmtrim.image.info/1`` (without the schema field)."""
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
@@ -240,7 +240,7 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
 
 def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
                    progress: Progress | None, header_only: bool = False) -> ImageInfo:
-    from vmtrim.qcow2_scan import scan
+    from vmtrim.image.scan import scan
 
     h = reader.header
     cs = h.cluster_size

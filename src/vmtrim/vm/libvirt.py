@@ -27,9 +27,9 @@ from typing import Any
 
 from lxml import etree
 
-from vmtrim.agent import FstrimResult, parse_fstrim
+from vmtrim.channels.qmp import FstrimResult, parse_fstrim
 from vmtrim.errors import EnvironmentProblem
-from vmtrim.vm import (
+from vmtrim.vm.guest import (
     AGENT_PORT,
     CTL_PORT,
     Boot,

@@ -29,7 +29,6 @@ from typing import Any
 
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.facts import CONTROLLERS, DEVICES, LOCAL_PROTOCOLS, PROTOCOLS
-from vmtrim.libvirt_xml import read_input
 from vmtrim.model import (
     BlockNode,
     DeviceType,
@@ -40,6 +39,7 @@ from vmtrim.model import (
     Version,
     parse_version,
 )
+from vmtrim.sources.libvirt_xml import read_input
 
 
 def _words(text: str) -> frozenset[str]:
@@ -587,7 +587,7 @@ class _Builder:
 def fill_disk_from_nodes(disk: Disk, top: BlockNode) -> None:
     """Source, format, storage, discard and detect_zeroes of ``disk`` from its top node.
 
-    Shared with :mod:`vmtrim.qmp_audit`, which fills disks from the live node graph.
+    Shared with :mod:`vmtrim.sources.qmp`, which fills disks from the live node graph.
     """
     disk.node = top
     protocol = top.protocol

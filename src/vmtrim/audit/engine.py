@@ -13,9 +13,9 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from vmtrim.audit.hostprobe import HostProbes, Probe
 from vmtrim.errors import VmtrimError
 from vmtrim.facts import BUSES, DEVICES, FACTS, FILTERS, FORMATS, GUEST_FS, NOTES, PROTOCOLS
-from vmtrim.hostprobe import HostProbes, Probe
 from vmtrim.model import (
     BlockNode,
     DeviceType,
@@ -35,7 +35,7 @@ from vmtrim.model import (
 )
 
 if TYPE_CHECKING:
-    from vmtrim.image import ImageInfo
+    from vmtrim.image.info import ImageInfo
 
 _PASSTHROUGH = {"scsi-block", "scsi-generic"}
 _GUEST_FIX = ("in the guest: mount with `-o discard`, or enable periodic trims"
@@ -388,7 +388,7 @@ class _DiskAudit:
             return None
         if disk.format not in (None, "qcow2", "raw"):
             return None  # a format vmtrim cannot read (vmdk, ...)
-        from vmtrim.image import inspect  # numpy: only when there is an image to read
+        from vmtrim.image.info import inspect  # numpy: only when there is an image to read
 
         try:
             # Only header facts are used here; the metadata scan is for `image info`.

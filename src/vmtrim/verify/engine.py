@@ -6,7 +6,7 @@ One *cell* is one combination of bus x image format x trim mode x discard settin
 1. make a fresh image (raw, or qcow2 by ``qemu-img convert``) with a filesystem,
    made on the host with ``mkfs.<fs>`` on the whole disk;
 2. boot the guest with that disk on the bus and discard setting under test
-   (:mod:`vmtrim.vm` directly, or :mod:`vmtrim.libvirt_runner`);
+   (:mod:`vmtrim.vm.guest` directly, or :mod:`vmtrim.vm.libvirt`);
 3. the guest writes N MiB from /dev/urandom and syncs;
 4. the host measures the image: ``du`` bytes, and allocated qcow2 clusters;
 5. the guest deletes the file;
@@ -38,7 +38,7 @@ from typing import Any
 
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance
-from vmtrim.vm import (
+from vmtrim.vm.guest import (
     BUSES,
     DISCARDS,
     FORMATS,
@@ -58,7 +58,7 @@ FILESYSTEMS = ("ext4", "ext3", "xfs", "btrfs")
 RECLAIM_RATIO = 0.99
 NONE_RATIO = 0.01
 MIN_DISK_MIB = 1024
-SCHEMA = "vmtrim.verify/1"
+SCHEMA = "vmtrim.verify.engine/1"
 
 
 @dataclass(frozen=True)
@@ -200,11 +200,11 @@ def classify(ratio: float | None) -> str | None:
 
 
 def measure(image: Path, fmt: str) -> Measurement:
-    from vmtrim.allocation import allocated_bytes
+    from vmtrim.image.allocation import allocated_bytes
 
     clusters = None
     if fmt == "qcow2":
-        from vmtrim.image import inspect
+        from vmtrim.image.info import inspect
 
         info = inspect(image)
         if info.allocated_clusters is not None and info.cluster_size is not None:
@@ -251,7 +251,7 @@ def _boot_direct(spec: GuestSpec, workdir: Path, subject: str) -> AbstractContex
 def _booter(settings: Settings) -> Boot:
     if settings.connect is None:
         return _boot_direct
-    from vmtrim.libvirt_runner import booter
+    from vmtrim.vm.libvirt import booter
 
     return booter(settings.connect)
 

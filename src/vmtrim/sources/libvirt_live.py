@@ -3,7 +3,7 @@
 :class:`LibvirtAgent` sends agent commands with ``libvirt_qemu.qemuAgentCommand``
 (libvirt does the guest-sync), with a timeout, and sorts libvirt's errors into
 "no agent / not answering" (the domain is skipped) and "the agent said no" (it
-failed). :class:`DomainTarget` is what :mod:`vmtrim.trim` trims.
+failed). :class:`DomainTarget` is what :mod:`vmtrim.trim.engine` trims.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmtrim.agent import ExecStatus, FstrimResult, parse_fsinfo, parse_fstrim
-from vmtrim.allocation import allocated_bytes
-from vmtrim.connect import (
+from vmtrim.channels.libvirt import (
     Connection,
     connection,
     error_code,
@@ -27,7 +25,8 @@ from vmtrim.connect import (
     libvirt_qemu_module,
     select_domains,
 )
-from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.channels.qmp import ExecStatus, FstrimResult, parse_fsinfo, parse_fstrim
+from vmtrim.image.allocation import allocated_bytes
 from vmtrim.model import (
     DeviceType,
     Disk,
@@ -37,7 +36,14 @@ from vmtrim.model import (
     StorageKind,
     parse_version,
 )
-from vmtrim.trim import NOT_RUNNING, AgentFailed, AgentUnavailable, DiskRef, call_with_deadline
+from vmtrim.sources.libvirt_xml import parse_domain_xml
+from vmtrim.trim.engine import (
+    NOT_RUNNING,
+    AgentFailed,
+    AgentUnavailable,
+    DiskRef,
+    call_with_deadline,
+)
 
 
 def _unavailable_codes(libvirt: Any) -> set[int]:
@@ -184,7 +190,7 @@ def disk_addresses(xml: str) -> dict[str, _Address]:
     """target dev -> address, with the controller's PCI address for drive addresses."""
     from lxml import etree
 
-    from vmtrim.fix_xmledit import xml_parser
+    from vmtrim.fix.xmledit import xml_parser
 
     root = etree.fromstring(xml.encode(), xml_parser())
     controllers = {(c.get("type"), c.get("index", "0")): _pci(c.find("address"))

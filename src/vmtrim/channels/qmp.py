@@ -114,7 +114,7 @@ def parse_fstrim(ret: object, subject: str | None = None) -> FstrimResult:
 
 
 def parse_fsinfo(ret: object) -> list[FsInfo]:
-    """The ``return`` of guest-get-fsinfo (shared with the libvirt path in vmtrim.live)."""
+    """The ``return`` of guest-get-fsinfo (shared with the libvirt path in vmtrim.sources.libvirt_live)."""
     out = []
     for fs in ret if isinstance(ret, list) else []:
         if isinstance(fs, dict):

@@ -18,7 +18,7 @@ from pathlib import Path
 from lxml import etree
 
 from vmtrim.errors import BadInput
-from vmtrim.fix_xmledit import xml_parser  # the project's one safe parser configuration
+from vmtrim.fix.xmledit import xml_parser  # the project's one safe parser configuration
 from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).

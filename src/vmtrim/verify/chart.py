@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from vmtrim.errors import EnvironmentProblem
 
 if TYPE_CHECKING:
-    from vmtrim.verify import CellResult
+    from vmtrim.verify.engine import CellResult
 
 
 def write_chart(results: list[CellResult], host: dict[str, Any], path: Path) -> None:

@@ -1,7 +1,7 @@
 """``vmtrim fix`` for QEMU command lines.
 
-:func:`fix_qemu_args` reads the command line with :mod:`vmtrim.qemu_args`, asks
-:mod:`vmtrim.audit` which disks block discard at the configuration layers, edits
+:func:`fix_qemu_args` reads the command line with :mod:`vmtrim.sources.qemu_args`, asks
+:mod:`vmtrim.audit.engine` which disks block discard at the configuration layers, edits
 the options of those disks only, and prints the result shell-quoted, one option per
 line with ``\\`` continuations.
 
@@ -26,8 +26,9 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vmtrim.audit import audit_domain
-from vmtrim.fix import (
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.fix.policy import (
     Change,
     FixOptions,
     FixResult,
@@ -37,9 +38,8 @@ from vmtrim.fix import (
     move_to_scsi,
     remaining_after,
 )
-from vmtrim.hostprobe import HostProbes
 from vmtrim.model import DiskReport
-from vmtrim.qemu_args import (
+from vmtrim.sources.qemu_args import (
     ARG_OPTIONS,
     normalize_discard,
     parse_json_option,

@@ -1,7 +1,7 @@
 """What ``vmtrim fix`` does, independent of the input form.
 
-:func:`vmtrim.fix_xml.fix_domain_xml` (libvirt XML) and
-:func:`vmtrim.fix_qemu.fix_qemu_args` (a QEMU command line) both take
+:func:`vmtrim.fix.xml.fix_domain_xml` (libvirt XML) and
+:func:`vmtrim.fix.qemu.fix_qemu_args` (a QEMU command line) both take
 :class:`FixOptions` and return a :class:`FixResult`: the new text, the changes made
 (one row per disk and setting), the disks left alone with the reason, and what the
 audit still finds on the fixed configuration that no configuration can fix (the
@@ -9,7 +9,7 @@ guest, the host filesystem).
 
 Fix changes what the audit finds blocking at the configuration layers (the QEMU
 device and the block nodes) and nothing else: the decision which disks to touch is
-the audit's (:mod:`vmtrim.audit`), and the fixed text is audited again to prove it.
+the audit's (:mod:`vmtrim.audit.engine`), and the fixed text is audited again to prove it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from vmtrim.errors import BadInput
 from vmtrim.facts import FORMATS, PROTOCOLS
 from vmtrim.model import DeviceType, Disk, DiskReport, Layer, LayerKind, StorageKind, Verdict
 
-SCHEMA = "vmtrim.fix/1"
+SCHEMA = "vmtrim.fix.policy/1"
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim.allocation import extents_fd
 from vmtrim.errors import ImageError
-from vmtrim.qcow2 import (
+from vmtrim.image.allocation import extents_fd
+from vmtrim.image.qcow2 import (
     COMPRESSED,
     INVALID,
     NORMAL,
@@ -38,7 +38,7 @@ from vmtrim.qcow2 import (
     Qcow2Reader,
     open_readonly,
 )
-from vmtrim.qcow2_scan import Scan, scan
+from vmtrim.image.scan import Scan, scan
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -53,7 +53,7 @@ _ZERO = np.array([1, 1, 1, 1, 0, 0, 0, 1, 0, 1], dtype=np.uint8)
 _DATA = np.array([0, 0, 0, 0, 1, 1, 0, 1, 1, 0], dtype=np.uint8)
 _FLAGS = _PRESENT | (_ZERO << 1) | (_DATA << 2)
 
-SCHEMA = "vmtrim.image-map/1"
+SCHEMA = "vmtrim.image.info-map/1"
 
 
 @dataclass
@@ -261,7 +261,7 @@ def compose(layers: list[Layer]) -> Extents:
 
 def map_image(path: str | os.PathLike[str], fmt: str | None = None) -> Extents:
     """qemu-img map's extents for ``path`` and its backing chain."""
-    from vmtrim.image import chain_paths
+    from vmtrim.image.info import chain_paths
 
     layers: list[Layer] = []
     for layer_path, layer_fmt in chain_paths(os.fspath(path), fmt):

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, Self
 
-from vmtrim.agent import FstrimResult, SyncGuestAgent, SyncMonitor
+from vmtrim.channels.qmp import FstrimResult, SyncGuestAgent, SyncMonitor
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance
 

@@ -3,7 +3,7 @@
 The agent trims; QMP names the disks (``query-block``: the device, its node and the
 image file, which we measure with ``du``) and counts the discards that really
 reached QEMU's block layer (``query-blockstats`` ``unmap_bytes``/``unmap_operations``,
-QEMU >= 4.2). Both sockets use the qemu.qmp clients in :mod:`vmtrim.agent`.
+QEMU >= 4.2). Both sockets use the qemu.qmp clients in :mod:`vmtrim.channels.qmp`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from vmtrim.agent import ExecStatus, FstrimResult, SyncGuestAgent, SyncMonitor
-from vmtrim.allocation import allocated_bytes
+from vmtrim.channels.qmp import ExecStatus, FstrimResult, SyncGuestAgent, SyncMonitor
 from vmtrim.errors import BadInput, EnvironmentProblem
-from vmtrim.trim import AgentFailed, AgentUnavailable, DiskRef
+from vmtrim.image.allocation import allocated_bytes
+from vmtrim.trim.engine import AgentFailed, AgentUnavailable, DiskRef
 
-# vmtrim.agent raises EnvironmentProblem for everything; these words mean "no answer".
+# vmtrim.channels.qmp raises EnvironmentProblem for everything; these words mean "no answer".
 _NO_ANSWER = ("no answer", "did not answer", "cannot connect", "did not exit", "guest-sync failed")
 
 
@@ -29,7 +29,7 @@ def _classify(exc: EnvironmentProblem) -> Exception:
 
 
 class DirectAgent:
-    """:class:`vmtrim.agent.SyncGuestAgent` with errors sorted into skipped/failed."""
+    """:class:`vmtrim.channels.qmp.SyncGuestAgent` with errors sorted into skipped/failed."""
 
     def __init__(self, session: SyncGuestAgent) -> None:
         self.session = session

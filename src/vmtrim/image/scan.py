@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim.qcow2 import (
+from vmtrim.image.qcow2 import (
     COMPRESSED,
     INVALID,
     NORMAL,

@@ -9,7 +9,7 @@ leave it out. So the configured discard comes from the command line:
 
 1. connect to the unix socket ourselves and ask the kernel who is listening
    (``SO_PEERCRED``): that is QEMU's PID;
-2. read ``/proc/PID/cmdline`` with :func:`vmtrim.qemu_args.read_pid` (``--pid``);
+2. read ``/proc/PID/cmdline`` with :func:`vmtrim.sources.qemu_args.read_pid` (``--pid``);
 3. lay the live node graph over the configured one: a live node that matches a
    configured node (same place in the graph, driver and file) takes its discard
    setting; any other node (hot-plugged, or created at runtime by a snapshot or
@@ -38,7 +38,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPError
 
-from vmtrim.agent import Monitor
+from vmtrim.channels.qmp import Monitor
 from vmtrim.errors import BadInput, EnvironmentProblem, VmtrimError
 from vmtrim.facts import CONTROLLERS, DEVICES, FACTS
 from vmtrim.model import (
@@ -52,7 +52,7 @@ from vmtrim.model import (
     Version,
     format_version,
 )
-from vmtrim.qemu_args import fill_disk_from_nodes, read_pid
+from vmtrim.sources.qemu_args import fill_disk_from_nodes, read_pid
 
 NOT_SHOWN = "QMP does not show discard"
 _MAX_DEPTH = 64
@@ -155,7 +155,7 @@ def _answers_like_agent(sock: socket.socket) -> bool:
 
 
 class _SocketMonitor(Monitor):
-    """A :class:`vmtrim.agent.Monitor` on a socket we connected (for SO_PEERCRED)."""
+    """A :class:`vmtrim.channels.qmp.Monitor` on a socket we connected (for SO_PEERCRED)."""
 
     def __init__(self, sock: socket.socket, path: str, timeout: float) -> None:
         super().__init__(path, timeout=timeout, subject=path)

@@ -15,10 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
-from vmtrim.atomic import atomic_write
+from vmtrim._util.files import atomic_write
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance, cache_root
-from vmtrim.vm import DirectGuest, GuestSpec, make_workdir, qemu_version
+from vmtrim.vm.guest import DirectGuest, GuestSpec, make_workdir, qemu_version
 
 ACCELS = ("auto", "kvm", "tcg")
 PROBE_TIMEOUT = 10.0  # the lab guest reaches init in about 3.5 s even under TCG

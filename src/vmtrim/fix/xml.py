@@ -1,8 +1,8 @@
 """``vmtrim fix`` for libvirt domain XML.
 
-:func:`fix_domain_xml` reads the XML with :mod:`vmtrim.libvirt_xml`, asks
-:mod:`vmtrim.audit` which disks block discard at the configuration layers, and
-edits only those, through :class:`~vmtrim.fix_xmledit.XmlEditor` so that every
+:func:`fix_domain_xml` reads the XML with :mod:`vmtrim.sources.libvirt_xml`, asks
+:mod:`vmtrim.audit.engine` which disks block discard at the configuration layers, and
+edits only those, through :class:`~vmtrim.fix.xmledit.XmlEditor` so that every
 byte it does not change stays as it was:
 
 - ``<driver discard='unmap'/>`` (the ``<driver>`` is created, or given
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from vmtrim.audit import audit_domain
-from vmtrim.fix import (
+from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.fix.policy import (
     Change,
     FixOptions,
     FixResult,
@@ -38,10 +39,9 @@ from vmtrim.fix import (
     move_to_scsi,
     remaining_after,
 )
-from vmtrim.fix_xmledit import XmlEditor
-from vmtrim.hostprobe import HostProbes
-from vmtrim.libvirt_xml import parse_domain_xml
+from vmtrim.fix.xmledit import XmlEditor
 from vmtrim.model import Disk, DiskReport, StorageKind
+from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 VIRTIO_SCSI = "virtio-scsi"
 

@@ -3,7 +3,7 @@
 1. read the persistent definition with ``XMLDesc(INACTIVE|SECURE)`` (SECURE keeps
    secrets such as passwords, so the redefinition does not drop them);
 2. save it, 0600, under ``$XDG_STATE_HOME/vmtrim/backups/``;
-3. fix it with :func:`vmtrim.fix_xml.fix_domain_xml` (``--dry-run`` stops here);
+3. fix it with :func:`vmtrim.fix.xml.fix_domain_xml` (``--dry-run`` stops here);
 4. ``defineXML`` the result;
 5. read it back and fix it again: the diff must now be empty, or libvirt did not
    keep what we wrote;
@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vmtrim.connect import Connection, error_text, libvirt_module
+from vmtrim.channels.libvirt import Connection, error_text, libvirt_module
 from vmtrim.errors import BadInput, EnvironmentProblem
-from vmtrim.fix import FixOptions, FixResult
-from vmtrim.libvirt_xml import parse_domain_xml
-from vmtrim.live import domain_xml, pending_restart
+from vmtrim.fix.policy import FixOptions, FixResult
+from vmtrim.sources.libvirt_live import domain_xml, pending_restart
+from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 POWER_CYCLE_NOTE = ("the running domain keeps its old disk configuration until a full power "
                     "cycle (shut down, then start; a reboot inside the guest is not enough); "
@@ -63,9 +63,9 @@ def _libvirt_call(subject: str, what: str, call: Any, *args: Any) -> Any:
 
 def fix_live(conn: Connection, dom: Any, options: FixOptions, *, dry_run: bool = False,
              restart: bool = False, restart_timeout: float = 120.0) -> LiveFix:
-    from vmtrim.atomic import backup_to_state
-    from vmtrim.fix_xml import fix_domain_xml
-    from vmtrim.hostprobe import HostProbes
+    from vmtrim._util.files import backup_to_state
+    from vmtrim.audit.hostprobe import HostProbes
+    from vmtrim.fix.xml import fix_domain_xml
 
     name = str(dom.name())
     if not dom.isPersistent():

@@ -1,0 +1,1 @@
+"""Follow each disk through every layer and say which one blocks discard."""

@@ -1,0 +1,1 @@
+"""How vmtrim talks to QEMU (QMP, guest agent) and to libvirt."""

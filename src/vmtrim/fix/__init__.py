@@ -1,0 +1,1 @@
+"""Rewrite libvirt XML and QEMU command lines so discard passes."""

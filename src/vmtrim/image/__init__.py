@@ -1,0 +1,1 @@
+"""Read qcow2 and raw allocation without QEMU."""

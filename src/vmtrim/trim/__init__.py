@@ -1,0 +1,1 @@
+"""Trim guests through their agent and measure what the host got back."""

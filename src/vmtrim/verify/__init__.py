@@ -1,0 +1,1 @@
+"""Prove the discard path end to end on a throwaway VM."""

@@ -1,0 +1,1 @@
+"""Throwaway guests under QEMU or libvirt."""
