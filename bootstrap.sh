@@ -62,6 +62,7 @@ demo)
 test)
     install
     .venv/bin/ruff check src tests bench
+    .venv/bin/ruff format --check src tests bench
     .venv/bin/mypy
     shift
     exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

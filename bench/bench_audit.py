@@ -43,33 +43,44 @@ def disk_xml(rng: random.Random, index: int) -> str:
         source = f"<source dev='/dev/nonexistent-vg/lv{index}'/>"
     elif kind == "network":
         proto = rng.choice(["rbd", "iscsi", "nbd", "gluster"])
-        source = (f"<source protocol='{proto}' name='pool/img{index}'>"
-                  "<host name='storage.example' port='6789'/></source>")
+        source = (
+            f"<source protocol='{proto}' name='pool/img{index}'>"
+            "<host name='storage.example' port='6789'/></source>"
+        )
     else:
         source = f"<source pool='default' volume='vol{index}.{fmt}'/>"
     backing = ""
     if fmt == "qcow2" and kind == "file" and rng.random() < 0.3:
-        backing = ("<backingStore type='file'><format type='qcow2'/>"
-                   "<source file='/nonexistent/vmtrim-bench/base.qcow2'/><backingStore/>"
-                   "</backingStore>")
+        backing = (
+            "<backingStore type='file'><format type='qcow2'/>"
+            "<source file='/nonexistent/vmtrim-bench/base.qcow2'/><backingStore/>"
+            "</backingStore>"
+        )
     device = "cdrom" if bus in ("sata", "ide") and rng.random() < 0.2 else "disk"
     readonly = "<readonly/>" if device == "cdrom" else ""
-    address = (f"<address type='drive' controller='0' bus='0' target='0' unit='{index}'/>"
-               if bus == "scsi" else "")
-    return (f"<disk type='{kind}' device='{device}'><driver name='qemu' type='{fmt}'"
-            f" cache='none'{discard}/>{source}{backing}<target dev='{target}' bus='{bus}'/>"
-            f"{readonly}{address}</disk>")
+    address = (
+        f"<address type='drive' controller='0' bus='0' target='0' unit='{index}'/>"
+        if bus == "scsi"
+        else ""
+    )
+    return (
+        f"<disk type='{kind}' device='{device}'><driver name='qemu' type='{fmt}'"
+        f" cache='none'{discard}/>{source}{backing}<target dev='{target}' bus='{bus}'/>"
+        f"{readonly}{address}</disk>"
+    )
 
 
 def domain_xml(rng: random.Random, n: int) -> str:
     disks = "".join(disk_xml(rng, i) for i in range(rng.randint(1, 8)))
-    return (f"<domain type='kvm'><name>bench-{n:04d}</name>"
-            f"<uuid>00000000-0000-4000-8000-{n:012d}</uuid><memory unit='KiB'>1048576</memory>"
-            f"<vcpu>2</vcpu><os><type arch='x86_64' machine='{rng.choice(_MACHINES)}'>hvm</type>"
-            "<boot dev='hd'/></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
-            f"{disks}<controller type='scsi' index='0' model='virtio-scsi'/>"
-            "<interface type='network'><source network='default'/><model type='virtio'/>"
-            "</interface><console type='pty'/></devices></domain>\n")
+    return (
+        f"<domain type='kvm'><name>bench-{n:04d}</name>"
+        f"<uuid>00000000-0000-4000-8000-{n:012d}</uuid><memory unit='KiB'>1048576</memory>"
+        f"<vcpu>2</vcpu><os><type arch='x86_64' machine='{rng.choice(_MACHINES)}'>hvm</type>"
+        "<boot dev='hd'/></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        f"{disks}<controller type='scsi' index='0' model='virtio-scsi'/>"
+        "<interface type='network'><source network='default'/><model type='virtio'/>"
+        "</interface><console type='pty'/></devices></domain>\n"
+    )
 
 
 def best(runs: int, work: object) -> float:
@@ -85,8 +96,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--validate", type=int, default=25,
-                        help="files to run virt-xml-validate on (scaled up; 0 to skip)")
+    parser.add_argument(
+        "--validate",
+        type=int,
+        default=25,
+        help="files to run virt-xml-validate on (scaled up; 0 to skip)",
+    )
     args = parser.parse_args()
 
     from lxml import etree
@@ -129,22 +144,31 @@ def main() -> int:
         t_validate = None
         sample = files[: args.validate]
         if sample and shutil.which("virt-xml-validate"):
+
             def validate() -> None:
                 for f in sample:
-                    subprocess.run(["virt-xml-validate", f, "domain"], capture_output=True,
-                                   check=True)
+                    subprocess.run(
+                        ["virt-xml-validate", f, "domain"], capture_output=True, check=True
+                    )
+
             t_validate = best(1, validate) * len(files) / len(sample)
 
     print(f"{args.domains} domains, {disks} disks (best of {args.runs})")
-    print(f"  vmtrim audit, library (parse + audit):  {t_lib:7.3f} s"
-          f"  ({t_lib / args.domains * 1e3:.2f} ms/domain)")
+    print(
+        f"  vmtrim audit, library (parse + audit):  {t_lib:7.3f} s"
+        f"  ({t_lib / args.domains * 1e3:.2f} ms/domain)"
+    )
     print(f"  vmtrim audit --json, CLI, one process:  {t_cli:7.3f} s")
     print(f"  vmtrim audit (table), CLI, one process: {t_table:7.3f} s")
-    print(f"  anchor: lxml parse only:                {t_lxml:7.3f} s"
-          f"  -> vmtrim library / lxml = {t_lib / t_lxml:.1f}x")
+    print(
+        f"  anchor: lxml parse only:                {t_lxml:7.3f} s"
+        f"  -> vmtrim library / lxml = {t_lib / t_lxml:.1f}x"
+    )
     if t_validate is not None:
-        print(f"  anchor: virt-xml-validate (scaled from {len(sample)}): {t_validate:7.1f} s"
-              f"  -> vmtrim CLI / virt-xml-validate = {t_cli / t_validate:.3f}x")
+        print(
+            f"  anchor: virt-xml-validate (scaled from {len(sample)}): {t_validate:7.1f} s"
+            f"  -> vmtrim CLI / virt-xml-validate = {t_cli / t_validate:.3f}x"
+        )
     worst = max(t_cli, t_table)
     verdict = "meets" if worst < 2.0 else "MISSES"
     print(f"target < 2 s for {args.domains} domains: slowest CLI form {worst:.3f} s {verdict} it")

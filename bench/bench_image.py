@@ -66,15 +66,35 @@ def build(path: Path, virtual: int, clusters: int, seed: int = 2026) -> None:
     data_host = slots[last_slot]
     l2_host = slots[last_slot[first_write] - 1]
     total = int(slots[-1]) + 1
-    refblocks = [2] + [k * REFCOUNTS_PER_BLOCK + 1 for k in range(1, -(-total //
-                                                                       REFCOUNTS_PER_BLOCK))]
+    refblocks = [2] + [
+        k * REFCOUNTS_PER_BLOCK + 1 for k in range(1, -(-total // REFCOUNTS_PER_BLOCK))
+    ]
     total = max(total, refblocks[-1] + 1)
 
-    header = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, 0, 0, CLUSTER_BITS, virtual,
-                         0, l1_size, 3 * CS, CS, 1, 0, 0, 0, 0, 0, 4, 112)
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQQQQII",
+        b"QFI\xfb",
+        3,
+        0,
+        0,
+        CLUSTER_BITS,
+        virtual,
+        0,
+        l1_size,
+        3 * CS,
+        CS,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        4,
+        112,
+    )
     header += bytes(8) + bytes(8)  # compression type zlib + padding; end of extensions
     reftable = np.zeros(CS // 8, dtype=">u8")
-    reftable[:len(refblocks)] = np.array(refblocks) * CS
+    reftable[: len(refblocks)] = np.array(refblocks) * CS
     refcounts = np.zeros(len(refblocks) * REFCOUNTS_PER_BLOCK, dtype=">u2")
     refcounts[:total] = 1
     l1 = np.zeros(l1_clusters * CS // 8, dtype=">u8")
@@ -96,7 +116,7 @@ def build(path: Path, virtual: int, clusters: int, seed: int = 2026) -> None:
         os.pwrite(fd, reftable.tobytes(), CS)
         os.pwrite(fd, l1.tobytes(), 3 * CS)
         for i, off in enumerate(refblocks):
-            block = refcounts[i * REFCOUNTS_PER_BLOCK:(i + 1) * REFCOUNTS_PER_BLOCK]
+            block = refcounts[i * REFCOUNTS_PER_BLOCK : (i + 1) * REFCOUNTS_PER_BLOCK]
             os.pwrite(fd, block.tobytes(), off * CS)
         for i, off in enumerate(l2_offsets):
             os.pwrite(fd, l2[i].tobytes(), off)
@@ -117,24 +137,45 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 
 
 def verify(path: Path) -> None:
-    check = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True
+    )
     if check.returncode != 0:
         raise SystemExit(f"qemu-img check rejects {path}: {check.stderr}")
     q = json.loads(check.stdout)
-    ours = json.loads(subprocess.run([VMTRIM, "image", "info", "--json", str(path)],
-                                     check=True, capture_output=True, text=True).stdout)
+    ours = json.loads(
+        subprocess.run(
+            [VMTRIM, "image", "info", "--json", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     for key in ("allocated", "fragmented", "compressed", "total"):
         assert ours[f"{key}_clusters"] == q.get(f"{key}-clusters", 0), key
     assert ours["image_end_offset"] == q["image-end-offset"]
     assert ours["leaks"] == 0 and "leaks" not in q and "corruptions" not in q
-    qmap = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(path)],
-                                     check=True, capture_output=True, text=True).stdout)
-    omap = json.loads(subprocess.run([VMTRIM, "image", "map", "--json", str(path)],
-                                     check=True, capture_output=True, text=True).stdout)
+    qmap = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    omap = json.loads(
+        subprocess.run(
+            [VMTRIM, "image", "map", "--json", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert omap["extents"] == qmap, "vmtrim image map differs from qemu-img map"
-    print(f"  verified: qemu-img check clean, {q['allocated-clusters']} allocated clusters, "
-          f"{len(qmap)} map extents identical")
+    print(
+        f"  verified: qemu-img check clean, {q['allocated-clusters']} allocated clusters, "
+        f"{len(qmap)} map extents identical"
+    )
 
 
 def bench(path: Path, runs: int) -> dict[str, tuple[float, int]]:
@@ -177,10 +218,14 @@ def build_with_qemu_io(path: Path, virtual: int, clusters: int, seed: int = 2026
     picks = rnd.sample(range(virtual // CS), clusters)
     script = "".join(f"write -P 7 {c * CS} 64k\n" for c in picks)
     tmp = path.with_suffix(".tmp")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(virtual)],
-                   check=True)
-    subprocess.run(["qemu-io", "-t", "unsafe", str(tmp)], input=script, text=True,
-                   stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(virtual)], check=True)
+    subprocess.run(
+        ["qemu-io", "-t", "unsafe", str(tmp)],
+        input=script,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
     os.replace(tmp, path)
 
 
@@ -194,15 +239,18 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/vmtrim-bench"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--qemu-io", action="store_true",
-                    help="also build and time images written by qemu-io (about a minute)")
-    ap.add_argument("--step", nargs=3, metavar=("STEP", "PATH", "CLUSTERS"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--qemu-io",
+        action="store_true",
+        help="also build and time images written by qemu-io (about a minute)",
+    )
+    ap.add_argument("--step", nargs=3, metavar=("STEP", "PATH", "CLUSTERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         step, path, clusters = args.step[0], Path(args.step[1]), int(args.step[2])
-        {"build": build, "build-qemu-io": build_with_qemu_io}.get(
-            step, lambda p, v, c: verify(p))(path, TiB, clusters)
+        {"build": build, "build-qemu-io": build_with_qemu_io}.get(step, lambda p, v, c: verify(p))(
+            path, TiB, clusters
+        )
         return
     args.dir.mkdir(parents=True, exist_ok=True)
     kinds = [("generated", "build")] + ([("qemu-io", "build-qemu-io")] if args.qemu_io else [])
@@ -214,8 +262,10 @@ def main() -> None:
                 in_child(step, str(path), str(clusters))
                 print(f"built {path} ({kind}) in {time.perf_counter() - t0:.1f} s")
             in_child("verify", str(path), str(clusters))
-            report(f"{path.name}: 1 TiB virtual, {clusters} scattered 64 KiB clusters "
-                   f"({kind})", bench(path, args.runs))
+            report(
+                f"{path.name}: 1 TiB virtual, {clusters} scattered 64 KiB clusters ({kind})",
+                bench(path, args.runs),
+            )
 
 
 if __name__ == "__main__":

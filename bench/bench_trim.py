@@ -39,17 +39,30 @@ PARALLEL = 3
 
 def vmtrim_trim(names: list[str]) -> tuple[float, dict[str, object]]:
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "vmtrim", "trim", "-c", URI, "--json",
-                          "--parallel", str(PARALLEL), *names],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmtrim",
+            "trim",
+            "-c",
+            URI,
+            "--json",
+            "--parallel",
+            str(PARALLEL),
+            *names,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.monotonic() - start
     return wall, json.loads(out.stdout)
 
 
 def virsh_domfstrim(names: list[str]) -> float:
     def one(name: str) -> None:
-        subprocess.run(["virsh", "-c", URI, "domfstrim", name], capture_output=True,
-                       check=True)
+        subprocess.run(["virsh", "-c", URI, "domfstrim", name], capture_output=True, check=True)
 
     start = time.monotonic()
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -64,17 +77,25 @@ def report(label: str, wall: float, doc: dict[str, object]) -> None:
     agent = [d["agent_seconds"] for d in domains]
     engine = sum(d["seconds"] for d in domains)
     reclaimed = sum(d["reclaimed_bytes"] or 0 for d in domains)
-    print(f"{label}: wall {wall:.3f} s for {len(domains)} domains "
-          f"(status: {sorted({d['status'] for d in domains})}); host reclaimed "
-          f"{reclaimed / 2**20:.1f} MiB")
-    print(f"  guest fstrim (agent) per domain: mean {sum(agent) / len(agent) * 1000:.0f} ms,"
-          f" max {max(agent) * 1000:.0f} ms")
-    print(f"  vmtrim overhead per domain (seconds - agent_seconds): mean "
-          f"{sum(over) / len(over) * 1000:.1f} ms, max {max(over) * 1000:.1f} ms; "
-          f"{sum(over) / engine * 100:.1f}% of the engine's time")
+    print(
+        f"{label}: wall {wall:.3f} s for {len(domains)} domains "
+        f"(status: {sorted({d['status'] for d in domains})}); host reclaimed "
+        f"{reclaimed / 2**20:.1f} MiB"
+    )
+    print(
+        f"  guest fstrim (agent) per domain: mean {sum(agent) / len(agent) * 1000:.0f} ms,"
+        f" max {max(agent) * 1000:.0f} ms"
+    )
+    print(
+        f"  vmtrim overhead per domain (seconds - agent_seconds): mean "
+        f"{sum(over) / len(over) * 1000:.1f} ms, max {max(over) * 1000:.1f} ms; "
+        f"{sum(over) / engine * 100:.1f}% of the engine's time"
+    )
     outside = wall - max(d["seconds"] for d in domains)
-    print(f"  process start-up + connect + output: {outside:.3f} s at most"
-          " (wall - the slowest domain)")
+    print(
+        f"  process start-up + connect + output: {outside:.3f} s at most"
+        " (wall - the slowest domain)"
+    )
 
 
 def main() -> None:
@@ -86,16 +107,20 @@ def main() -> None:
         guests = [lab.start(f"b{i}", write_mib=WRITE_MIB) for i in range(GUESTS)]
         for guest in guests:
             guest.until_deleted()
-        print(f"booted {GUESTS} guests, {WRITE_MIB} MiB written+deleted each, "
-              f"in {time.monotonic() - t0:.1f} s")
+        print(
+            f"booted {GUESTS} guests, {WRITE_MIB} MiB written+deleted each, "
+            f"in {time.monotonic() - t0:.1f} s"
+        )
         names = [g.name for g in guests]
         wall, doc = vmtrim_trim(names)
         report("round 1, vmtrim trim (the real job)", wall, doc)
         anchor = virsh_domfstrim(names)
         wall2, doc2 = vmtrim_trim(names)
-        print(f"round 2 (already trimmed): virsh domfstrim x{GUESTS} ({PARALLEL} at a time) "
-              f"{anchor:.3f} s; vmtrim trim {wall2:.3f} s; ratio vmtrim/virsh "
-              f"{wall2 / anchor:.2f}")
+        print(
+            f"round 2 (already trimmed): virsh domfstrim x{GUESTS} ({PARALLEL} at a time) "
+            f"{anchor:.3f} s; vmtrim trim {wall2:.3f} s; ratio vmtrim/virsh "
+            f"{wall2 / anchor:.2f}"
+        )
         report("round 2, vmtrim trim", wall2, doc2)
     finally:
         lab.cleanup()

@@ -34,8 +34,12 @@ QEMU = "qemu-system-x86_64"
 
 def run_vmtrim(*args: str) -> tuple[float, dict[str, Any], int]:
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "vmtrim", "verify", "--accel", "tcg", "--json",
-                           *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "verify", "--accel", "tcg", "--json", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     seconds = time.monotonic() - start
     if done.returncode not in (0, 1):
         sys.exit(f"vmtrim verify failed ({done.returncode}): {done.stderr.strip()}")
@@ -45,11 +49,29 @@ def run_vmtrim(*args: str) -> tuple[float, dict[str, Any], int]:
 def anchor_boot(app: Appliance) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
-        subprocess.run([QEMU, "-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot",
-                        "-nodefaults", "-serial", f"file:{tmp}/serial.log",
-                        "-kernel", str(app.bzimage), "-initrd", str(app.initrd),
-                        "-append", "console=ttyS0 panic=-1 quiet vmtrim.mode=probe"],
-                       check=True, timeout=300)
+        subprocess.run(
+            [
+                QEMU,
+                "-accel",
+                "tcg",
+                "-m",
+                "512",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                f"file:{tmp}/serial.log",
+                "-kernel",
+                str(app.bzimage),
+                "-initrd",
+                str(app.initrd),
+                "-append",
+                "console=ttyS0 panic=-1 quiet vmtrim.mode=probe",
+            ],
+            check=True,
+            timeout=300,
+        )
         return time.monotonic() - start
 
 
@@ -62,16 +84,39 @@ def anchor_cell(app: Appliance, size_mib: int) -> tuple[float, int, int, int]:
         subprocess.run(["mkfs.ext4", "-q", "-F", raw], check=True)
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
         du0 = os.stat(image).st_blocks * 512
-        qemu = subprocess.Popen([
-            QEMU, "-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot", "-nodefaults",
-            "-serial", f"file:{tmp}/serial.log", "-kernel", str(app.bzimage),
-            "-initrd", str(app.initrd),
-            "-append", f"console=ttyS0 panic=-1 quiet vmtrim.mode=online vmtrim.size={size_mib}",
-            "-drive", f"file={image},if=none,id=hd,discard=on,format=qcow2",
-            "-device", "virtio-scsi-pci", "-device", "scsi-hd,drive=hd",
-            "-device", "virtio-serial-pci",
-            "-chardev", f"socket,id=ctl,path={ctl},server=on,wait=off",
-            "-device", "virtserialport,chardev=ctl,name=org.vmtrim.ctl"])
+        qemu = subprocess.Popen(
+            [
+                QEMU,
+                "-accel",
+                "tcg",
+                "-m",
+                "512",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                f"file:{tmp}/serial.log",
+                "-kernel",
+                str(app.bzimage),
+                "-initrd",
+                str(app.initrd),
+                "-append",
+                f"console=ttyS0 panic=-1 quiet vmtrim.mode=online vmtrim.size={size_mib}",
+                "-drive",
+                f"file={image},if=none,id=hd,discard=on,format=qcow2",
+                "-device",
+                "virtio-scsi-pci",
+                "-device",
+                "scsi-hd,drive=hd",
+                "-device",
+                "virtio-serial-pci",
+                "-chardev",
+                f"socket,id=ctl,path={ctl},server=on,wait=off",
+                "-device",
+                "virtserialport,chardev=ctl,name=org.vmtrim.ctl",
+            ]
+        )
         try:
             while not os.path.exists(ctl):
                 time.sleep(0.05)
@@ -101,22 +146,30 @@ def main() -> None:
     args = parser.parse_args()
 
     app = ensure_appliance()
-    print(f"machine: {os.cpu_count()} CPUs, {os.uname().release}; QEMU TCG; "
-          f"guest {app.kernel_version}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {os.uname().release}; QEMU TCG; "
+        f"guest {app.kernel_version}"
+    )
     boot = anchor_boot(app)
     print(f"anchor  bare boot (bzImage) to init and power-off: {boot:6.1f} s")
 
     manual, du0, du1, du2 = anchor_cell(app, args.size)
-    print(f"anchor  manual {args.size} MiB cell:  {manual:6.1f} s   du {du0 // 1024} KB -> "
-          f"{du1 // 1024} KB -> {du2 // 1024} KB")
+    print(
+        f"anchor  manual {args.size} MiB cell:  {manual:6.1f} s   du {du0 // 1024} KB -> "
+        f"{du1 // 1024} KB -> {du2 // 1024} KB"
+    )
 
     seconds, doc, code = run_vmtrim("--size", str(args.size))
     cell = doc["cells"][0]
-    print(f"vmtrim  verify {args.size} MiB cell:  {seconds:6.1f} s   du "
-          f"{cell['allocated_before'] // 1024} KB -> {cell['allocated_after'] // 1024} KB, "
-          f"reclaimed {cell['reclaim_ratio']:.2%} (exit {code}; cell itself {cell['seconds']} s)")
-    print(f"ratio   vmtrim / manual cell: {seconds / manual:.2f}   target < 30 s: "
-          f"{'met' if seconds < 30 else 'MISSED'}")
+    print(
+        f"vmtrim  verify {args.size} MiB cell:  {seconds:6.1f} s   du "
+        f"{cell['allocated_before'] // 1024} KB -> {cell['allocated_after'] // 1024} KB, "
+        f"reclaimed {cell['reclaim_ratio']:.2%} (exit {code}; cell itself {cell['seconds']} s)"
+    )
+    print(
+        f"ratio   vmtrim / manual cell: {seconds / manual:.2f}   target < 30 s: "
+        f"{'met' if seconds < 30 else 'MISSED'}"
+    )
 
     if args.no_matrix:
         return
@@ -125,13 +178,19 @@ def main() -> None:
     ok = sum(1 for c in cells if c["ok"])
     reclaiming = [c["reclaim_ratio"] for c in cells if c["expected"] == "reclaim"]
     manual_matrix = len(cells) * manual
-    print(f"vmtrim  verify --matrix ({len(cells)} cells, {args.size} MiB): {seconds:6.1f} s, "
-          f"{ok}/{len(cells)} ok (exit {code}), reclaiming cells got back "
-          f"{min(reclaiming):.2%} .. {max(reclaiming):.2%}")
-    print(f"anchor  manual matrix, sequential ({len(cells)} x manual cell, extrapolated): "
-          f"{manual_matrix:6.1f} s")
-    print(f"ratio   vmtrim / manual matrix: {seconds / manual_matrix:.2f}   target < 600 s: "
-          f"{'met' if seconds < 600 else 'MISSED'}")
+    print(
+        f"vmtrim  verify --matrix ({len(cells)} cells, {args.size} MiB): {seconds:6.1f} s, "
+        f"{ok}/{len(cells)} ok (exit {code}), reclaiming cells got back "
+        f"{min(reclaiming):.2%} .. {max(reclaiming):.2%}"
+    )
+    print(
+        f"anchor  manual matrix, sequential ({len(cells)} x manual cell, extrapolated): "
+        f"{manual_matrix:6.1f} s"
+    )
+    print(
+        f"ratio   vmtrim / manual matrix: {seconds / manual_matrix:.2f}   target < 600 s: "
+        f"{'met' if seconds < 600 else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,13 @@ OFFLINE = HostProbes(local=False)
 
 
 def vmtrim(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def audit_json(*args: str, stdin: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -41,6 +46,7 @@ def reports_xml(text: str) -> list[DiskReport]:
 
 
 # ---------------------------------------------------------------- DESIGN.md's configurations
+
 
 def test_design_ide_disk_with_discard_passes_config_layers() -> None:
     code, doc = audit_json("--no-probe", "--xml", str(DATA / "design-ide.xml"))
@@ -106,8 +112,10 @@ def test_virtio_on_new_machine_passes() -> None:
 
 
 def test_virtio_machine_type_on_the_command_line() -> None:
-    line = ("qemu-system-x86_64 -machine {m},accel=tcg -drive file=/x.img,format=raw,if=none,"
-            "id=d0,discard=unmap -device virtio-blk-pci,drive=d0,id=vd0")
+    line = (
+        "qemu-system-x86_64 -machine {m},accel=tcg -drive file=/x.img,format=raw,if=none,"
+        "id=d0,discard=unmap -device virtio-blk-pci,drive=d0,id=vd0"
+    )
     old = audit_domain(parse_qemu_command(line.format(m="pc-i440fx-3.1")), OFFLINE)[0]
     new = audit_domain(parse_qemu_command(line.format(m="pc-q35-7.2")), OFFLINE)[0]
     assert old.layer(LayerKind.DEVICE).verdict is Verdict.BLOCK
@@ -122,6 +130,7 @@ def test_virtio_machine_type_on_the_command_line() -> None:
 
 # ---------------------------------------------------------------- exit codes and read-only
 
+
 def test_cdroms_read_only_and_empty_drives_do_not_fail_the_run() -> None:
     code, doc = audit_json("--no-probe", "--xml", str(DATA / "readonly-only.xml"))
     assert {d["device"] for d in doc["disks"]} == {"cdrom", "disk"}
@@ -133,11 +142,26 @@ def test_json_document_shape() -> None:
     _, doc = audit_json("--no-probe", "--xml", str(DATA / "design-scsi.xml"))
     assert doc["schema"] == "vmtrim.audit.engine/1"
     (disk,) = doc["disks"]
-    for key in ("domain", "target", "device", "bus", "source", "format", "discard", "verdict",
-                "layers", "findings"):
+    for key in (
+        "domain",
+        "target",
+        "device",
+        "bus",
+        "source",
+        "format",
+        "discard",
+        "verdict",
+        "layers",
+        "findings",
+    ):
         assert key in disk
     assert [item["layer"] for item in disk["layers"]] == [
-        "guest_fs", "guest_driver", "device", "block_node", "host_storage"]
+        "guest_fs",
+        "guest_driver",
+        "device",
+        "block_node",
+        "host_storage",
+    ]
     for item in disk["layers"]:
         assert set(item) == {"layer", "verdict", "reason", "fix"}
         assert item["verdict"] in ("pass", "block", "unknown")
@@ -163,8 +187,11 @@ def test_stdin_input() -> None:
 BAD = {
     "malformed.xml": ("<domain><name>x</name><devices>", "malformed XML"),
     "network.xml": ("<network><name>default</name></network>", "not a libvirt domain"),
-    "entity.xml": ('<?xml version="1.0"?><!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
-                   "<domain><name>&e;</name></domain>", None),
+    "entity.xml": (
+        '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+        "<domain><name>&e;</name></domain>",
+        None,
+    ),
 }
 
 
@@ -187,13 +214,16 @@ def test_xml_entities_are_not_resolved(tmp_path: Path) -> None:
     assert "root:" not in domain.name
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ("qemu-system-x86_64 -blockdev '{\"driver\":\"file\",' -m 1g", "invalid JSON"),
-    ("qemu-system-x86_64 -m 1g -frobnicate", "unknown QEMU option '-frobnicate'"),
-    ("qemu-system-x86_64 -drive", "needs an argument"),
-    ("qemu-system-x86_64 -drive 'file=/x", "cannot split"),
-    ("qemu-system-x86_64 -device scsi-hd,drive=nowhere", "no -blockdev or -drive named"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ('qemu-system-x86_64 -blockdev \'{"driver":"file",\' -m 1g', "invalid JSON"),
+        ("qemu-system-x86_64 -m 1g -frobnicate", "unknown QEMU option '-frobnicate'"),
+        ("qemu-system-x86_64 -drive", "needs an argument"),
+        ("qemu-system-x86_64 -drive 'file=/x", "cannot split"),
+        ("qemu-system-x86_64 -device scsi-hd,drive=nowhere", "no -blockdev or -drive named"),
+    ],
+)
 def test_bad_command_line_is_one_line_exit_2(tmp_path: Path, args: str, message: str) -> None:
     path = tmp_path / "cmd.args"
     path.write_text(args)

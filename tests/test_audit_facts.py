@@ -23,13 +23,24 @@ def test_the_issue_facts_are_encoded() -> None:
     assert facts.FACTS["virtio_blk_guest"].linux == (5, 0)
     assert facts.FACTS["discard_no_unref"].qemu == (8, 1)
     assert facts.FACTS["detect_zeroes"].libvirt == (2, 0, 0)
-    for key in ("qcow2_small_discard", "qcow2_snapshots", "qcow2_compat010", "qcow2_overlay",
-                "preallocation_lost", "ls_size"):
+    for key in (
+        "qcow2_small_discard",
+        "qcow2_snapshots",
+        "qcow2_compat010",
+        "qcow2_overlay",
+        "preallocation_lost",
+        "ls_size",
+    ):
         assert key in facts.NOTES
     assert {"ext4", "xfs", "ext3", "btrfs", "ntfs"} <= set(facts.GUEST_FS)
     assert not facts.GUEST_FS["ext3"].mount_option and facts.GUEST_FS["ext3"].fstrim
     assert {"luks", "lvm"} <= set(facts.GUEST_STACK)
     verdicts = {p: facts.PROTOCOLS[p].verdict for p in ("rbd", "iscsi", "nbd", "gluster", "ssh")}
-    assert verdicts == {"rbd": Verdict.PASS, "iscsi": Verdict.PASS, "nbd": Verdict.UNKNOWN,
-                        "gluster": Verdict.PASS, "ssh": Verdict.BLOCK}
+    assert verdicts == {
+        "rbd": Verdict.PASS,
+        "iscsi": Verdict.PASS,
+        "nbd": Verdict.UNKNOWN,
+        "gluster": Verdict.PASS,
+        "ssh": Verdict.BLOCK,
+    }
     assert all(facts.PROTOCOLS[p].read_only for p in ("http", "https", "ftp"))

@@ -14,10 +14,10 @@ XML = """<domain><name>g</name><os><type machine='pc-q35-7.2'>hvm</type></os><de
 <target dev='{dev}' bus='{bus}'/></disk></devices></domain>"""
 
 
-def layers(bus: str, guest: GuestInfo | None,
-           filesystems: list[GuestFilesystem] | None) -> tuple[Verdict, Verdict, str]:
-    domain: Domain = parse_domain_xml(XML.format(dev="vda" if bus == "virtio" else "sda",
-                                                 bus=bus))
+def layers(
+    bus: str, guest: GuestInfo | None, filesystems: list[GuestFilesystem] | None
+) -> tuple[Verdict, Verdict, str]:
+    domain: Domain = parse_domain_xml(XML.format(dev="vda" if bus == "virtio" else "sda", bus=bus))
     domain.guest = guest
     domain.disks[0].guest_filesystems = filesystems
     (report,) = audit_domain(domain, HostProbes(local=False), read_images=False)
@@ -40,22 +40,37 @@ def test_no_agent_says_why() -> None:
     assert (fs, reason) == (Verdict.UNKNOWN, "agent not responding")
 
 
-@pytest.mark.parametrize(("fs", "guest", "expected"), [
-    (GuestFilesystem("/", "ext4", ("rw", "relatime", "discard")), LINUX_6, Verdict.PASS),
-    (GuestFilesystem("/", "ext4", ("rw", "relatime")), LINUX_6, Verdict.BLOCK),
-    (GuestFilesystem("/", "ext4", ("rw",)), LINUX_4, Verdict.PASS),  # fstrim.timer
-    (GuestFilesystem("/srv", "ext3", ("rw", "discard")), LINUX_6, Verdict.BLOCK),
-    (GuestFilesystem("/data", "btrfs", ("rw",)), LINUX_6, Verdict.BLOCK),  # 6.1 < 6.2
-    (GuestFilesystem("/data", "btrfs", ("rw",)),
-     GuestInfo(os_id="linux", kernel_release="6.2.0", fstrim_timer=False), Verdict.PASS),
-    (GuestFilesystem("/data", "btrfs", ("rw", "nodiscard")),
-     GuestInfo(os_id="linux", kernel_release="6.5.0", fstrim_timer=False), Verdict.BLOCK),
-    (GuestFilesystem("/", "xfs", None), GuestInfo(os_id="linux", kernel_release="6.1"),
-     Verdict.UNKNOWN),
-    (GuestFilesystem("/", "ext4", ("discard",), luks=True, luks_allow_discards=False), LINUX_6,
-     Verdict.BLOCK),
-    (GuestFilesystem("/", "zfs", ("rw",)), LINUX_6, Verdict.UNKNOWN),
-])
+@pytest.mark.parametrize(
+    ("fs", "guest", "expected"),
+    [
+        (GuestFilesystem("/", "ext4", ("rw", "relatime", "discard")), LINUX_6, Verdict.PASS),
+        (GuestFilesystem("/", "ext4", ("rw", "relatime")), LINUX_6, Verdict.BLOCK),
+        (GuestFilesystem("/", "ext4", ("rw",)), LINUX_4, Verdict.PASS),  # fstrim.timer
+        (GuestFilesystem("/srv", "ext3", ("rw", "discard")), LINUX_6, Verdict.BLOCK),
+        (GuestFilesystem("/data", "btrfs", ("rw",)), LINUX_6, Verdict.BLOCK),  # 6.1 < 6.2
+        (
+            GuestFilesystem("/data", "btrfs", ("rw",)),
+            GuestInfo(os_id="linux", kernel_release="6.2.0", fstrim_timer=False),
+            Verdict.PASS,
+        ),
+        (
+            GuestFilesystem("/data", "btrfs", ("rw", "nodiscard")),
+            GuestInfo(os_id="linux", kernel_release="6.5.0", fstrim_timer=False),
+            Verdict.BLOCK,
+        ),
+        (
+            GuestFilesystem("/", "xfs", None),
+            GuestInfo(os_id="linux", kernel_release="6.1"),
+            Verdict.UNKNOWN,
+        ),
+        (
+            GuestFilesystem("/", "ext4", ("discard",), luks=True, luks_allow_discards=False),
+            LINUX_6,
+            Verdict.BLOCK,
+        ),
+        (GuestFilesystem("/", "zfs", ("rw",)), LINUX_6, Verdict.UNKNOWN),
+    ],
+)
 def test_guest_filesystems(fs: GuestFilesystem, guest: GuestInfo, expected: Verdict) -> None:
     assert layers("scsi", guest, [fs])[0] is expected
 
@@ -66,8 +81,10 @@ def test_windows_trims_by_itself() -> None:
 
 
 def test_worst_filesystem_on_the_disk_wins() -> None:
-    filesystems = [GuestFilesystem("/", "ext4", ("discard",)), GuestFilesystem("/srv", "ext3",
-                                                                               ("rw",))]
+    filesystems = [
+        GuestFilesystem("/", "ext4", ("discard",)),
+        GuestFilesystem("/srv", "ext3", ("rw",)),
+    ]
     fs, _, reason = layers("scsi", LINUX_6, filesystems)
     assert fs is Verdict.BLOCK and "/srv (ext3)" in reason
 

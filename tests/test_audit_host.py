@@ -35,8 +35,7 @@ def ramfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def loop_devices(ramfs: Path, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[dict[str, str]]:
+def loop_devices(ramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Loop devices over a file on ramfs (no discard) and on the ext4 test disk (discard)."""
     backing = {"ramfs": ramfs / "lo.img", "ext4": tmp_path_factory.mktemp("lo") / "lo.img"}
     devices: dict[str, str] = {}
@@ -52,10 +51,12 @@ def loop_devices(ramfs: Path, tmp_path_factory: pytest.TempPathFactory
 
 def xml_for(source: str, kind: str = "file", fmt: str = "qcow2", discard: str = "unmap") -> str:
     attr = "file" if kind == "file" else "dev"
-    return (f"<domain><name>h</name><os><type machine='pc-q35-7.2'>hvm</type></os><devices>"
-            f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'"
-            f" discard='{discard}'/><source {attr}='{source}'/><target dev='sda' bus='scsi'/>"
-            f"</disk><controller type='scsi' index='0' model='virtio-scsi'/></devices></domain>")
+    return (
+        f"<domain><name>h</name><os><type machine='pc-q35-7.2'>hvm</type></os><devices>"
+        f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'"
+        f" discard='{discard}'/><source {attr}='{source}'/><target dev='sda' bus='scsi'/>"
+        f"</disk><controller type='scsi' index='0' model='virtio-scsi'/></devices></domain>"
+    )
 
 
 def audit_one(xml: str, probes: HostProbes | None = None) -> DiskReport:
@@ -68,6 +69,7 @@ def qemu_img(*args: str) -> None:
 
 
 # ---------------------------------------------------------------- files
+
 
 def test_ext4_punches_holes_and_the_image_is_not_touched(tmp_path: Path) -> None:
     image = tmp_path / "disk.qcow2"
@@ -86,8 +88,12 @@ def test_ramfs_cannot_punch_holes_so_the_disk_blocks(ramfs: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", str(image), "8M")
     xml = ramfs / "dom.xml"
     xml.write_text(xml_for(str(image)))
-    proc = subprocess.run([sys.executable, "-m", "vmtrim", "audit", "--json", "--xml", str(xml)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "audit", "--json", "--xml", str(xml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1, proc.stderr
     (disk,) = json.loads(proc.stdout)["disks"]
     host = next(item for item in disk["layers"] if item["layer"] == "host_storage")
@@ -120,6 +126,7 @@ def test_missing_directory_is_unknown_not_an_error() -> None:
 
 # ---------------------------------------------------------------- block devices
 
+
 def test_loop_device_on_ext4_supports_discard(loop_devices: dict[str, str]) -> None:
     probe = block_device_probe(loop_devices["ext4"])
     sysfs = Path(f"/sys/block/{Path(loop_devices['ext4']).name}/queue/discard_max_bytes")
@@ -136,14 +143,16 @@ def test_loop_device_on_ramfs_does_not(loop_devices: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------- image headers
 
+
 def findings(report: DiskReport) -> dict[str, Severity]:
     return {f.message: f.severity for f in report.findings}
 
 
 def test_qcow2_compat_010_with_snapshots(tmp_path: Path) -> None:
     image = tmp_path / "old.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=128k", str(image),
-             "16M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=128k", str(image), "16M"
+    )
     qemu_img("snapshot", "-c", "before-upgrade", str(image))
     found = findings(audit_one(xml_for(str(image))))
     assert any("128 KiB" in m for m in found)

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.libvirt
 
 
 def native_argv(uri: str, xml: Path) -> str:
-    proc = subprocess.run(["virsh", "-c", uri, "domxml-to-native", "qemu-argv", "--xml",
-                           str(xml)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["virsh", "-c", uri, "domxml-to-native", "qemu-argv", "--xml", str(xml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -27,11 +27,22 @@ OFFLINE = HostProbes(local=False)
 def signature(domain: Domain) -> list[tuple[object, ...]]:
     """What must agree, disk by disk, in device order."""
     reports: list[DiskReport] = audit_domain(domain, OFFLINE, read_images=False)
-    return [(r.disk.device.value, r.disk.bus, r.disk.controller_model, r.disk.qemu_device,
-             r.disk.source, r.disk.format, r.disk.discard, r.disk.read_only, r.exempt,
-             tuple((layer.kind.value, layer.verdict.value) for layer in r.layers),
-             r.verdict.value)
-            for r in reports]
+    return [
+        (
+            r.disk.device.value,
+            r.disk.bus,
+            r.disk.controller_model,
+            r.disk.qemu_device,
+            r.disk.source,
+            r.disk.format,
+            r.disk.discard,
+            r.disk.read_only,
+            r.exempt,
+            tuple((layer.kind.value, layer.verdict.value) for layer in r.layers),
+            r.verdict.value,
+        )
+        for r in reports
+    ]
 
 
 def test_there_are_pairs() -> None:

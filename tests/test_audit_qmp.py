@@ -46,16 +46,30 @@ class Qemu:
 def run_qemu(workdir: Path, name: str, extra: list[str]) -> Iterator[Qemu]:
     """A paused QEMU with a QMP socket; killed by PID whatever happens."""
     sock = workdir / f"{name}.qmp"
-    argv = [QEMU, "-S", "-display", "none", "-accel", "tcg", "-nodefaults", "-name", name,
-            "-qmp", f"unix:{sock},server=on,wait=off", *extra]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    argv = [
+        QEMU,
+        "-S",
+        "-display",
+        "none",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-name",
+        name,
+        "-qmp",
+        f"unix:{sock},server=on,wait=off",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"QEMU exited: {proc.stderr.read().decode()}"
-                                     if proc.stderr else "QEMU exited")
+                raise AssertionError(
+                    f"QEMU exited: {proc.stderr.read().decode()}" if proc.stderr else "QEMU exited"
+                )
             assert time.monotonic() < deadline, "QEMU did not create its QMP socket"
             time.sleep(0.05)
         yield Qemu(proc.pid, sock, argv)
@@ -73,8 +87,13 @@ def qcow2(path: Path) -> Path:
 
 
 def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def audit_json(*args: str) -> tuple[int, dict[str, Any]]:
@@ -88,9 +107,10 @@ def by_target(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def verdicts(doc: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
-    return {target: (disk["verdict"], {layer["layer"]: layer["verdict"]
-                                       for layer in disk["layers"]})
-            for target, disk in by_target(doc).items()}
+    return {
+        target: (disk["verdict"], {layer["layer"]: layer["verdict"] for layer in disk["layers"]})
+        for target, disk in by_target(doc).items()
+    }
 
 
 def layer(disk: dict[str, Any], name: str) -> dict[str, Any]:
@@ -111,20 +131,40 @@ def three_disks(workdir: Path) -> Iterator[Qemu]:
     disk-e a virtio-blk with discard=on set on the device, which overrides the machine type."""
     a, b, c, d, e = (qcow2(workdir / f"{n}.qcow2") for n in "abcde")
     extra = [
-        "-machine", "pc-i440fx-3.1",
-        "-device", "virtio-scsi-pci,id=scsi0",
-        "-blockdev", json.dumps({"driver": "file", "filename": str(a), "node-name": "a-file",
-                                 "discard": "unmap"}),
-        "-blockdev", json.dumps({"driver": "qcow2", "file": "a-file", "node-name": "a-fmt",
-                                 "discard": "unmap", "detect-zeroes": "unmap"}),
-        "-device", "scsi-hd,drive=a-fmt,id=disk-a,bus=scsi0.0",
-        "-drive", f"file={b},format=qcow2,if=none,id=drive-b,cache=none",
-        "-device", "scsi-hd,drive=drive-b,id=disk-b,bus=scsi0.0",
-        "-drive", f"file={c},format=qcow2,if=none,id=drive-c,discard=unmap",
-        "-device", "virtio-blk-pci,drive=drive-c,id=disk-c",
-        "-drive", f"file={d},format=qcow2,if=ide,discard=on",  # legacy: the drive is the disk
-        "-drive", f"file={e},format=qcow2,if=none,id=drive-e,discard=unmap",
-        "-device", "virtio-blk-pci,drive=drive-e,id=disk-e,discard=on",
+        "-machine",
+        "pc-i440fx-3.1",
+        "-device",
+        "virtio-scsi-pci,id=scsi0",
+        "-blockdev",
+        json.dumps(
+            {"driver": "file", "filename": str(a), "node-name": "a-file", "discard": "unmap"}
+        ),
+        "-blockdev",
+        json.dumps(
+            {
+                "driver": "qcow2",
+                "file": "a-file",
+                "node-name": "a-fmt",
+                "discard": "unmap",
+                "detect-zeroes": "unmap",
+            }
+        ),
+        "-device",
+        "scsi-hd,drive=a-fmt,id=disk-a,bus=scsi0.0",
+        "-drive",
+        f"file={b},format=qcow2,if=none,id=drive-b,cache=none",
+        "-device",
+        "scsi-hd,drive=drive-b,id=disk-b,bus=scsi0.0",
+        "-drive",
+        f"file={c},format=qcow2,if=none,id=drive-c,discard=unmap",
+        "-device",
+        "virtio-blk-pci,drive=drive-c,id=disk-c",
+        "-drive",
+        f"file={d},format=qcow2,if=ide,discard=on",  # legacy: the drive is the disk
+        "-drive",
+        f"file={e},format=qcow2,if=none,id=drive-e,discard=unmap",
+        "-device",
+        "virtio-blk-pci,drive=drive-e,id=disk-e,discard=on",
     ]
     with run_qemu(workdir, "three", extra) as qemu:
         yield qemu
@@ -155,46 +195,72 @@ def test_live_facts_from_qmp(three_disks: Qemu, workdir: Path) -> None:
     _, doc = audit_json("--qmp", str(three_disks.qmp))
     [domain] = doc["domains"]
     assert (domain["name"], domain["machine"]) == ("three", "pc-i440fx-3.1")
-    banner = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                            check=True).stdout
+    banner = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     version = re.search(r"version (\d+\.\d+\.\d+)", banner)
     assert version is not None
     assert f"QEMU {version.group(1)}," in domain["notes"][0]
-    assert f"/proc/{three_disks.pid}/cmdline (pid from SO_PEERCRED)" in " ".join(
-        domain["notes"])
+    assert f"/proc/{three_disks.pid}/cmdline (pid from SO_PEERCRED)" in " ".join(domain["notes"])
     disks = by_target(doc)
     a = disks["disk-a"]["nodes"]
     assert (a["node_name"], a["driver"], a["discard"], a["detect_zeroes"]) == (
-        "a-fmt", "qcow2", "unmap", "unmap")
+        "a-fmt",
+        "qcow2",
+        "unmap",
+        "unmap",
+    )
     assert (a["file"]["node_name"], a["file"]["driver"], a["file"]["filename"]) == (
-        "a-file", "file", str(workdir / "a.qcow2"))
+        "a-file",
+        "file",
+        str(workdir / "a.qcow2"),
+    )
     b = disks["disk-b"]
     assert (b["source"], b["format"], b["discard"], b["nodes"]["cache"]) == (
-        str(workdir / "b.qcow2"), "qcow2", None, "none")
+        str(workdir / "b.qcow2"),
+        "qcow2",
+        None,
+        "none",
+    )
     assert disks["disk-c"]["qemu_device"] == "virtio-blk-pci"
 
 
 def test_hotplugged_disk_and_runtime_snapshot(workdir: Path) -> None:
     base = qcow2(workdir / "base.qcow2")
     image = workdir / "hot.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-                    str(image)], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(image)],
+        check=True,
+    )
     kept = qcow2(workdir / "kept.qcow2")
     snapshot = workdir / "snap.qcow2"
-    extra = ["-device", "virtio-scsi-pci,id=scsi0",
-             "-drive", f"file={kept},format=qcow2,if=none,id=drive-k,discard=unmap",
-             "-device", "scsi-hd,drive=drive-k,id=disk-k,bus=scsi0.0"]
+    extra = [
+        "-device",
+        "virtio-scsi-pci,id=scsi0",
+        "-drive",
+        f"file={kept},format=qcow2,if=none,id=drive-k,discard=unmap",
+        "-device",
+        "scsi-hd,drive=drive-k,id=disk-k,bus=scsi0.0",
+    ]
     with run_qemu(workdir, "hot", extra) as qemu:
         with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
-            monitor.execute("blockdev-add", {
-                "driver": "qcow2", "node-name": "hot-fmt", "discard": "unmap",
-                "file": {"driver": "file", "filename": str(image), "node-name": "hot-file"}})
-            monitor.execute("device_add", {"driver": "scsi-hd", "drive": "hot-fmt",
-                                           "id": "hot0", "bus": "scsi0.0"})
+            monitor.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": "hot-fmt",
+                    "discard": "unmap",
+                    "file": {"driver": "file", "filename": str(image), "node-name": "hot-file"},
+                },
+            )
+            monitor.execute(
+                "device_add",
+                {"driver": "scsi-hd", "drive": "hot-fmt", "id": "hot0", "bus": "scsi0.0"},
+            )
         _, before = audit_json("--qmp", str(qemu.qmp))  # QMP takes one client at a time
         with SyncMonitor(str(qemu.qmp), timeout=20) as monitor:
-            monitor.execute("blockdev-snapshot-sync", {
-                "device": "drive-k", "snapshot-file": str(snapshot), "format": "qcow2"})
+            monitor.execute(
+                "blockdev-snapshot-sync",
+                {"device": "drive-k", "snapshot-file": str(snapshot), "format": "qcow2"},
+            )
         _, on_cmdline = audit_json("--pid", str(qemu.pid))
         code, after = audit_json("--qmp", str(qemu.qmp))
     assert [d["target"] for d in on_cmdline["disks"]] == ["disk-k"]
@@ -203,15 +269,21 @@ def test_hotplugged_disk_and_runtime_snapshot(workdir: Path) -> None:
     assert sorted(disks) == ["disk-k", "hot0"]
     hot = disks["hot0"]
     assert (hot["source"], hot["bus"], hot["controller_model"]) == (
-        str(image), "scsi", "virtio-scsi")
+        str(image),
+        "scsi",
+        "virtio-scsi",
+    )
     assert hot["discard"] == "unknown"
     nodes = layer(hot, "block_node")
     assert nodes["verdict"] == "unknown"
     assert "QMP does not show discard" in nodes["reason"] and "hot-plugged" in nodes["reason"]
     assert layer(hot, "device")["verdict"] == "pass"
     # The backing chain QEMU opened, from the live node graph.
-    assert (hot["nodes"]["backing"]["driver"], hot["nodes"]["backing"]["filename"],
-            hot["nodes"]["backing"]["read_only"]) == ("qcow2", str(base), True)
+    assert (
+        hot["nodes"]["backing"]["driver"],
+        hot["nodes"]["backing"]["filename"],
+        hot["nodes"]["backing"]["read_only"],
+    ) == ("qcow2", str(base), True)
     assert any(str(base) in f["message"] for f in hot["findings"])  # overlay: base never shrinks
     # A snapshot taken at runtime puts a new node on top: the command line no longer
     # describes the node the device uses, so its discard is unknown; --pid cannot see it.
@@ -221,7 +293,10 @@ def test_hotplugged_disk_and_runtime_snapshot(workdir: Path) -> None:
     assert "created at runtime" in layer(kept_now, "block_node")["reason"]
     below = kept_now["nodes"]["backing"]  # the configured node, now under the snapshot
     assert (below["filename"], below["discard"], below["discard_unknown"]) == (
-        str(kept), "unmap", None)
+        str(kept),
+        "unmap",
+        None,
+    )
     assert layer(by_target(on_cmdline)["disk-k"], "block_node")["verdict"] == "pass"
 
 
@@ -266,7 +341,11 @@ def test_forwarded_socket_falls_back_to_qmp_only(three_disks: Qemu, workdir: Pat
     disks = by_target(doc)
     assert {t: d["discard"] for t, d in disks.items()} == {
         "disk-a": "unmap",  # detect_zeroes=unmap proves it on the top node
-        "disk-b": "unknown", "disk-c": "unknown", "disk-e": "unknown", "ide0-hd0": "unknown"}
+        "disk-b": "unknown",
+        "disk-c": "unknown",
+        "disk-e": "unknown",
+        "ide0-hd0": "unknown",
+    }
     assert {layer(d, "block_node")["verdict"] for d in disks.values()} == {"unknown"}
     # The device layer needs no command line: QOM's live virtio-blk `discard` property
     # (false on disk-c by the machine type, true on disk-e by discard=on) decides it.
@@ -308,15 +387,15 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_bad_sockets(workdir: Path, speaker: Path) -> None:
     missing = vmtrim("audit", "--qmp", "/nonexistent/qmp.sock")
     assert missing.returncode == 2
-    assert one_line(missing) == \
-        "vmtrim: /nonexistent/qmp.sock: no such socket (given with --qmp)\n"
+    assert one_line(missing) == "vmtrim: /nonexistent/qmp.sock: no such socket (given with --qmp)\n"
     image = qcow2(workdir / "plain.qcow2")
     plain = vmtrim("audit", "--qmp", str(image))
     assert plain.returncode == 2 and one_line(plain).startswith(f"vmtrim: {image}: not a socket")
     other = vmtrim("audit", "--qmp", str(speaker))
     assert other.returncode == 2
-    assert one_line(other) == (f"vmtrim: {speaker}: not a QMP socket (it said"
-                               " 'SSH-2.0-OpenSSH_9.2')\n")
+    assert one_line(other) == (
+        f"vmtrim: {speaker}: not a QMP socket (it said 'SSH-2.0-OpenSSH_9.2')\n"
+    )
     stale = workdir / "stale.sock"
     with socket.socket(socket.AF_UNIX) as gone:
         gone.bind(str(stale))  # bound, never listening: what a dead QEMU leaves behind
@@ -334,9 +413,21 @@ def test_silent_and_agent_sockets(workdir: Path) -> None:
         assert time.monotonic() - started < 15
     assert result.returncode == 3 and "no QMP greeting within 1 s" in one_line(result)
     agent_sock = workdir / "qga.sock"
-    agent = subprocess.Popen(["qemu-ga", "-m", "unix-listen", "-p", str(agent_sock),
-                              "-t", str(workdir), "-f", str(workdir / "qga.pid")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [
+            "qemu-ga",
+            "-m",
+            "unix-listen",
+            "-p",
+            str(agent_sock),
+            "-t",
+            str(workdir),
+            "-f",
+            str(workdir / "qga.pid"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while not agent_sock.exists():
@@ -348,23 +439,57 @@ def test_silent_and_agent_sockets(workdir: Path) -> None:
             os.kill(agent.pid, signal.SIGKILL)
         agent.wait(timeout=30)
     assert wrong.returncode == 2
-    assert one_line(wrong) == (f"vmtrim: {agent_sock}: a guest agent socket, not QMP (give"
-                               " it to `vmtrim trim --qga`)\n")
+    assert one_line(wrong) == (
+        f"vmtrim: {agent_sock}: a guest agent socket, not QMP (give it to `vmtrim trim --qga`)\n"
+    )
 
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["qdev", "device", "inserted", "node-name", "drv", "file", "name",
-                         "nodes", "edges", "id", "type", "parent", "child", "qemu", "major",
-                         "ro", "cache", "detect_zeroes", "discard", "hotplugged"]),
-        inner, max_size=5),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "qdev",
+                    "device",
+                    "inserted",
+                    "node-name",
+                    "drv",
+                    "file",
+                    "name",
+                    "nodes",
+                    "edges",
+                    "id",
+                    "type",
+                    "parent",
+                    "child",
+                    "qemu",
+                    "major",
+                    "ro",
+                    "cache",
+                    "detect_zeroes",
+                    "discard",
+                    "hotplugged",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.fixed_dictionaries({}, optional={key: _json for key in (
-    "version", "machine", "name", "block", "nodes", "graph", "qom")}))
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            key: _json for key in ("version", "machine", "name", "block", "nodes", "graph", "qom")
+        },
+    )
+)
 def test_parse_live_takes_any_answer(raw: dict[str, Any]) -> None:
     """QMP answers from another QEMU version may lack or reshape anything: never a crash."""
     live = parse_live(raw)

@@ -82,4 +82,3 @@ def test_libvirt_defines_fixed_xml(
 def _target(disk: etree._Element) -> str | None:
     target = disk.find("target")
     return None if target is None else target.get("dev")
-

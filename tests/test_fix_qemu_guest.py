@@ -123,8 +123,9 @@ class Run:
         return self.before - self.after
 
 
-def boot_and_delete(appliance: Appliance, base: Callable[[Path], Base], lab_disk: bool,
-                    fixer: Fixer) -> Run:
+def boot_and_delete(
+    appliance: Appliance, base: Callable[[Path], Base], lab_disk: bool, fixer: Fixer
+) -> Run:
     """Write, measure, delete on a guest mounted -o discard, measure; QEMU killed, files gone."""
     workdir = make_workdir()
     try:
@@ -167,8 +168,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("base", "lab_disk", "fixer", "reclaims"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("base", "lab_disk", "fixer", "reclaims"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
 def test_guest_discards_reach_the_host_only_after_the_fix(
     appliance: Appliance, base: Callable[[Path], Base], lab_disk: bool, fixer: Fixer,
     reclaims: bool,

@@ -50,6 +50,7 @@ def _header_edit(offset: int, fmt: str, value: int) -> Callable[[Path], Path]:
         img = _base(d)
         _poke(img, offset, fmt, value)
         return img
+
     return build
 
 
@@ -80,6 +81,7 @@ def _l1_entry(value_of: Callable[[int], int]) -> Callable[[Path], Path]:
         l1 = _peek(img, 40, "Q")
         _poke(img, l1, "Q", value_of(_peek(img, l1, "Q")))
         return img
+
     return build
 
 
@@ -89,6 +91,7 @@ def _reftable_entry(value_of: Callable[[int], int]) -> Callable[[Path], Path]:
         rt = _peek(img, 48, "Q")
         _poke(img, rt, "Q", value_of(_peek(img, rt, "Q")))
         return img
+
     return build
 
 
@@ -107,15 +110,24 @@ def _backing_self(d: Path) -> Path:
 
 def _backing_missing(d: Path) -> Path:
     a = d / "orphan.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone/base.qcow2", "-F", "qcow2", a,
-             "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone/base.qcow2", "-F", "qcow2", a, "1M")
     return a
 
 
 def _encrypted(d: Path) -> Path:
     img = d / "luks.qcow2"
-    qemu_img("create", "-q", "--object", "secret,id=s0,data=hunter2", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", img, "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=hunter2",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        img,
+        "1M",
+    )
     return img
 
 
@@ -175,8 +187,9 @@ def bad_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("command", ["info", "map"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_image_one_line_exit_2(bad_images: dict[str, Path], case: str, command: str,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_image_one_line_exit_2(
+    bad_images: dict[str, Path], case: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, words, fmt = CASES[case]
     args = ["image", command, "--json", str(bad_images[case])]
     if fmt:
@@ -207,17 +220,28 @@ def test_unreadable_path_as_unprivileged_user(tmp_path: Path) -> None:
     # checkout and the venv stay readable wherever they are (a setuid to nobody would need
     # every directory above them to be world-readable).
     proc = subprocess.run(
-        ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-         sys.executable, "-m", "vmtrim", "image", "info", str(img)],
-        capture_output=True, text=True)
+        [
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "vmtrim",
+            "image",
+            "info",
+            str(img),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"vmtrim: {img}: permission denied (cannot open for reading)"
 
 
 def test_protocol_backing_is_reported_not_followed(tmp_path: Path) -> None:
     img = tmp_path / "nbd-top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "nbd://127.0.0.1:10809/x", "-F", "raw",
-             img, "1M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", "nbd://127.0.0.1:10809/x", "-F", "raw", img, "1M"
+    )
     assert inspect(img, follow_backing=False).backing_file == "nbd://127.0.0.1:10809/x"
     with pytest.raises(ImageError, match="protocol"):
         inspect(img)
@@ -229,17 +253,17 @@ def test_protocol_backing_is_reported_not_followed(tmp_path: Path) -> None:
 def _regions(data: bytes) -> list[tuple[int, int]]:
     """(offset, length) of the header and every table of a qcow2, to aim mutations at."""
     cs = 1 << struct.unpack_from(">I", data, 20)[0]
-    l1_off, = struct.unpack_from(">Q", data, 40)
-    l1_size, = struct.unpack_from(">I", data, 36)
-    rt_off, = struct.unpack_from(">Q", data, 48)
+    (l1_off,) = struct.unpack_from(">Q", data, 40)
+    (l1_size,) = struct.unpack_from(">I", data, 36)
+    (rt_off,) = struct.unpack_from(">Q", data, 48)
     regions = [(0, 112), (l1_off, l1_size * 8), (rt_off, cs)]
     for i in range(l1_size):
-        l2, = struct.unpack_from(">Q", data, l1_off + 8 * i)
+        (l2,) = struct.unpack_from(">Q", data, l1_off + 8 * i)
         if l2 & 0x00FFFFFFFFFFFE00:
             regions.append((l2 & 0x00FFFFFFFFFFFE00, cs))
-    rb, = struct.unpack_from(">Q", data, rt_off)
+    (rb,) = struct.unpack_from(">Q", data, rt_off)
     regions.append((rb, cs))
-    snap_off, = struct.unpack_from(">Q", data, 64)
+    (snap_off,) = struct.unpack_from(">Q", data, 64)
     if snap_off:
         regions.append((snap_off, 256))
     return regions
@@ -265,11 +289,15 @@ def scratch() -> Iterator[Path]:
         yield Path(d)
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_mutated_images_raise_only_image_error(seeds: list[bytes], scratch: Path,
-                                               data: st.DataObject) -> None:
+def test_mutated_images_raise_only_image_error(
+    seeds: list[bytes], scratch: Path, data: st.DataObject
+) -> None:
     seed = data.draw(st.sampled_from(range(len(seeds))), label="seed")
     image = bytearray(seeds[seed])
     for _ in range(data.draw(st.integers(1, 4), label="mutations")):
@@ -277,9 +305,9 @@ def test_mutated_images_raise_only_image_error(seeds: list[bytes], scratch: Path
         start, length = data.draw(st.sampled_from(regions), label="region")
         pos = start + data.draw(st.integers(0, max(0, length - 1)), label="pos")
         new = data.draw(st.binary(min_size=1, max_size=8), label="bytes")
-        image[pos:pos + len(new)] = new
+        image[pos : pos + len(new)] = new
     if data.draw(st.booleans(), label="truncate"):
-        del image[data.draw(st.integers(0, len(image)), label="cut"):]
+        del image[data.draw(st.integers(0, len(image)), label="cut") :]
     path = scratch / "mutant.qcow2"
     path.write_bytes(bytes(image))
     for action in (lambda: inspect(path, fmt="qcow2"), lambda: map_image(path, "qcow2")):

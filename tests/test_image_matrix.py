@@ -32,17 +32,23 @@ from vmtrim.image.info import ImageInfo, inspect
 from vmtrim.image.map import map_image
 
 # A scatter of writes that lands in several L2 tables for every cluster size.
-SCATTER = ("write -P 0x11 0 4k", "write -P 0x22 96k 64k", "write -P 0x33 1M 192k",
-           "write -P 0x44 3M 8k", "write -z 2M 64k", "write -P 0x55 2M 512")
+SCATTER = (
+    "write -P 0x11 0 4k",
+    "write -P 0x22 96k 64k",
+    "write -P 0x33 1M 192k",
+    "write -P 0x44 3M 8k",
+    "write -z 2M 64k",
+    "write -P 0x55 2M 512",
+)
 
 
 def _scatter(cluster: int) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         size = max(4 * MiB, cluster * 4)
         img = create(d / f"c{cluster}.qcow2", size, cluster_size=str(cluster))
-        qemu_io(img, *SCATTER, f"write -P 0x66 {size - cluster} {cluster}",
-                "discard 1M 64k")
+        qemu_io(img, *SCATTER, f"write -P 0x66 {size - cluster} {cluster}", "discard 1M 64k")
         return img
+
     return build
 
 
@@ -54,16 +60,31 @@ def _v2(d: Path) -> Path:
 
 def _extended_l2(d: Path) -> Path:
     img = create(d / "ext.qcow2", 4 * MiB, extended_l2="on", cluster_size="64k")
-    qemu_io(img, "write -P 3 0 4k", "write -z 8k 4k", "write -P 4 1M 64k", "write 20k 2k",
-            "write -z -u 2M 128k", "write -P 5 3M 32k", "discard 3M 64k", "write -c 256k 64k")
+    qemu_io(
+        img,
+        "write -P 3 0 4k",
+        "write -z 8k 4k",
+        "write -P 4 1M 64k",
+        "write 20k 2k",
+        "write -z -u 2M 128k",
+        "write -P 5 3M 32k",
+        "discard 3M 64k",
+        "write -c 256k 64k",
+    )
     return img
 
 
 def _extended_l2_backed(d: Path) -> Path:
     base = create(d / "extbase.qcow2", 4 * MiB)
     qemu_io(base, "write -P 9 0 4M")
-    img = create(d / "exttop.qcow2", 4 * MiB, extended_l2="on", cluster_size="32k",
-                 backing_file="extbase.qcow2", backing_fmt="qcow2")
+    img = create(
+        d / "exttop.qcow2",
+        4 * MiB,
+        extended_l2="on",
+        cluster_size="32k",
+        backing_file="extbase.qcow2",
+        backing_fmt="qcow2",
+    )
     qemu_io(img, "write -P 1 4k 2k", "write -z 40k 1k", "write -z 64k 32k", "discard 128k 32k")
     return img
 
@@ -76,10 +97,10 @@ def _lazy(d: Path) -> Path:
 
 def _refcount_bits(bits: int) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
-        img = create(d / f"rc{bits}.qcow2", 4 * MiB, refcount_bits=str(bits),
-                     cluster_size="4k")
+        img = create(d / f"rc{bits}.qcow2", 4 * MiB, refcount_bits=str(bits), cluster_size="4k")
         qemu_io(img, *SCATTER, "discard 1M 64k")
         return img
+
     return build
 
 
@@ -88,15 +109,24 @@ def _prealloc(mode: str) -> Callable[[Path], Path]:
         img = create(d / f"pre-{mode}.qcow2", 4 * MiB, preallocation=mode)
         qemu_io(img, "write -P 7 64k 128k", "discard 1M 256k", "write -z -u 2M 64k")
         return img
+
     return build
 
 
 def _compressed(kind: str) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = create(d / f"comp-{kind}.qcow2", 4 * MiB, compression_type=kind)
-        qemu_io(img, "write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -c 1M 128k",
-                "write -P 3 2M 64k", "write -c -P 4 3M 64k", "write -z 3M 64k")
+        qemu_io(
+            img,
+            "write -c -P 1 0 64k",
+            "write -c -P 2 64k 64k",
+            "write -c 1M 128k",
+            "write -P 3 2M 64k",
+            "write -c -P 4 3M 64k",
+            "write -z 3M 64k",
+        )
         return img
+
     return build
 
 
@@ -116,13 +146,14 @@ def _chain(d: Path) -> Path:
     (d / "a" / "b").mkdir(parents=True)
     base = create(d / "base.qcow2", 4 * MiB)
     qemu_io(base, "write -P 1 0 4M")
-    mid = create(d / "a" / "mid.qcow2", 4 * MiB, backing_file="../base.qcow2",
-                 backing_fmt="qcow2")
+    mid = create(d / "a" / "mid.qcow2", 4 * MiB, backing_file="../base.qcow2", backing_fmt="qcow2")
     qemu_io(mid, "write -P 2 1M 1M", "write -z 3M 64k", "discard 0 64k")
-    top = create(d / "a" / "b" / "top.qcow2", 6 * MiB, backing_file="../mid.qcow2",
-                 backing_fmt="qcow2")
-    qemu_io(top, "write -P 3 1536k 64k", "write -z 128k 64k", "write -P 4 5M 64k",
-            "discard 1600k 64k")
+    top = create(
+        d / "a" / "b" / "top.qcow2", 6 * MiB, backing_file="../mid.qcow2", backing_fmt="qcow2"
+    )
+    qemu_io(
+        top, "write -P 3 1536k 64k", "write -z 128k 64k", "write -P 4 5M 64k", "discard 1600k 64k"
+    )
     return top
 
 
@@ -149,8 +180,14 @@ def _snapshots(d: Path) -> Path:
 
 def _discarded(d: Path) -> Path:
     img = create(d / "disc.qcow2", 8 * MiB)
-    qemu_io(img, "write -P 1 0 8M", "discard 1M 2M", "write -z -u 4M 1M", "write -z 6M 64k",
-            "discard 7M 100k")
+    qemu_io(
+        img,
+        "write -P 1 0 8M",
+        "discard 1M 2M",
+        "write -z -u 4M 1M",
+        "write -z 6M 64k",
+        "discard 7M 100k",
+    )
     return img
 
 
@@ -174,7 +211,7 @@ def _leak_by_l2_edit(d: Path) -> Path:
     """Drop one L2 reference in a copy: its data cluster keeps refcount 1 -> a leak."""
     img = create(d / "leak.qcow2", 4 * MiB)
     qemu_io(img, "write -P 1 0 128k", "write -P 2 1M 64k")
-    l1_offset, = struct.unpack(">Q", img.read_bytes()[40:48])
+    (l1_offset,) = struct.unpack(">Q", img.read_bytes()[40:48])
     with open(img, "r+b") as f:
         f.seek(l1_offset)
         l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
@@ -188,8 +225,8 @@ def _leak_by_refcount_edit(d: Path) -> Path:
     img = create(d / "rcedit.qcow2", 4 * MiB)
     qemu_io(img, "write -P 1 0 64k")
     data = img.read_bytes()
-    rt_offset, = struct.unpack(">Q", data[48:56])
-    rb = struct.unpack(">Q", data[rt_offset:rt_offset + 8])[0]
+    (rt_offset,) = struct.unpack(">Q", data[48:56])
+    rb = struct.unpack(">Q", data[rt_offset : rt_offset + 8])[0]
     with open(img, "r+b") as f:
         f.truncate(max(len(data), 10 * 64 * KiB))  # cluster 9 inside the file
         f.seek(rb + 9 * 2)
@@ -200,9 +237,22 @@ def _leak_by_refcount_edit(d: Path) -> Path:
 def _lazy_crash(d: Path) -> Path:
     """qemu-io aborts with lazy refcounts: dirty bit set, refcounts never written."""
     img = create(d / "crash.qcow2", 4 * MiB, lazy_refcounts="on")
-    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 192k",
-                           "-c", "write -P 2 1M 64k", "-c", "abort", str(img)],
-                          capture_output=True, preexec_fn=_no_core)
+    proc = subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 192k",
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "abort",
+            str(img),
+        ],
+        capture_output=True,
+        preexec_fn=_no_core,
+    )
     assert proc.returncode < 0 or proc.returncode == 134
     return img
 
@@ -296,7 +346,8 @@ def test_header_facts_agree_with_qemu_img_info(images: dict[str, Path]) -> None:
             assert layer.backing_file == q.get("backing-filename")
             if "full-backing-filename" in q:
                 assert os.path.realpath(str(layer.backing_path)) == os.path.realpath(
-                    q["full-backing-filename"])
+                    q["full-backing-filename"]
+                )
             if layer.version == 3:
                 assert layer.refcount_bits == spec["refcount-bits"]
                 assert layer.features["lazy_refcounts"] == spec["lazy-refcounts"]
@@ -353,33 +404,59 @@ def test_raw_sparse_map_and_info(tmp_path: Path) -> None:
 def test_cli_json_documents(images: dict[str, Path]) -> None:
     path = images["chain-3-deep"]
     exe = [sys.executable, "-m", "vmtrim"]
-    info = json.loads(subprocess.run([*exe, "image", "info", "--json", str(path)], check=True,
-                                     capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            [*exe, "image", "info", "--json", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert info["schema"] == "vmtrim.image.info/1"
     expected = check_figures(qemu_check(path))
     assert {k: info[k] for k in expected} == expected
     assert info["backing"]["backing"]["path"].endswith("base.qcow2")
-    doc = json.loads(subprocess.run([*exe, "image", "map", "--json", str(path)], check=True,
-                                    capture_output=True, text=True).stdout)
+    doc = json.loads(
+        subprocess.run(
+            [*exe, "image", "map", "--json", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert doc["schema"] == "vmtrim.image.info-map/1"
     assert doc["extents"] == qemu_map(path)
-    human = subprocess.run([*exe, "image", "info", str(path)], check=True, capture_output=True,
-                           text=True).stdout
+    human = subprocess.run(
+        [*exe, "image", "info", str(path)], check=True, capture_output=True, text=True
+    ).stdout
     assert "top.qcow2" in human and "base.qcow2" in human
     env = {**os.environ, "COLUMNS": "300"}
-    human_map = subprocess.run([*exe, "image", "map", str(path)], check=True,
-                               capture_output=True, text=True, env=env).stdout
-    ours = [tuple(int(x, 16) for x in re.findall(r"0x[0-9a-f]+", line))
-            for line in human_map.splitlines() if ".qcow2" in line and "0x" in line]
-    theirs = [tuple(int(x, 0) for x in line.split()[:3])
-              for line in qemu_img("map", path).stdout.splitlines()[1:]]
+    human_map = subprocess.run(
+        [*exe, "image", "map", str(path)], check=True, capture_output=True, text=True, env=env
+    ).stdout
+    ours = [
+        tuple(int(x, 16) for x in re.findall(r"0x[0-9a-f]+", line))
+        for line in human_map.splitlines()
+        if ".qcow2" in line and "0x" in line
+    ]
+    theirs = [
+        tuple(int(x, 0) for x in line.split()[:3])
+        for line in qemu_img("map", path).stdout.splitlines()[1:]
+    ]
     assert ours == theirs and len(ours) > 2
 
 
 def test_info_json_imports_neither_rich_nor_lxml(images: dict[str, Path]) -> None:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vmtrim", "image", "info",
-                           "--json", str(images["snapshots"])],
-                          check=True, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "vmtrim",
+            "image",
+            "info",
+            "--json",
+            str(images["snapshots"]),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
     assert "numpy" in modules
     assert not {m for m in modules if m.split(".")[0] in ("rich", "lxml")}
@@ -388,8 +465,12 @@ def test_info_json_imports_neither_rich_nor_lxml(images: dict[str, Path]) -> Non
 def test_cli_scan_zeros(tmp_path: Path) -> None:
     img = create(tmp_path / "z.qcow2", 4 * MiB)
     qemu_io(img, "write -P 0 0 128k", "write -P 1 1M 64k")
-    proc = subprocess.run([sys.executable, "-m", "vmtrim", "image", "info", "--scan-zeros",
-                           "--json", str(img)], check=True, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "image", "info", "--scan-zeros", "--json", str(img)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     doc = json.loads(proc.stdout)
     assert doc["reclaim"]["zero_data_bytes"] == 128 * KiB
 

@@ -13,10 +13,19 @@ from vmtrim.image.info import inspect
 def test_inspect_qcow2_agrees_with_qemu_img(tmp_path: Path) -> None:
     img = tmp_path / "a.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", "-c", "write -z 1M 64k", str(img)],
-                   check=True, capture_output=True)
-    qinfo = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img)],
-                                      check=True, capture_output=True, text=True).stdout)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 1 0 64k", "-c", "write -z 1M 64k", str(img)],
+        check=True,
+        capture_output=True,
+    )
+    qinfo = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(img)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     info = inspect(img)
     assert info.format == "qcow2"
     assert info.virtual_size == qinfo["virtual-size"]
@@ -41,18 +50,36 @@ def test_inspect_sparse_raw(tmp_path: Path) -> None:
 
 def test_header_only_keeps_header_facts_and_skips_the_scan(tmp_path: Path) -> None:
     img = tmp_path / "h.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
-                    str(img), "16M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write 0 1M", "-c", "write 4M 64k", str(img)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "16M"],
+        check=True,
+    )
+    subprocess.run(
+        ["qemu-io", "-c", "write 0 1M", "-c", "write 4M 64k", str(img)],
+        check=True,
+        capture_output=True,
+    )
     subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(img)], check=True)
     full = inspect(img)
     quick = inspect(img, header_only=True)
-    for name in ("format", "virtual_size", "file_size", "allocated_bytes", "cluster_size",
-                 "version", "compat", "refcount_bits", "snapshot_count", "backing_file"):
+    for name in (
+        "format",
+        "virtual_size",
+        "file_size",
+        "allocated_bytes",
+        "cluster_size",
+        "version",
+        "compat",
+        "refcount_bits",
+        "snapshot_count",
+        "backing_file",
+    ):
         assert getattr(quick, name) == getattr(full, name), name
     assert quick.snapshot_count == 1 and quick.cluster_size == 4096
-    check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", str(img)],
-                                      capture_output=True, text=True).stdout)
+    check = json.loads(
+        subprocess.run(
+            ["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True
+        ).stdout
+    )
     assert full.allocated_clusters == check["allocated-clusters"]
     assert quick.allocated_clusters is None

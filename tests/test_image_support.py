@@ -13,8 +13,7 @@ MiB = 1024 * KiB
 
 
 def qemu_img(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True,
-                          text=True)
+    return subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True, text=True)
 
 
 def create(path: Path, size: int | str, fmt: str = "qcow2", **opts: str) -> Path:
@@ -34,8 +33,9 @@ def qemu_io(path: Path, *commands: str, fmt: str = "qcow2") -> None:
 
 def qemu_check(path: Path) -> dict[str, Any]:
     """qemu-img check --output=json; it exits 2/3 on corruptions/leaks, so no check=True."""
-    proc = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True
+    )
     assert proc.stdout, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result

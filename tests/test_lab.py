@@ -26,8 +26,9 @@ def appliance() -> Appliance:
 
 
 @pytest.fixture(scope="module")
-def kernel_tree(appliance: Appliance,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def kernel_tree(
+    appliance: Appliance, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path]]:
     """A kernel image and depmod'ed modules directory, unpacked from the cached .deb."""
     debs = sorted((cache_root() / "kernels").glob("linux-image-*.deb"))
     assert debs, "the default build keeps Debian's kernel package in the cache"
@@ -42,14 +43,21 @@ def kernel_tree(appliance: Appliance,
 
 def lab_build(cache: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-    done = subprocess.run([sys.executable, "-m", "vmtrim", "lab", "build", "--json", *args],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "lab", "build", "--json", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     doc = json.loads(done.stdout) if done.returncode == 0 else {}
     return done.returncode, doc, done.stderr
 
 
 def test_build_is_cached_and_rebuilt_when_the_kernel_changes(
-        kernel_tree: tuple[Path, Path], tmp_path: Path) -> None:
+    kernel_tree: tuple[Path, Path], tmp_path: Path
+) -> None:
     image, modules = kernel_tree
     kernel = tmp_path / "vmlinuz"
     shutil.copyfile(image, kernel)
@@ -76,12 +84,26 @@ def test_build_is_cached_and_rebuilt_when_the_kernel_changes(
 
 def test_initramfs_holds_busybox_modules_and_agent(appliance: Appliance) -> None:
     with open(appliance.initrd, "rb") as archive:
-        listing = subprocess.run(["cpio", "-t", "--quiet"], stdin=archive, capture_output=True,
-                                 text=True, timeout=120, check=True).stdout
+        listing = subprocess.run(
+            ["cpio", "-t", "--quiet"],
+            stdin=archive,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
     names = set(listing.split())
     assert {"init", "bin/busybox", "bin/sh", "usr/sbin/qemu-ga", "etc/vmtrim/modules"} <= names
-    for module in ("virtio_pci", "virtio_scsi", "sd_mod", "virtio_blk", "ata_piix", "ahci",
-                   "virtio_console", "ext4"):
+    for module in (
+        "virtio_pci",
+        "virtio_scsi",
+        "sd_mod",
+        "virtio_blk",
+        "ata_piix",
+        "ahci",
+        "virtio_console",
+        "ext4",
+    ):
         assert any(n.endswith(f"/{module}.ko") for n in names), module
     # qemu-ga's loader and libraries are there too
     assert any(n.startswith("lib64/ld-linux") for n in names)
@@ -94,19 +116,20 @@ def test_kernel_without_modules_is_bad_input(tmp_path: Path) -> None:
     assert err.strip() == "vmtrim: lab: --kernel and --modules go together"
 
 
-def test_modules_dir_without_modules_dep_is_bad_input(kernel_tree: tuple[Path, Path],
-                                                       tmp_path: Path) -> None:
+def test_modules_dir_without_modules_dep_is_bad_input(
+    kernel_tree: tuple[Path, Path], tmp_path: Path
+) -> None:
     image, _ = kernel_tree
-    code, _, err = lab_build(tmp_path / "cache", "--kernel", str(image), "--modules",
-                             str(tmp_path))
+    code, _, err = lab_build(tmp_path / "cache", "--kernel", str(image), "--modules", str(tmp_path))
     assert code == 2
     assert err.strip().splitlines() == [
         f"vmtrim: {tmp_path}: not a modules directory: no modules.dep (run depmod -b ROOT VERSION)"
     ]
 
 
-def test_accel_auto_probes_once_and_caches(appliance: Appliance, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accel_auto_probes_once_and_caches(
+    appliance: Appliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vmtrim.vm.accel import choose_accel
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -30,9 +30,27 @@ def verdicts(report: DiskReport) -> dict[str, str]:
 
 
 def test_every_disk_and_the_scsi_hostdev_are_listed(zoo: dict[str, DiskReport]) -> None:
-    assert list(zoo) == ["vda", "vdb", "vdc", "vdd", "vde", "sda", "sdb", "sdc", "sdd", "sde",
-                         "sdf", "sdg", "sdh", "sdi", "fda", "sdj", "sdk", "ua-notarget",
-                         "hostdev0"]
+    assert list(zoo) == [
+        "vda",
+        "vdb",
+        "vdc",
+        "vdd",
+        "vde",
+        "sda",
+        "sdb",
+        "sdc",
+        "sdd",
+        "sde",
+        "sdf",
+        "sdg",
+        "sdh",
+        "sdi",
+        "fda",
+        "sdj",
+        "sdk",
+        "ua-notarget",
+        "hostdev0",
+    ]
 
 
 def test_storage_kinds_and_sources(zoo: dict[str, DiskReport]) -> None:
@@ -48,19 +66,30 @@ def test_storage_kinds_and_sources(zoo: dict[str, DiskReport]) -> None:
 
 
 def test_network_protocols_at_the_host_layer(zoo: dict[str, DiskReport]) -> None:
-    host = {name: zoo[name].layer(LayerKind.HOST_STORAGE).verdict for name in
-            ("sda", "sdb", "sdc", "vdc", "vdd")}
-    assert host == {"sda": Verdict.PASS, "sdb": Verdict.PASS, "sdc": Verdict.UNKNOWN,
-                    "vdc": Verdict.PASS, "vdd": Verdict.UNKNOWN}
+    host = {
+        name: zoo[name].layer(LayerKind.HOST_STORAGE).verdict
+        for name in ("sda", "sdb", "sdc", "vdc", "vdd")
+    }
+    assert host == {
+        "sda": Verdict.PASS,
+        "sdb": Verdict.PASS,
+        "sdc": Verdict.UNKNOWN,
+        "vdc": Verdict.PASS,
+        "vdd": Verdict.UNKNOWN,
+    }
     assert "pool volume" in zoo["vdd"].layer(LayerKind.HOST_STORAGE).reason
     assert "server" in zoo["sdc"].layer(LayerKind.HOST_STORAGE).reason
 
 
 def test_controllers_and_devices(zoo: dict[str, DiskReport]) -> None:
-    assert (zoo["sda"].disk.controller_model, zoo["sda"].disk.qemu_device) == \
-        ("virtio-scsi", "scsi-hd")
-    assert (zoo["sdd"].disk.controller_model, zoo["sdd"].disk.qemu_device) == \
-        ("lsilogic", "scsi-block")
+    assert (zoo["sda"].disk.controller_model, zoo["sda"].disk.qemu_device) == (
+        "virtio-scsi",
+        "scsi-hd",
+    )
+    assert (zoo["sdd"].disk.controller_model, zoo["sdd"].disk.qemu_device) == (
+        "lsilogic",
+        "scsi-block",
+    )
     assert zoo["sdh"].disk.qemu_device == "ide-hd" and zoo["sdh"].disk.bus == "sata"
     assert zoo["sdi"].disk.qemu_device == "usb-storage"
     assert zoo["fda"].disk.device is DeviceType.FLOPPY
@@ -88,8 +117,10 @@ def test_backing_chain_is_followed(zoo: dict[str, DiskReport]) -> None:
     node = zoo["vde"].disk.node
     assert node is not None
     chain = [(n.driver, n.filename) for n in node.backing_chain()]
-    assert chain == [("qcow2", "/var/lib/libvirt/images/zoo-mid.qcow2"),
-                     ("raw", "/var/lib/libvirt/images/zoo-base.raw")]
+    assert chain == [
+        ("qcow2", "/var/lib/libvirt/images/zoo-mid.qcow2"),
+        ("raw", "/var/lib/libvirt/images/zoo-base.raw"),
+    ]
     assert any("backing file never shrinks" in f.message for f in zoo["vde"].findings)
 
 
@@ -104,43 +135,114 @@ def test_pci_hostdev_is_a_note_not_a_disk() -> None:
 
 
 def test_target_bus_guessed_from_dev_name() -> None:
-    domain = parse_domain_xml("<domain><name>g</name><devices><disk type='file'>"
-                              "<source file='/x'/><target dev='vdz'/></disk></devices></domain>")
+    domain = parse_domain_xml(
+        "<domain><name>g</name><devices><disk type='file'>"
+        "<source file='/x'/><target dev='vdz'/></disk></devices></domain>"
+    )
     assert domain.disks[0].bus == "virtio"
 
 
 def test_domstatus_wrapper_is_accepted() -> None:
-    domain = parse_domain_xml("<domstatus state='running'><domain><name>s</name></domain>"
-                              "</domstatus>")
+    domain = parse_domain_xml(
+        "<domstatus state='running'><domain><name>s</name></domain></domstatus>"
+    )
     assert domain.name == "s" and domain.disks == []
 
 
-@pytest.mark.parametrize("text", ["", "<domain", "<?xml version='1.0'?>", "<a/><b/>",
-                                  "<domain xmlns='urn:x'/>", "\xff\xfe"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "<domain", "<?xml version='1.0'?>", "<a/><b/>", "<domain xmlns='urn:x'/>", "\xff\xfe"],
+)
 def test_broken_documents_are_bad_input(text: str) -> None:
     with pytest.raises(BadInput):
         parse_domain_xml(text, subject="t.xml")
 
 
-_ELEMENTS = st.sampled_from(["disk", "source", "target", "driver", "backingStore", "format",
-                             "readonly", "controller", "hostdev", "address", "adapter", "host",
-                             "devices", "os", "type", "name", "alias", "shareable"])
+_ELEMENTS = st.sampled_from(
+    [
+        "disk",
+        "source",
+        "target",
+        "driver",
+        "backingStore",
+        "format",
+        "readonly",
+        "controller",
+        "hostdev",
+        "address",
+        "adapter",
+        "host",
+        "devices",
+        "os",
+        "type",
+        "name",
+        "alias",
+        "shareable",
+    ]
+)
 _ATTRS = st.dictionaries(
-    st.sampled_from(["type", "device", "dev", "bus", "file", "protocol", "name", "discard",
-                     "detect_zeroes", "controller", "index", "model", "machine", "pool",
-                     "volume", "dir", "port", "cache", "discard_no_unref"]),
-    st.sampled_from(["file", "block", "network", "volume", "dir", "nvme", "disk", "cdrom", "lun",
-                     "floppy", "scsi", "virtio", "ide", "usb", "fdc", "sata", "unmap", "ignore",
-                     "0", "1", "rbd", "/x", "", "pc-i440fx-3.1", "virtio-scsi", "&amp;"]),
-    max_size=4)
+    st.sampled_from(
+        [
+            "type",
+            "device",
+            "dev",
+            "bus",
+            "file",
+            "protocol",
+            "name",
+            "discard",
+            "detect_zeroes",
+            "controller",
+            "index",
+            "model",
+            "machine",
+            "pool",
+            "volume",
+            "dir",
+            "port",
+            "cache",
+            "discard_no_unref",
+        ]
+    ),
+    st.sampled_from(
+        [
+            "file",
+            "block",
+            "network",
+            "volume",
+            "dir",
+            "nvme",
+            "disk",
+            "cdrom",
+            "lun",
+            "floppy",
+            "scsi",
+            "virtio",
+            "ide",
+            "usb",
+            "fdc",
+            "sata",
+            "unmap",
+            "ignore",
+            "0",
+            "1",
+            "rbd",
+            "/x",
+            "",
+            "pc-i440fx-3.1",
+            "virtio-scsi",
+            "&amp;",
+        ]
+    ),
+    max_size=4,
+)
 
 
 @st.composite
 def xml_trees(draw: st.DrawFn, depth: int = 0) -> str:
     tag = draw(_ELEMENTS)
     attrs = "".join(f" {k}='{v}'" for k, v in draw(_ATTRS).items())
-    children = "" if depth > 2 else "".join(
-        draw(st.lists(xml_trees(depth + 1), max_size=3)))
+    children = "" if depth > 2 else "".join(draw(st.lists(xml_trees(depth + 1), max_size=3)))
     return f"<{tag}{attrs}>{children}</{tag}>"
 
 
@@ -172,11 +274,17 @@ def test_dir_disk_and_nvme_bus() -> None:
         "<source dir='/srv/share'/><target dev='sdx' bus='usb'/><readonly/></disk>"
         "<disk type='file' device='disk'><driver name='qemu' type='raw' discard='unmap'/>"
         "<source file='/srv/n.img'/><target dev='nvme0n1' bus='nvme'/></disk>"
-        "</devices></domain>")
+        "</devices></domain>"
+    )
     fat, nvme = audit_domain(domain, OFFLINE, read_images=False)
-    assert (fat.disk.storage, fat.disk.protocol, fat.exempt) == (StorageKind.DIR, "vvfat",
-                                                                 "read-only")
+    assert (fat.disk.storage, fat.disk.protocol, fat.exempt) == (
+        StorageKind.DIR,
+        "vvfat",
+        "read-only",
+    )
     assert fat.layer(LayerKind.HOST_STORAGE).verdict is Verdict.BLOCK
-    assert (nvme.disk.qemu_device, nvme.layer(LayerKind.DEVICE).verdict) == ("nvme-ns",
-                                                                              Verdict.PASS)
+    assert (nvme.disk.qemu_device, nvme.layer(LayerKind.DEVICE).verdict) == (
+        "nvme-ns",
+        Verdict.PASS,
+    )
     assert nvme.config_verdict is Verdict.PASS

@@ -21,8 +21,14 @@ TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's built-in
 
 
 def vmtrim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("spec", ["test", TEST_UUID, TEST_UUID.replace("-", ""), "1"])
@@ -78,17 +84,20 @@ def test_cli_unknown_domain_exit_2() -> None:
 
 
 def test_cli_without_libvirt_python_says_how_to_install() -> None:
-    code = ("import sys; sys.modules['libvirt'] = None; from vmtrim.cli import main; "
-            "main(['trim', '-c', 'test:///default', 'test'])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=False)
+    code = (
+        "import sys; sys.modules['libvirt'] = None; from vmtrim.cli import main; "
+        "main(['trim', '-c', 'test:///default', 'test'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 3
     assert result.stderr == (
-        "vmtrim: libvirt-python: install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')\n")
+        "vmtrim: libvirt-python: install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')\n"
+    )
 
 
-def test_cli_trim_test_driver_reports_failure_not_crash(capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_cli_trim_test_driver_reports_failure_not_crash(capsys: pytest.CaptureFixture[str]) -> None:
     # The test driver has no guest agent: the run completes, the domain fails with a reason.
     code = run(["trim", "-c", TEST_URI, "--all", "--json", "--timeout", "5"])
     doc = json.loads(capsys.readouterr().out)

@@ -52,21 +52,32 @@ def _pci(slot: int) -> dict[str, str]:
 
 
 def _drive(bus: int, unit: int, controller: int = 0) -> dict[str, str]:
-    return {"type": "drive", "controller": str(controller), "bus": str(bus), "target": "0",
-            "unit": str(unit)}
+    return {
+        "type": "drive",
+        "controller": str(controller),
+        "bus": str(bus),
+        "target": "0",
+        "unit": str(unit),
+    }
 
 
 LAYOUTS = {
     # The guest probes PCI slot 5 first: its vda is libvirt's vdb.
-    "virtio-blk": Layout("virtio-blk", "pc", "agent",
-                         (("vda", _pci(10), "disk"), ("vdb", _pci(5), "disk"))),
+    "virtio-blk": Layout(
+        "virtio-blk", "pc", "agent", (("vda", _pci(10), "disk"), ("vdb", _pci(5), "disk"))
+    ),
     # Two AHCI controllers, port 0 on each: a CD-ROM on the first, the disk on the second.
-    "sata": Layout("sata", "pc-q35-7.2", "online",
-                   (("sda", _drive(0, 0), "cdrom"), ("sdb", _drive(0, 0, 1), "disk")),
-                   controllers=2),
+    "sata": Layout(
+        "sata",
+        "pc-q35-7.2",
+        "online",
+        (("sda", _drive(0, 0), "cdrom"), ("sdb", _drive(0, 0, 1), "disk")),
+        controllers=2,
+    ),
     # q35 has no IDE: the lab's default machine, pc (PIIX), has two channels.
-    "ide": Layout("ide", "pc", "agent",
-                  (("hdd", _drive(1, 1), "disk"), ("hdc", _drive(1, 0), "disk"))),
+    "ide": Layout(
+        "ide", "pc", "agent", (("hdd", _drive(1, 1), "disk"), ("hdc", _drive(1, 0), "disk"))
+    ),
 }
 
 
@@ -90,11 +101,17 @@ class Guest:
 
 def guest_xml(layout: Layout, name: str, workdir: Path, appliance: Appliance) -> str:
     """The lab's libvirt domain for this bus, with the layout's disks and addresses."""
-    spec = GuestSpec(appliance, scenario={"mode": layout.mode, "agent": "1", "size": "1"},
-                     disk=DiskSpec(workdir / "disk.qcow2", "qcow2", layout.bus, "unmap"),
-                     agent=True, machine=layout.machine, memory_mib=256)
-    root = etree.fromstring(domain_xml(spec, name, RunPaths(workdir), spec.kernel(),
-                                       appliance.initrd).encode())
+    spec = GuestSpec(
+        appliance,
+        scenario={"mode": layout.mode, "agent": "1", "size": "1"},
+        disk=DiskSpec(workdir / "disk.qcow2", "qcow2", layout.bus, "unmap"),
+        agent=True,
+        machine=layout.machine,
+        memory_mib=256,
+    )
+    root = etree.fromstring(
+        domain_xml(spec, name, RunPaths(workdir), spec.kernel(), appliance.initrd).encode()
+    )
     template = root.find("devices/disk")
     assert template is not None
     for dev, address, device in layout.disks:
@@ -115,8 +132,9 @@ def guest_xml(layout: Layout, name: str, workdir: Path, appliance: Appliance) ->
         template.addprevious(etree.Element("controller", type="sata", index=str(index)))
     template.getparent().remove(template)  # type: ignore[union-attr]
     # QEMU runs as root: the appliance stays where it is, under /root.
-    etree.SubElement(root, "seclabel", type="static", model="dac", relabel="no"
-                     ).append(etree.fromstring("<label>+0:+0</label>"))
+    etree.SubElement(root, "seclabel", type="static", model="dac", relabel="no").append(
+        etree.fromstring("<label>+0:+0</label>")
+    )
     return etree.tostring(root, encoding="unicode")
 
 
@@ -154,8 +172,12 @@ def guests(libvirtd: str) -> Iterator[dict[str, Guest]]:
             started[bus] = Guest(layout, name, workdir, dom, {})
             dom.create()
         for guest in started.values():
-            ctl = ControlChannel.connect(RunPaths(guest.workdir).ctl, timeout=120,
-                                         alive=guest.dom.isActive, failure=guest.failure)
+            ctl = ControlChannel.connect(
+                RunPaths(guest.workdir).ctl,
+                timeout=120,
+                alive=guest.dom.isActive,
+                failure=guest.failure,
+            )
             channels.append(ctl)
             guest.ready = ctl.expect("ready", 180)
         yield started
@@ -173,13 +195,17 @@ def guests(libvirtd: str) -> Iterator[dict[str, Guest]]:
 
 
 # The label of the filesystem on /mnt: the target of the host disk the guest mounted.
-MOUNTED_LABEL = ("dev=$(awk '$2 == \"/mnt\" {print $1}' /proc/mounts); "
-                 "for l in vda vdb sda sdb hdc hdd; do "
-                 "[ \"$(findfs LABEL=$l 2>/dev/null)\" = \"$dev\" ] && echo $l; done; true")
+MOUNTED_LABEL = (
+    "dev=$(awk '$2 == \"/mnt\" {print $1}' /proc/mounts); "
+    "for l in vda vdb sda sdb hdc hdd; do "
+    '[ "$(findfs LABEL=$l 2>/dev/null)" = "$dev" ] && echo $l; done; true'
+)
 # What udev's 60-persistent-storage.rules record for a virtio disk (ID_SERIAL from the
 # serial attribute); the lab guest runs no udevd, and qemu-ga reads serials from udev.
-UDEV_SERIALS = ("mkdir -p /run/udev/data; for d in /sys/block/vd*; do "
-                "echo \"E:ID_SERIAL=$(cat $d/serial)\" >/run/udev/data/b$(cat $d/dev); done")
+UDEV_SERIALS = (
+    "mkdir -p /run/udev/data; for d in /sys/block/vd*; do "
+    'echo "E:ID_SERIAL=$(cat $d/serial)" >/run/udev/data/b$(cat $d/dev); done'
+)
 
 
 def in_guest(guest: Guest, script: str) -> str:
@@ -190,9 +216,13 @@ def in_guest(guest: Guest, script: str) -> str:
 
 def audit(guest: Guest) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The audit document's guest section, and each disk's layers by target."""
-    result = subprocess.run([sys.executable, "-m", "vmtrim", "audit", "-c", "qemu:///system",
-                             guest.name, "--json"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "audit", "-c", "qemu:///system", guest.name, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.stdout, result.stderr
     doc = json.loads(result.stdout)
     assert doc["schema"] == "vmtrim.audit.engine/1"
@@ -215,13 +245,16 @@ def test_guest_filesystem_maps_to_its_host_disk(guests: dict[str, Guest], bus: s
     verdict = layers[mounted]["guest_fs"]
     if with_discard:
         assert (verdict["verdict"], verdict["reason"]) == (
-            "pass", "/mnt (ext4) is mounted with discard")
+            "pass",
+            "/mnt (ext4) is mounted with discard",
+        )
     else:
         assert verdict["verdict"] == "block"
         assert "/mnt (ext4) is mounted without discard" in verdict["reason"]
     for target in set(layers) - {mounted}:
         assert layers[target]["guest_fs"]["reason"] == (
-            "the guest reports no mounted filesystem on this disk")
+            "the guest reports no mounted filesystem on this disk"
+        )
 
 
 def test_virtio_blk_uses_the_guest_kernel(guests: dict[str, Guest]) -> None:

@@ -41,8 +41,14 @@ def du_bytes(path: Path) -> int:
 
 
 def vmtrim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], capture_output=True,
-                          text=True, timeout=300, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
 
 
 def make_image(path: Path, size_mib: int) -> None:
@@ -53,13 +59,19 @@ def make_image(path: Path, size_mib: int) -> None:
     raw.unlink()
 
 
-def domain_xml(name: str, workdir: Path, appliance: Appliance, *, discard: bool, agent: bool,
-               write_mib: int) -> str:
+def domain_xml(
+    name: str, workdir: Path, appliance: Appliance, *, discard: bool, agent: bool, write_mib: int
+) -> str:
     driver_discard = " discard='unmap'" if discard else ""
-    cmdline = (f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.channels.qmp={int(agent)}"
-               f" vmtrim.size={write_mib}")
-    agent_channel = ("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
-                     "</channel>" if agent else "")
+    cmdline = (
+        f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.channels.qmp={int(agent)}"
+        f" vmtrim.size={write_mib}"
+    )
+    agent_channel = (
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        if agent
+        else ""
+    )
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -111,12 +123,16 @@ class LabDomain:
         serial = self.workdir / "serial.log"
         # vmtrim.vm.guest is changing from (subject, serial) to a failure callback; accept both.
         if "failure" in inspect.signature(ControlChannel.connect).parameters:
-            how: dict[str, Any] = {"failure": lambda what: GuestFailed(
-                f"{what}; serial log: {serial_tail(serial)}", subject=self.name)}
+            how: dict[str, Any] = {
+                "failure": lambda what: GuestFailed(
+                    f"{what}; serial log: {serial_tail(serial)}", subject=self.name
+                )
+            }
         else:
             how = {"subject": self.name, "serial": serial}
-        self.ctl = ControlChannel.connect(self.workdir / "ctl.sock", timeout=120,
-                                          alive=lambda: bool(self.dom.isActive()), **how)
+        self.ctl = ControlChannel.connect(
+            self.workdir / "ctl.sock", timeout=120, alive=lambda: bool(self.dom.isActive()), **how
+        )
 
     def until_deleted(self) -> None:
         """ready -> go -> written -> go -> deleted: the space is free in the guest only."""
@@ -128,8 +144,9 @@ class LabDomain:
         self.ctl.expect("deleted", 180)
 
     def agent(self, command: dict[str, Any], timeout: int = 10) -> Any:
-        return json.loads(libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(command),
-                                                        timeout, 0))["return"]
+        return json.loads(libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(command), timeout, 0))[
+            "return"
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +171,24 @@ class Lab:
         self.appliance = appliance
         self.domains: list[LabDomain] = []
 
-    def start(self, tag: str, *, discard: bool = True, agent: bool = True, write_mib: int = 16,
-              disk_mib: int = 128) -> LabDomain:
+    def start(
+        self,
+        tag: str,
+        *,
+        discard: bool = True,
+        agent: bool = True,
+        write_mib: int = 16,
+        disk_mib: int = 128,
+    ) -> LabDomain:
         name = f"vmtrim-live-{os.getpid()}-{tag}"
         workdir = Path(tempfile.mkdtemp(prefix=f"vl-{tag}-"))
         workdir.chmod(0o755)
         make_image(workdir / "disk.qcow2", disk_mib)
-        dom = self.conn.defineXML(domain_xml(name, workdir, self.appliance, discard=discard,
-                                             agent=agent, write_mib=write_mib))
+        dom = self.conn.defineXML(
+            domain_xml(
+                name, workdir, self.appliance, discard=discard, agent=agent, write_mib=write_mib
+            )
+        )
         lab = LabDomain(name, workdir, dom, write_mib)
         self.domains.append(lab)
         dom.create()
@@ -250,12 +277,15 @@ def test_domain_without_agent_is_skipped_within_timeout(guests: dict[str, LabDom
     assert noagent.dom.isActive()
 
 
-def test_hung_agent_is_skipped_within_timeout_others_trimmed(guests: dict[str, LabDomain]
-                                                              ) -> None:
+def test_hung_agent_is_skipped_within_timeout_others_trimmed(guests: dict[str, LabDomain]) -> None:
     hung, small = guests["hung"], guests["small"]
     # Freeze qemu-ga inside the guest: the channel stays open, nothing answers.
-    hung.agent({"execute": "guest-exec", "arguments": {
-        "path": "/bin/sh", "arg": ["-c", "kill -STOP $(pidof qemu-ga)"]}})
+    hung.agent(
+        {
+            "execute": "guest-exec",
+            "arguments": {"path": "/bin/sh", "arg": ["-c", "kill -STOP $(pidof qemu-ga)"]},
+        }
+    )
     time.sleep(1)
     with pytest.raises(libvirt.libvirtError):
         hung.agent({"execute": "guest-ping"}, timeout=2)
@@ -311,8 +341,9 @@ def test_fix_through_libvirt_then_restart_then_trim_reclaims(lab: Lab, tmp_path:
     assert (fs["target"], fs["mountpoint"], fs["fstype"]) == ("sda", "/mnt", "ext4")
     assert "discard" not in fs["mount_options"]
 
-    again = vmtrim("fix", "-c", "qemu:///system", guest.name, "--restart",
-                   "--restart-timeout", "60", env=env)
+    again = vmtrim(
+        "fix", "-c", "qemu:///system", guest.name, "--restart", "--restart-timeout", "60", env=env
+    )
     assert again.returncode == 0, again.stderr
     assert "already enabled" in again.stderr and "restarted" in again.stderr
     assert "discard='unmap'" in _disk_driver(guest.dom.XMLDesc(0))  # the running config
@@ -329,4 +360,4 @@ def test_fix_through_libvirt_then_restart_then_trim_reclaims(lab: Lab, tmp_path:
 
 def _disk_driver(xml: str) -> str:
     start = xml.index("<disk")
-    return xml[start:xml.index("</disk>", start)]
+    return xml[start : xml.index("</disk>", start)]

@@ -52,8 +52,18 @@ def test_report_json_has_required_fields() -> None:
         ],
     )
     doc = report.to_json()
-    for key in ("domain", "target", "device", "bus", "source", "format", "discard",
-                "verdict", "layers", "findings"):
+    for key in (
+        "domain",
+        "target",
+        "device",
+        "bus",
+        "source",
+        "format",
+        "discard",
+        "verdict",
+        "layers",
+        "findings",
+    ):
         assert key in doc
     assert doc["target"] == "drive0"
     assert doc["verdict"] == "block" and report.blocks

@@ -36,11 +36,21 @@ QEMU = "qemu-system-x86_64"
 
 # ---------------------------------------------------------------- tokens and option syntax
 
+
 def test_backslash_newline_joins_even_inside_an_argument() -> None:
-    text = ("LC_ALL=C PATH=/bin /usr/bin/qemu-system-x86_64 \\\n  -blockdev '{\"driver\":\"fi\\\n"
-            "le\",\"filename\":\"/a b\"}' \\\r\n  -m 1g\n")
-    assert tokenize(text) == ["LC_ALL=C", "PATH=/bin", "/usr/bin/qemu-system-x86_64",
-                              "-blockdev", '{"driver":"file","filename":"/a b"}', "-m", "1g"]
+    text = (
+        'LC_ALL=C PATH=/bin /usr/bin/qemu-system-x86_64 \\\n  -blockdev \'{"driver":"fi\\\n'
+        'le","filename":"/a b"}\' \\\r\n  -m 1g\n'
+    )
+    assert tokenize(text) == [
+        "LC_ALL=C",
+        "PATH=/bin",
+        "/usr/bin/qemu-system-x86_64",
+        "-blockdev",
+        '{"driver":"file","filename":"/a b"}',
+        "-m",
+        "1g",
+    ]
 
 
 def test_nul_separated_cmdline_is_taken_verbatim() -> None:
@@ -55,10 +65,14 @@ def test_double_comma_escapes_a_comma() -> None:
 
 
 def test_keyval_dotted_keys_nest() -> None:
-    spec = parse_keyval("driver=qcow2,file.driver=file,file.filename=/x,,y,node-name=n",
-                        "t", "-blockdev")
-    assert spec == {"driver": "qcow2", "file": {"driver": "file", "filename": "/x,y"},
-                    "node-name": "n"}
+    spec = parse_keyval(
+        "driver=qcow2,file.driver=file,file.filename=/x,,y,node-name=n", "t", "-blockdev"
+    )
+    assert spec == {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": "/x,y"},
+        "node-name": "n",
+    }
     with pytest.raises(BadInput, match="conflicts"):
         parse_keyval("file=a,file.driver=file", "t", "-blockdev")
 
@@ -73,11 +87,16 @@ def test_env_assignments_and_program_are_skipped() -> None:
 def test_bare_argument_is_the_first_hard_disk() -> None:
     domain = parse_qemu_command("qemu-system-x86_64 disk.img -m 512")
     (disk,) = domain.disks
-    assert (disk.ident, disk.bus, disk.qemu_device, disk.discard) == \
-        ("ide0-hd0", "ide", "ide-hd", None)
+    assert (disk.ident, disk.bus, disk.qemu_device, disk.discard) == (
+        "ide0-hd0",
+        "ide",
+        "ide-hd",
+        None,
+    )
 
 
 # ---------------------------------------------------------------- the argument zoo
+
 
 @pytest.fixture(scope="module")
 def zoo() -> dict[str, DiskReport]:
@@ -88,21 +107,38 @@ def zoo() -> dict[str, DiskReport]:
 
 
 def test_zoo_lists_every_guest_disk(zoo: dict[str, DiskReport]) -> None:
-    assert sorted(zoo) == sorted([
-        "scsi0-0-0-0", "sas-disk", "virtio-c", "nvme-d", "usb-e", "rbd-disk", "nbd-disk", "cd0",
-        "virtio-i", "virtio0", "scsi0-hd3", "floppy0", "ide1-cd0"])
+    assert sorted(zoo) == sorted(
+        [
+            "scsi0-0-0-0",
+            "sas-disk",
+            "virtio-c",
+            "nvme-d",
+            "usb-e",
+            "rbd-disk",
+            "nbd-disk",
+            "cd0",
+            "virtio-i",
+            "virtio0",
+            "scsi0-hd3",
+            "floppy0",
+            "ide1-cd0",
+        ]
+    )
 
 
 def test_zoo_json_blockdev_over_virtio_scsi(zoo: dict[str, DiskReport]) -> None:
     disk = zoo["scsi0-0-0-0"].disk
-    assert (disk.bus, disk.controller_model, disk.format, disk.discard) == \
-        ("scsi", "virtio-scsi", "qcow2", "unmap")
+    assert (disk.bus, disk.controller_model, disk.format, disk.discard) == (
+        "scsi",
+        "virtio-scsi",
+        "qcow2",
+        "unmap",
+    )
     assert disk.source == "/srv/vm/json-a.qcow2"
     assert zoo["scsi0-0-0-0"].config_verdict is Verdict.PASS
 
 
-def test_zoo_keyval_blockdev_with_inline_file_inherits_discard(
-        zoo: dict[str, DiskReport]) -> None:
+def test_zoo_keyval_blockdev_with_inline_file_inherits_discard(zoo: dict[str, DiskReport]) -> None:
     disk = zoo["sas-disk"].disk
     assert disk.source == "/srv/vm/key,value.qcow2"
     assert disk.controller_model == "lsisas1078"
@@ -119,7 +155,8 @@ def test_zoo_referenced_storage_node_without_discard_blocks(zoo: dict[str, DiskR
 
 
 def test_zoo_global_turns_virtio_discard_off_unless_the_device_says_on(
-        zoo: dict[str, DiskReport]) -> None:
+    zoo: dict[str, DiskReport],
+) -> None:
     assert zoo["virtio-c"].layer(LayerKind.DEVICE).verdict is Verdict.BLOCK
     assert zoo["virtio0"].layer(LayerKind.DEVICE).verdict is Verdict.BLOCK
     assert zoo["virtio-i"].layer(LayerKind.DEVICE).verdict is Verdict.PASS
@@ -128,8 +165,11 @@ def test_zoo_global_turns_virtio_discard_off_unless_the_device_says_on(
 def test_zoo_legacy_drives(zoo: dict[str, DiskReport]) -> None:
     assert zoo["virtio0"].disk.discard == "ignore"
     scsi = zoo["scsi0-hd3"].disk
-    assert (scsi.qemu_device, scsi.controller_model, scsi.discard) == \
-        ("scsi-hd", "lsilogic", "unmap")
+    assert (scsi.qemu_device, scsi.controller_model, scsi.discard) == (
+        "scsi-hd",
+        "lsilogic",
+        "unmap",
+    )
     assert zoo["floppy0"].disk.device is DeviceType.FLOPPY and zoo["floppy0"].blocks
     cdrom = zoo["ide1-cd0"]
     assert (cdrom.disk.bus, cdrom.disk.qemu_device, cdrom.exempt) == ("sata", "ide-cd", "cdrom")
@@ -139,8 +179,11 @@ def test_zoo_legacy_drives(zoo: dict[str, DiskReport]) -> None:
 def test_zoo_network_drives(zoo: dict[str, DiskReport]) -> None:
     rbd, nbd = zoo["rbd-disk"].disk, zoo["nbd-disk"].disk
     assert (rbd.storage, rbd.protocol) == (StorageKind.NETWORK, "rbd")
-    assert (nbd.storage, nbd.protocol, nbd.source) == \
-        (StorageKind.NETWORK, "nbd", "nbd://nbd.example:10809/e0")
+    assert (nbd.storage, nbd.protocol, nbd.source) == (
+        StorageKind.NETWORK,
+        "nbd",
+        "nbd://nbd.example:10809/e0",
+    )
     assert zoo["rbd-disk"].layer(LayerKind.HOST_STORAGE).verdict is Verdict.PASS
     assert zoo["nbd-disk"].layer(LayerKind.HOST_STORAGE).verdict is Verdict.UNKNOWN
 
@@ -162,8 +205,13 @@ def test_zoo_as_nul_separated_cmdline(tmp_path: Path, zoo: dict[str, DiskReport]
 # ---------------------------------------------------------------- checked against real QEMU
 
 # Lines whose layout in -help cannot tell a placeholder from a description.
-HELP_LAYOUT_EXCEPTIONS = {"-usbdevice": True, "-kernel": True, "-append": True, "-qmp-pretty": True,
-                          "-option-rom": True}
+HELP_LAYOUT_EXCEPTIONS = {
+    "-usbdevice": True,
+    "-kernel": True,
+    "-append": True,
+    "-qmp-pretty": True,
+    "-option-rom": True,
+}
 
 
 def test_option_table_agrees_with_qemu_help() -> None:
@@ -178,7 +226,8 @@ def test_option_table_agrees_with_qemu_help() -> None:
         # A placeholder ("file", "[size=]megs") stands alone or has a column gap after it;
         # a description ("-S   freeze CPU at startup") goes on with single spaces.
         takes_arg = word is not None and (
-            any(c in word for c in "[<=,:%") or len(after) >= 2 or after == "")
+            any(c in word for c in "[<=,:%") or len(after) >= 2 or after == ""
+        )
         takes_arg = HELP_LAYOUT_EXCEPTIONS.get(match.group(1), takes_arg)
         for option in filter(None, match.group(1, 2)):
             name = option.lstrip("-")
@@ -192,13 +241,30 @@ def running_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subproces
     work = tmp_path_factory.mktemp("qemu-pid")
     image = work / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
-    proc = subprocess.Popen([
-        QEMU, "-machine", "pc-i440fx-3.1", "-accel", "tcg", "-S", "-display", "none",
-        "-nodefaults", "-blockdev", json.dumps({"driver": "file", "filename": str(image),
-                                                "node-name": "s0", "discard": "unmap"}),
-        "-blockdev", "driver=qcow2,node-name=f0,file=s0,discard=unmap",
-        "-device", "virtio-blk-pci,drive=f0,id=vd0",
-        "-qmp", f"unix:{work / 'qmp.sock'},server=on,wait=off"], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "pc-i440fx-3.1",
+            "-accel",
+            "tcg",
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-blockdev",
+            json.dumps(
+                {"driver": "file", "filename": str(image), "node-name": "s0", "discard": "unmap"}
+            ),
+            "-blockdev",
+            "driver=qcow2,node-name=f0,file=s0,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=f0,id=vd0",
+            "-qmp",
+            f"unix:{work / 'qmp.sock'},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
     try:
         yield proc
     finally:
@@ -207,12 +273,20 @@ def running_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subproces
 
 
 def test_pid_of_a_running_qemu(running_qemu: subprocess.Popen[bytes]) -> None:
-    result = subprocess.run([sys.executable, "-m", "vmtrim", "audit", "--json", "--pid",
-                             str(running_qemu.pid)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "vmtrim", "audit", "--json", "--pid", str(running_qemu.pid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     (disk,) = json.loads(result.stdout)["disks"]
-    assert (disk["target"], disk["bus"], disk["format"], disk["discard"]) == \
-        ("vd0", "virtio", "qcow2", "unmap")
+    assert (disk["target"], disk["bus"], disk["format"], disk["discard"]) == (
+        "vd0",
+        "virtio",
+        "qcow2",
+        "unmap",
+    )
     device = next(layer for layer in disk["layers"] if layer["layer"] == "device")
     assert device["verdict"] == "block" and "pc-i440fx-3.1" in device["reason"]
     # the image is real and local: its header was read, the host probed
@@ -232,15 +306,39 @@ def test_real_qemu_turns_virtio_blk_discard_off_on_3_1_machines(tmp_path: Path) 
     """The fact behind the machine-type rule, asked of the installed QEMU over QMP."""
     answers = {}
     for machine in ("pc-i440fx-3.1", "pc-q35-7.2"):
-        commands = "\n".join(json.dumps(c) for c in [
-            {"execute": "qmp_capabilities"},
-            {"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vd0",
-                                                 "property": "discard"}},
-            {"execute": "quit"}])
+        commands = "\n".join(
+            json.dumps(c)
+            for c in [
+                {"execute": "qmp_capabilities"},
+                {
+                    "execute": "qom-get",
+                    "arguments": {"path": "/machine/peripheral/vd0", "property": "discard"},
+                },
+                {"execute": "quit"},
+            ]
+        )
         out = subprocess.run(
-            [QEMU, "-machine", machine, "-accel", "tcg", "-S", "-display", "none", "-nodefaults",
-             "-drive", "if=none,id=d0,driver=null-co", "-device", "virtio-blk-pci,drive=d0,id=vd0",
-             "-qmp", "stdio"], input=commands + "\n", capture_output=True, text=True, timeout=60,
+            [
+                QEMU,
+                "-machine",
+                machine,
+                "-accel",
+                "tcg",
+                "-S",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-drive",
+                "if=none,id=d0,driver=null-co",
+                "-device",
+                "virtio-blk-pci,drive=d0,id=vd0",
+                "-qmp",
+                "stdio",
+            ],
+            input=commands + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
         ).stdout
         replies = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         answers[machine] = next(r["return"] for r in replies if isinstance(r.get("return"), bool))
@@ -249,13 +347,43 @@ def test_real_qemu_turns_virtio_blk_discard_off_on_3_1_machines(tmp_path: Path) 
 
 # ---------------------------------------------------------------- fuzzing
 
-_TOKENS = st.sampled_from([
-    "-drive", "-blockdev", "-device", "-machine", "-M", "-m", "-S", "-hda", "-cdrom", "-global",
-    "file=/x,if=none,id=d0", "driver=file,filename=/y,node-name=n", '{"driver":"file"}',
-    '{"driver":"qcow2","file":"n","node-name":"t"}', "scsi-hd,drive=d0", "scsi-hd,drive=n",
-    '{"driver":"virtio-blk-pci","drive":"t"}', "virtio-scsi-pci,id=s", "pc-i440fx-3.1", ",,",
-    "if=virtio,file=/z,discard=on", "virtio-blk-pci.discard=off", "file.driver=nbd", "{", "",
-    "-enable-kvm", "--nographic", "x=1", "-nodefaults", "ide-cd", "nvme,drive=d0", "'", "\\\n"])
+_TOKENS = st.sampled_from(
+    [
+        "-drive",
+        "-blockdev",
+        "-device",
+        "-machine",
+        "-M",
+        "-m",
+        "-S",
+        "-hda",
+        "-cdrom",
+        "-global",
+        "file=/x,if=none,id=d0",
+        "driver=file,filename=/y,node-name=n",
+        '{"driver":"file"}',
+        '{"driver":"qcow2","file":"n","node-name":"t"}',
+        "scsi-hd,drive=d0",
+        "scsi-hd,drive=n",
+        '{"driver":"virtio-blk-pci","drive":"t"}',
+        "virtio-scsi-pci,id=s",
+        "pc-i440fx-3.1",
+        ",,",
+        "if=virtio,file=/z,discard=on",
+        "virtio-blk-pci.discard=off",
+        "file.driver=nbd",
+        "{",
+        "",
+        "-enable-kvm",
+        "--nographic",
+        "x=1",
+        "-nodefaults",
+        "ide-cd",
+        "nvme,drive=d0",
+        "'",
+        "\\\n",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -281,9 +409,17 @@ def test_fuzz_raw_bytes_only_raise_bad_input(data: bytes) -> None:
 def test_unformatted_drive_is_probed_from_the_header(tmp_path: Path) -> None:
     image = tmp_path / "probe-me.img"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
-    domain = parse_qemu_command(["qemu-system-x86_64", "-drive",
-                                 f"file={image},if=none,id=d0,discard=unmap",
-                                 "-device", "virtio-scsi-pci", "-device", "scsi-hd,drive=d0"])
+    domain = parse_qemu_command(
+        [
+            "qemu-system-x86_64",
+            "-drive",
+            f"file={image},if=none,id=d0,discard=unmap",
+            "-device",
+            "virtio-scsi-pci",
+            "-device",
+            "scsi-hd,drive=d0",
+        ]
+    )
     (report,) = audit_domain(domain, HostProbes())
     assert report.disk.format is None
     assert report.layer(LayerKind.BLOCK_NODE).verdict is Verdict.PASS  # qcow2 from the header
@@ -308,8 +444,11 @@ def test_absurdly_deep_node_graphs_are_bad_input(form: str) -> None:
         argv += ["-blockdev", json.dumps({**spec, "node-name": "top"})]
     elif form == "referenced":
         argv += ["-blockdev", "driver=file,filename=/x,node-name=n0"]
-        argv += [arg for i in range(1, depth) for arg in
-                 ("-blockdev", f"driver=raw,file=n{i - 1},node-name=n{i}")]
+        argv += [
+            arg
+            for i in range(1, depth)
+            for arg in ("-blockdev", f"driver=raw,file=n{i - 1},node-name=n{i}")
+        ]
         argv[-1] = argv[-1].replace(f"node-name=n{depth - 1}", "node-name=top")
     else:
         keys = ",".join("file." * k + "driver=raw" for k in range(1, depth))

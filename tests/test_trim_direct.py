@@ -34,9 +34,12 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirectGuest]:
     subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image)], check=True)
     raw.unlink()
-    spec = GuestSpec(ensure_appliance(),
-                     scenario={"mode": "agent", "agent": "1", "size": str(WRITE_MIB)},
-                     disk=DiskSpec(image, "qcow2", "virtio-scsi", "unmap"), agent=True)
+    spec = GuestSpec(
+        ensure_appliance(),
+        scenario={"mode": "agent", "agent": "1", "size": str(WRITE_MIB)},
+        disk=DiskSpec(image, "qcow2", "virtio-scsi", "unmap"),
+        agent=True,
+    )
     workdir = make_workdir()
     try:
         with DirectGuest(spec, workdir, subject="direct") as vm:
@@ -59,8 +62,13 @@ def device_unmap_bytes(guest: DirectGuest) -> int:
 
 
 def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_qga_and_qmp_trim_and_count_unmaps(guest: DirectGuest) -> None:
@@ -68,8 +76,9 @@ def test_qga_and_qmp_trim_and_count_unmaps(guest: DirectGuest) -> None:
     assert image is not None
     du_before = du_bytes(image)
     unmaps_before = device_unmap_bytes(guest)
-    result = vmtrim("trim", "--qga", str(guest.paths.agent), "--qmp", str(guest.paths.qmp),
-                    "--json")
+    result = vmtrim(
+        "trim", "--qga", str(guest.paths.agent), "--qmp", str(guest.paths.qmp), "--json"
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["schema"] == "vmtrim.trim.engine/1"
@@ -94,8 +103,7 @@ def test_qga_mountpoint_runs_fstrim_in_the_guest(guest: DirectGuest) -> None:
     [path] = dom["paths"]
     # Already trimmed above: the guest's fstrim says so, and the number was parsed.
     assert (path["path"], path["error"], path["trimmed"]) == ("/mnt", None, 0)
-    bad = vmtrim("trim", "--qga", str(guest.paths.agent), "--mountpoint", "/nonexistent",
-                 "--json")
+    bad = vmtrim("trim", "--qga", str(guest.paths.agent), "--mountpoint", "/nonexistent", "--json")
     [dom] = json.loads(bad.stdout)["domains"]
     assert (bad.returncode, dom["status"]) == (1, "failed")
     assert "/nonexistent" in dom["reason"]

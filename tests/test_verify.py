@@ -47,8 +47,10 @@ def qemu_processes_under(path: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"qemu-system-x86_64") and str(path).encode() in b" ".join(
+        if (
             argv
+            and argv[0].endswith(b"qemu-system-x86_64")
+            and str(path).encode() in b" ".join(argv)
         ):
             pids.append(int(entry.name))
     return pids
@@ -76,10 +78,17 @@ def tmpdir_env(appliance: Appliance) -> Iterator[tuple[Path, dict[str, str]]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def vmtrim(env: dict[str, str], *args: str,
-           timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmtrim", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def vmtrim(
+    env: dict[str, str], *args: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def verify_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
@@ -104,18 +113,24 @@ def assert_reclaimed(cell: dict[str, Any], size_mib: int) -> None:
     assert cell["allocated_before"] >= cell["written_bytes"]
     assert cell["reclaimed_bytes"] == cell["allocated_before"] - cell["allocated_after"]
     assert cell["reclaimed_bytes"] >= 0.99 * cell["written_bytes"]
-    assert cell["reclaim_ratio"] == pytest.approx(cell["reclaimed_bytes"] / cell["written_bytes"],
-                                                  abs=1e-4)
+    assert cell["reclaim_ratio"] == pytest.approx(
+        cell["reclaimed_bytes"] / cell["written_bytes"], abs=1e-4
+    )
     assert (cell["expected"], cell["ok"]) == ("reclaim", True)
 
 
-def test_direct_cell_reclaims_and_draws_png(tmpdir_env: tuple[Path, dict[str, str]],
-                                            tmp_path: Path) -> None:
+def test_direct_cell_reclaims_and_draws_png(
+    tmpdir_env: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     _, env = tmpdir_env
     png = tmp_path / "cell.png"
     cell, doc = passing_cell(env, "--size", "32", "--png", str(png))
     assert (cell["bus"], cell["format"], cell["mode"], cell["discard"]) == (
-        "virtio-scsi", "qcow2", "online", "unmap")
+        "virtio-scsi",
+        "qcow2",
+        "online",
+        "unmap",
+    )
     assert_reclaimed(cell, 32)
     # qcow2 clusters tell the same story as du
     assert cell["clusters_before"] - cell["clusters_after"] >= 0.99 * cell["written_bytes"]
@@ -127,8 +142,9 @@ def test_direct_cell_reclaims_and_draws_png(tmpdir_env: tuple[Path, dict[str, st
 
 def test_discard_ignore_does_not_reclaim(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     _, env = tmpdir_env
-    cell, _ = passing_cell(env, "--size", "32", "--discard", "ignore", "--format", "raw",
-                           "--bus", "virtio-blk")
+    cell, _ = passing_cell(
+        env, "--size", "32", "--discard", "ignore", "--format", "raw", "--bus", "virtio-blk"
+    )
     assert cell["written_bytes"] == 32 * MiB
     assert cell["allocated_after"] >= cell["written_bytes"]  # the deleted data stays on the host
     assert cell["reclaimed_bytes"] <= 0.01 * cell["written_bytes"]
@@ -146,17 +162,20 @@ def test_agent_mode_on_sata(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
 
 def test_fstrim_on_ide_raw(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     _, env = tmpdir_env
-    cell, _ = passing_cell(env, "--size", "16", "--mode", "fstrim", "--bus", "ide",
-                           "--format", "raw")
+    cell, _ = passing_cell(
+        env, "--size", "16", "--mode", "fstrim", "--bus", "ide", "--format", "raw"
+    )
     assert_reclaimed(cell, 16)
     assert cell["trimmed_reported"] >= cell["written_bytes"]
 
 
 def test_virtio_blk_on_machine_3_1_does_not_reclaim(
-        tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    tmpdir_env: tuple[Path, dict[str, str]],
+) -> None:
     _, env = tmpdir_env
-    cell, doc = passing_cell(env, "--size", "16", "--mode", "fstrim", "--bus", "virtio-blk",
-                                 "--machine", "pc-i440fx-3.1")
+    cell, doc = passing_cell(
+        env, "--size", "16", "--mode", "fstrim", "--bus", "virtio-blk", "--machine", "pc-i440fx-3.1"
+    )
     assert doc["host"]["machine"] == "pc-i440fx-3.1"
     assert cell["reclaimed_bytes"] <= 0.01 * cell["written_bytes"]
     assert (cell["expected"], cell["measured"], cell["ok"]) == ("none", "none", True)
@@ -165,20 +184,36 @@ def test_virtio_blk_on_machine_3_1_does_not_reclaim(
 
 
 def test_matrix_slice_runs_in_parallel_and_prints_the_table(
-        tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    tmpdir_env: tuple[Path, dict[str, str]],
+) -> None:
     _, env = tmpdir_env
     # --bus and --format pin those dimensions: 3 modes x 2 discard settings remain
-    code, doc, err = verify_json(env, "--matrix", "--bus", "virtio-blk", "--format", "raw",
-                                 "--size", "8")
+    code, doc, err = verify_json(
+        env, "--matrix", "--bus", "virtio-blk", "--format", "raw", "--size", "8"
+    )
     assert code == 0, err
     cells = doc["cells"]
     assert [(c["mode"], c["discard"]) for c in cells] == [
-        (m, d) for m in ("online", "fstrim", "agent") for d in ("unmap", "ignore")]
+        (m, d) for m in ("online", "fstrim", "agent") for d in ("unmap", "ignore")
+    ]
     for c in cells:
         assert c["ok"] and c["measured"] == c["expected"]
         assert (c["reclaimed_bytes"] >= 0.99 * c["written_bytes"]) == (c["discard"] == "unmap")
-    table = vmtrim(env, "verify", "--accel", "tcg", "--matrix", "--bus", "virtio-blk",
-                   "--format", "raw", "--mode", "fstrim", "--size", "8")
+    table = vmtrim(
+        env,
+        "verify",
+        "--accel",
+        "tcg",
+        "--matrix",
+        "--bus",
+        "virtio-blk",
+        "--format",
+        "raw",
+        "--mode",
+        "fstrim",
+        "--size",
+        "8",
+    )
     assert table.returncode == 0, table.stderr
     rows = [ln for ln in table.stdout.splitlines() if "virtio-blk" in ln]
     assert len(rows) == 2 and all("fstrim" in r and "yes" in r for r in rows)
@@ -191,11 +226,21 @@ def test_libvirt_cell_reclaims(libvirtd: str, tmpdir_env: tuple[Path, dict[str, 
     assert cell["runner"] == "libvirt" and doc["host"]["runner"] == "libvirt"
     assert_reclaimed(cell, 32)
     # The transient domain is gone: no domain still points into this test's TMPDIR.
-    listed = subprocess.run(["virsh", "-c", libvirtd, "list", "--all", "--name"],
-                            capture_output=True, text=True, timeout=60, check=True).stdout
+    listed = subprocess.run(
+        ["virsh", "-c", libvirtd, "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for name in listed.split():
-        xml = subprocess.run(["virsh", "-c", libvirtd, "dumpxml", name], capture_output=True,
-                             text=True, timeout=60, check=False).stdout
+        xml = subprocess.run(
+            ["virsh", "-c", libvirtd, "dumpxml", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
         assert str(tmp) not in xml, name
 
 
@@ -211,7 +256,8 @@ def test_boot_timeout_is_exit_3_with_serial_tail(tmpdir_env: tuple[Path, dict[st
 
 
 def test_panicking_guest_fails_with_the_panic_in_the_error(
-        appliance: Appliance, tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    appliance: Appliance, tmpdir_env: tuple[Path, dict[str, str]]
+) -> None:
     from vmtrim.vm.guest import DirectGuest
 
     tmp, _ = tmpdir_env
@@ -228,11 +274,16 @@ def test_panicking_guest_fails_with_the_panic_in_the_error(
 
 
 def test_sigterm_stops_the_guest_and_removes_the_image(
-        tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    tmpdir_env: tuple[Path, dict[str, str]],
+) -> None:
     tmp, env = tmpdir_env
-    proc = subprocess.Popen([sys.executable, "-m", "vmtrim", "verify", "--accel", "tcg",
-                             "--size", "64"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmtrim", "verify", "--accel", "tcg", "--size", "64"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not qemu_processes_under(tmp):
@@ -263,12 +314,18 @@ def test_status_parser_never_raises(line: str) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(step=st.from_regex(r"[a-z]{1,10}", fullmatch=True),
-       pairs=st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True).filter(
-           lambda k: k not in ("step", "message")),
-           st.from_regex(r"[A-Za-z0-9./_-]{0,20}", fullmatch=True), max_size=5),
-       message=st.none() | st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
-                                   max_size=40))
+@given(
+    step=st.from_regex(r"[a-z]{1,10}", fullmatch=True),
+    pairs=st.dictionaries(
+        st.from_regex(r"[a-z_]{1,8}", fullmatch=True).filter(
+            lambda k: k not in ("step", "message")
+        ),
+        st.from_regex(r"[A-Za-z0-9./_-]{0,20}", fullmatch=True),
+        max_size=5,
+    ),
+    message=st.none()
+    | st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=40),
+)
 def test_status_parser_round_trip(step: str, pairs: dict[str, str], message: str | None) -> None:
     line = "VMTRIM " + " ".join([f"step={step}", *(f"{k}={v}" for k, v in pairs.items())])
     if message is not None:
@@ -287,13 +344,23 @@ def test_domain_xml_is_valid_for_libvirt(appliance: Appliance, tmp_path: Path, b
     from vmtrim.vm.guest import DiskSpec, RunPaths
     from vmtrim.vm.libvirt import domain_xml
 
-    spec = GuestSpec(appliance, scenario={"mode": "agent"}, agent=True,
-                     disk=DiskSpec(tmp_path / "d.qcow2", "qcow2", bus, "unmap"))
+    spec = GuestSpec(
+        appliance,
+        scenario={"mode": "agent"},
+        agent=True,
+        disk=DiskSpec(tmp_path / "d.qcow2", "qcow2", bus, "unmap"),
+    )
     xml = tmp_path / "domain.xml"
-    xml.write_text(domain_xml(spec, "vmtrim-lab-x", RunPaths(tmp_path), appliance.kernel,
-                              appliance.initrd))
-    done = subprocess.run(["virt-xml-validate", str(xml), "domain"], capture_output=True,
-                          text=True, timeout=60, check=False)
+    xml.write_text(
+        domain_xml(spec, "vmtrim-lab-x", RunPaths(tmp_path), appliance.kernel, appliance.initrd)
+    )
+    done = subprocess.run(
+        ["virt-xml-validate", str(xml), "domain"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     from lxml import etree
 

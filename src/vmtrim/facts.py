@@ -28,52 +28,103 @@ class Fact:
 
 
 _FACT_ROWS = [
-    Fact("discard_option",
-         "QEMU drive option discard=ignore|unmap (raw files; IDE/AHCI TRIM; scsi-hd UNMAP,"
-         " also behind virtio-scsi)",
-         "qemu-options.hx (-drive discard=); OpenStack Nova spec hw_disk_discard",
-         qemu=(1, 5)),
-    Fact("qcow2_discard", "qcow2 frees clusters on discard", "OpenStack Nova spec hw_disk_discard",
-         qemu=(1, 6)),
-    Fact("virtio_blk_discard",
-         "virtio-blk DISCARD and WRITE_ZEROES; machine types before 4.0 set discard=false",
-         "qemu hw/core/machine.c: hw_compat_3_1 = { virtio-blk-device, discard, false }",
-         qemu=(4, 0), machine=(4, 0),
-         checked="hw_compat_3_1 read in qemu/qemu hw/core/machine.c; `qemu-system-x86_64"
-                 " -device virtio-blk-pci,help` (7.2) shows discard=<bool> default true"),
-    Fact("virtio_blk_guest", "Linux virtio_blk sends DISCARD", "Linux commit 1f23816b8eb8"
-         " (virtio_blk: add discard and write zeroes support)", linux=(5, 0)),
-    Fact("detect_zeroes", "detect-zeroes=off|on|unmap (unmap needs discard=unmap)",
-         "qapi/block-core.json BlockdevDetectZeroesOptions; libvirt formatdomain detect_zeroes",
-         qemu=(2, 1), libvirt=(2, 0, 0)),
-    Fact("libvirt_discard", "libvirt <driver discard='unmap|ignore'/>", "libvirt formatdomain",
-         libvirt=(1, 0, 6)),
-    Fact("discard_no_unref", "qcow2 discard-no-unref: keep clusters allocated on discard;"
-         " the file is still punched when pass-discard-request is on",
-         "qapi/block-core.json BlockdevOptionsQcow2; libvirt formatdomain", qemu=(8, 1),
-         libvirt=(9, 5, 0),
-         checked="block-core.json doc comment '(since 8.1)', read with the code search"),
-    Fact("domfstrim", "virDomainFSTrim / virsh domfstrim (drops the agent's per-path result)",
-         "libvirt src/qemu/qemu_agent.c", libvirt=(1, 0, 1)),
-    Fact("guest_fstrim", "guest-fstrim; per-path results since QGA 2.4", "qga/qapi-schema.json",
-         qemu=(1, 2)),
-    Fact("unmap_stats", "query-blockstats unmap_bytes/unmap_operations",
-         "qapi/block-core.json BlockDeviceStats", qemu=(4, 2)),
-    Fact("default_discard", "discard defaults to ignore: a guest TRIM is dropped silently",
-         "qemu-options.hx (-drive discard=ignore is the default)"),
-    Fact("nvme_dsm", "emulated NVMe Dataset Management (deallocate)",
-         "qemu hw/block/nvme.c 'add the dataset management command' (qemu-devel, 2020-11)",
-         qemu=(6, 0)),
-    Fact("libvirt_blockdev", "libvirt renders disks as -blockdev JSON; the storage node always"
-         " says discard=unmap, the format node carries the configured discard",
-         "libvirt qemu_block.c / qemu_command.c (QEMU_CAPS_BLOCKDEV)", libvirt=(6, 0, 0),
-         qemu=(4, 2),
-         checked="virsh domxml-to-native qemu-argv with libvirt 9.0 on the dev machine"
-                 " (tests/data/audit/pairs/design-*.args)"),
-    Fact("scsi_unmap", "scsi-hd advertises UNMAP (logical block provisioning VPD page)",
-         "qemu hw/scsi/scsi-disk.c (Block Limits / LBP VPD pages)"),
-    Fact("ide_trim", "ide-hd and AHCI advertise DSM TRIM",
-         "qemu hw/ide/core.c (IDENTIFY word 169)"),
+    Fact(
+        "discard_option",
+        "QEMU drive option discard=ignore|unmap (raw files; IDE/AHCI TRIM; scsi-hd UNMAP,"
+        " also behind virtio-scsi)",
+        "qemu-options.hx (-drive discard=); OpenStack Nova spec hw_disk_discard",
+        qemu=(1, 5),
+    ),
+    Fact(
+        "qcow2_discard",
+        "qcow2 frees clusters on discard",
+        "OpenStack Nova spec hw_disk_discard",
+        qemu=(1, 6),
+    ),
+    Fact(
+        "virtio_blk_discard",
+        "virtio-blk DISCARD and WRITE_ZEROES; machine types before 4.0 set discard=false",
+        "qemu hw/core/machine.c: hw_compat_3_1 = { virtio-blk-device, discard, false }",
+        qemu=(4, 0),
+        machine=(4, 0),
+        checked="hw_compat_3_1 read in qemu/qemu hw/core/machine.c; `qemu-system-x86_64"
+        " -device virtio-blk-pci,help` (7.2) shows discard=<bool> default true",
+    ),
+    Fact(
+        "virtio_blk_guest",
+        "Linux virtio_blk sends DISCARD",
+        "Linux commit 1f23816b8eb8 (virtio_blk: add discard and write zeroes support)",
+        linux=(5, 0),
+    ),
+    Fact(
+        "detect_zeroes",
+        "detect-zeroes=off|on|unmap (unmap needs discard=unmap)",
+        "qapi/block-core.json BlockdevDetectZeroesOptions; libvirt formatdomain detect_zeroes",
+        qemu=(2, 1),
+        libvirt=(2, 0, 0),
+    ),
+    Fact(
+        "libvirt_discard",
+        "libvirt <driver discard='unmap|ignore'/>",
+        "libvirt formatdomain",
+        libvirt=(1, 0, 6),
+    ),
+    Fact(
+        "discard_no_unref",
+        "qcow2 discard-no-unref: keep clusters allocated on discard;"
+        " the file is still punched when pass-discard-request is on",
+        "qapi/block-core.json BlockdevOptionsQcow2; libvirt formatdomain",
+        qemu=(8, 1),
+        libvirt=(9, 5, 0),
+        checked="block-core.json doc comment '(since 8.1)', read with the code search",
+    ),
+    Fact(
+        "domfstrim",
+        "virDomainFSTrim / virsh domfstrim (drops the agent's per-path result)",
+        "libvirt src/qemu/qemu_agent.c",
+        libvirt=(1, 0, 1),
+    ),
+    Fact(
+        "guest_fstrim",
+        "guest-fstrim; per-path results since QGA 2.4",
+        "qga/qapi-schema.json",
+        qemu=(1, 2),
+    ),
+    Fact(
+        "unmap_stats",
+        "query-blockstats unmap_bytes/unmap_operations",
+        "qapi/block-core.json BlockDeviceStats",
+        qemu=(4, 2),
+    ),
+    Fact(
+        "default_discard",
+        "discard defaults to ignore: a guest TRIM is dropped silently",
+        "qemu-options.hx (-drive discard=ignore is the default)",
+    ),
+    Fact(
+        "nvme_dsm",
+        "emulated NVMe Dataset Management (deallocate)",
+        "qemu hw/block/nvme.c 'add the dataset management command' (qemu-devel, 2020-11)",
+        qemu=(6, 0),
+    ),
+    Fact(
+        "libvirt_blockdev",
+        "libvirt renders disks as -blockdev JSON; the storage node always"
+        " says discard=unmap, the format node carries the configured discard",
+        "libvirt qemu_block.c / qemu_command.c (QEMU_CAPS_BLOCKDEV)",
+        libvirt=(6, 0, 0),
+        qemu=(4, 2),
+        checked="virsh domxml-to-native qemu-argv with libvirt 9.0 on the dev machine"
+        " (tests/data/audit/pairs/design-*.args)",
+    ),
+    Fact(
+        "scsi_unmap",
+        "scsi-hd advertises UNMAP (logical block provisioning VPD page)",
+        "qemu hw/scsi/scsi-disk.c (Block Limits / LBP VPD pages)",
+    ),
+    Fact(
+        "ide_trim", "ide-hd and AHCI advertise DSM TRIM", "qemu hw/ide/core.c (IDENTIFY word 169)"
+    ),
 ]
 
 FACTS: dict[str, Fact] = {fact.key: fact for fact in _FACT_ROWS}
@@ -89,30 +140,50 @@ class Note:
 
 
 _NOTE_ROWS = [
-    Note("qcow2_small_discard",
-         "discards smaller than a qcow2 cluster ({cluster}), or not aligned to one, are dropped",
-         "qemu block/qcow2-cluster.c qcow2_cluster_discard (whole clusters only);"
-         " docs/interop/qcow2.txt"),
-    Note("qcow2_snapshots",
-         "{count} internal snapshot(s) keep their clusters (refcount >= 2): discard frees nothing"
-         " they share",
-         "docs/interop/qcow2.txt (refcounts); qemu block/qcow2-refcount.c"),
-    Note("qcow2_compat010",
-         "qcow2 compat=0.10 cannot store zero clusters; upgrade with"
-         " `qemu-img amend -o compat=1.1`",
-         "docs/interop/qcow2.txt (version 2 has no zero-cluster flag)"),
-    Note("qcow2_overlay",
-         "this image is an overlay on {backing}: a discard only writes zero clusters here,"
-         " the backing file never shrinks",
-         "qemu block/qcow2-cluster.c (discard with a backing file makes zero clusters)"),
-    Note("preallocation_lost", "a discard undoes preallocation of the freed range",
-         "qemu docs: qemu-img create -o preallocation"),
-    Note("ls_size", "`ls -l` never shrinks: QEMU punches holes and keeps the length; measure"
-         " with `du` or `vmtrim image info`", "fallocate(2) FALLOC_FL_KEEP_SIZE"),
-    Note("punch_hole_sticky", "after the first ENOTSUP QEMU stops trying to punch holes"
-         " until restarted", "qemu block/file-posix.c (s->has_discard cleared on ENOTSUP)"),
-    Note("fstrim_upper_bound", "FITRIM/guest-fstrim counts are upper bounds, not what the host"
-         " got back", "Documentation/filesystems; qga/qapi-schema.json guest-fstrim"),
+    Note(
+        "qcow2_small_discard",
+        "discards smaller than a qcow2 cluster ({cluster}), or not aligned to one, are dropped",
+        "qemu block/qcow2-cluster.c qcow2_cluster_discard (whole clusters only);"
+        " docs/interop/qcow2.txt",
+    ),
+    Note(
+        "qcow2_snapshots",
+        "{count} internal snapshot(s) keep their clusters (refcount >= 2): discard frees nothing"
+        " they share",
+        "docs/interop/qcow2.txt (refcounts); qemu block/qcow2-refcount.c",
+    ),
+    Note(
+        "qcow2_compat010",
+        "qcow2 compat=0.10 cannot store zero clusters; upgrade with `qemu-img amend -o compat=1.1`",
+        "docs/interop/qcow2.txt (version 2 has no zero-cluster flag)",
+    ),
+    Note(
+        "qcow2_overlay",
+        "this image is an overlay on {backing}: a discard only writes zero clusters here,"
+        " the backing file never shrinks",
+        "qemu block/qcow2-cluster.c (discard with a backing file makes zero clusters)",
+    ),
+    Note(
+        "preallocation_lost",
+        "a discard undoes preallocation of the freed range",
+        "qemu docs: qemu-img create -o preallocation",
+    ),
+    Note(
+        "ls_size",
+        "`ls -l` never shrinks: QEMU punches holes and keeps the length; measure"
+        " with `du` or `vmtrim image info`",
+        "fallocate(2) FALLOC_FL_KEEP_SIZE",
+    ),
+    Note(
+        "punch_hole_sticky",
+        "after the first ENOTSUP QEMU stops trying to punch holes until restarted",
+        "qemu block/file-posix.c (s->has_discard cleared on ENOTSUP)",
+    ),
+    Note(
+        "fstrim_upper_bound",
+        "FITRIM/guest-fstrim counts are upper bounds, not what the host got back",
+        "Documentation/filesystems; qga/qapi-schema.json guest-fstrim",
+    ),
 ]
 
 NOTES: dict[str, Note] = {note.key: note for note in _NOTE_ROWS}
@@ -133,23 +204,67 @@ class BusRule:
 
 _BUS_ROWS = [
     BusRule("ide", Verdict.PASS, "ATA TRIM (libata)", "ide-hd", "ide-cd", FACTS["ide_trim"].source),
-    BusRule("sata", Verdict.PASS, "ATA TRIM over AHCI (libata)", "ide-hd", "ide-cd",
-            FACTS["ide_trim"].source),
-    BusRule("scsi", Verdict.PASS, "SCSI UNMAP (sd)", "scsi-hd", "scsi-cd",
-            FACTS["scsi_unmap"].source),
-    BusRule("virtio", Verdict.PASS, "virtio-blk DISCARD (virtio_blk)", "virtio-blk-pci", None,
-            FACTS["virtio_blk_guest"].source, needs="virtio_blk_guest"),
-    BusRule("nvme", Verdict.PASS, "NVMe Dataset Management deallocate", "nvme-ns", None,
-            FACTS["nvme_dsm"].source, needs="nvme_dsm"),
-    BusRule("usb", Verdict.UNKNOWN,
-            "usb-storage: Linux usb-storage often skips the VPD pages that advertise UNMAP",
-            "usb-storage", "usb-storage", "Linux drivers/usb/storage/scsiglue.c (skip_vpd_pages)"),
-    BusRule("fdc", Verdict.BLOCK, "floppy controllers have no discard command", "floppy", None,
-            "qemu hw/block/fdc.c"),
-    BusRule("xen", Verdict.UNKNOWN, "Xen PV disks: not audited by vmtrim", None, None,
-            "libvirt formatdomain (target bus='xen')"),
-    BusRule("sd", Verdict.BLOCK, "SD cards are emulated without discard", "sd-card", None,
-            "qemu hw/sd/sd.c"),
+    BusRule(
+        "sata",
+        Verdict.PASS,
+        "ATA TRIM over AHCI (libata)",
+        "ide-hd",
+        "ide-cd",
+        FACTS["ide_trim"].source,
+    ),
+    BusRule(
+        "scsi", Verdict.PASS, "SCSI UNMAP (sd)", "scsi-hd", "scsi-cd", FACTS["scsi_unmap"].source
+    ),
+    BusRule(
+        "virtio",
+        Verdict.PASS,
+        "virtio-blk DISCARD (virtio_blk)",
+        "virtio-blk-pci",
+        None,
+        FACTS["virtio_blk_guest"].source,
+        needs="virtio_blk_guest",
+    ),
+    BusRule(
+        "nvme",
+        Verdict.PASS,
+        "NVMe Dataset Management deallocate",
+        "nvme-ns",
+        None,
+        FACTS["nvme_dsm"].source,
+        needs="nvme_dsm",
+    ),
+    BusRule(
+        "usb",
+        Verdict.UNKNOWN,
+        "usb-storage: Linux usb-storage often skips the VPD pages that advertise UNMAP",
+        "usb-storage",
+        "usb-storage",
+        "Linux drivers/usb/storage/scsiglue.c (skip_vpd_pages)",
+    ),
+    BusRule(
+        "fdc",
+        Verdict.BLOCK,
+        "floppy controllers have no discard command",
+        "floppy",
+        None,
+        "qemu hw/block/fdc.c",
+    ),
+    BusRule(
+        "xen",
+        Verdict.UNKNOWN,
+        "Xen PV disks: not audited by vmtrim",
+        None,
+        None,
+        "libvirt formatdomain (target bus='xen')",
+    ),
+    BusRule(
+        "sd",
+        Verdict.BLOCK,
+        "SD cards are emulated without discard",
+        "sd-card",
+        None,
+        "qemu hw/sd/sd.c",
+    ),
 ]
 
 BUSES: dict[str, BusRule] = {rule.bus: rule for rule in _BUS_ROWS}
@@ -228,38 +343,88 @@ class ProtocolRule:
 
 
 _PROTOCOL_ROWS = [
-    ProtocolRule("rbd", Verdict.PASS, "Ceph RBD discards free objects in the pool",
-                 "qemu block/rbd.c (qemu_rbd_co_pdiscard)"),
-    ProtocolRule("iscsi", Verdict.PASS, "libiscsi sends SCSI UNMAP to the target (if the LUN"
-                 " supports thin provisioning)", "qemu block/iscsi.c (iscsi_co_pdiscard)"),
-    ProtocolRule("nbd", Verdict.UNKNOWN, "NBD passes NBD_CMD_TRIM only when the server"
-                 " advertises it", "qemu block/nbd.c (NBD_FLAG_SEND_TRIM)"),
-    ProtocolRule("gluster", Verdict.PASS, "GlusterFS discards through glfs_discard",
-                 "qemu block/gluster.c (qemu_gluster_co_pdiscard)"),
-    ProtocolRule("http", Verdict.BLOCK, "curl (http) is read-only", "qemu block/curl.c",
-                 read_only=True),
-    ProtocolRule("https", Verdict.BLOCK, "curl (https) is read-only", "qemu block/curl.c",
-                 read_only=True),
-    ProtocolRule("ftp", Verdict.BLOCK, "curl (ftp) is read-only", "qemu block/curl.c",
-                 read_only=True),
-    ProtocolRule("ftps", Verdict.BLOCK, "curl (ftps) is read-only", "qemu block/curl.c",
-                 read_only=True),
-    ProtocolRule("tftp", Verdict.BLOCK, "tftp is read-only", "libvirt formatdomain",
-                 read_only=True),
-    ProtocolRule("ssh", Verdict.BLOCK, "the ssh block driver has no discard",
-                 "qemu block/ssh.c (no bdrv_co_pdiscard)"),
-    ProtocolRule("sheepdog", Verdict.UNKNOWN, "sheepdog was removed in QEMU 6.0",
-                 "qemu docs/about/removed-features.rst"),
-    ProtocolRule("vxhs", Verdict.UNKNOWN, "vxhs was removed in QEMU 5.1",
-                 "qemu docs/about/removed-features.rst"),
-    ProtocolRule("nfs", Verdict.UNKNOWN, "libnfs: QEMU has no discard for nfs://",
-                 "qemu block/nfs.c (no bdrv_co_pdiscard)"),
-    ProtocolRule("vhost-user-blk", Verdict.UNKNOWN, "the vhost-user backend decides",
-                 "qemu hw/block/vhost-user-blk.c"),
-    ProtocolRule("vvfat", Verdict.BLOCK, "a host directory shown as FAT (vvfat) has no discard",
-                 "qemu block/vvfat.c", read_only=True),
-    ProtocolRule("nvme", Verdict.PASS, "QEMU's userspace NVMe driver sends Dataset Management",
-                 "qemu block/nvme.c (nvme_co_pdiscard)"),
+    ProtocolRule(
+        "rbd",
+        Verdict.PASS,
+        "Ceph RBD discards free objects in the pool",
+        "qemu block/rbd.c (qemu_rbd_co_pdiscard)",
+    ),
+    ProtocolRule(
+        "iscsi",
+        Verdict.PASS,
+        "libiscsi sends SCSI UNMAP to the target (if the LUN supports thin provisioning)",
+        "qemu block/iscsi.c (iscsi_co_pdiscard)",
+    ),
+    ProtocolRule(
+        "nbd",
+        Verdict.UNKNOWN,
+        "NBD passes NBD_CMD_TRIM only when the server advertises it",
+        "qemu block/nbd.c (NBD_FLAG_SEND_TRIM)",
+    ),
+    ProtocolRule(
+        "gluster",
+        Verdict.PASS,
+        "GlusterFS discards through glfs_discard",
+        "qemu block/gluster.c (qemu_gluster_co_pdiscard)",
+    ),
+    ProtocolRule(
+        "http", Verdict.BLOCK, "curl (http) is read-only", "qemu block/curl.c", read_only=True
+    ),
+    ProtocolRule(
+        "https", Verdict.BLOCK, "curl (https) is read-only", "qemu block/curl.c", read_only=True
+    ),
+    ProtocolRule(
+        "ftp", Verdict.BLOCK, "curl (ftp) is read-only", "qemu block/curl.c", read_only=True
+    ),
+    ProtocolRule(
+        "ftps", Verdict.BLOCK, "curl (ftps) is read-only", "qemu block/curl.c", read_only=True
+    ),
+    ProtocolRule(
+        "tftp", Verdict.BLOCK, "tftp is read-only", "libvirt formatdomain", read_only=True
+    ),
+    ProtocolRule(
+        "ssh",
+        Verdict.BLOCK,
+        "the ssh block driver has no discard",
+        "qemu block/ssh.c (no bdrv_co_pdiscard)",
+    ),
+    ProtocolRule(
+        "sheepdog",
+        Verdict.UNKNOWN,
+        "sheepdog was removed in QEMU 6.0",
+        "qemu docs/about/removed-features.rst",
+    ),
+    ProtocolRule(
+        "vxhs",
+        Verdict.UNKNOWN,
+        "vxhs was removed in QEMU 5.1",
+        "qemu docs/about/removed-features.rst",
+    ),
+    ProtocolRule(
+        "nfs",
+        Verdict.UNKNOWN,
+        "libnfs: QEMU has no discard for nfs://",
+        "qemu block/nfs.c (no bdrv_co_pdiscard)",
+    ),
+    ProtocolRule(
+        "vhost-user-blk",
+        Verdict.UNKNOWN,
+        "the vhost-user backend decides",
+        "qemu hw/block/vhost-user-blk.c",
+    ),
+    ProtocolRule(
+        "vvfat",
+        Verdict.BLOCK,
+        "a host directory shown as FAT (vvfat) has no discard",
+        "qemu block/vvfat.c",
+        read_only=True,
+    ),
+    ProtocolRule(
+        "nvme",
+        Verdict.PASS,
+        "QEMU's userspace NVMe driver sends Dataset Management",
+        "qemu block/nvme.c (nvme_co_pdiscard)",
+    ),
 ]
 
 PROTOCOLS: dict[str, ProtocolRule] = {rule.protocol: rule for rule in _PROTOCOL_ROWS}
@@ -282,9 +447,21 @@ FORMATS: dict[str, tuple[Verdict, str]] = {
 }
 
 # Filter drivers: sit between the device and the format node and pass requests on.
-FILTERS = {"copy-on-read", "throttle", "blkdebug", "blkverify", "preallocate", "compress",
-           "snapshot-access", "copy-before-write", "quorum", "replication", "null-co",
-           "null-aio", "raw-slice"}
+FILTERS = {
+    "copy-on-read",
+    "throttle",
+    "blkdebug",
+    "blkverify",
+    "preallocate",
+    "compress",
+    "snapshot-access",
+    "copy-before-write",
+    "quorum",
+    "replication",
+    "null-co",
+    "null-aio",
+    "raw-slice",
+}
 
 
 @dataclass(frozen=True)
@@ -300,22 +477,61 @@ class GuestFsRule:
 
 
 _GUEST_FS_ROWS = [
-    GuestFsRule("ext4", True, True, "`-o discard` or a periodic fstrim (fstrim.timer)",
-                "Linux Documentation/admin-guide/ext4.rst (discard/nodiscard)"),
-    GuestFsRule("xfs", True, True, "`-o discard` or a periodic fstrim (fstrim.timer)",
-                "Linux Documentation/admin-guide/xfs.rst (discard)"),
-    GuestFsRule("ext3", False, True, "fstrim only (ext3 has no online discard)",
-                "Linux fs/ext4 (ext3 mounts: no -o discard on old kernels); DESIGN.md"),
+    GuestFsRule(
+        "ext4",
+        True,
+        True,
+        "`-o discard` or a periodic fstrim (fstrim.timer)",
+        "Linux Documentation/admin-guide/ext4.rst (discard/nodiscard)",
+    ),
+    GuestFsRule(
+        "xfs",
+        True,
+        True,
+        "`-o discard` or a periodic fstrim (fstrim.timer)",
+        "Linux Documentation/admin-guide/xfs.rst (discard)",
+    ),
+    GuestFsRule(
+        "ext3",
+        False,
+        True,
+        "fstrim only (ext3 has no online discard)",
+        "Linux fs/ext4 (ext3 mounts: no -o discard on old kernels); DESIGN.md",
+    ),
     GuestFsRule("ext2", False, True, "fstrim only", "Linux fs/ext2 (no discard mount option)"),
-    GuestFsRule("btrfs", True, True, "discard=async (the default since Linux 6.2) or fstrim",
-                "Linux 6.2 btrfs: discard=async by default", default_since=(6, 2)),
-    GuestFsRule("f2fs", True, True, "discard (the default) or fstrim",
-                "Linux Documentation/filesystems/f2fs.rst", default_since=(3, 8)),
+    GuestFsRule(
+        "btrfs",
+        True,
+        True,
+        "discard=async (the default since Linux 6.2) or fstrim",
+        "Linux 6.2 btrfs: discard=async by default",
+        default_since=(6, 2),
+    ),
+    GuestFsRule(
+        "f2fs",
+        True,
+        True,
+        "discard (the default) or fstrim",
+        "Linux Documentation/filesystems/f2fs.rst",
+        default_since=(3, 8),
+    ),
     GuestFsRule("vfat", True, True, "`-o discard` or fstrim", "Linux fs/fat (discard option)"),
-    GuestFsRule("ntfs", True, True, "Windows trims by itself; `Optimize-Volume -ReTrim`",
-                "Microsoft Optimize-Volume docs", default_since=(0,)),
-    GuestFsRule("refs", True, True, "Windows trims by itself; `Optimize-Volume -ReTrim`",
-                "Microsoft Optimize-Volume docs", default_since=(0,)),
+    GuestFsRule(
+        "ntfs",
+        True,
+        True,
+        "Windows trims by itself; `Optimize-Volume -ReTrim`",
+        "Microsoft Optimize-Volume docs",
+        default_since=(0,),
+    ),
+    GuestFsRule(
+        "refs",
+        True,
+        True,
+        "Windows trims by itself; `Optimize-Volume -ReTrim`",
+        "Microsoft Optimize-Volume docs",
+        default_since=(0,),
+    ),
     GuestFsRule("swap", True, False, "swapon --discard", "Linux swapon(8)"),
 ]
 
@@ -323,6 +539,8 @@ GUEST_FS: dict[str, GuestFsRule] = {rule.fstype: rule for rule in _GUEST_FS_ROWS
 
 GUEST_STACK = {
     "luks": ("LUKS needs `allow_discards` (crypttab `discard`)", "cryptsetup(8) --allow-discards"),
-    "lvm": ("LVM passes discards through (issue_discards only matters for lvremove)",
-            "lvm.conf(5) issue_discards"),
+    "lvm": (
+        "LVM passes discards through (issue_discards only matters for lvremove)",
+        "lvm.conf(5) issue_discards",
+    ),
 }

@@ -38,19 +38,26 @@ if TYPE_CHECKING:
     from vmtrim.image.info import ImageInfo
 
 _PASSTHROUGH = {"scsi-block", "scsi-generic"}
-_GUEST_FIX = ("in the guest: mount with `-o discard`, or enable periodic trims"
-              " (`systemctl enable --now fstrim.timer`)")
+_GUEST_FIX = (
+    "in the guest: mount with `-o discard`, or enable periodic trims"
+    " (`systemctl enable --now fstrim.timer`)"
+)
 
 
-def audit_domains(domains: Iterable[Domain], probes: HostProbes | None = None,
-                  read_images: bool = True) -> list[DiskReport]:
+def audit_domains(
+    domains: Iterable[Domain], probes: HostProbes | None = None, read_images: bool = True
+) -> list[DiskReport]:
     probes = probes or HostProbes()
-    return [report for domain in domains
-            for report in audit_domain(domain, probes, read_images=read_images)]
+    return [
+        report
+        for domain in domains
+        for report in audit_domain(domain, probes, read_images=read_images)
+    ]
 
 
-def audit_domain(domain: Domain, probes: HostProbes | None = None,
-                 read_images: bool = True) -> list[DiskReport]:
+def audit_domain(
+    domain: Domain, probes: HostProbes | None = None, read_images: bool = True
+) -> list[DiskReport]:
     """Audit every disk of ``domain``. ``probes`` is shared so its cache is too."""
     probes = probes or HostProbes()
     return [_DiskAudit(domain, disk, probes, read_images).run() for disk in domain.disks]
@@ -80,12 +87,24 @@ class _DiskAudit:
             self.image = self._read_image()
 
     def run(self) -> DiskReport:
-        layers = [self.guest_fs(), self.guest_driver(), self.device(), self.block_nodes(),
-                  self.host_storage()]
+        layers = [
+            self.guest_fs(),
+            self.guest_driver(),
+            self.device(),
+            self.block_nodes(),
+            self.host_storage(),
+        ]
         for layer in layers:
             if layer.verdict is Verdict.BLOCK:
-                self.findings.append(Finding(Severity.BLOCK, layer.kind, layer.reason, layer.fix,
-                                             self._layer_source(layer.kind)))
+                self.findings.append(
+                    Finding(
+                        Severity.BLOCK,
+                        layer.kind,
+                        layer.reason,
+                        layer.fix,
+                        self._layer_source(layer.kind),
+                    )
+                )
         self.findings.extend(self._format_notes())
         return DiskReport(self.disk, layers, self.findings, self._exempt())
 
@@ -116,15 +135,20 @@ class _DiskAudit:
         guest = self.domain.guest
         filesystems = self.disk.guest_filesystems
         if guest is None and filesystems is None:
-            return Layer(kind, Verdict.UNKNOWN, "no guest information (audit the live domain"
-                         " with a guest agent to check mounts)", _GUEST_FIX)
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                "no guest information (audit the live domain with a guest agent to check mounts)",
+                _GUEST_FIX,
+            )
         if guest is not None and not guest.agent:
             return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", _GUEST_FIX)
         if guest is not None and guest.is_windows:
             return Layer(kind, Verdict.PASS, GUEST_FS["ntfs"].needs)
         if not filesystems:
-            return Layer(kind, Verdict.UNKNOWN, "the guest reports no mounted filesystem on"
-                         " this disk", None)
+            return Layer(
+                kind, Verdict.UNKNOWN, "the guest reports no mounted filesystem on this disk", None
+            )
         kernel = guest.kernel_version if guest else None
         timer = guest.fstrim_timer if guest else None
         results: list[Layer] = []
@@ -133,29 +157,56 @@ class _DiskAudit:
             where = f"{fs.mountpoint} ({fs.fstype})"
             options = fs.mount_options
             if fs.luks and fs.luks_allow_discards is False:
-                results.append(Layer(kind, Verdict.BLOCK, f"{where} is on LUKS without"
-                                     " allow_discards", "open the LUKS device with"
-                                     " --allow-discards (crypttab: discard)"))
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.BLOCK,
+                        f"{where} is on LUKS without allow_discards",
+                        "open the LUKS device with --allow-discards (crypttab: discard)",
+                    )
+                )
                 continue
             if rule is None:
-                results.append(Layer(kind, Verdict.UNKNOWN, f"{where}: vmtrim does not know"
-                                     " this filesystem", _GUEST_FIX))
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.UNKNOWN,
+                        f"{where}: vmtrim does not know this filesystem",
+                        _GUEST_FIX,
+                    )
+                )
                 continue
             off = options is not None and "nodiscard" in options
             if options is not None and "discard" in options and rule.mount_option:
                 results.append(Layer(kind, Verdict.PASS, f"{where} is mounted with discard"))
-            elif (not off and rule.default_since and kernel
-                  and kernel >= rule.default_since):
-                results.append(Layer(kind, Verdict.PASS, f"{where} discards by default"
-                                     f" on Linux {format_version(kernel)}"))
+            elif not off and rule.default_since and kernel and kernel >= rule.default_since:
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.PASS,
+                        f"{where} discards by default on Linux {format_version(kernel)}",
+                    )
+                )
             elif timer and rule.fstrim:
                 results.append(Layer(kind, Verdict.PASS, f"{where}: fstrim.timer trims it"))
             elif options is None or timer is None:
-                results.append(Layer(kind, Verdict.UNKNOWN, f"{where}: mount options or"
-                                     " fstrim.timer not known", rule.needs))
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.UNKNOWN,
+                        f"{where}: mount options or fstrim.timer not known",
+                        rule.needs,
+                    )
+                )
             else:
-                results.append(Layer(kind, Verdict.BLOCK, f"{where} is mounted without discard"
-                                     " and fstrim.timer is off", f"in the guest: {rule.needs}"))
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.BLOCK,
+                        f"{where} is mounted without discard and fstrim.timer is off",
+                        f"in the guest: {rule.needs}",
+                    )
+                )
         return _worst(results)
 
     # ------------------------------------------------------------ guest driver
@@ -164,12 +215,19 @@ class _DiskAudit:
         kind = LayerKind.GUEST_DRIVER
         disk = self.disk
         if disk.qemu_device in _PASSTHROUGH:
-            return Layer(kind, Verdict.PASS, "passthrough LUN: the guest's sd driver sees the"
-                         " real device's UNMAP support")
+            return Layer(
+                kind,
+                Verdict.PASS,
+                "passthrough LUN: the guest's sd driver sees the real device's UNMAP support",
+            )
         rule = BUSES.get(disk.bus or "")
         if rule is None:
-            return Layer(kind, Verdict.UNKNOWN, f"bus {disk.bus or '?'}: vmtrim does not know"
-                         " its guest driver", None)
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                f"bus {disk.bus or '?'}: vmtrim does not know its guest driver",
+                None,
+            )
         if rule.bus == "virtio":
             return self._virtio_guest(kind, rule.reason)
         fix = None
@@ -182,19 +240,34 @@ class _DiskAudit:
         guest = self.domain.guest
         kernel = guest.kernel_version if guest else None
         if guest is not None and guest.is_windows:
-            return Layer(kind, Verdict.UNKNOWN, "Windows viostor: discard depends on the"
-                         " virtio-win driver version", "update the virtio-win drivers")
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                "Windows viostor: discard depends on the virtio-win driver version",
+                "update the virtio-win drivers",
+            )
         if kernel is None:
-            return Layer(kind, Verdict.UNKNOWN, f"{what} needs guest Linux >="
-                         f" {format_version(need)}; the guest kernel is not known",
-                         f"make sure the guest runs Linux >= {format_version(need)}, or use"
-                         " virtio-scsi (bus='scsi')")
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                f"{what} needs guest Linux >="
+                f" {format_version(need)}; the guest kernel is not known",
+                f"make sure the guest runs Linux >= {format_version(need)}, or use"
+                " virtio-scsi (bus='scsi')",
+            )
         if kernel >= need:
-            return Layer(kind, Verdict.PASS, f"{what}: guest Linux {format_version(kernel)}"
-                         f" >= {format_version(need)}")
-        return Layer(kind, Verdict.BLOCK, f"guest Linux {format_version(kernel)} is older than"
-                     f" {format_version(need)}: virtio_blk sends no DISCARD",
-                     "move the disk to virtio-scsi (bus='scsi'), or upgrade the guest kernel")
+            return Layer(
+                kind,
+                Verdict.PASS,
+                f"{what}: guest Linux {format_version(kernel)} >= {format_version(need)}",
+            )
+        return Layer(
+            kind,
+            Verdict.BLOCK,
+            f"guest Linux {format_version(kernel)} is older than"
+            f" {format_version(need)}: virtio_blk sends no DISCARD",
+            "move the disk to virtio-scsi (bus='scsi'), or upgrade the guest kernel",
+        )
 
     # ------------------------------------------------------------ QEMU device
 
@@ -210,22 +283,34 @@ class _DiskAudit:
         if rule is None:
             return Layer(kind, Verdict.UNKNOWN, f"{name}: vmtrim does not know this device")
         if not rule.discard:
-            return Layer(kind, Verdict.BLOCK, f"{name} has no discard command",
-                         "move the disk to a virtio-scsi controller (bus='scsi')")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"{name} has no discard command",
+                "move the disk to a virtio-scsi controller (bus='scsi')",
+            )
         if name in _PASSTHROUGH:
-            return Layer(kind, Verdict.PASS, f"{name}: SCSI commands, UNMAP included, go to"
-                         " the host device")
+            return Layer(
+                kind, Verdict.PASS, f"{name}: SCSI commands, UNMAP included, go to the host device"
+            )
         granularity = disk.device_properties.get("discard_granularity")
         if granularity is not None and str(granularity) == "0":
-            return Layer(kind, Verdict.BLOCK, f"{name}: discard_granularity=0 turns discard off",
-                         "remove discard_granularity=0 from the device")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"{name}: discard_granularity=0 turns discard off",
+                "remove discard_granularity=0 from the device",
+            )
         if rule.bus == "virtio":
             return self._virtio_device(kind, name)
         if rule.bus == "nvme":
             return self._versioned(kind, name, "nvme_dsm", "NVMe Dataset Management")
         controller = f" on {disk.controller_model}" if disk.controller_model else ""
-        what = {"scsi": "passes SCSI UNMAP", "ide": "passes ATA TRIM",
-                "usb": "passes SCSI UNMAP (usb-storage)"}.get(rule.bus, "passes discard")
+        what = {
+            "scsi": "passes SCSI UNMAP",
+            "ide": "passes ATA TRIM",
+            "usb": "passes SCSI UNMAP (usb-storage)",
+        }.get(rule.bus, "passes discard")
         return Layer(kind, Verdict.PASS, f"{name}{controller} {what}")
 
     def _virtio_device(self, kind: LayerKind, name: str) -> Layer:
@@ -235,39 +320,68 @@ class _DiskAudit:
         explicit = self.disk.device_properties.get("discard")
         qemu, exact = qemu_lower_bound(self.domain)
         if explicit is not None and str(explicit).lower() in ("off", "false", "no"):
-            return Layer(kind, Verdict.BLOCK, f"{name} has discard=off",
-                         "remove discard=off from the virtio-blk device")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"{name} has discard=off",
+                "remove discard=off from the virtio-blk device",
+            )
         if exact and qemu is not None and qemu < need_qemu:
-            return Layer(kind, Verdict.BLOCK, f"QEMU {format_version(qemu)} is older than"
-                         f" {format_version(need_qemu)}: virtio-blk has no discard",
-                         f"upgrade QEMU to >= {format_version(need_qemu)}, or use virtio-scsi")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"QEMU {format_version(qemu)} is older than"
+                f" {format_version(need_qemu)}: virtio-blk has no discard",
+                f"upgrade QEMU to >= {format_version(need_qemu)}, or use virtio-scsi",
+            )
         if explicit is not None:
             return Layer(kind, Verdict.PASS, f"{name} has discard=on set explicitly")
         machine = self.domain.machine
         if machine is None:
             if exact and qemu is not None:
-                return Layer(kind, Verdict.PASS, f"no machine type given: QEMU"
-                             f" {format_version(qemu)} defaults to its newest")
-            return Layer(kind, Verdict.UNKNOWN, "no machine type given: virtio-blk discard"
-                         f" needs a machine type >= {format_version(need_machine)}",
-                         "give a versioned machine type >= 4.0 (e.g. -machine pc-q35-7.2)")
+                return Layer(
+                    kind,
+                    Verdict.PASS,
+                    f"no machine type given: QEMU {format_version(qemu)} defaults to its newest",
+                )
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                "no machine type given: virtio-blk discard"
+                f" needs a machine type >= {format_version(need_machine)}",
+                "give a versioned machine type >= 4.0 (e.g. -machine pc-q35-7.2)",
+            )
         version = MachineType.parse(machine).version
         if version is None:
             if exact and qemu is not None:
-                return Layer(kind, Verdict.PASS, f"machine {machine} is an alias of QEMU"
-                             f" {format_version(qemu)}'s newest machine type")
-            return Layer(kind, Verdict.UNKNOWN, f"machine {machine} is an alias: its version"
-                         " depends on the QEMU release")
+                return Layer(
+                    kind,
+                    Verdict.PASS,
+                    f"machine {machine} is an alias of QEMU"
+                    f" {format_version(qemu)}'s newest machine type",
+                )
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                f"machine {machine} is an alias: its version depends on the QEMU release",
+            )
         if version < need_machine:
-            return Layer(kind, Verdict.BLOCK, f"machine type {machine} is older than"
-                         f" {format_version(need_machine)}: QEMU turns virtio-blk discard off"
-                         " for it (hw_compat_3_1)",
-                         f"change the machine type to >= {format_version(need_machine)} (for"
-                         " example pc-q35-7.2; the guest sees new hardware), or move the disk"
-                         " to virtio-scsi (bus='scsi'), or set discard=on on the virtio-blk"
-                         " device")
-        return Layer(kind, Verdict.PASS, f"{name} on machine {machine} (>="
-                     f" {format_version(need_machine)}) has discard on")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"machine type {machine} is older than"
+                f" {format_version(need_machine)}: QEMU turns virtio-blk discard off"
+                " for it (hw_compat_3_1)",
+                f"change the machine type to >= {format_version(need_machine)} (for"
+                " example pc-q35-7.2; the guest sees new hardware), or move the disk"
+                " to virtio-scsi (bus='scsi'), or set discard=on on the virtio-blk"
+                " device",
+            )
+        return Layer(
+            kind,
+            Verdict.PASS,
+            f"{name} on machine {machine} (>= {format_version(need_machine)}) has discard on",
+        )
 
     def _versioned(self, kind: LayerKind, name: str, key: str, what: str) -> Layer:
         need = FACTS[key].qemu or (0,)
@@ -275,11 +389,18 @@ class _DiskAudit:
         if qemu is not None and qemu >= need:
             return Layer(kind, Verdict.PASS, f"{name}: {what} (QEMU >= {format_version(need)})")
         if exact:
-            return Layer(kind, Verdict.BLOCK, f"{name}: QEMU {format_version(qemu)} is older"
-                         f" than {format_version(need)} ({what})",
-                         f"upgrade QEMU to >= {format_version(need)}")
-        return Layer(kind, Verdict.UNKNOWN, f"{name}: {what} needs QEMU >="
-                     f" {format_version(need)}; the QEMU version is not known")
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"{name}: QEMU {format_version(qemu)} is older"
+                f" than {format_version(need)} ({what})",
+                f"upgrade QEMU to >= {format_version(need)}",
+            )
+        return Layer(
+            kind,
+            Verdict.UNKNOWN,
+            f"{name}: {what} needs QEMU >= {format_version(need)}; the QEMU version is not known",
+        )
 
     # ------------------------------------------------------------ QEMU block nodes
 
@@ -292,8 +413,9 @@ class _DiskAudit:
             return Layer(kind, Verdict.UNKNOWN, "no medium")
         top = disk.node
         if top is None:
-            return Layer(kind, Verdict.UNKNOWN, f"{disk.storage.value} disk: no QEMU block node"
-                         " to check")
+            return Layer(
+                kind, Verdict.UNKNOWN, f"{disk.storage.value} disk: no QEMU block node to check"
+            )
         if disk.read_only:
             return Layer(kind, Verdict.BLOCK, "read-only: nothing can be discarded")
         results = [self._discard_chain(top), self._format_layer(top)]
@@ -307,31 +429,44 @@ class _DiskAudit:
                 continue
             if node.discard_unknown:  # a known block lower down still wins
                 unknown = unknown or Layer(
-                    kind, Verdict.UNKNOWN, f"{node.node_name or node.driver or 'node'}:"
-                    f" {node.discard_unknown}", "give the disk discard=unmap where it is"
-                    " defined (-drive/-blockdev, or blockdev-add \"discard\":\"unmap\")")
+                    kind,
+                    Verdict.UNKNOWN,
+                    f"{node.node_name or node.driver or 'node'}: {node.discard_unknown}",
+                    "give the disk discard=unmap where it is"
+                    ' defined (-drive/-blockdev, or blockdev-add "discard":"unmap")',
+                )
                 continue
-            setting = (f"discard={node.discard}" if node.discard else
-                       "no discard setting (QEMU's default is ignore)")
+            setting = (
+                f"discard={node.discard}"
+                if node.discard
+                else "no discard setting (QEMU's default is ignore)"
+            )
             label = node.defined_by or node.node_name or node.driver or "node"
             if node is top:
                 what = "the node the device uses"
             else:
                 what = f"{top.node_name or 'its parent'}'s file child"
-            return Layer(kind, Verdict.BLOCK, f"{label} ({what}) has {setting}: guest discards"
-                         " are dropped here", self._discard_fix(node))
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"{label} ({what}) has {setting}: guest discards are dropped here",
+                self._discard_fix(node),
+            )
         if unknown is not None:
             return unknown
         detail = " and its file child" if top.file else ""
-        return Layer(kind, Verdict.PASS, f"discard=unmap on {top.node_name or top.driver or 'the'}"
-                     f" node{detail}")
+        return Layer(
+            kind,
+            Verdict.PASS,
+            f"discard=unmap on {top.node_name or top.driver or 'the'} node{detail}",
+        )
 
     def _discard_fix(self, node: BlockNode) -> str:
         if self.domain.origin is Origin.LIBVIRT_XML:
             return "add discard='unmap' to the disk's <driver> element"
         label = node.defined_by or ""
         if label.startswith("-blockdev"):
-            return f"add \"discard\":\"unmap\" to {label}"
+            return f'add "discard":"unmap" to {label}'
         if label.startswith("-drive"):
             return f"add discard=unmap to {label.split(' ')[0]} {label.split(' ')[-1]}"
         return "add discard=unmap to the drive"
@@ -342,19 +477,32 @@ class _DiskAudit:
         if fmt is None and self.image is not None:
             fmt = str(self.image.format)
         if fmt is None:
-            return Layer(kind, Verdict.UNKNOWN, "no format given (QEMU probes it) and the image"
-                         " is not readable here", "give the format explicitly (format=qcow2)")
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                "no format given (QEMU probes it) and the image is not readable here",
+                "give the format explicitly (format=qcow2)",
+            )
         if fmt in FILTERS:
             return Layer(kind, Verdict.PASS, f"{fmt} filter passes discards on")
         verdict, reason = FORMATS.get(fmt, (Verdict.UNKNOWN, f"format {fmt}: not known"))
         for node in top.file_chain():
             if str(node.options.get("pass-discard-request", "on")).lower() in ("off", "false"):
-                return Layer(kind, Verdict.BLOCK, f"{node.node_name or fmt}:"
-                             " pass-discard-request=off keeps the space in the file",
-                             "remove pass-discard-request=off")
-        return Layer(kind, verdict, reason,
-                     None if verdict is Verdict.PASS else "convert the image to qcow2 or raw"
-                     " (qemu-img convert -O qcow2)")
+                return Layer(
+                    kind,
+                    Verdict.BLOCK,
+                    f"{node.node_name or fmt}:"
+                    " pass-discard-request=off keeps the space in the file",
+                    "remove pass-discard-request=off",
+                )
+        return Layer(
+            kind,
+            verdict,
+            reason,
+            None
+            if verdict is Verdict.PASS
+            else "convert the image to qcow2 or raw (qemu-img convert -O qcow2)",
+        )
 
     # ------------------------------------------------------------ host storage
 
@@ -369,13 +517,20 @@ class _DiskAudit:
         elif disk.storage in (StorageKind.NETWORK, StorageKind.NVME, StorageKind.DIR):
             probe = self.probes.network(disk.protocol)
         elif disk.storage is StorageKind.VOLUME:
-            probe = Probe(Verdict.UNKNOWN, f"storage pool volume {disk.source}: resolve it"
-                          " through a libvirt connection (-c URI)")
+            probe = Probe(
+                Verdict.UNKNOWN,
+                f"storage pool volume {disk.source}: resolve it"
+                " through a libvirt connection (-c URI)",
+            )
         elif disk.storage is StorageKind.NONE:
             probe = Probe(Verdict.UNKNOWN, "no medium")
         else:
-            probe = Probe(Verdict.UNKNOWN, f"{disk.storage.value} storage"
-                          f" {disk.protocol or ''}: vmtrim cannot tell".replace("  ", " "))
+            probe = Probe(
+                Verdict.UNKNOWN,
+                f"{disk.storage.value} storage {disk.protocol or ''}: vmtrim cannot tell".replace(
+                    "  ", " "
+                ),
+            )
         return Layer(kind, probe.verdict, probe.reason, probe.fix)
 
     # ------------------------------------------------------------ image facts
@@ -395,8 +550,11 @@ class _DiskAudit:
             return inspect(disk.source, follow_backing=False, header_only=True)
         except (VmtrimError, OSError) as exc:
             text = exc.one_line() if isinstance(exc, VmtrimError) else str(exc)
-            self.findings.append(Finding(Severity.WARNING, LayerKind.BLOCK_NODE,
-                                         f"cannot read the image header: {text}"))
+            self.findings.append(
+                Finding(
+                    Severity.WARNING, LayerKind.BLOCK_NODE, f"cannot read the image header: {text}"
+                )
+            )
             return None
 
     def _format_notes(self) -> list[Finding]:
@@ -406,80 +564,163 @@ class _DiskAudit:
         info = self.image
         if disk.storage is StorageKind.FILE and not disk.read_only:
             note = NOTES["ls_size"]
-            notes.append(Finding(Severity.INFO, LayerKind.HOST_STORAGE, note.message, None,
-                                 note.source))
+            notes.append(
+                Finding(Severity.INFO, LayerKind.HOST_STORAGE, note.message, None, note.source)
+            )
         if disk.node is not None and disk.node.options.get("format_defaulted"):
             looks_qcow2 = (disk.source or "").endswith(".qcow2") or (
-                info is not None and info.format == "qcow2")
-            notes.append(Finding(
-                Severity.WARNING if looks_qcow2 else Severity.INFO, layer,
-                "no <driver type=...>: libvirt opens the image as raw (it does not probe)",
-                "set <driver name='qemu' type='qcow2'/> (or 'raw') explicitly"))
+                info is not None and info.format == "qcow2"
+            )
+            notes.append(
+                Finding(
+                    Severity.WARNING if looks_qcow2 else Severity.INFO,
+                    layer,
+                    "no <driver type=...>: libvirt opens the image as raw (it does not probe)",
+                    "set <driver name='qemu' type='qcow2'/> (or 'raw') explicitly",
+                )
+            )
         if info is not None:
             if disk.format is None:
-                notes.append(Finding(Severity.INFO, layer, f"no format given: QEMU probes it"
-                                     f" (the header says {info.format})",
-                                     f"give format={info.format} explicitly"))
+                notes.append(
+                    Finding(
+                        Severity.INFO,
+                        layer,
+                        f"no format given: QEMU probes it (the header says {info.format})",
+                        f"give format={info.format} explicitly",
+                    )
+                )
             if disk.format and disk.format != info.format and disk.format in ("qcow2", "raw"):
-                notes.append(Finding(Severity.WARNING, layer, f"configured as {disk.format} but"
-                                     f" the file is {info.format}", f"set the format to"
-                                     f" {info.format}"))
+                notes.append(
+                    Finding(
+                        Severity.WARNING,
+                        layer,
+                        f"configured as {disk.format} but the file is {info.format}",
+                        f"set the format to {info.format}",
+                    )
+                )
             if info.format == "qcow2":
                 cluster = int(info.cluster_size or 0)
                 note = NOTES["qcow2_small_discard"]
-                notes.append(Finding(Severity.INFO, layer, note.message.format(
-                    cluster=_size(cluster)), None, note.source))
+                notes.append(
+                    Finding(
+                        Severity.INFO,
+                        layer,
+                        note.message.format(cluster=_size(cluster)),
+                        None,
+                        note.source,
+                    )
+                )
                 if info.compat == "0.10" or info.version == 2:
                     note = NOTES["qcow2_compat010"]
-                    notes.append(Finding(Severity.WARNING, layer, note.message,
-                                         "qemu-img amend -o compat=1.1 IMAGE (VM off)",
-                                         note.source))
+                    notes.append(
+                        Finding(
+                            Severity.WARNING,
+                            layer,
+                            note.message,
+                            "qemu-img amend -o compat=1.1 IMAGE (VM off)",
+                            note.source,
+                        )
+                    )
                 if info.snapshot_count:
                     note = NOTES["qcow2_snapshots"]
-                    notes.append(Finding(Severity.WARNING, layer, note.message.format(
-                        count=info.snapshot_count), "delete snapshots you no longer need"
-                        " (qemu-img snapshot -d)", note.source))
+                    notes.append(
+                        Finding(
+                            Severity.WARNING,
+                            layer,
+                            note.message.format(count=info.snapshot_count),
+                            "delete snapshots you no longer need (qemu-img snapshot -d)",
+                            note.source,
+                        )
+                    )
                 if info.backing_file and (disk.node is None or disk.node.backing is None):
                     notes.append(self._overlay(str(info.backing_file)))
             if info.virtual_size and info.allocated_bytes >= info.virtual_size:
                 note = NOTES["preallocation_lost"]
-                notes.append(Finding(Severity.INFO, layer, "the image looks fully allocated"
-                                     f" (preallocated?): {note.message}", None, note.source))
+                notes.append(
+                    Finding(
+                        Severity.INFO,
+                        layer,
+                        f"the image looks fully allocated (preallocated?): {note.message}",
+                        None,
+                        note.source,
+                    )
+                )
         elif disk.format == "qcow2" and disk.storage is StorageKind.FILE:
             note = NOTES["qcow2_small_discard"]
-            notes.append(Finding(Severity.INFO, layer, note.message.format(
-                cluster="64 KiB by default"), None, note.source))
+            notes.append(
+                Finding(
+                    Severity.INFO,
+                    layer,
+                    note.message.format(cluster="64 KiB by default"),
+                    None,
+                    note.source,
+                )
+            )
         if disk.node is not None and disk.node.backing is not None:
             backing = disk.node.backing
             notes.append(self._overlay(backing.filename or backing.node_name or "a backing file"))
         top = disk.node
         if top is not None:
             if top.detect_zeroes == "unmap" and top.discard != "unmap":
-                notes.append(Finding(Severity.WARNING, layer, "detect_zeroes=unmap needs"
-                                     " discard=unmap; without it zeroes are only written",
-                                     "set discard='unmap' too", FACTS["detect_zeroes"].source))
-            elif top.discard == "unmap" and top.detect_zeroes in (None, "off") \
-                    and not disk.read_only:
-                notes.append(Finding(Severity.INFO, layer, "detect_zeroes='unmap' would also"
-                                     " free space when the guest writes zeroes",
-                                     "optional: add detect_zeroes='unmap'",
-                                     FACTS["detect_zeroes"].source))
+                notes.append(
+                    Finding(
+                        Severity.WARNING,
+                        layer,
+                        "detect_zeroes=unmap needs"
+                        " discard=unmap; without it zeroes are only written",
+                        "set discard='unmap' too",
+                        FACTS["detect_zeroes"].source,
+                    )
+                )
+            elif (
+                top.discard == "unmap" and top.detect_zeroes in (None, "off") and not disk.read_only
+            ):
+                notes.append(
+                    Finding(
+                        Severity.INFO,
+                        layer,
+                        "detect_zeroes='unmap' would also free space when the guest writes zeroes",
+                        "optional: add detect_zeroes='unmap'",
+                        FACTS["detect_zeroes"].source,
+                    )
+                )
             if top.discard_no_unref:
-                notes.append(Finding(Severity.INFO, layer, "discard-no-unref=on: qcow2 keeps"
-                                     " the clusters allocated (the file is still punched)",
-                                     None, FACTS["discard_no_unref"].source))
-        if disk.protocol and disk.protocol in PROTOCOLS and PROTOCOLS[disk.protocol].read_only \
-                and not disk.read_only:
-            notes.append(Finding(Severity.WARNING, LayerKind.HOST_STORAGE,
-                                 f"{disk.protocol} disks are read-only in QEMU", None,
-                                 PROTOCOLS[disk.protocol].source))
+                notes.append(
+                    Finding(
+                        Severity.INFO,
+                        layer,
+                        "discard-no-unref=on: qcow2 keeps"
+                        " the clusters allocated (the file is still punched)",
+                        None,
+                        FACTS["discard_no_unref"].source,
+                    )
+                )
+        if (
+            disk.protocol
+            and disk.protocol in PROTOCOLS
+            and PROTOCOLS[disk.protocol].read_only
+            and not disk.read_only
+        ):
+            notes.append(
+                Finding(
+                    Severity.WARNING,
+                    LayerKind.HOST_STORAGE,
+                    f"{disk.protocol} disks are read-only in QEMU",
+                    None,
+                    PROTOCOLS[disk.protocol].source,
+                )
+            )
         return notes
 
     def _overlay(self, backing: str) -> Finding:
         note = NOTES["qcow2_overlay"]
-        return Finding(Severity.INFO, LayerKind.BLOCK_NODE, note.message.format(backing=backing),
-                       "to shrink the whole chain: qemu-img commit or a block-stream, then trim",
-                       note.source)
+        return Finding(
+            Severity.INFO,
+            LayerKind.BLOCK_NODE,
+            note.message.format(backing=backing),
+            "to shrink the whole chain: qemu-img commit or a block-stream, then trim",
+            note.source,
+        )
 
 
 def _worst(layers: list[Layer]) -> Layer:

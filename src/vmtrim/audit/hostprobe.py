@@ -70,8 +70,9 @@ def punch_hole_probe(directory: str) -> Probe:
     try:
         fd, name = tempfile.mkstemp(prefix=".vmtrim-probe-", dir=directory)
     except OSError as exc:
-        return Probe(Verdict.UNKNOWN, f"cannot create a probe file in {directory} ({label}):"
-                     f" {exc.strerror}")
+        return Probe(
+            Verdict.UNKNOWN, f"cannot create a probe file in {directory} ({label}): {exc.strerror}"
+        )
     try:
         block = max(os.fstat(fd).st_blksize, 4096)
         os.write(fd, b"\xa5" * (block * 4))
@@ -81,17 +82,23 @@ def punch_hole_probe(directory: str) -> Probe:
             _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, block, block * 2)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                return Probe(Verdict.BLOCK, f"{label} cannot punch holes (fallocate:"
-                             f" {exc.strerror}); QEMU's discards free nothing on the host",
-                             "move the image to a filesystem that supports"
-                             " FALLOC_FL_PUNCH_HOLE (ext4, xfs, btrfs, tmpfs)")
+                return Probe(
+                    Verdict.BLOCK,
+                    f"{label} cannot punch holes (fallocate:"
+                    f" {exc.strerror}); QEMU's discards free nothing on the host",
+                    "move the image to a filesystem that supports"
+                    " FALLOC_FL_PUNCH_HOLE (ext4, xfs, btrfs, tmpfs)",
+                )
             return Probe(Verdict.UNKNOWN, f"{label}: punch-hole probe failed: {exc.strerror}")
         os.fsync(fd)
         after = os.fstat(fd).st_blocks
         if after < before:
             return Probe(Verdict.PASS, f"{label} punches holes (probed in {directory})")
-        return Probe(Verdict.BLOCK, f"{label} accepted a punch-hole but freed no blocks",
-                     "move the image to a filesystem that frees punched blocks")
+        return Probe(
+            Verdict.BLOCK,
+            f"{label} accepted a punch-hole but freed no blocks",
+            "move the image to a filesystem that frees punched blocks",
+        )
     finally:
         os.close(fd)
         os.unlink(name)
@@ -113,16 +120,21 @@ def block_device_probe(path: str) -> Probe:
             continue
         if value > 0:
             return Probe(Verdict.PASS, f"{path} supports discard (discard_max_bytes={value})")
-        return Probe(Verdict.BLOCK, f"{path} does not support discard (discard_max_bytes=0)",
-                     "put the disk on a device or LV that supports discard (thin LV, SSD)")
+        return Probe(
+            Verdict.BLOCK,
+            f"{path} does not support discard (discard_max_bytes=0)",
+            "put the disk on a device or LV that supports discard (thin LV, SSD)",
+        )
     return Probe(Verdict.UNKNOWN, f"{path}: no queue/discard_max_bytes in {sysdir}")
 
 
 def protocol_probe(protocol: str | None) -> Probe:
     rule = PROTOCOLS.get(protocol or "")
     if rule is None:
-        return Probe(Verdict.UNKNOWN, f"protocol {protocol or '?'}: vmtrim does not know"
-                     " whether it passes discard")
+        return Probe(
+            Verdict.UNKNOWN,
+            f"protocol {protocol or '?'}: vmtrim does not know whether it passes discard",
+        )
     return Probe(rule.verdict, f"{protocol}: {rule.reason}")
 
 

@@ -125,9 +125,7 @@ def open_connection(uri: str | None) -> Connection:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        raise EnvironmentProblem(
-            f"cannot connect: {error_text(exc)}", subject=subject
-        ) from exc
+        raise EnvironmentProblem(f"cannot connect: {error_text(exc)}", subject=subject) from exc
     if conn is None:  # old bindings returned None instead of raising
         raise EnvironmentProblem("cannot connect", subject=subject)
     return Connection(conn=conn, uri=conn.getURI() or subject)

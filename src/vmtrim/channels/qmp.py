@@ -51,8 +51,12 @@ class FstrimPath:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "trimmed": self.trimmed, "minimum": self.minimum,
-                "error": self.error}
+        return {
+            "path": self.path,
+            "trimmed": self.trimmed,
+            "minimum": self.minimum,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -101,31 +105,36 @@ def parse_fstrim(ret: object, subject: str | None = None) -> FstrimResult:
     paths = []
     for entry in ret.get("paths", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise EnvironmentProblem(f"guest-fstrim returned a bad path entry {entry!r}",
-                                     subject=subject)
+            raise EnvironmentProblem(
+                f"guest-fstrim returned a bad path entry {entry!r}", subject=subject
+            )
         error = entry.get("error")
-        paths.append(FstrimPath(
-            path=entry["path"],
-            trimmed=_int_or_none(entry.get("trimmed")),
-            minimum=_int_or_none(entry.get("minimum")),
-            error=error if isinstance(error, str) else None,
-        ))
+        paths.append(
+            FstrimPath(
+                path=entry["path"],
+                trimmed=_int_or_none(entry.get("trimmed")),
+                minimum=_int_or_none(entry.get("minimum")),
+                error=error if isinstance(error, str) else None,
+            )
+        )
     return FstrimResult(paths)
 
 
 def parse_fsinfo(ret: object) -> list[FsInfo]:
-    """The ``return`` of guest-get-fsinfo (shared with the libvirt path in vmtrim.sources.libvirt_live)."""
+    """The ``return`` of guest-get-fsinfo (the libvirt path shares it)."""
     out = []
     for fs in ret if isinstance(ret, list) else []:
         if isinstance(fs, dict):
-            out.append(FsInfo(
-                name=str(fs.get("name", "")),
-                mountpoint=str(fs.get("mountpoint", "")),
-                type=str(fs.get("type", "")),
-                used_bytes=_int_or_none(fs.get("used-bytes")),
-                total_bytes=_int_or_none(fs.get("total-bytes")),
-                disks=[d for d in fs.get("disk", []) if isinstance(d, dict)],
-            ))
+            out.append(
+                FsInfo(
+                    name=str(fs.get("name", "")),
+                    mountpoint=str(fs.get("mountpoint", "")),
+                    type=str(fs.get("type", "")),
+                    used_bytes=_int_or_none(fs.get("used-bytes")),
+                    total_bytes=_int_or_none(fs.get("total-bytes")),
+                    disks=[d for d in fs.get("disk", []) if isinstance(d, dict)],
+                )
+            )
     return out
 
 
@@ -162,7 +171,10 @@ class _Session:
                 await asyncio.sleep(0.1)
 
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, *,
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
         timeout: float | None = None,
     ) -> object:
         try:
@@ -170,8 +182,9 @@ class _Session:
                 self._client.execute(command, arguments), timeout or self.timeout
             )
         except TimeoutError as exc:
-            raise self._problem(f"{command} got no answer within {timeout or self.timeout:g} s"
-                                ) from exc
+            raise self._problem(
+                f"{command} got no answer within {timeout or self.timeout:g} s"
+            ) from exc
         except ExecuteError as exc:
             raise self._problem(f"{command} failed: {exc.error.error.desc}") from exc
         except (QMPError, OSError, EOFError) as exc:
@@ -237,8 +250,9 @@ class GuestAgent(_Session):
 
     async def fstrim(self, minimum: int = 0, *, timeout: float | None = None) -> FstrimResult:
         """guest-fstrim on every mounted filesystem; trimming can take minutes on big disks."""
-        ret = await self.execute("guest-fstrim", {"minimum": minimum},
-                                 timeout=timeout or max(self.timeout, 300.0))
+        ret = await self.execute(
+            "guest-fstrim", {"minimum": minimum}, timeout=timeout or max(self.timeout, 300.0)
+        )
         return parse_fstrim(ret, self.subject)
 
     async def get_fsinfo(self) -> list[FsInfo]:
@@ -250,8 +264,9 @@ class GuestAgent(_Session):
 
     async def exec(self, path: str, args: list[str] | None = None) -> int:
         """Start a program in the guest (guest-exec); returns its pid for exec_status."""
-        ret = await self.execute("guest-exec", {"path": path, "arg": args or [],
-                                                "capture-output": True})
+        ret = await self.execute(
+            "guest-exec", {"path": path, "arg": args or [], "capture-output": True}
+        )
         pid = _int_or_none(ret.get("pid")) if isinstance(ret, dict) else None
         if pid is None:
             raise self._problem(f"guest-exec returned {ret!r}")
@@ -269,8 +284,9 @@ class GuestAgent(_Session):
             err_data=base64.b64decode(ret.get("err-data", "")),
         )
 
-    async def run(self, path: str, args: list[str] | None = None, *,
-                  timeout: float | None = None) -> ExecStatus:
+    async def run(
+        self, path: str, args: list[str] | None = None, *, timeout: float | None = None
+    ) -> ExecStatus:
         """guest-exec and poll guest-exec-status until the program exits."""
         pid = await self.exec(path, args)
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -317,8 +333,9 @@ class _Blocking(Generic[S]):
             raise
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self._run(self._session.close())
         finally:
@@ -353,8 +370,9 @@ class SyncGuestAgent(_Blocking[GuestAgent]):
     def get_osinfo(self) -> dict[str, Any]:
         return self._run(self._session.get_osinfo())
 
-    def run(self, path: str, args: list[str] | None = None, *,
-            timeout: float | None = None) -> ExecStatus:
+    def run(
+        self, path: str, args: list[str] | None = None, *, timeout: float | None = None
+    ) -> ExecStatus:
         return self._run(self._session.run(path, args, timeout=timeout))
 
 
@@ -364,6 +382,7 @@ class SyncMonitor(_Blocking[Monitor]):
     def __init__(self, socket_path: str, *, timeout: float = 10.0, subject: str | None = None):
         super().__init__(Monitor(socket_path, timeout=timeout, subject=subject))
 
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
-                timeout: float | None = None) -> object:
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> object:
         return self._run(self._session.execute(command, arguments, timeout=timeout))

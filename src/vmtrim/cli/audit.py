@@ -25,49 +25,97 @@ _LAYER_HEADERS = {
 }
 _VERDICT_STYLE = {Verdict.PASS: "green", Verdict.UNKNOWN: "yellow", Verdict.BLOCK: "bold red"}
 _VERDICT_NAMES = {verdict.value for verdict in Verdict}
-_SEVERITY_MARK = {Severity.BLOCK: ("✗", "red"), Severity.WARNING: ("!", "yellow"),
-                  Severity.INFO: ("·", "dim")}
+_SEVERITY_MARK = {
+    Severity.BLOCK: ("✗", "red"),
+    Severity.WARNING: ("!", "yellow"),
+    Severity.INFO: ("·", "dim"),
+}
 
 
 @click.command("audit")
-@click.option("--xml", "xml_files", metavar="FILE", multiple=True,
-              help="libvirt domain XML as `virsh dumpxml` prints it ('-' for stdin).")
-@click.option("--qemu-args", "args_files", metavar="FILE", multiple=True,
-              help="A QEMU command line: shell text or NUL-separated ('-' for stdin).")
-@click.option("--pid", "pids", metavar="PID", type=int, multiple=True,
-              help="A running QEMU process (reads /proc/PID/cmdline).")
-@click.option("--qmp", "qmp_sockets", metavar="SOCKET", multiple=True,
-              help="A running QEMU's QMP socket: live devices and nodes, discard from its"
-              " command line.")
-@click.option("--no-probe", is_flag=True,
-              help="Do not probe host filesystems/devices (the input is from another host).")
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit.engine/1 JSON document.")
-@click.option("-c", "--connect", "uri", metavar="URI",
-              help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
+@click.option(
+    "--xml",
+    "xml_files",
+    metavar="FILE",
+    multiple=True,
+    help="libvirt domain XML as `virsh dumpxml` prints it ('-' for stdin).",
+)
+@click.option(
+    "--qemu-args",
+    "args_files",
+    metavar="FILE",
+    multiple=True,
+    help="A QEMU command line: shell text or NUL-separated ('-' for stdin).",
+)
+@click.option(
+    "--pid",
+    "pids",
+    metavar="PID",
+    type=int,
+    multiple=True,
+    help="A running QEMU process (reads /proc/PID/cmdline).",
+)
+@click.option(
+    "--qmp",
+    "qmp_sockets",
+    metavar="SOCKET",
+    multiple=True,
+    help="A running QEMU's QMP socket: live devices and nodes, discard from its command line.",
+)
+@click.option(
+    "--no-probe",
+    is_flag=True,
+    help="Do not probe host filesystems/devices (the input is from another host).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one vmtrim.audit.engine/1 JSON document."
+)
+@click.option(
+    "-c",
+    "--connect",
+    "uri",
+    metavar="URI",
+    help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).",
+)
 @click.option("--all", "every", is_flag=True, help="With -c: every domain.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, metavar="S",
-              help="With -c: wait S seconds for a guest agent; with --qmp, for QEMU.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="S",
+    help="With -c: wait S seconds for a guest agent; with --qmp, for QEMU.",
+)
 @click.argument("names", nargs=-1, metavar="[DOMAIN...]")
-def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[int, ...],
-          no_probe: bool, as_json: bool, uri: str | None = None, every: bool = False,
-          timeout: float = 10.0, names: tuple[str, ...] = (),
-          qmp_sockets: tuple[str, ...] = ()) -> int:
+def audit(
+    xml_files: tuple[str, ...],
+    args_files: tuple[str, ...],
+    pids: tuple[int, ...],
+    no_probe: bool,
+    as_json: bool,
+    uri: str | None = None,
+    every: bool = False,
+    timeout: float = 10.0,
+    names: tuple[str, ...] = (),
+    qmp_sockets: tuple[str, ...] = (),
+) -> int:
     """Trace every disk's discard path layer by layer and say what blocks it."""
     from vmtrim.sources.libvirt_xml import parse_domain_file
     from vmtrim.sources.qemu_args import read_args_file, read_pid
 
     if uri or every or names:  # live libvirt domains (vmtrim.sources.libvirt_live)
         if xml_files or args_files or pids or qmp_sockets:
-            raise click.UsageError("-c/DOMAIN/--all cannot be mixed with"
-                                   " --xml/--qemu-args/--pid/--qmp")
+            raise click.UsageError(
+                "-c/DOMAIN/--all cannot be mixed with --xml/--qemu-args/--pid/--qmp"
+            )
         from vmtrim.sources.libvirt_live import audit_live
 
         live, extra, local = audit_live(uri, names, every, timeout)
         return report_domains(live, probe=local and not no_probe, as_json=as_json, extra=extra)
     if not (xml_files or args_files or pids or qmp_sockets):
-        raise click.UsageError("give --xml FILE, --qemu-args FILE, --pid PID, --qmp SOCKET"
-                               " or -c URI DOMAIN")
+        raise click.UsageError(
+            "give --xml FILE, --qemu-args FILE, --pid PID, --qmp SOCKET or -c URI DOMAIN"
+        )
     if [*xml_files, *args_files].count("-") > 1:
         raise BadInput("stdin ('-') can be read only once", subject="audit")
     domains = [parse_domain_file(path) for path in xml_files]
@@ -80,8 +128,13 @@ def audit(xml_files: tuple[str, ...], args_files: tuple[str, ...], pids: tuple[i
     return report_domains(domains, probe=not no_probe, as_json=as_json)
 
 
-def report_domains(domains: list[Domain], *, probe: bool = True, as_json: bool = False,
-                   extra: dict[str, Any] | None = None) -> int:
+def report_domains(
+    domains: list[Domain],
+    *,
+    probe: bool = True,
+    as_json: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> int:
     """Audit ``domains``, print the table or the JSON document, and return the exit code.
 
     Shared with the live (``-c URI``) audit, which builds its domains elsewhere.
@@ -94,12 +147,22 @@ def report_domains(domains: list[Domain], *, probe: bool = True, as_json: bool =
     if as_json:
         from vmtrim.output import print_json
 
-        print_json(SCHEMA, {
-            "disks": [r.to_json() for r in reports],
-            "domains": [{"name": d.name, "machine": d.machine, "origin": d.origin.value,
-                         "notes": d.notes} for d in domains],
-            **(extra or {}),
-        })
+        print_json(
+            SCHEMA,
+            {
+                "disks": [r.to_json() for r in reports],
+                "domains": [
+                    {
+                        "name": d.name,
+                        "machine": d.machine,
+                        "origin": d.origin.value,
+                        "notes": d.notes,
+                    }
+                    for d in domains
+                ],
+                **(extra or {}),
+            },
+        )
     else:
         render(domains, reports)
     return EXIT_FINDINGS if any(r.blocks for r in reports) else EXIT_OK
@@ -107,8 +170,14 @@ def report_domains(domains: list[Domain], *, probe: bool = True, as_json: bool =
 
 def _cells(report: DiskReport) -> list[str]:
     disk = report.disk
-    return [disk.domain, disk.target or disk.ident, disk.bus or "-", disk.source or "-",
-            disk.format or "-", disk.discard or "(unset)"]
+    return [
+        disk.domain,
+        disk.target or disk.ident,
+        disk.bus or "-",
+        disk.source or "-",
+        disk.format or "-",
+        disk.discard or "(unset)",
+    ]
 
 
 def render(domains: list[Domain], reports: list[DiskReport]) -> None:
@@ -122,8 +191,16 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
     from vmtrim.output import console
 
     out = console()
-    headers = ["domain", "target", "bus", "source", "format", "discard",
-               *_LAYER_HEADERS.values(), "verdict"]
+    headers = [
+        "domain",
+        "target",
+        "bus",
+        "source",
+        "format",
+        "discard",
+        *_LAYER_HEADERS.values(),
+        "verdict",
+    ]
     rows = []
     for report in reports:
         layers = [report.layer(kind).verdict.value for kind in _LAYER_HEADERS]
@@ -132,8 +209,10 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
     text = Text(no_wrap=True, overflow="ignore")
     if reports:
-        text.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-                    + "\n", style="bold")
+        text.append(
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n",
+            style="bold",
+        )
     for report, row in zip(reports, rows, strict=True):
         for i, cell in enumerate(row):
             word = cell.split(" ")[0]
@@ -156,6 +235,8 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
     blocking = sum(1 for r in reports if r.blocks)
     exempt = sum(1 for r in reports if r.exempt)
     passing = sum(1 for r in reports if r.verdict is Verdict.PASS and not r.exempt)
-    out.print(f"{len(reports)} disk(s): {blocking} block discard, {passing} pass,"
-              f" {len(reports) - blocking - passing - exempt} unknown, {exempt} not counted"
-              " (cdrom, read-only or empty)")
+    out.print(
+        f"{len(reports)} disk(s): {blocking} block discard, {passing} pass,"
+        f" {len(reports) - blocking - passing - exempt} unknown, {exempt} not counted"
+        " (cdrom, read-only or empty)"
+    )

@@ -42,13 +42,27 @@ from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
               help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix.policy/1 JSON document.")
-@click.option("-c", "--connect", "uri", metavar="URI",
-              help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).")
-@click.option("--restart", is_flag=True,
-              help="With -c: power-cycle a running domain so the fix takes effect.")
-@click.option("--restart-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
-              show_default=True, metavar="S", help="With --restart: wait S s for shutdown.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one vmtrim.fix.policy/1 JSON document."
+)
+@click.option(
+    "-c",
+    "--connect",
+    "uri",
+    metavar="URI",
+    help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).",
+)
+@click.option(
+    "--restart", is_flag=True, help="With -c: power-cycle a running domain so the fix takes effect."
+)
+@click.option(
+    "--restart-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    metavar="S",
+    help="With --restart: wait S s for shutdown.",
+)
 @click.argument("names", nargs=-1, metavar="[DOMAIN...]")
 def fix(
     xml_file: str | None,
@@ -70,11 +84,19 @@ def fix(
     """Rewrite libvirt XML or a QEMU command line so discard passes."""
     if uri or names:
         if xml_file or args_file or output or in_place or modernize:
-            raise click.UsageError("-c/DOMAIN cannot be mixed with --xml, --qemu-args, -o,"
-                                   " --in-place or --modernize")
+            raise click.UsageError(
+                "-c/DOMAIN cannot be mixed with --xml, --qemu-args, -o, --in-place or --modernize"
+            )
         options = FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks)
-        return fix_libvirt(uri, names, options, dry_run=dry_run, restart=restart,
-                           restart_timeout=restart_timeout, as_json=as_json)
+        return fix_libvirt(
+            uri,
+            names,
+            options,
+            dry_run=dry_run,
+            restart=restart,
+            restart_timeout=restart_timeout,
+            as_json=as_json,
+        )
     if restart:
         raise click.UsageError("--restart needs -c URI DOMAIN")
     if (xml_file is None) == (args_file is None):
@@ -202,8 +224,16 @@ def summarize(result: FixResult, *, written: str | None, backup: str | None) -> 
         err.print(f"wrote {written}" + (f" (backup: {backup})" if backup else ""), markup=False)
 
 
-def fix_libvirt(uri: str | None, names: tuple[str, ...], options: FixOptions, *, dry_run: bool,
-                restart: bool, restart_timeout: float, as_json: bool) -> int:
+def fix_libvirt(
+    uri: str | None,
+    names: tuple[str, ...],
+    options: FixOptions,
+    *,
+    dry_run: bool,
+    restart: bool,
+    restart_timeout: float,
+    as_json: bool,
+) -> int:
     """``fix -c URI DOMAIN...``: see :mod:`vmtrim.fix.libvirt` for the steps."""
     from vmtrim.channels.libvirt import connection, select_domains
     from vmtrim.fix.libvirt import POWER_CYCLE_NOTE, fix_live
@@ -212,9 +242,17 @@ def fix_libvirt(uri: str | None, names: tuple[str, ...], options: FixOptions, *,
     if not names:
         raise click.UsageError("name the domain(s) to fix")
     with connection(uri) as conn:
-        outcomes = [fix_live(conn, dom, options, dry_run=dry_run, restart=restart,
-                             restart_timeout=restart_timeout)
-                    for dom in select_domains(conn, names, every=False)]
+        outcomes = [
+            fix_live(
+                conn,
+                dom,
+                options,
+                dry_run=dry_run,
+                restart=restart,
+                restart_timeout=restart_timeout,
+            )
+            for dom in select_domains(conn, names, every=False)
+        ]
     if as_json:
         from vmtrim.output import print_json
 
@@ -225,8 +263,11 @@ def fix_libvirt(uri: str | None, names: tuple[str, ...], options: FixOptions, *,
         summarize(outcome.result, written=None, backup=outcome.backup)
         err = console(stderr=True)
         if outcome.defined:
-            err.print(f"{outcome.domain}: defined the fixed XML; read back: no difference left"
-                      + (f" (backup: {outcome.backup})" if outcome.backup else ""), markup=False)
+            err.print(
+                f"{outcome.domain}: defined the fixed XML; read back: no difference left"
+                + (f" (backup: {outcome.backup})" if outcome.backup else ""),
+                markup=False,
+            )
         if outcome.restarted:
             err.print(f"{outcome.domain}: restarted: the fix is in effect", markup=False)
         elif outcome.pending:

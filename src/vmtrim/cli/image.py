@@ -25,19 +25,27 @@ def image() -> None:
 
 @image.command("info")
 @click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image.info/1 JSON document.")
-@click.option("--scan-zeros", is_flag=True,
-              help="Also read every data cluster to find all-zero ones (slow).")
-@click.option("-f", "--format", "fmt", type=FORMATS, default=None,
-              help="Image format (default: probe).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one vmtrim.image.info/1 JSON document."
+)
+@click.option(
+    "--scan-zeros", is_flag=True, help="Also read every data cluster to find all-zero ones (slow)."
+)
+@click.option(
+    "-f", "--format", "fmt", type=FORMATS, default=None, help="Image format (default: probe)."
+)
 @click.option("--no-backing", is_flag=True, help="Do not follow the backing chain.")
 def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing: bool) -> int:
     """Header, guest, host and reclaim figures of IMAGE and its backing chain."""
     from vmtrim.image.info import SCHEMA, inspect
 
     if scan_zeros:
-        result = _with_progress("scanning for zero clusters", lambda cb: inspect(
-            path, scan_zeros=True, follow_backing=not no_backing, fmt=fmt, progress=cb))
+        result = _with_progress(
+            "scanning for zero clusters",
+            lambda cb: inspect(
+                path, scan_zeros=True, follow_backing=not no_backing, fmt=fmt, progress=cb
+            ),
+        )
     else:
         result = inspect(path, follow_backing=not no_backing, fmt=fmt)
     if as_json:
@@ -51,10 +59,15 @@ def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing
 
 @image.command("map")
 @click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one vmtrim.image.info-map/1 JSON document (extents as qemu-img map).")
-@click.option("-f", "--format", "fmt", type=FORMATS, default=None,
-              help="Image format (default: probe).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one vmtrim.image.info-map/1 JSON document (extents as qemu-img map).",
+)
+@click.option(
+    "-f", "--format", "fmt", type=FORMATS, default=None, help="Image format (default: probe)."
+)
 def map_(path: str, as_json: bool, fmt: str | None) -> int:
     """Guest extents of IMAGE, with the meaning of `qemu-img map --output=json`."""
     from vmtrim.image.map import SCHEMA, map_image
@@ -69,7 +82,8 @@ def map_(path: str, as_json: bool, fmt: str | None) -> int:
 
 _FLAG_TEXT = [
     f'"present": {"true" if f & 1 else "false"}, "zero": {"true" if f & 2 else "false"}, '
-    f'"data": {"true" if f & 4 else "false"}' for f in range(8)
+    f'"data": {"true" if f & 4 else "false"}'
+    for f in range(8)
 ]
 
 
@@ -77,15 +91,24 @@ def _write_map_json(schema: str, path: str, ext: Extents, chunk: int = 50_000) -
     # Hundreds of thousands of extents: format lines directly, a chunk at a time,
     # instead of building dicts for json.dumps.
     out = sys.stdout
-    out.write(f'{{\n  "schema": {json.dumps(schema)},\n  "filename": {json.dumps(path)},\n'
-              f'  "extents": [')
+    out.write(
+        f'{{\n  "schema": {json.dumps(schema)},\n  "filename": {json.dumps(path)},\n  "extents": ['
+    )
     for lo in range(0, len(ext), chunk):
         sl = slice(lo, lo + chunk)
         flags = [_FLAG_TEXT[f] for f in ext.flags[sl].tolist()]
         tails = [f', "offset": {o}}}' if o >= 0 else "}" for o in ext.offset[sl].tolist()]
-        lines = [f'    {{"start": {s}, "length": {n}, "depth": {d}, {f}{t}'
-                 for s, n, d, f, t in zip(ext.start[sl].tolist(), ext.length[sl].tolist(),
-                                          ext.depth[sl].tolist(), flags, tails, strict=True)]
+        lines = [
+            f'    {{"start": {s}, "length": {n}, "depth": {d}, {f}{t}'
+            for s, n, d, f, t in zip(
+                ext.start[sl].tolist(),
+                ext.length[sl].tolist(),
+                ext.depth[sl].tolist(),
+                flags,
+                tails,
+                strict=True,
+            )
+        ]
         out.write(("\n" if lo == 0 else ",\n") + ",\n".join(lines))
     out.write("\n  ]\n}\n")
 
@@ -95,8 +118,14 @@ def _with_progress(label: str, work: Any) -> ImageInfo:
 
     from vmtrim.output import console
 
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=console(stderr=True), transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:
@@ -113,8 +142,11 @@ def _render_info(top: ImageInfo) -> None:
 
     con = console()
     for depth, layer in enumerate(top.chain()):
-        table = Table(title=f"{layer.path}" + (f" (backing depth {depth})" if depth else ""),
-                      show_header=False, title_justify="left")
+        table = Table(
+            title=f"{layer.path}" + (f" (backing depth {depth})" if depth else ""),
+            show_header=False,
+            title_justify="left",
+        )
         table.add_column("what", style="bold")
         table.add_column("value")
 
@@ -137,28 +169,40 @@ def _render_info(top: ImageInfo) -> None:
                 row("external data file", layer.features["external_data_file"])
             row("snapshots", layer.snapshot_count)
             if layer.backing_file:
-                row("backing file", f"{layer.backing_file} -> {layer.backing_path}"
-                    + (f" ({layer.backing_format})" if layer.backing_format else ""))
+                row(
+                    "backing file",
+                    f"{layer.backing_file} -> {layer.backing_path}"
+                    + (f" ({layer.backing_format})" if layer.backing_format else ""),
+                )
             table.add_section()
-            row("allocated / total clusters", f"{layer.allocated_clusters} / "
-                f"{layer.total_clusters}")
+            row(
+                "allocated / total clusters", f"{layer.allocated_clusters} / {layer.total_clusters}"
+            )
             row("fragmented clusters", layer.fragmented_clusters)
-            row("compressed clusters", f"{layer.compressed_clusters} "
-                f"({human_bytes(layer.guest.compressed_bytes)} stored)")
+            row(
+                "compressed clusters",
+                f"{layer.compressed_clusters} ({human_bytes(layer.guest.compressed_bytes)} stored)",
+            )
         g, h, r = layer.guest, layer.host, layer.reclaim
         table.add_section()
         row("guest: data", g.data_bytes, size=True)
         row("guest: zero", g.zero_bytes, size=True)
         if layer.format == "qcow2":
-            row("guest: unallocated (from backing)",
-                f"{human_bytes(g.unallocated_bytes)} in {g.unallocated_ranges} ranges")
+            row(
+                "guest: unallocated (from backing)",
+                f"{human_bytes(g.unallocated_bytes)} in {g.unallocated_ranges} ranges",
+            )
             if g.data_subclusters is not None:
-                row("guest: data / zero / unallocated subclusters",
-                    f"{g.data_subclusters} / {g.zero_subclusters} / {g.unallocated_subclusters}")
+                row(
+                    "guest: data / zero / unallocated subclusters",
+                    f"{g.data_subclusters} / {g.zero_subclusters} / {g.unallocated_subclusters}",
+                )
             table.add_section()
             row("host: clusters in use", f"{h.clusters_in_use} ({human_bytes(h.bytes_in_use)})")
-            row("host: shared clusters (refcount >= 2)",
-                f"{h.shared_clusters} ({human_bytes(h.shared_bytes)})")
+            row(
+                "host: shared clusters (refcount >= 2)",
+                f"{h.shared_clusters} ({human_bytes(h.shared_bytes)})",
+            )
             row("host: leaked clusters", f"{h.leaked_clusters} ({human_bytes(h.leaked_bytes)})")
             row("host: metadata", h.metadata_bytes, size=True)
             row("host: image end offset", h.image_end_offset, size=True)
@@ -193,10 +237,15 @@ def _render_map(path: str, ext: Extents) -> None:
             totals["data"] += length
         if row["data"] and not row["zero"]:
             offset = row.get("offset")
-            table.add_row(f"{row['start']:#x}", f"{length:#x}",
-                          f"{offset:#x}" if offset is not None else "compressed",
-                          ext.files[int(row["depth"])] if ext.files else "")
+            table.add_row(
+                f"{row['start']:#x}",
+                f"{length:#x}",
+                f"{offset:#x}" if offset is not None else "compressed",
+                ext.files[int(row["depth"])] if ext.files else "",
+            )
     con = console()
     con.print(table)
-    con.print(", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
-              + f" in {len(ext)} extents")
+    con.print(
+        ", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
+        + f" in {len(ext)} extents"
+    )

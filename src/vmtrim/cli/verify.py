@@ -17,38 +17,85 @@ if TYPE_CHECKING:
 
 @click.command("verify")
 @click.option("--bus", type=click.Choice(BUSES), default="virtio-scsi", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qcow2",
-              show_default=True)
-@click.option("--mode", type=click.Choice(MODES), default="online",
-              show_default=True, help="online: mounted -o discard; fstrim in the guest; "
-              "agent: guest-fstrim from the host.")
-@click.option("--discard", type=click.Choice(DISCARDS), default="unmap",
-              show_default=True)
-@click.option("--size", "size_mib", type=click.IntRange(1, 1 << 20), default=200,
-              show_default=True, help="MiB to write and delete.")
-@click.option("--fs", type=click.Choice(FILESYSTEMS), default="ext4",
-              show_default=True, help="Guest filesystem.")
-@click.option("--matrix", is_flag=True, help="Run every bus x format x mode x discard cell "
-              "(--bus, --format, --mode or --discard given too keep only that value).")
-@click.option("--jobs", type=click.IntRange(1, 64), default=None,
-              help="Cells at once with --matrix (default: the CPU count).")
-@click.option("--machine", default="pc", show_default=True,
-              help="QEMU machine type, e.g. pc-i440fx-3.1.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
-              show_default=True)
-@click.option("-c", "--connect", default=None,
-              help="Run the guest as a transient libvirt domain on this URI (qemu:///system).")
-@click.option("--boot-timeout", type=click.FloatRange(0.1, 3600), default=90.0,
-              show_default=True, help="Seconds for the guest to boot and mount its disk.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qcow2", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="online",
+    show_default=True,
+    help="online: mounted -o discard; fstrim in the guest; agent: guest-fstrim from the host.",
+)
+@click.option("--discard", type=click.Choice(DISCARDS), default="unmap", show_default=True)
+@click.option(
+    "--size",
+    "size_mib",
+    type=click.IntRange(1, 1 << 20),
+    default=200,
+    show_default=True,
+    help="MiB to write and delete.",
+)
+@click.option(
+    "--fs",
+    type=click.Choice(FILESYSTEMS),
+    default="ext4",
+    show_default=True,
+    help="Guest filesystem.",
+)
+@click.option(
+    "--matrix",
+    is_flag=True,
+    help="Run every bus x format x mode x discard cell "
+    "(--bus, --format, --mode or --discard given too keep only that value).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Cells at once with --matrix (default: the CPU count).",
+)
+@click.option(
+    "--machine", default="pc", show_default=True, help="QEMU machine type, e.g. pc-i440fx-3.1."
+)
+@click.option(
+    "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
+)
+@click.option(
+    "-c",
+    "--connect",
+    default=None,
+    help="Run the guest as a transient libvirt domain on this URI (qemu:///system).",
+)
+@click.option(
+    "--boot-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=90.0,
+    show_default=True,
+    help="Seconds for the guest to boot and mount its disk.",
+)
 @click.option("--kernel", type=click.Path(path_type=Path), help="Lab kernel override.")
 @click.option("--modules", type=click.Path(path_type=Path), help="Its modules directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--png", type=click.Path(path_type=Path), help="Write a chart of the results.")
 @click.pass_context
-def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size_mib: int,
-           fs: str, matrix: bool, jobs: int | None, machine: str, accel: str, connect: str | None,
-           boot_timeout: float, kernel: Path | None, modules: Path | None, as_json: bool,
-           png: Path | None) -> int:
+def verify(
+    ctx: click.Context,
+    bus: str,
+    fmt: str,
+    mode: str,
+    discard: str,
+    size_mib: int,
+    fs: str,
+    matrix: bool,
+    jobs: int | None,
+    machine: str,
+    accel: str,
+    connect: str | None,
+    boot_timeout: float,
+    kernel: Path | None,
+    modules: Path | None,
+    as_json: bool,
+    png: Path | None,
+) -> int:
     """Boot a throwaway guest, write and delete data, and measure the host image shrink.
 
     \b
@@ -67,17 +114,25 @@ def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size
         with err.status("preparing the lab guest"):
             appliance = ensure_appliance(kernel, modules)
             chosen = choose_accel(accel, appliance)
-        settings = Settings(appliance, accel=chosen, machine=machine, connect=connect,
-                            boot_timeout=boot_timeout)
+        settings = Settings(
+            appliance, accel=chosen, machine=machine, connect=connect, boot_timeout=boot_timeout
+        )
         if matrix:
-            cells = matrix_cells(size_mib, fs, **_pinned(ctx, buses=bus, formats=fmt,
-                                                         modes=mode, discards=discard))
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                          transient=True) as progress:
+            cells = matrix_cells(
+                size_mib, fs, **_pinned(ctx, buses=bus, formats=fmt, modes=mode, discards=discard)
+            )
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            ) as progress:
                 task = progress.add_task("verify matrix", total=len(cells))
-                results = run_cells(cells, settings, jobs=jobs,
-                                    on_done=lambda _: progress.advance(task))
+                results = run_cells(
+                    cells, settings, jobs=jobs, on_done=lambda _: progress.advance(task)
+                )
         else:
             cell = Cell(bus, fmt, mode, discard, size_mib, fs)
             with err.status(f"verify {cell.name} ({size_mib} MiB, {chosen})"):
@@ -88,7 +143,9 @@ def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size
 
         write_chart(results, host, png)
     if as_json:
-        print_json("vmtrim.verify.engine/1", {"host": host, "cells": [r.to_json() for r in results]})
+        print_json(
+            "vmtrim.verify.engine/1", {"host": host, "cells": [r.to_json() for r in results]}
+        )
     else:
         _render(results, host)
     failed = [r for r in results if r.error]
@@ -102,34 +159,61 @@ def verify(ctx: click.Context, bus: str, fmt: str, mode: str, discard: str, size
 def _pinned(ctx: click.Context, **values: str) -> dict[str, tuple[str, ...]]:
     """The matrix dimensions the user pinned on the command line (not the defaults)."""
     names = {"buses": "bus", "formats": "fmt", "modes": "mode", "discards": "discard"}
-    return {dim: (value,) for dim, value in values.items()
-            if ctx.get_parameter_source(names[dim]) == click.core.ParameterSource.COMMANDLINE}
+    return {
+        dim: (value,)
+        for dim, value in values.items()
+        if ctx.get_parameter_source(names[dim]) == click.core.ParameterSource.COMMANDLINE
+    }
 
 
 def _render(results: list[CellResult], host: dict[str, object]) -> None:
     from rich.table import Table
 
     out = console()
-    out.print(f"QEMU {host['qemu_version']}, machine {host['machine']}, accel {host['accel']}, "
-              f"guest kernel {host['guest_kernel']}, runner {host['runner']}")
+    out.print(
+        f"QEMU {host['qemu_version']}, machine {host['machine']}, accel {host['accel']}, "
+        f"guest kernel {host['guest_kernel']}, runner {host['runner']}"
+    )
     if len(results) == 1:
         _render_cell(results[0])
         return
     if not out.is_terminal:  # a file or pipe has no width of its own; keep rows unwrapped
         out.width = max(out.width, 132)
-    table = Table("bus", "format", "mode", "discard", "du before", "du after", "reclaimed",
-                  "expected", "measured", "ok", "s")
+    table = Table(
+        "bus",
+        "format",
+        "mode",
+        "discard",
+        "du before",
+        "du after",
+        "reclaimed",
+        "expected",
+        "measured",
+        "ok",
+        "s",
+    )
     for r in results:
-        table.add_row(r.bus, r.format, r.mode, r.discard, human_bytes(r.allocated_before),
-                      human_bytes(r.allocated_after), _ratio(r), r.expected,
-                      r.measured or ("error" if r.error else "-"), "yes" if r.ok else "NO",
-                      f"{r.seconds:.0f}")
+        table.add_row(
+            r.bus,
+            r.format,
+            r.mode,
+            r.discard,
+            human_bytes(r.allocated_before),
+            human_bytes(r.allocated_after),
+            _ratio(r),
+            r.expected,
+            r.measured or ("error" if r.error else "-"),
+            "yes" if r.ok else "NO",
+            f"{r.seconds:.0f}",
+        )
     out.print(table)
     for r in results:
         if not r.ok and not r.error:
-            out.print(f"{r.bus}/{r.format}/{r.mode}/{r.discard}: expected {r.expected} "
-                      f"({r.expected_because}), measured {r.measured}"
-                      + (f"; {r.trim_error}" if r.trim_error else ""))
+            out.print(
+                f"{r.bus}/{r.format}/{r.mode}/{r.discard}: expected {r.expected} "
+                f"({r.expected_because}), measured {r.measured}"
+                + (f"; {r.trim_error}" if r.trim_error else "")
+            )
 
 
 def _ratio(r: CellResult) -> str:
@@ -143,12 +227,18 @@ def _render_cell(r: CellResult) -> None:
     rows = [
         ("cell", f"{r.bus}, {r.format}, {r.mode}, discard={r.discard}, {r.fs}"),
         ("written and deleted", human_bytes(r.written_bytes)),
-        ("host image (du)", f"{human_bytes(r.allocated_before)} -> "
-                            f"{human_bytes(r.allocated_after)}"),
+        (
+            "host image (du)",
+            f"{human_bytes(r.allocated_before)} -> {human_bytes(r.allocated_after)}",
+        ),
     ]
     if r.clusters_before is not None:
-        rows.append(("qcow2 clusters", f"{human_bytes(r.clusters_before)} -> "
-                                       f"{human_bytes(r.clusters_after)}"))
+        rows.append(
+            (
+                "qcow2 clusters",
+                f"{human_bytes(r.clusters_before)} -> {human_bytes(r.clusters_after)}",
+            )
+        )
     rows += [
         ("reclaimed", f"{human_bytes(r.reclaimed_bytes)} ({_ratio(r)} of the bytes deleted)"),
         ("expected", f"{r.expected}: {r.expected_because}"),

@@ -23,9 +23,11 @@ from vmtrim.fix.policy import FixOptions, FixResult
 from vmtrim.sources.libvirt_live import domain_xml, pending_restart
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
-POWER_CYCLE_NOTE = ("the running domain keeps its old disk configuration until a full power "
-                    "cycle (shut down, then start; a reboot inside the guest is not enough); "
-                    "use --restart to do it now")
+POWER_CYCLE_NOTE = (
+    "the running domain keeps its old disk configuration until a full power "
+    "cycle (shut down, then start; a reboot inside the guest is not enough); "
+    "use --restart to do it now"
+)
 
 
 @dataclass
@@ -61,38 +63,46 @@ def _libvirt_call(subject: str, what: str, call: Any, *args: Any) -> Any:
         raise EnvironmentProblem(f"{what}: {error_text(exc)}", subject=subject) from exc
 
 
-def fix_live(conn: Connection, dom: Any, options: FixOptions, *, dry_run: bool = False,
-             restart: bool = False, restart_timeout: float = 120.0) -> LiveFix:
+def fix_live(
+    conn: Connection,
+    dom: Any,
+    options: FixOptions,
+    *,
+    dry_run: bool = False,
+    restart: bool = False,
+    restart_timeout: float = 120.0,
+) -> LiveFix:
     from vmtrim._util.files import backup_to_state
     from vmtrim.audit.hostprobe import HostProbes
     from vmtrim.fix.xml import fix_domain_xml
 
     name = str(dom.name())
     if not dom.isPersistent():
-        raise BadInput("a transient domain has no definition to fix; define it first",
-                       subject=name)
+        raise BadInput("a transient domain has no definition to fix; define it first", subject=name)
     probes = HostProbes(local=conn.local)
     original = domain_xml(dom, inactive=True, secure=True)
     result = fix_domain_xml(original, options, subject=name, probes=probes)
-    outcome = LiveFix(domain=name, result=result, dry_run=dry_run,
-                      running=bool(dom.isActive()))
+    outcome = LiveFix(domain=name, result=result, dry_run=dry_run, running=bool(dom.isActive()))
     if dry_run:
         return outcome
     if result.changed:
         outcome.backup = str(backup_to_state(name, original))
-        _libvirt_call(name, "defineXML refused the fixed XML", conn.conn.defineXML,
-                      result.new_text)
+        _libvirt_call(name, "defineXML refused the fixed XML", conn.conn.defineXML, result.new_text)
         outcome.defined = True
-        again = fix_domain_xml(domain_xml(dom, inactive=True, secure=True), options,
-                               subject=name, probes=probes)
+        again = fix_domain_xml(
+            domain_xml(dom, inactive=True, secure=True), options, subject=name, probes=probes
+        )
         if again.changed:
             raise EnvironmentProblem(
                 "libvirt did not keep the fix: after defineXML the definition still "
-                f"differs: {' '.join(again.diff.split())[:300]}", subject=name)
+                f"differs: {' '.join(again.diff.split())[:300]}",
+                subject=name,
+            )
     if outcome.running:
         live = parse_domain_xml(domain_xml(dom), subject=name)
-        outcome.pending = pending_restart(live, parse_domain_xml(
-            domain_xml(dom, inactive=True), subject=name))
+        outcome.pending = pending_restart(
+            live, parse_domain_xml(domain_xml(dom, inactive=True), subject=name)
+        )
         if restart and outcome.pending:
             power_cycle(dom, name, restart_timeout)
             outcome.restarted = True
@@ -111,6 +121,8 @@ def power_cycle(dom: Any, name: str, timeout: float) -> None:
             raise EnvironmentProblem(
                 f"did not shut down within {timeout:g} s (neither the guest agent nor ACPI "
                 "powered it off); it is still running with the old configuration, and the "
-                "fixed definition is saved", subject=name)
+                "fixed definition is saved",
+                subject=name,
+            )
         time.sleep(0.2)
     _libvirt_call(name, "start failed", dom.create)

@@ -146,8 +146,9 @@ def probe_format(path: str) -> str:
 def resolve_backing(image_path: str, name: str) -> str:
     """Backing names are relative to the directory of the image that names them."""
     if name.startswith("json:") or ("://" in name and not name.startswith("file://")):
-        raise ImageError(f"backing file {name!r} uses a protocol vmtrim cannot read",
-                         subject=image_path)
+        raise ImageError(
+            f"backing file {name!r} uses a protocol vmtrim cannot read", subject=image_path
+        )
     if name.startswith("file:"):
         name = name[5:].removeprefix("//")
     if os.path.isabs(name):
@@ -167,8 +168,9 @@ def chain_paths(path: str, fmt: str | None = None) -> list[tuple[str, str]]:
         seen.append(real)
         layer_fmt = fmt or probe_format(current)
         if layer_fmt not in ("qcow2", "raw"):
-            raise ImageError(f"format {layer_fmt!r} is not supported (qcow2 and raw are)",
-                             subject=current)
+            raise ImageError(
+                f"format {layer_fmt!r} is not supported (qcow2 and raw are)", subject=current
+            )
         out.append((current, layer_fmt))
         if layer_fmt == "raw":
             break
@@ -178,15 +180,22 @@ def chain_paths(path: str, fmt: str | None = None) -> list[tuple[str, str]]:
             break
         below = resolve_backing(current, name)
         if not os.path.exists(below):
-            raise ImageError(f"backing file {name!r} not found (looked at {below})",
-                             subject=current)
+            raise ImageError(
+                f"backing file {name!r} not found (looked at {below})", subject=current
+            )
         current = below
     return out
 
 
-def inspect(path: str | os.PathLike[str], *, scan_zeros: bool = False,
-            follow_backing: bool = True, fmt: str | None = None,
-            progress: Progress | None = None, header_only: bool = False) -> ImageInfo:
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    scan_zeros: bool = False,
+    follow_backing: bool = True,
+    fmt: str | None = None,
+    progress: Progress | None = None,
+    header_only: bool = False,
+) -> ImageInfo:
     """Read ``path`` (qcow2 or raw) read-only and return what it holds.
 
     With ``follow_backing`` every layer of the backing chain is inspected too
@@ -221,8 +230,13 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
     fd = open_readonly(path)
     try:
         size, allocated, cov = _file_facts(fd, path)
-        info = ImageInfo(path=path, format="raw", virtual_size=-(-size // 512) * 512,
-                         file_size=size, allocated_bytes=allocated)
+        info = ImageInfo(
+            path=path,
+            format="raw",
+            virtual_size=-(-size // 512) * 512,
+            file_size=size,
+            allocated_bytes=allocated,
+        )
         data = cov.total
         info.guest.data_bytes = data
         info.guest.zero_bytes = size - data
@@ -238,16 +252,23 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
     return info
 
 
-def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
-                   progress: Progress | None, header_only: bool = False) -> ImageInfo:
+def _inspect_qcow2(
+    reader: Qcow2Reader, scan_zeros: bool, progress: Progress | None, header_only: bool = False
+) -> ImageInfo:
     from vmtrim.image.scan import scan
 
     h = reader.header
     cs = h.cluster_size
     size, allocated, cov = _file_facts(reader.fd, reader.path)
     info = ImageInfo(
-        path=reader.path, format="qcow2", virtual_size=h.size, file_size=size,
-        allocated_bytes=allocated, cluster_size=cs, version=h.version, compat=h.compat,
+        path=reader.path,
+        format="qcow2",
+        virtual_size=h.size,
+        file_size=size,
+        allocated_bytes=allocated,
+        cluster_size=cs,
+        version=h.version,
+        compat=h.compat,
         refcount_bits=h.refcount_bits,
         features={
             "dirty": bool(h.incompatible & INCOMPAT_DIRTY),
@@ -259,8 +280,10 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
             "bitmaps": h.bitmap_directory[0] if h.bitmap_directory else 0,
         },
         snapshot_count=len(reader.snapshots),
-        snapshots=[{"id": s.id, "name": s.name, "vm_state_size": s.vm_state_size,
-                    "disk_size": s.disk_size} for s in reader.snapshots],
+        snapshots=[
+            {"id": s.id, "name": s.name, "vm_state_size": s.vm_state_size, "disk_size": s.disk_size}
+            for s in reader.snapshots
+        ],
         backing_file=h.backing_file,
         backing_format=h.backing_format,
     )
@@ -291,7 +314,8 @@ def _inspect_qcow2(reader: Qcow2Reader, scan_zeros: bool,
         g.zero_subclusters = zero_units
         total_units = -(-h.size // unit)
         g.unallocated_subclusters = total_units - sum(
-            v for k, v in uc.items() if k not in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC))
+            v for k, v in uc.items() if k not in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
+        )
     g.compressed_clusters = s.compressed_clusters
     g.compressed_bytes = s.compressed_bytes
     g.data_bytes = min(h.size, (data_units + uc.get(COMPRESSED, 0)) * unit)
@@ -343,15 +367,17 @@ def _unallocated_ranges(reader: Qcow2Reader, s: Scan) -> int:
     return gaps + int(index[0] > 0) + int((int(index[-1]) + 1) * us < size)
 
 
-def zero_blocks(fd: int, starts: Any, lengths: Any, granularity: int,
-                progress: Progress | None = None) -> npt.NDArray[np.int64]:
+def zero_blocks(
+    fd: int, starts: Any, lengths: Any, granularity: int, progress: Progress | None = None
+) -> npt.NDArray[np.int64]:
     """Offsets of the ``granularity`` blocks of the given ranges that hold only zeros."""
     total = int(np.sum(lengths))
     done = 0
     found: list[npt.NDArray[np.int64]] = []
     chunk = max(granularity, (4 << 20) // granularity * granularity)
-    for start, length in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist(),
-                             strict=True):
+    for start, length in zip(
+        np.asarray(starts).tolist(), np.asarray(lengths).tolist(), strict=True
+    ):
         pos = start
         end = start + length
         while pos < end:

@@ -75,8 +75,12 @@ class Runs:
         ends = self.start + self.length
         i0 = int(np.searchsorted(ends, a, side="right"))
         i1 = int(np.searchsorted(self.start, b, side="left"))
-        r = Runs(self.start[i0:i1].copy(), self.length[i0:i1].copy(),
-                 self.kind[i0:i1], self.host[i0:i1].copy())
+        r = Runs(
+            self.start[i0:i1].copy(),
+            self.length[i0:i1].copy(),
+            self.kind[i0:i1],
+            self.host[i0:i1].copy(),
+        )
         if len(r):
             cut = a - int(r.start[0])
             if cut > 0:
@@ -95,8 +99,11 @@ def coalesce(start: I64, length: I64, key: I64, host: I64) -> tuple[I64, I64, I6
     if len(start) == 0:
         return start, length, key, host
     prev_end_host = host[:-1] + length[:-1]
-    same = (key[1:] == key[:-1]) & (start[1:] == start[:-1] + length[:-1]) & (
-        ((host[1:] < 0) & (host[:-1] < 0)) | ((host[:-1] >= 0) & (host[1:] == prev_end_host)))
+    same = (
+        (key[1:] == key[:-1])
+        & (start[1:] == start[:-1] + length[:-1])
+        & (((host[1:] < 0) & (host[:-1] < 0)) | ((host[:-1] >= 0) & (host[1:] == prev_end_host)))
+    )
     heads = np.concatenate(([True], ~same))
     first = np.flatnonzero(heads)
     group_len = np.add.reduceat(length, first)
@@ -129,8 +136,9 @@ def qcow2_runs(reader: Qcow2Reader, s: Scan, *, recurse: bool = True) -> Runs:
     kind = np.concatenate((ukind, np.full(n_gap, UNALLOCATED_PLAIN, np.uint8)))
     host = np.concatenate((uhost, np.full(n_gap, -1, np.int64)))
     order = np.argsort(start, kind="stable")
-    st, ln, kd, hs = coalesce(start[order], length[order], kind[order].astype(np.int64),
-                              host[order])
+    st, ln, kd, hs = coalesce(
+        start[order], length[order], kind[order].astype(np.int64), host[order]
+    )
     runs = Runs(st, ln, kd.astype(np.uint8), hs)
     if recurse and s.metadata_prealloc and reader.header.data_file is None:
         runs = _split_by_holes(runs, reader.fd)
@@ -142,8 +150,13 @@ def _split_by_holes(runs: Runs, fd: int) -> Runs:
     size = os.fstat(fd).st_size
     ds, de = extents_fd(fd, size)
     out: list[tuple[int, int, int, int]] = []
-    for st, ln, kd, hs in zip(runs.start.tolist(), runs.length.tolist(), runs.kind.tolist(),
-                              runs.host.tolist(), strict=True):
+    for st, ln, kd, hs in zip(
+        runs.start.tolist(),
+        runs.length.tolist(),
+        runs.kind.tolist(),
+        runs.host.tolist(),
+        strict=True,
+    ):
         if kd != NORMAL:
             out.append((st, ln, kd, hs))
             continue
@@ -202,12 +215,22 @@ class Extents:
         return len(self.start)
 
     def rows(self) -> Iterator[dict[str, int | bool]]:
-        for st, ln, dp, fl, off in zip(self.start.tolist(), self.length.tolist(),
-                                       self.depth.tolist(), self.flags.tolist(),
-                                       self.offset.tolist(), strict=True):
+        for st, ln, dp, fl, off in zip(
+            self.start.tolist(),
+            self.length.tolist(),
+            self.depth.tolist(),
+            self.flags.tolist(),
+            self.offset.tolist(),
+            strict=True,
+        ):
             row: dict[str, int | bool] = {
-                "start": st, "length": ln, "depth": dp, "present": bool(fl & 1),
-                "zero": bool(fl & 2), "data": bool(fl & 4)}
+                "start": st,
+                "length": ln,
+                "depth": dp,
+                "present": bool(fl & 1),
+                "zero": bool(fl & 2),
+                "data": bool(fl & 4),
+            }
             if off >= 0:
                 row["offset"] = off
             yield row
@@ -218,8 +241,7 @@ def _entries(runs: Runs, depth: int, bottom: bool) -> Extents:
     if not bottom:
         unalloc = (runs.kind == UNALLOCATED_PLAIN) | (runs.kind == UNALLOCATED_ALLOC)
         assert not unalloc.any()
-    return Extents(runs.start, runs.length, np.full(len(runs), depth, np.int64), flags,
-                   runs.host)
+    return Extents(runs.start, runs.length, np.full(len(runs), depth, np.int64), flags, runs.host)
 
 
 def _resolve(layers: list[Layer], d: int, a: int, b: int) -> list[Extents]:
@@ -230,8 +252,9 @@ def _resolve(layers: list[Layer], d: int, a: int, b: int) -> list[Extents]:
     parts = [_entries(runs.take(~unalloc), d, False)]
     below = layers[d + 1].size
     hole = runs.take(unalloc)
-    for st, ln, hs in zip(hole.start.tolist(), hole.length.tolist(), hole.host.tolist(),
-                          strict=True):
+    for st, ln, hs in zip(
+        hole.start.tolist(), hole.length.tolist(), hole.host.tolist(), strict=True
+    ):
         end = st + ln
         if st < below:
             parts.extend(_resolve(layers, d + 1, st, min(end, below)))
@@ -239,8 +262,15 @@ def _resolve(layers: list[Layer], d: int, a: int, b: int) -> list[Extents]:
             # past the end of the backing file: zeros answered by this layer
             cut = max(st, below)
             off = hs + (cut - st) if hs >= 0 else -1
-            parts.append(Extents(np.array([cut]), np.array([end - cut]), np.array([d]),
-                                 np.array([2]), np.array([off])))
+            parts.append(
+                Extents(
+                    np.array([cut]),
+                    np.array([end - cut]),
+                    np.array([d]),
+                    np.array([2]),
+                    np.array([off]),
+                )
+            )
     return parts
 
 

@@ -208,8 +208,20 @@ class Qcow2Reader:
             raise self.error("not a qcow2 image (wrong magic)")
         if len(head) < 72:
             raise self.error(f"truncated qcow2 header ({len(head)} of 72 bytes)")
-        (version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size,
-         l1_offset, rt_offset, rt_clusters, nb_snap, snap_offset) = _be("IQIIQIIQQIIQ", head, 4)
+        (
+            version,
+            backing_offset,
+            backing_size,
+            cluster_bits,
+            size,
+            crypt,
+            l1_size,
+            l1_offset,
+            rt_offset,
+            rt_clusters,
+            nb_snap,
+            snap_offset,
+        ) = _be("IQIIQIIQQIIQ", head, 4)
         if version not in (2, 3):
             raise self.error(f"unsupported qcow2 version {version} (only 2 and 3 exist)")
         fields: dict[str, int] = {}
@@ -217,8 +229,13 @@ class Qcow2Reader:
             if len(head) < 104:
                 raise self.error(f"truncated qcow2 v3 header ({len(head)} of 104 bytes)")
             incompat, compat, autoclear, rc_order, hdr_len = _be("QQQII", head, 72)
-            fields = {"incompatible": incompat, "compatible": compat, "autoclear": autoclear,
-                      "refcount_order": rc_order, "header_length": hdr_len}
+            fields = {
+                "incompatible": incompat,
+                "compatible": compat,
+                "autoclear": autoclear,
+                "refcount_order": rc_order,
+                "header_length": hdr_len,
+            }
         if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
             raise self.error(f"cluster_bits {cluster_bits} out of range 9..21")
         cluster_size = 1 << cluster_bits
@@ -268,9 +285,7 @@ class Qcow2Reader:
         if rt_clusters == 0 or rt_clusters * cluster_size > MAX_REFTABLE_BYTES:
             raise self.error(f"refcount_table_clusters {rt_clusters} out of range")
         if rt_offset + rt_clusters * cluster_size > self.file_size:
-            raise self.error(
-                f"refcount table at offset {rt_offset} is past the end of the file"
-            )
+            raise self.error(f"refcount table at offset {rt_offset} is past the end of the file")
         if nb_snap > MAX_SNAPSHOTS:
             raise self.error(f"nb_snapshots {nb_snap} out of range")
         if nb_snap and snap_offset % cluster_size:
@@ -286,14 +301,26 @@ class Qcow2Reader:
         if incompat & INCOMPAT_DATA_FILE and extensions.data_file is None:
             raise self.error("external data file feature set but no data file name")
         return Header(
-            version=version, cluster_bits=cluster_bits, size=size, crypt_method=crypt,
-            l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
-            refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
-            snapshots_offset=snap_offset, incompatible=incompat,
-            compatible=fields.get("compatible", 0), autoclear=fields.get("autoclear", 0),
-            refcount_order=rc_order, header_length=hdr_len, compression_type=compression,
-            backing_file=backing, backing_format=extensions.backing_format,
-            data_file=extensions.data_file, bitmap_directory=extensions.bitmaps,
+            version=version,
+            cluster_bits=cluster_bits,
+            size=size,
+            crypt_method=crypt,
+            l1_size=l1_size,
+            l1_table_offset=l1_offset,
+            refcount_table_offset=rt_offset,
+            refcount_table_clusters=rt_clusters,
+            nb_snapshots=nb_snap,
+            snapshots_offset=snap_offset,
+            incompatible=incompat,
+            compatible=fields.get("compatible", 0),
+            autoclear=fields.get("autoclear", 0),
+            refcount_order=rc_order,
+            header_length=hdr_len,
+            compression_type=compression,
+            backing_file=backing,
+            backing_format=extensions.backing_format,
+            data_file=extensions.data_file,
+            bitmap_directory=extensions.bitmaps,
         )
 
     def _read_extensions(self, start: int, end: int) -> _Extensions:
@@ -308,7 +335,7 @@ class Qcow2Reader:
                 break
             if pos + length > len(area):
                 raise self.error(f"header extension {kind:#x} runs past the first cluster")
-            data = area[pos:pos + length]
+            data = area[pos : pos + length]
             if kind == EXT_BACKING_FORMAT:
                 out.backing_format = data.decode("utf-8", "replace")
             elif kind == EXT_DATA_FILE:
@@ -333,8 +360,17 @@ class Qcow2Reader:
         for _ in range(h.nb_snapshots):
             pos = (pos + 7) & ~7
             fixed = self.pread(pos, 40, "snapshot table entry")
-            (l1_offset, l1_size, id_len, name_len, _date_s, _date_ns, _clock, vm_state,
-             extra_len) = _be("QIHHIIQII", fixed)
+            (
+                l1_offset,
+                l1_size,
+                id_len,
+                name_len,
+                _date_s,
+                _date_ns,
+                _clock,
+                vm_state,
+                extra_len,
+            ) = _be("QIHHIIQII", fixed)
             pos += 40
             extra = self.pread(pos, extra_len, "snapshot extra data")
             pos += extra_len
@@ -349,8 +385,16 @@ class Qcow2Reader:
             disk_size = _be("Q", extra, 8)[0] if extra_len >= 16 else None
             if extra_len >= 8:
                 vm_state = _be("Q", extra)[0]
-            out.append(Snapshot(ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
-                                l1_offset, l1_size, vm_state, disk_size))
+            out.append(
+                Snapshot(
+                    ident.decode("utf-8", "replace"),
+                    name.decode("utf-8", "replace"),
+                    l1_offset,
+                    l1_size,
+                    vm_state,
+                    disk_size,
+                )
+            )
         self.snapshots_size = pos - h.snapshots_offset
         return out
 
@@ -371,7 +415,8 @@ class Qcow2Reader:
             if pos + 24 > len(directory):
                 raise self.error("bitmap directory is truncated")
             table_offset, table_size, _flags, _type, _gran, name_len, extra_len = _be(
-                "QIIBBHI", directory, pos)
+                "QIIBBHI", directory, pos
+            )
             pos += (24 + extra_len + name_len + 7) & ~7
             table = self._table(table_offset, table_size, "bitmap table")
             ranges.append((table_offset, table_size * 8))
@@ -384,11 +429,15 @@ class Qcow2Reader:
 
     def l1_table(self, offset: int | None = None, size: int | None = None) -> U64:
         h = self.header
-        return self._table(h.l1_table_offset if offset is None else offset,
-                           h.l1_size if size is None else size, "L1 table")
+        return self._table(
+            h.l1_table_offset if offset is None else offset,
+            h.l1_size if size is None else size,
+            "L1 table",
+        )
 
-    def l2_entries(self, l1: U64, batch_bytes: int = 8 << 20
-                   ) -> Iterator[tuple[I64, I64, U64, U64 | None]]:
+    def l2_entries(
+        self, l1: U64, batch_bytes: int = 8 << 20
+    ) -> Iterator[tuple[I64, I64, U64, U64 | None]]:
         """Yield the non-zero L2 entries of the tables ``l1`` points to, in guest order.
 
         Each batch is (L1 indices of its tables, entry position ``k * l2_entries + i``
@@ -405,13 +454,16 @@ class Qcow2Reader:
         bad = present % cs != 0
         if bad.any():
             i = int(indices[np.argmax(bad)])
-            raise self.error(f"L2 table offset {int(l2_offsets[i])} (L1 index {i}) is not "
-                             "aligned to a cluster")
+            raise self.error(
+                f"L2 table offset {int(l2_offsets[i])} (L1 index {i}) is not aligned to a cluster"
+            )
         past = present + cs > self.file_size
         if past.any():
             i = int(indices[np.argmax(past)])
-            raise self.error(f"L2 table at offset {int(l2_offsets[i])} (L1 index {i}) is past "
-                             f"the end of the file ({self.file_size} bytes); truncated or corrupt")
+            raise self.error(
+                f"L2 table at offset {int(l2_offsets[i])} (L1 index {i}) is past "
+                f"the end of the file ({self.file_size} bytes); truncated or corrupt"
+            )
         if not len(indices):
             return
         words_per_table = cs // 8
@@ -419,14 +471,14 @@ class Qcow2Reader:
         per_batch = max(1, batch_bytes // cs)
         nonzero = np.empty((min(per_batch, len(indices)), words_per_table), bool)
         for start in range(0, len(indices), per_batch):
-            first_word = present[start:start + per_batch] // 8
+            first_word = present[start : start + per_batch] // 8
             n = len(first_word)
             # a fresh mapping per batch: closing it drops the pages from our RSS in one go
             with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as mm:
                 words = np.frombuffer(mm, dtype=np.uint64, count=self.file_size // 8)
                 for k, w in enumerate(first_word.tolist()):
                     # zero is zero in any byte order: no swap needed to find entries
-                    np.not_equal(words[w:w + words_per_table], 0, out=nonzero[k])
+                    np.not_equal(words[w : w + words_per_table], 0, out=nonzero[k])
                 flat = np.flatnonzero(nonzero[:n])
                 entry = flat // step
                 if step == 2 and len(entry):
@@ -436,14 +488,17 @@ class Qcow2Reader:
                 ent = words[at].byteswap()
                 bitmaps = words[at + 1].byteswap() if step == 2 else None
                 del words
-            yield indices[start:start + n], entry, ent, bitmaps
+            yield indices[start : start + n], entry, ent, bitmaps
 
     # -- refcounts -----------------------------------------------------------
 
     def refcount_table(self) -> U64:
         h = self.header
-        return self._table(h.refcount_table_offset,
-                           h.refcount_table_clusters * h.cluster_size // 8, "refcount table")
+        return self._table(
+            h.refcount_table_offset,
+            h.refcount_table_clusters * h.cluster_size // 8,
+            "refcount table",
+        )
 
     def refcounts(self, nb_clusters: int) -> U64:
         """On-disk refcounts of host clusters ``0 .. nb_clusters-1``."""
@@ -478,8 +533,10 @@ class Qcow2Reader:
             if off % cs:
                 raise self.error(f"refcount block {i} offset {off} is not aligned to a cluster")
             if off + cs > self.file_size:
-                raise self.error(f"refcount block {i} at offset {off} is past the end of the "
-                                 f"file ({self.file_size} bytes); truncated or corrupt")
+                raise self.error(
+                    f"refcount block {i} at offset {off} is past the end of the "
+                    f"file ({self.file_size} bytes); truncated or corrupt"
+                )
             out.append(off)
         return out
 
@@ -493,8 +550,7 @@ class Qcow2Reader:
         zero = ((bitmaps[..., None] >> (bit + np.uint64(32))) & np.uint64(1)) != 0
         shape = alloc.shape
         t = np.broadcast_to(types[..., None], shape)
-        conflict = np.broadcast_to(((bitmaps & (bitmaps >> np.uint64(32))) != 0)[..., None],
-                                   shape)
+        conflict = np.broadcast_to(((bitmaps & (bitmaps >> np.uint64(32))) != 0)[..., None], shape)
         any_alloc = np.broadcast_to(((bitmaps & np.uint64(0xFFFF_FFFF)) != 0)[..., None], shape)
         out = np.full(shape, UNALLOCATED_PLAIN, dtype=np.uint8)
         normal = t == NORMAL

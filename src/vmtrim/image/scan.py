@@ -116,8 +116,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         meta.append(l2_offsets >> cb)
         if active:
             has_l2 = l2_offsets != 0
-            copied.append((l2_offsets[has_l2], (l1[l1 != 0][has_l2] >> np.uint64(63)) != 0,
-                           False))
+            copied.append((l2_offsets[has_l2], (l1[l1 != 0][has_l2] >> np.uint64(63)) != 0, False))
         for idx, entry, ent, bitmaps in reader.l2_entries(l1):
             row = entry // l2n
             col = entry % l2n
@@ -147,8 +146,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
             res.fragmented_clusters += int((same_table & (ho[1:] != ho[:-1] + cs)).sum())
             res.fragmented_clusters += int(comp.sum())
             exclusive_candidates.append(offset[ctype == NORMAL])
-            copied.append((offset[with_host], (ent[with_host] >> np.uint64(63)) != 0,
-                           data_file))
+            copied.append((offset[with_host], (ent[with_host] >> np.uint64(63)) != 0, data_file))
             compressed_host.append((c_off.astype(np.int64), c_len.astype(np.int64)))
             vunit = idx[row].astype(np.int64) * l2n + col
             if bitmaps is None:
@@ -210,8 +208,9 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     return res
 
 
-def _copied_mismatches(ondisk: U64, entries: list[tuple[I64, npt.NDArray[np.bool_], bool]],
-                       cluster_bits: int) -> int:
+def _copied_mismatches(
+    ondisk: U64, entries: list[tuple[I64, npt.NDArray[np.bool_], bool]], cluster_bits: int
+) -> int:
     """QEMU's check_oflag_copied: COPIED must be set exactly when the refcount is 1."""
     bad = 0
     for offsets, flags, assume_one in entries:

@@ -279,10 +279,12 @@ def _assemble_root(
     (root / "init").write_bytes(inputs.init)
     (root / "init").chmod(0o755)
     # One "group path" line per module; init.sh loads "base" and its filesystem's group.
-    installed = [(group, install_module(tree, rel, root / "lib" / "modules"))
-                 for group, rel in order]
+    installed = [
+        (group, install_module(tree, rel, root / "lib" / "modules")) for group, rel in order
+    ]
     (root / "etc" / "vmtrim" / "modules").write_text(
-        "".join(f"{group} {m}\n" for group, m in installed))
+        "".join(f"{group} {m}\n" for group, m in installed)
+    )
     return [f"{group}:{m.rsplit('/', 1)[-1]}" for group, m in installed]
 
 

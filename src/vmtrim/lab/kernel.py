@@ -73,10 +73,7 @@ def locate_kernel(
     release = os.uname().release
     host_image = Path("/boot") / f"vmlinuz-{release}"
     host_modules = Path("/lib/modules") / release
-    if (
-        os.access(host_image, os.R_OK)
-        and (host_modules / "modules.dep").is_file()
-    ):
+    if os.access(host_image, os.R_OK) and (host_modules / "modules.dep").is_file():
         return KernelInput("host", image=host_image, modules=host_modules)
     deb = debian_kernel_deb(cache / "kernels")
     return KernelInput(f"debian:{deb.stem}", deb=deb)
@@ -197,17 +194,18 @@ def _has_pvh_note(elf: bytes) -> bool:
 
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
         p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, phoff + i * phentsize)
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
         if p_type != 4:  # PT_NOTE
             continue
         pos, end = p_offset, p_offset + p_filesz
         while pos + 12 <= end:
             namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12: pos + 12 + namesz].rstrip(b"\x00")
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\x00")
             if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
                 return True
             pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
@@ -224,7 +222,7 @@ def extract_pvh_kernel(bzimage: Path, dest: Path) -> bool:
     setup_sects = data[0x1F1] or 4
     payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
     start = (setup_sects + 1) * 512 + payload_offset
-    payload = data[start: start + payload_length]
+    payload = data[start : start + payload_length]
     kind = next((k for magic, k in _PAYLOAD_MAGIC.items() if payload.startswith(magic)), None)
     if kind is None:  # zstd, lz4, lzo: no decompressor in the standard library
         return False

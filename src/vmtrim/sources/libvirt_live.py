@@ -47,10 +47,15 @@ from vmtrim.trim.engine import (
 
 
 def _unavailable_codes(libvirt: Any) -> set[int]:
-    names = ("VIR_ERR_OPERATION_INVALID",  # not running, agent not configured/connected
-             "VIR_ERR_AGENT_UNRESPONSIVE", "VIR_ERR_AGENT_UNSYNCED",
-             "VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_OPERATION_TIMEOUT",
-             "VIR_ERR_AGENT_COMMAND_TIMEOUT", "VIR_ERR_NO_DOMAIN")
+    names = (
+        "VIR_ERR_OPERATION_INVALID",  # not running, agent not configured/connected
+        "VIR_ERR_AGENT_UNRESPONSIVE",
+        "VIR_ERR_AGENT_UNSYNCED",
+        "VIR_ERR_ARGUMENT_UNSUPPORTED",
+        "VIR_ERR_OPERATION_TIMEOUT",
+        "VIR_ERR_AGENT_COMMAND_TIMEOUT",
+        "VIR_ERR_NO_DOMAIN",
+    )
     return {getattr(libvirt, n) for n in names if hasattr(libvirt, n)}
 
 
@@ -86,8 +91,9 @@ class LibvirtAgent:
 
     def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
         deadline = time.monotonic() + timeout
-        started = self.execute("guest-exec", {"path": path, "arg": args,
-                                              "capture-output": True}, timeout)
+        started = self.execute(
+            "guest-exec", {"path": path, "arg": args, "capture-output": True}, timeout
+        )
         pid = started.get("pid") if isinstance(started, dict) else None
         if not isinstance(pid, int):
             raise AgentFailed(f"guest-exec returned {started!r:.80}")
@@ -97,9 +103,12 @@ class LibvirtAgent:
                 raise AgentFailed(f"guest-exec-status returned {ret!r:.80}")
             if ret.get("exited"):
                 return ExecStatus(
-                    exited=True, exitcode=ret.get("exitcode"), signal=ret.get("signal"),
+                    exited=True,
+                    exitcode=ret.get("exitcode"),
+                    signal=ret.get("signal"),
                     out_data=base64.b64decode(ret.get("out-data", "")),
-                    err_data=base64.b64decode(ret.get("err-data", "")))
+                    err_data=base64.b64decode(ret.get("err-data", "")),
+                )
             if time.monotonic() >= deadline:
                 raise AgentUnavailable(f"{path} did not exit within {timeout:.3g} s")
             time.sleep(0.05)
@@ -108,7 +117,8 @@ class LibvirtAgent:
 def domain_xml(dom: Any, inactive: bool = False, secure: bool = False) -> str:
     libvirt = libvirt_module()
     flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (
-        libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
+        libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
+    )
     try:
         return str(dom.XMLDesc(flags))
     except libvirt.libvirtError as exc:
@@ -117,8 +127,12 @@ def domain_xml(dom: Any, inactive: bool = False, secure: bool = False) -> str:
 
 def measurable(disk: Disk) -> bool:
     """Writable disks with a host source: the ones whose allocation can change on trim."""
-    return (disk.device in (DeviceType.DISK, DeviceType.LUN) and not disk.read_only
-            and disk.storage is not StorageKind.NONE and disk.target is not None)
+    return (
+        disk.device in (DeviceType.DISK, DeviceType.LUN)
+        and not disk.read_only
+        and disk.storage is not StorageKind.NONE
+        and disk.target is not None
+    )
 
 
 class DomainTarget:
@@ -143,10 +157,10 @@ class DomainTarget:
         for disk in domain.disks:
             if not measurable(disk):
                 continue
-            local = (disk.source if self.conn.local and disk.storage is StorageKind.FILE
-                     else None)
-            refs.append(DiskRef(target=disk.target or disk.ident, source=disk.source,
-                                local_file=local))
+            local = disk.source if self.conn.local and disk.storage is StorageKind.FILE else None
+            refs.append(
+                DiskRef(target=disk.target or disk.ident, source=disk.source, local_file=local)
+            )
         return refs
 
     def measure(self, disk: DiskRef) -> tuple[int, str]:
@@ -180,8 +194,10 @@ def _pci(element: Any) -> tuple[int, int, int, int] | None:
     if element is None or element.get("type") != "pci":
         return None
     try:
-        return tuple(int(element.get(k, "0"), 0)  # type: ignore[return-value]
-                     for k in ("domain", "bus", "slot", "function"))
+        return tuple(
+            int(element.get(k, "0"), 0)  # type: ignore[return-value]
+            for k in ("domain", "bus", "slot", "function")
+        )
     except ValueError:
         return None
 
@@ -193,8 +209,10 @@ def disk_addresses(xml: str) -> dict[str, _Address]:
     from vmtrim.fix.xmledit import xml_parser
 
     root = etree.fromstring(xml.encode(), xml_parser())
-    controllers = {(c.get("type"), c.get("index", "0")): _pci(c.find("address"))
-                   for c in root.iterfind("devices/controller")}
+    controllers = {
+        (c.get("type"), c.get("index", "0")): _pci(c.find("address"))
+        for c in root.iterfind("devices/controller")
+    }
     out = {}
     for disk in root.iterfind("devices/disk"):
         target = disk.find("target")
@@ -209,8 +227,12 @@ def disk_addresses(xml: str) -> dict[str, _Address]:
             drive = tuple(int(address.get(k, "0")) for k in ("bus", "target", "unit"))
             kind = {"sata": "sata", "ide": "ide"}.get(bus or "", "scsi")
             pci = controllers.get((kind, address.get("controller", "0")))
-        out[dev] = _Address(bus, pci, drive,  # type: ignore[arg-type]
-                            disk.findtext("serial"))
+        out[dev] = _Address(
+            bus,
+            pci,
+            drive,  # type: ignore[arg-type]
+            disk.findtext("serial"),
+        )
     return out
 
 
@@ -218,8 +240,12 @@ def _guest_pci(entry: dict[str, Any]) -> tuple[int, int, int, int] | None:
     pci = entry.get("pci-controller")
     if not isinstance(pci, dict):
         return None
-    return (int(pci.get("domain", -1)), int(pci.get("bus", -1)), int(pci.get("slot", -1)),
-            int(pci.get("function", -1)))
+    return (
+        int(pci.get("domain", -1)),
+        int(pci.get("bus", -1)),
+        int(pci.get("slot", -1)),
+        int(pci.get("function", -1)),
+    )
 
 
 def match_guest_disk(entry: dict[str, Any], addresses: dict[str, _Address]) -> str | None:
@@ -241,12 +267,19 @@ def match_guest_disk(entry: dict[str, Any], addresses: dict[str, _Address]) -> s
     for dev, addr in same_bus.items():
         if bus_type == "virtio" and addr.pci == pci:
             return dev
-        if bus_type == "scsi" and addr.pci == pci and addr.drive is not None and (
-                addr.drive[1], addr.drive[2]) == (entry.get("target"), entry.get("unit")):
+        if (
+            bus_type == "scsi"
+            and addr.pci == pci
+            and addr.drive is not None
+            and (addr.drive[1], addr.drive[2]) == (entry.get("target"), entry.get("unit"))
+        ):
             return dev
-        if bus_type in ("ide", "sata") and addr.drive is not None and (
-                addr.drive[0], addr.drive[2]) == (entry.get("bus"), entry.get("unit")) and (
-                addr.pci is None or pci is None or addr.pci == pci):
+        if (
+            bus_type in ("ide", "sata")
+            and addr.drive is not None
+            and (addr.drive[0], addr.drive[2]) == (entry.get("bus"), entry.get("unit"))
+            and (addr.pci is None or pci is None or addr.pci == pci)
+        ):
             return dev
     return next(iter(same_bus)) if len(same_bus) == 1 else None
 
@@ -263,8 +296,11 @@ def _mount_options(agent: LibvirtAgent, timeout: float) -> dict[str, tuple[str, 
 
 def _fstrim_timer(agent: LibvirtAgent, timeout: float) -> bool:
     """systemd's fstrim.timer enabled? No systemctl (busybox, Alpine) means no timer."""
-    status = agent.run("/bin/sh", ["-c", "command -v systemctl >/dev/null || exit 127; "
-                                         "systemctl is-enabled fstrim.timer"], timeout)
+    status = agent.run(
+        "/bin/sh",
+        ["-c", "command -v systemctl >/dev/null || exit 127; systemctl is-enabled fstrim.timer"],
+        timeout,
+    )
     return status.exitcode == 0
 
 
@@ -277,9 +313,10 @@ def guest_facts(agent: LibvirtAgent, domain: Domain, live_xml: str, timeout: flo
 
     osinfo = agent.execute("guest-get-osinfo", None, left())
     osinfo = osinfo if isinstance(osinfo, dict) else {}
-    guest = GuestInfo(os_id=osinfo.get("id") or ("linux" if osinfo.get("kernel-release")
-                                                 else None),
-                      kernel_release=osinfo.get("kernel-release"))
+    guest = GuestInfo(
+        os_id=osinfo.get("id") or ("linux" if osinfo.get("kernel-release") else None),
+        kernel_release=osinfo.get("kernel-release"),
+    )
     domain.guest = guest
     filesystems = parse_fsinfo(agent.execute("guest-get-fsinfo", None, left()))
     options: dict[str, tuple[str, ...]] | None = None
@@ -288,17 +325,22 @@ def guest_facts(agent: LibvirtAgent, domain: Domain, live_xml: str, timeout: flo
             options = _mount_options(agent, left())
             guest.fstrim_timer = _fstrim_timer(agent, left())
         except AgentFailed as exc:  # guest-exec disabled or missing tools
-            domain.notes.append(f"guest-exec is not available, so mount options and "
-                                f"fstrim.timer are unknown: {exc}")
+            domain.notes.append(
+                f"guest-exec is not available, so mount options and fstrim.timer are unknown: {exc}"
+            )
     addresses = disk_addresses(live_xml)
     by_target: dict[str, list[GuestFilesystem]] = {}
     for fs in filesystems:
         targets = {match_guest_disk(d, addresses) for d in fs.disks}
         for target in targets - {None}:
             assert target is not None
-            by_target.setdefault(target, []).append(GuestFilesystem(
-                mountpoint=fs.mountpoint, fstype=fs.type,
-                mount_options=options.get(fs.mountpoint) if options is not None else None))
+            by_target.setdefault(target, []).append(
+                GuestFilesystem(
+                    mountpoint=fs.mountpoint,
+                    fstype=fs.type,
+                    mount_options=options.get(fs.mountpoint) if options is not None else None,
+                )
+            )
     for disk in domain.disks:
         if disk.target is not None:
             disk.guest_filesystems = by_target.get(disk.target, [])
@@ -315,13 +357,17 @@ def pending_restart(live: Domain, inactive: Domain) -> list[str]:
         other = defined.get(disk.target) if disk.target else None
         if other is None:
             continue
-        diffs = [f"{name} {getattr(disk, name) or '(unset)'} -> "
-                 f"{getattr(other, name) or '(unset)'}"
-                 for name in _COMPARED if getattr(disk, name) != getattr(other, name)]
+        diffs = [
+            f"{name} {getattr(disk, name) or '(unset)'} -> {getattr(other, name) or '(unset)'}"
+            for name in _COMPARED
+            if getattr(disk, name) != getattr(other, name)
+        ]
         if diffs:
-            notes.append(f"{disk.target}: fix pending a restart: the definition has "
-                         f"{', '.join(diffs)}; it takes effect after a full power cycle "
-                         "(shut down and start, not a reboot)")
+            notes.append(
+                f"{disk.target}: fix pending a restart: the definition has "
+                f"{', '.join(diffs)}; it takes effect after a full power cycle "
+                "(shut down and start, not a reboot)"
+            )
     return notes
 
 
@@ -339,14 +385,17 @@ def live_domain(conn: Connection, dom: Any, timeout: float = 10.0) -> Domain:
     except libvirt.libvirtError:
         active = False
     if not active:
-        domain.guest = GuestInfo(agent=False, reason="the domain is not running: no guest"
-                                 " agent to ask")
+        domain.guest = GuestInfo(
+            agent=False, reason="the domain is not running: no guest agent to ask"
+        )
         return domain
-    domain.notes.extend(pending_restart(
-        domain, parse_domain_xml(domain_xml(dom, inactive=True), subject=name)))
+    domain.notes.extend(
+        pending_restart(domain, parse_domain_xml(domain_xml(dom, inactive=True), subject=name))
+    )
     try:
-        call_with_deadline(lambda: guest_facts(LibvirtAgent(dom), domain, xml, timeout),
-                           timeout, "guest agent")
+        call_with_deadline(
+            lambda: guest_facts(LibvirtAgent(dom), domain, xml, timeout), timeout, "guest agent"
+        )
     except (AgentUnavailable, AgentFailed) as exc:
         domain.guest = GuestInfo(agent=False, reason=f"no answer from the guest agent: {exc}")
         for disk in domain.disks:
@@ -354,15 +403,17 @@ def live_domain(conn: Connection, dom: Any, timeout: float = 10.0) -> Domain:
     return domain
 
 
-def audit_live(uri: str | None, specs: Sequence[str], every: bool, timeout: float
-               ) -> tuple[list[Domain], dict[str, Any], bool]:
+def audit_live(
+    uri: str | None, specs: Sequence[str], every: bool, timeout: float
+) -> tuple[list[Domain], dict[str, Any], bool]:
     """The domains to audit, the ``live`` JSON section, and whether their files are local."""
     with connection(uri) as conn:
-        domains = [live_domain(conn, dom, timeout)
-                   for dom in select_domains(conn, specs, every)]
+        domains = [live_domain(conn, dom, timeout) for dom in select_domains(conn, specs, every)]
         hv, lib = conn.versions()
-        extra = {"connection": {"uri": conn.uri, "qemu_version": hv, "libvirt_version": lib},
-                 "guests": [_guest_json(d) for d in domains]}
+        extra = {
+            "connection": {"uri": conn.uri, "qemu_version": hv, "libvirt_version": lib},
+            "guests": [_guest_json(d) for d in domains],
+        }
         return domains, extra, conn.local
 
 
@@ -376,8 +427,13 @@ def _guest_json(domain: Domain) -> dict[str, Any]:
         "kernel_release": guest.kernel_release if guest else None,
         "fstrim_timer": guest.fstrim_timer if guest else None,
         "filesystems": [
-            {"target": disk.target, "mountpoint": fs.mountpoint, "fstype": fs.fstype,
-             "mount_options": list(fs.mount_options) if fs.mount_options is not None else None}
-            for disk in domain.disks for fs in disk.guest_filesystems or []
+            {
+                "target": disk.target,
+                "mountpoint": fs.mountpoint,
+                "fstype": fs.fstype,
+                "mount_options": list(fs.mount_options) if fs.mount_options is not None else None,
+            }
+            for disk in domain.disks
+            for fs in disk.guest_filesystems or []
         ],
     }

@@ -22,8 +22,15 @@ from vmtrim.fix.xmledit import xml_parser  # the project's one safe parser confi
 from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).
-_PREFIX_BUS = (("xvd", "xen"), ("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("fd", "fdc"),
-               ("ubd", "uml"), ("nvme", "nvme"))
+_PREFIX_BUS = (
+    ("xvd", "xen"),
+    ("hd", "ide"),
+    ("sd", "scsi"),
+    ("vd", "virtio"),
+    ("fd", "fdc"),
+    ("ubd", "uml"),
+    ("nvme", "nvme"),
+)
 
 # libvirt's default SCSI controller model for x86 QEMU builds with the LSI controller.
 DEFAULT_SCSI_MODEL = "lsilogic"
@@ -65,8 +72,10 @@ def parse_domain_xml(data: bytes | str, subject: str = "<xml>") -> Domain:
         if inner is not None:
             root = inner
     if root.tag != "domain":
-        raise BadInput(f"not a libvirt domain: the root element is <{_tag(root)}>, not <domain>",
-                       subject=subject)
+        raise BadInput(
+            f"not a libvirt domain: the root element is <{_tag(root)}>, not <domain>",
+            subject=subject,
+        )
     return _DomainReader(root).domain()
 
 
@@ -119,8 +128,9 @@ class _DomainReader:
         ident = dev or (alias.get("name") if alias is not None else None) or f"disk[{index}]"
         driver = element.find("driver")
         fmt = driver.get("type") if driver is not None else None
-        storage, protocol, source, storage_driver = _source(disk_type, element.find("source"),
-                                                            device)
+        storage, protocol, source, storage_driver = _source(
+            disk_type, element.find("source"), device
+        )
         read_only = element.find("readonly") is not None or device is DeviceType.CDROM
         disk = Disk(
             domain=self.name,
@@ -157,24 +167,44 @@ class _DomainReader:
             return "ahci", "ide-cd" if disk.device is DeviceType.CDROM else "ide-hd"
         if bus == "ide":
             return None, "ide-cd" if disk.device is DeviceType.CDROM else "ide-hd"
-        simple = {"virtio": "virtio-blk-pci", "usb": "usb-storage", "fdc": "floppy",
-                  "nvme": "nvme-ns", "sd": "sd-card"}
+        simple = {
+            "virtio": "virtio-blk-pci",
+            "usb": "usb-storage",
+            "fdc": "floppy",
+            "nvme": "nvme-ns",
+            "sd": "sd-card",
+        }
         return None, simple.get(bus or "")
 
-    def _nodes(self, disk: Disk, element: etree._Element, driver: etree._Element | None,
-               storage_driver: str | None, index: int) -> BlockNode:
+    def _nodes(
+        self,
+        disk: Disk,
+        element: etree._Element,
+        driver: etree._Element | None,
+        storage_driver: str | None,
+        index: int,
+    ) -> BlockNode:
         cache = driver.get("cache") if driver is not None else None
         no_unref = driver.get("discard_no_unref") if driver is not None else None
         storage = BlockNode(
-            storage_driver, node_name=f"libvirt-{index}-storage", discard="unmap",
-            cache=cache, read_only=disk.read_only, filename=disk.source,
+            storage_driver,
+            node_name=f"libvirt-{index}-storage",
+            discard="unmap",
+            cache=cache,
+            read_only=disk.read_only,
+            filename=disk.source,
             defined_by=f"<disk> {disk.ident} <source>",
         )
         top = BlockNode(
-            disk.format, node_name=f"libvirt-{index}-format", discard=disk.discard,
+            disk.format,
+            node_name=f"libvirt-{index}-format",
+            discard=disk.discard,
             detect_zeroes=disk.detect_zeroes,
             discard_no_unref=None if no_unref is None else no_unref == "on",
-            cache=cache, read_only=disk.read_only, filename=disk.source, file=storage,
+            cache=cache,
+            read_only=disk.read_only,
+            filename=disk.source,
+            file=storage,
             defined_by=f"<disk> {disk.ident} <driver>",
         )
         if driver is None or driver.get("type") is None:
@@ -191,8 +221,10 @@ class _DomainReader:
             if address is not None:
                 attrs = {str(k): str(v) for k, v in address.attrib.items()}
             where = " ".join(f"{k}={v}" for k, v in attrs.items())
-            self.notes.append(f"hostdev {kind} {where}".strip()
-                              + ": passthrough device, not a QEMU disk; not audited")
+            self.notes.append(
+                f"hostdev {kind} {where}".strip()
+                + ": passthrough device, not a QEMU disk; not audited"
+            )
             return None
         source = element.find("source")
         protocol = source.get("protocol") if source is not None else None
@@ -209,7 +241,8 @@ class _DomainReader:
         alias = element.find("alias")
         return Disk(
             domain=self.name,
-            ident=alias.get("name", f"hostdev[{index}]") if alias is not None
+            ident=alias.get("name", f"hostdev[{index}]")
+            if alias is not None
             else f"hostdev[{index}]",
             device=DeviceType.LUN,
             bus="scsi",
@@ -242,8 +275,9 @@ def _hosts(source: etree._Element | None) -> str:
     return ",".join(hosts)
 
 
-def _source(disk_type: str, source: etree._Element | None, device: DeviceType
-            ) -> tuple[StorageKind, str | None, str | None, str | None]:
+def _source(
+    disk_type: str, source: etree._Element | None, device: DeviceType
+) -> tuple[StorageKind, str | None, str | None, str | None]:
     """(storage kind, protocol, source text, QEMU protocol driver) for a <disk>'s <source>."""
     if source is None:
         return StorageKind.NONE, None, None, None
@@ -270,8 +304,9 @@ def _source(disk_type: str, source: etree._Element | None, device: DeviceType
         address = source.find("address")
         pci = ""
         if address is not None:
-            pci = "{}:{}:{}.{}".format(*(address.get(k, "0") for k in
-                                          ("domain", "bus", "slot", "function")))
+            pci = "{}:{}:{}.{}".format(
+                *(address.get(k, "0") for k in ("domain", "bus", "slot", "function"))
+            )
         return StorageKind.NVME, "nvme", f"nvme://{pci}/{source.get('namespace', '1')}", "nvme"
     if disk_type == "vhostuser":
         return StorageKind.VHOSTUSER, "vhost-user-blk", source.get("path"), None
@@ -292,8 +327,12 @@ def _backing(element: etree._Element | None, domain: str, depth: int) -> BlockNo
     storage, _protocol, source, driver = _source(kind, element.find("source"), DeviceType.DISK)
     if storage is StorageKind.NONE:
         return None
-    node = BlockNode(fmt, filename=source, read_only=True,
-                     file=BlockNode(driver, filename=source, read_only=True),
-                     defined_by=f"<backingStore> {source}")
+    node = BlockNode(
+        fmt,
+        filename=source,
+        read_only=True,
+        file=BlockNode(driver, filename=source, read_only=True),
+        defined_by=f"<backingStore> {source}",
+    )
     node.backing = _backing(element.find("backingStore"), domain, depth + 1)
     return node

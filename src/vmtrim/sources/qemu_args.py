@@ -73,9 +73,15 @@ watchdog-action nvram cpu-throttle realtime mem-merge
 
 # Disk shorthands: option -> (if, index, media).
 _SHORTHANDS = {
-    "hda": ("ide", 0, "disk"), "hdb": ("ide", 1, "disk"), "hdc": ("ide", 2, "disk"),
-    "hdd": ("ide", 3, "disk"), "cdrom": ("ide", 2, "cdrom"), "fda": ("floppy", 0, "disk"),
-    "fdb": ("floppy", 1, "disk"), "sd": ("sd", 0, "disk"), "mtdblock": ("mtd", 0, "disk"),
+    "hda": ("ide", 0, "disk"),
+    "hdb": ("ide", 1, "disk"),
+    "hdc": ("ide", 2, "disk"),
+    "hdd": ("ide", 3, "disk"),
+    "cdrom": ("ide", 2, "cdrom"),
+    "fda": ("floppy", 0, "disk"),
+    "fdb": ("floppy", 1, "disk"),
+    "sd": ("sd", 0, "disk"),
+    "mtdblock": ("mtd", 0, "disk"),
     "pflash": ("pflash", 0, "disk"),
 }
 
@@ -84,6 +90,7 @@ _URL_PROTOCOL = re.compile(r"([a-z][a-z0-9+]*)(?:://|:)(.*)", re.S)
 
 
 # ---------------------------------------------------------------- tokens and option values
+
 
 def tokenize(data: bytes | str, subject: str = "<args>") -> list[str]:
     """Split a command line into argv. NUL-separated input is taken as is."""
@@ -159,8 +166,9 @@ def parse_keyval(text: str, subject: str, option: str) -> dict[str, Any]:
         for step in path:
             nested = target.setdefault(step, {})
             if not isinstance(nested, dict):
-                raise BadInput(f"{option}: '{key}' conflicts with '{step}={nested}'",
-                               subject=subject)
+                raise BadInput(
+                    f"{option}: '{key}' conflicts with '{step}={nested}'", subject=subject
+                )
             target = nested
         if isinstance(target.get(last), dict):
             raise BadInput(f"{option}: '{key}' conflicts with '{last}.*'", subject=subject)
@@ -199,6 +207,7 @@ def normalize_discard(value: Any) -> str | None:
 
 # ---------------------------------------------------------------- the command line
 
+
 @dataclass
 class _Drive:
     opts: dict[str, Any]
@@ -234,11 +243,11 @@ def read_pid(pid: int) -> Domain:
     except FileNotFoundError as exc:
         raise BadInput("no such process", subject=subject) from exc
     except PermissionError as exc:
-        raise EnvironmentProblem("cannot read /proc/PID/cmdline: permission denied",
-                                 subject=subject) from exc
+        raise EnvironmentProblem(
+            "cannot read /proc/PID/cmdline: permission denied", subject=subject
+        ) from exc
     if not data:
-        raise BadInput("process has no command line (a kernel thread or a zombie)",
-                       subject=subject)
+        raise BadInput("process has no command line (a kernel thread or a zombie)", subject=subject)
     domain = parse_qemu_command(data, subject=subject)
     domain.qemu_version = qemu_binary_version(f"/proc/{pid}/exe")
     return domain
@@ -247,8 +256,13 @@ def read_pid(pid: int) -> Domain:
 def qemu_binary_version(binary: str) -> Version | None:
     """``QEMU emulator version 7.2.22 (Debian ...)`` -> (7, 2, 22); None if it cannot tell."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
-                             stdin=subprocess.DEVNULL).stdout
+        out = subprocess.run(
+            [binary, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"QEMU emulator version (\d+(?:\.\d+)*)", out)
@@ -280,8 +294,11 @@ def _parse_argv(argv: list[str], subject: str) -> _Parsed:
         token = argv[i]
         if not token.startswith("-") or token == "-":
             # QEMU takes a bare argument as the first hard disk image.
-            parsed.drives.append(_Drive({"file": token, "if": "ide", "index": str(positional_disk),
-                                         "media": "disk"}, i))
+            parsed.drives.append(
+                _Drive(
+                    {"file": token, "if": "ide", "index": str(positional_disk), "media": "disk"}, i
+                )
+            )
             positional_disk += 1
             i += 1
             continue
@@ -313,21 +330,29 @@ def _option(parsed: _Parsed, name: str, value: str, index: int, subject: str) ->
         parsed.drives.append(_Drive(parse_opts(value), index))
     elif name in _SHORTHANDS:
         interface, unit, media = _SHORTHANDS[name]
-        parsed.drives.append(_Drive({"file": value, "if": interface, "index": str(unit),
-                                     "media": media}, index))
+        parsed.drives.append(
+            _Drive({"file": value, "if": interface, "index": str(unit), "media": media}, index)
+        )
     elif name == "blockdev":
-        spec = (parse_json_option(value, subject, "-blockdev") if value.lstrip().startswith("{")
-                else parse_keyval(value, subject, "-blockdev"))
+        spec = (
+            parse_json_option(value, subject, "-blockdev")
+            if value.lstrip().startswith("{")
+            else parse_keyval(value, subject, "-blockdev")
+        )
         parsed.blockdevs.append((spec, index))
     elif name == "device":
-        device = (parse_json_option(value, subject, "-device") if value.lstrip().startswith("{")
-                  else parse_opts(value, implied="driver"))
+        device = (
+            parse_json_option(value, subject, "-device")
+            if value.lstrip().startswith("{")
+            else parse_opts(value, implied="driver")
+        )
         parsed.devices.append((device, index))
     elif name == "global":
         opts = parse_opts(value)
         if {"driver", "property", "value"} <= set(opts):
-            parsed.globals.setdefault(str(opts["driver"]), {})[str(opts["property"])] = \
-                opts["value"]
+            parsed.globals.setdefault(str(opts["driver"]), {})[str(opts["property"])] = opts[
+                "value"
+            ]
         else:
             for key, item in opts.items():
                 driver, _, prop = key.rpartition(".")
@@ -339,8 +364,20 @@ def _option(parsed: _Parsed, name: str, value: str, index: int, subject: str) ->
 
 # ---------------------------------------------------------------- building the model
 
-_DRIVE_NODE_KEYS = {"file", "format", "discard", "detect-zeroes", "cache", "readonly",
-                    "read-only", "driver", "aio", "node-name", "discard-no-unref", "copy-on-read"}
+_DRIVE_NODE_KEYS = {
+    "file",
+    "format",
+    "discard",
+    "detect-zeroes",
+    "cache",
+    "readonly",
+    "read-only",
+    "driver",
+    "aio",
+    "node-name",
+    "discard-no-unref",
+    "copy-on-read",
+}
 
 
 class _Builder:
@@ -381,18 +418,25 @@ class _Builder:
 
     # -- devices attached to -drive if=none or to -blockdev nodes
 
-    def _device_disk(self, device: dict[str, Any], index: int,
-                     drives_by_id: dict[str, _Drive]) -> Disk:
+    def _device_disk(
+        self, device: dict[str, Any], index: int, drives_by_id: dict[str, _Drive]
+    ) -> Disk:
         driver = str(device["driver"])
         rule = DEVICES[driver]
         properties = {**self.parsed.globals.get(driver, {}), **device}
         if rule.bus == "virtio":
             properties = {**self.parsed.globals.get("virtio-blk-device", {}), **properties}
         ref = device.get("drive")
-        disk = Disk(domain=self.name, ident=str(device.get("id") or ref or f"argv[{index}]"),
-                    device=rule.device, bus=rule.bus, qemu_device=driver,
-                    device_properties=properties, locator=f"argv[{index + 1}]",
-                    storage=StorageKind.NONE)
+        disk = Disk(
+            domain=self.name,
+            ident=str(device.get("id") or ref or f"argv[{index}]"),
+            device=rule.device,
+            bus=rule.bus,
+            qemu_device=driver,
+            device_properties=properties,
+            locator=f"argv[{index + 1}]",
+            storage=StorageKind.NONE,
+        )
         disk.bus, disk.controller_model = self._attachment(rule.bus, device)
         disk.read_only = disk.device is DeviceType.CDROM
         if ref is None:
@@ -445,8 +489,11 @@ class _Builder:
         device = DeviceType.CDROM if media == "cdrom" else DeviceType.DISK
         q35 = self._q35()
         mapping: dict[str, tuple[str, str | None, str | None]] = {
-            "ide": ("sata" if q35 else "ide", "ahci" if q35 else None,
-                    "ide-cd" if device is DeviceType.CDROM else "ide-hd"),
+            "ide": (
+                "sata" if q35 else "ide",
+                "ahci" if q35 else None,
+                "ide-cd" if device is DeviceType.CDROM else "ide-hd",
+            ),
             "scsi": ("scsi", "lsilogic", "scsi-cd" if device is DeviceType.CDROM else "scsi-hd"),
             "virtio": ("virtio", None, "virtio-blk-pci"),
             "floppy": ("fdc", None, "floppy"),
@@ -461,11 +508,18 @@ class _Builder:
         bus, controller, qemu_device = mapping[interface]
         if interface == "floppy":
             device = DeviceType.FLOPPY
-        disk = Disk(domain=self.name, ident=ident, device=device, bus=bus,
-                    controller_model=controller, qemu_device=qemu_device,
-                    device_properties=dict(self.parsed.globals.get(qemu_device or "", {})),
-                    locator=f"argv[{drive.argv_index + 1}]", storage=StorageKind.NONE,
-                    read_only=device is DeviceType.CDROM)
+        disk = Disk(
+            domain=self.name,
+            ident=ident,
+            device=device,
+            bus=bus,
+            controller_model=controller,
+            qemu_device=qemu_device,
+            device_properties=dict(self.parsed.globals.get(qemu_device or "", {})),
+            locator=f"argv[{drive.argv_index + 1}]",
+            storage=StorageKind.NONE,
+            read_only=device is DeviceType.CDROM,
+        )
         if "file" in opts or any(key.startswith("file.") for key in opts):
             fill_disk_from_nodes(disk, self._drive_nodes(drive))
         return disk
@@ -477,16 +531,20 @@ class _Builder:
         opts = drive.opts
         ident = drive.name
         discard = normalize_discard(opts.get("discard"))
-        read_only = _flag(opts.get("readonly", opts.get("read-only", "off"))) \
+        read_only = (
+            _flag(opts.get("readonly", opts.get("read-only", "off")))
             or str(opts.get("media", "")) == "cdrom"
-        file_opts: dict[str, Any] = {key[5:]: value for key, value in opts.items()
-                                     if key.startswith("file.")}
+        )
+        file_opts: dict[str, Any] = {
+            key[5:]: value for key, value in opts.items() if key.startswith("file.")
+        }
         filename = opts.get("file")
         if isinstance(filename, str) and filename.startswith("json:"):
             file_opts.update(parse_json_option(filename[5:], self.subject, f"-drive {ident}"))
             filename = None
-        protocol_node = self._protocol_from_filename(filename, file_opts, discard, read_only,
-                                                     f"-drive {ident}")
+        protocol_node = self._protocol_from_filename(
+            filename, file_opts, discard, read_only, f"-drive {ident}"
+        )
         fmt = opts.get("format") or opts.get("driver")
         if fmt is None or str(fmt) in LOCAL_PROTOCOLS or str(fmt) in PROTOCOLS:
             # No format layer given: QEMU probes (None), or the protocol is used directly.
@@ -498,18 +556,30 @@ class _Builder:
                 protocol_node.cache = _opt_str(opts.get("cache"))
                 return protocol_node
         top = BlockNode(
-            None if fmt is None else str(fmt), node_name=_opt_str(opts.get("node-name")),
-            discard=discard, detect_zeroes=_opt_str(opts.get("detect-zeroes")),
-            discard_no_unref=None if "discard-no-unref" not in opts
+            None if fmt is None else str(fmt),
+            node_name=_opt_str(opts.get("node-name")),
+            discard=discard,
+            detect_zeroes=_opt_str(opts.get("detect-zeroes")),
+            discard_no_unref=None
+            if "discard-no-unref" not in opts
             else _flag(opts["discard-no-unref"]),
-            cache=_opt_str(opts.get("cache")), read_only=read_only,
-            filename=protocol_node.filename, file=protocol_node, defined_by=f"-drive {ident}",
+            cache=_opt_str(opts.get("cache")),
+            read_only=read_only,
+            filename=protocol_node.filename,
+            file=protocol_node,
+            defined_by=f"-drive {ident}",
             options={k: v for k, v in opts.items() if k not in _DRIVE_NODE_KEYS},
         )
         return top
 
-    def _protocol_from_filename(self, filename: Any, extra: dict[str, Any], discard: str | None,
-                                read_only: bool, defined_by: str) -> BlockNode:
+    def _protocol_from_filename(
+        self,
+        filename: Any,
+        extra: dict[str, Any],
+        discard: str | None,
+        read_only: bool,
+        defined_by: str,
+    ) -> BlockNode:
         driver = extra.get("driver")
         path: str | None = filename if isinstance(filename, str) else None
         if driver is None and path is not None:
@@ -522,10 +592,15 @@ class _Builder:
                 driver = "file"
         if path is None:
             path = _describe_location(extra)
-        node = BlockNode(None if driver is None else str(driver), discard=discard,
-                         read_only=read_only, filename=path, inherited=discard is not None,
-                         defined_by=defined_by,
-                         options={k: v for k, v in extra.items() if k != "driver"})
+        node = BlockNode(
+            None if driver is None else str(driver),
+            discard=discard,
+            read_only=read_only,
+            filename=path,
+            inherited=discard is not None,
+            defined_by=defined_by,
+            options={k: v for k, v in extra.items() if k != "driver"},
+        )
         if "discard" in extra:
             node.discard = normalize_discard(extra["discard"])
             node.inherited = False
@@ -536,8 +611,9 @@ class _Builder:
         if name in self.nodes:
             return self.nodes[name]
         if name not in self.specs:
-            raise BadInput(f"{context}: no -blockdev or -drive named '{name}'",
-                           subject=self.subject)
+            raise BadInput(
+                f"{context}: no -blockdev or -drive named '{name}'", subject=self.subject
+            )
         if name in self.building:
             raise BadInput(f"-blockdev '{name}' refers to itself", subject=self.subject)
         self.building.add(name)
@@ -547,11 +623,14 @@ class _Builder:
         self.nodes[name] = node
         return node
 
-    def _node_from_spec(self, spec: dict[str, Any], inherited_discard: str | None,
-                        defined_by: str, depth: int = 0) -> BlockNode:
+    def _node_from_spec(
+        self, spec: dict[str, Any], inherited_discard: str | None, defined_by: str, depth: int = 0
+    ) -> BlockNode:
         if depth > _MAX_NODE_DEPTH or len(self.building) > _MAX_NODE_DEPTH:
-            raise BadInput(f"{defined_by}: block node graph nested more than {_MAX_NODE_DEPTH}"
-                           " levels deep", subject=self.subject)
+            raise BadInput(
+                f"{defined_by}: block node graph nested more than {_MAX_NODE_DEPTH} levels deep",
+                subject=self.subject,
+            )
         driver = spec.get("driver")
         if driver is None:
             raise BadInput(f"{defined_by}: no 'driver'", subject=self.subject)
@@ -559,14 +638,21 @@ class _Builder:
         discard = own if own is not None else inherited_discard
         cache = spec.get("cache")
         node = BlockNode(
-            str(driver), node_name=_opt_str(spec.get("node-name")), discard=discard,
+            str(driver),
+            node_name=_opt_str(spec.get("node-name")),
+            discard=discard,
             detect_zeroes=_opt_str(spec.get("detect-zeroes")),
-            discard_no_unref=None if "discard-no-unref" not in spec
+            discard_no_unref=None
+            if "discard-no-unref" not in spec
             else _flag(spec["discard-no-unref"]),
-            cache=(",".join(f"{k}={v}" for k, v in cache.items()) if isinstance(cache, dict)
-                   else _opt_str(cache)),
+            cache=(
+                ",".join(f"{k}={v}" for k, v in cache.items())
+                if isinstance(cache, dict)
+                else _opt_str(cache)
+            ),
             read_only=_flag(spec.get("read-only", False)),
-            filename=_location(spec), inherited=own is None and discard is not None,
+            filename=_location(spec),
+            inherited=own is None and discard is not None,
             defined_by=defined_by,
             options={k: v for k, v in spec.items() if k not in ("file", "backing")},
         )
@@ -576,9 +662,16 @@ class _Builder:
                 setattr(node, role, self._node(child, defined_by))
             elif isinstance(child, dict):
                 # Inline children inherit discard from their parent; backing files don't.
-                setattr(node, role, self._node_from_spec(
-                    child, discard if role == "file" else None, f"{defined_by} {role}",
-                    depth + 1))
+                setattr(
+                    node,
+                    role,
+                    self._node_from_spec(
+                        child,
+                        discard if role == "file" else None,
+                        f"{defined_by} {role}",
+                        depth + 1,
+                    ),
+                )
         if node.filename is None and node.file is not None:
             node.filename = node.file.filename
         return node
@@ -604,8 +697,13 @@ def fill_disk_from_nodes(disk: Disk, top: BlockNode) -> None:
     if kind is not None:
         disk.storage = StorageKind(kind)
     elif protocol.driver in PROTOCOLS:
-        disk.storage = (StorageKind.NVME if protocol.driver == "nvme" else StorageKind.DIR
-                        if protocol.driver == "vvfat" else StorageKind.NETWORK)
+        disk.storage = (
+            StorageKind.NVME
+            if protocol.driver == "nvme"
+            else StorageKind.DIR
+            if protocol.driver == "vvfat"
+            else StorageKind.NETWORK
+        )
         disk.protocol = protocol.driver
     else:
         disk.storage = StorageKind.UNKNOWN
@@ -621,8 +719,7 @@ def _name_drives(drives: list[_Drive]) -> None:
     taken: dict[str, set[int]] = {}
     for drive in drives:
         if "index" in drive.opts and str(drive.opts["index"]).isdigit():
-            taken.setdefault(str(drive.opts.get("if", "ide")), set()).add(
-                int(drive.opts["index"]))
+            taken.setdefault(str(drive.opts.get("if", "ide")), set()).add(int(drive.opts["index"]))
     for drive in drives:
         if "id" in drive.opts:
             drive.name = str(drive.opts["id"])
@@ -667,11 +764,28 @@ def _describe_location(spec: dict[str, Any]) -> str | None:
         if server.get("port"):
             host += f":{server['port']}"
     elif isinstance(server, list):
-        host = ",".join(f"{item.get('host', '')}:{item['port']}" if item.get("port")
-                        else str(item.get("host", "")) for item in server
-                        if isinstance(item, dict))
-    name = "/".join(str(spec[k]) for k in ("pool", "image", "target", "export", "volume", "path",
-                                           "url", "device", "namespace") if k in spec)
+        host = ",".join(
+            f"{item.get('host', '')}:{item['port']}"
+            if item.get("port")
+            else str(item.get("host", ""))
+            for item in server
+            if isinstance(item, dict)
+        )
+    name = "/".join(
+        str(spec[k])
+        for k in (
+            "pool",
+            "image",
+            "target",
+            "export",
+            "volume",
+            "path",
+            "url",
+            "device",
+            "namespace",
+        )
+        if k in spec
+    )
     return f"{driver}://{host}/{name}"
 
 

@@ -86,14 +86,15 @@ def connect(path: str, timeout: float) -> tuple[socket.socket, int | None]:
         try:
             sock.connect(path)
         except ConnectionRefusedError as exc:
-            raise EnvironmentProblem("connection refused (no QEMU is listening; a stale"
-                                     " socket?)", subject=path) from exc
+            raise EnvironmentProblem(
+                "connection refused (no QEMU is listening; a stale socket?)", subject=path
+            ) from exc
         except TimeoutError as exc:
-            raise EnvironmentProblem(f"no connection within {timeout:g} s",
-                                     subject=path) from exc
+            raise EnvironmentProblem(f"no connection within {timeout:g} s", subject=path) from exc
         except OSError as exc:
-            raise EnvironmentProblem(f"cannot connect: {exc.strerror or exc}",
-                                     subject=path) from exc
+            raise EnvironmentProblem(
+                f"cannot connect: {exc.strerror or exc}", subject=path
+            ) from exc
         pid = _peer_pid(sock)
         expect_greeting(sock, path, timeout)
         sock.setblocking(False)
@@ -117,15 +118,17 @@ def expect_greeting(sock: socket.socket, path: str, timeout: float) -> None:
     readable, _, _ = select.select([sock], [], [], timeout)
     if not readable:
         if _answers_like_agent(sock):
-            raise BadInput("a guest agent socket, not QMP (give it to `vmtrim trim --qga`)",
-                           subject=path)
-        raise EnvironmentProblem(f"no QMP greeting within {timeout:g} s (is another client"
-                                 " holding the monitor?)", subject=path)
+            raise BadInput(
+                "a guest agent socket, not QMP (give it to `vmtrim trim --qga`)", subject=path
+            )
+        raise EnvironmentProblem(
+            f"no QMP greeting within {timeout:g} s (is another client holding the monitor?)",
+            subject=path,
+        )
     try:
         head = sock.recv(4096, socket.MSG_PEEK)
     except OSError as exc:
-        raise EnvironmentProblem(f"connection lost: {exc.strerror or exc}",
-                                 subject=path) from exc
+        raise EnvironmentProblem(f"connection lost: {exc.strerror or exc}", subject=path) from exc
     if not head:
         raise BadInput("not a QMP socket (it hung up without a greeting)", subject=path)
     line = head.split(b"\n", 1)[0].strip()
@@ -212,8 +215,10 @@ async def _device_facts(monitor: _SocketMonitor, path: str) -> dict[str, Any]:
 
     listed = await monitor.optional("qom-list", {"path": path})
     names = {p.get("name") for p in _dicts(listed)}  # properties this device type has
-    facts: dict[str, Any] = {"type": await get(path, "type"),
-                             "hotplugged": await get(path, "hotplugged")}
+    facts: dict[str, Any] = {
+        "type": await get(path, "type"),
+        "hotplugged": await get(path, "hotplugged"),
+    }
     for name in _DEVICE_PROPERTIES:
         if name in names:
             facts[name] = await get(path, name)
@@ -249,19 +254,21 @@ class LiveDevice:
     @property
     def id(self) -> str | None:
         prefix = "/machine/peripheral/"
-        rest = self.path[len(prefix):] if self.path.startswith(prefix) else ""
+        rest = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
         return rest if rest and "/" not in rest else None
 
     def names(self) -> set[tuple[str, str]]:
         """(namespace, name) pairs by which a command-line disk may name this device."""
         top = self.top.node_name if self.top else None
-        return {(kind, name) for kind, name in (("id", self.id), ("backend", self.backend),
-                                                ("node", top)) if name}
+        return {
+            (kind, name)
+            for kind, name in (("id", self.id), ("backend", self.backend), ("node", top))
+            if name
+        }
 
     @property
     def ident(self) -> str:
-        return self.id or self.backend or (self.top.node_name if self.top else None) \
-            or self.path
+        return self.id or self.backend or (self.top.node_name if self.top else None) or self.path
 
 
 @dataclass
@@ -291,8 +298,9 @@ def parse_live(raw: dict[str, Any]) -> LiveQemu:
     infos = {str(n["node-name"]): n for n in _dicts(raw.get("nodes")) if n.get("node-name")}
     children = _graph_children(raw.get("graph"))
     if children is None:
-        live.notes.append("x-debug-query-block-graph is not available: only each disk's top"
-                          " node is shown")
+        live.notes.append(
+            "x-debug-query-block-graph is not available: only each disk's top node is shown"
+        )
     qom = raw.get("qom")
     qom = qom if isinstance(qom, dict) else {}
     for entry in _dicts(raw.get("block")):
@@ -308,14 +316,21 @@ def parse_live(raw: dict[str, Any]) -> LiveQemu:
         if isinstance(inserted, dict):
             top = _tree(str(inserted.get("node-name") or ""), infos, children or {}, inserted)
         kind = facts.get("type")
-        live.devices.append(LiveDevice(
-            backend=backend, path=path, qemu_device=kind if isinstance(kind, str) else None,
-            hotplugged=facts.get("hotplugged") if isinstance(facts.get("hotplugged"),
-                                                             bool) else None,
-            controller=facts["controller"] if isinstance(facts.get("controller"), str) else None,
-            properties={k: facts[k] for k in _DEVICE_PROPERTIES if k in facts},
-            top=top,
-        ))
+        live.devices.append(
+            LiveDevice(
+                backend=backend,
+                path=path,
+                qemu_device=kind if isinstance(kind, str) else None,
+                hotplugged=facts.get("hotplugged")
+                if isinstance(facts.get("hotplugged"), bool)
+                else None,
+                controller=facts["controller"]
+                if isinstance(facts.get("controller"), str)
+                else None,
+                properties={k: facts[k] for k in _DEVICE_PROPERTIES if k in facts},
+                top=top,
+            )
+        )
     return live
 
 
@@ -327,13 +342,19 @@ def _graph_children(graph: Any) -> dict[str, dict[str, str]] | None:
     """x-debug-query-block-graph -> {node-name: {"file": child, "backing": child}}."""
     if not isinstance(graph, dict):
         return None
-    names = {n.get("id"): n.get("name") for n in _dicts(graph.get("nodes"))
-             if n.get("type") == "block-driver"}
+    names = {
+        n.get("id"): n.get("name")
+        for n in _dicts(graph.get("nodes"))
+        if n.get("type") == "block-driver"
+    }
     children: dict[str, dict[str, str]] = {}
     for edge in _dicts(graph.get("edges")):
         parent, child = names.get(edge.get("parent")), names.get(edge.get("child"))
-        if isinstance(parent, str) and isinstance(child, str) and edge.get("name") in (
-                "file", "backing"):
+        if (
+            isinstance(parent, str)
+            and isinstance(child, str)
+            and edge.get("name") in ("file", "backing")
+        ):
             children.setdefault(parent, {})[str(edge["name"])] = child
     return children
 
@@ -345,12 +366,21 @@ def _cache_mode(cache: Any) -> str | None:
     if cache.get("no-flush"):
         return "unsafe"
     direct, writeback = bool(cache.get("direct")), bool(cache.get("writeback"))
-    return {(True, True): "none", (True, False): "directsync", (False, True): "writeback",
-            (False, False): "writethrough"}[(direct, writeback)]
+    return {
+        (True, True): "none",
+        (True, False): "directsync",
+        (False, True): "writeback",
+        (False, False): "writethrough",
+    }[(direct, writeback)]
 
 
-def _tree(name: str, infos: dict[str, dict[str, Any]], children: dict[str, dict[str, str]],
-          fallback: dict[str, Any] | None = None, depth: int = 0) -> BlockNode:
+def _tree(
+    name: str,
+    infos: dict[str, dict[str, Any]],
+    children: dict[str, dict[str, str]],
+    fallback: dict[str, Any] | None = None,
+    depth: int = 0,
+) -> BlockNode:
     info = infos.get(name) or fallback or {}
     detect = info.get("detect_zeroes")
     node = BlockNode(
@@ -372,19 +402,23 @@ def _tree(name: str, infos: dict[str, dict[str, Any]], children: dict[str, dict[
 # ---------------------------------------------------------------- merging
 
 
-def build_domain(live: LiveQemu, configured: Domain | None, subject: str,
-                 unreadable: str | None = None) -> Domain:
+def build_domain(
+    live: LiveQemu, configured: Domain | None, subject: str, unreadable: str | None = None
+) -> Domain:
     """One :class:`Domain`: the live devices, with discard from ``configured`` where known.
 
     ``unreadable`` says why there is no command line (``configured`` is None).
     """
     base = configured
     domain = Domain(
-        name=live.name or (base.name if base else subject), origin=Origin.QEMU_ARGS,
+        name=live.name or (base.name if base else subject),
+        origin=Origin.QEMU_ARGS,
         machine=live.machine or (base.machine if base else None),
         qemu_version=live.version or (base.qemu_version if base else None),
-        notes=[f"QMP {subject}: QEMU {format_version(live.version)}, machine"
-               f" {live.machine or 'unknown'}"],
+        notes=[
+            f"QMP {subject}: QEMU {format_version(live.version)}, machine"
+            f" {live.machine or 'unknown'}"
+        ],
     )
     if base is None:
         domain.notes.append(f"QMP-only: {unreadable}; discard is unknown on every disk")
@@ -396,19 +430,25 @@ def build_domain(live: LiveQemu, configured: Domain | None, subject: str,
             domain.disks.append(_merged(domain, device, match))
             continue
         if device.qemu_device not in DEVICES:
-            domain.notes.append(f"{device.ident}: {device.qemu_device or 'unknown device'} is"
-                                " not a disk vmtrim audits")
+            domain.notes.append(
+                f"{device.ident}: {device.qemu_device or 'unknown device'} is"
+                " not a disk vmtrim audits"
+            )
             continue
         how = "hot-plugged" if device.hotplugged else "not found in it"
-        why = (f"{NOT_SHOWN}, and {device.ident} is not on the command line ({how})"
-               if base else f"{NOT_SHOWN}, and the command line is not readable")
+        why = (
+            f"{NOT_SHOWN}, and {device.ident} is not on the command line ({how})"
+            if base
+            else f"{NOT_SHOWN}, and the command line is not readable"
+        )
         domain.disks.append(_live_only(domain, device, why))
     order = {id(disk): index for index, disk in enumerate(base.disks if base else [])}
     domain.disks.sort(key=lambda disk: order.get(id(disk), len(order)))  # command-line order
     for disk in pending:
         if disk.storage is not StorageKind.NONE or disk.node is not None:
-            domain.notes.append(f"{disk.ident} is on the command line but QEMU no longer has"
-                                " it (unplugged)")
+            domain.notes.append(
+                f"{disk.ident} is on the command line but QEMU no longer has it (unplugged)"
+            )
     if base:
         domain.notes.extend(base.notes)
     return domain
@@ -436,8 +476,10 @@ def _merged(domain: Domain, device: LiveDevice, disk: Disk) -> Disk:
         disk.qemu_device = device.qemu_device
     _virtio_discard(domain, device, disk)
     if device.top is not None:
-        reason = (f"{NOT_SHOWN}, and this node is not on the command line (created at"
-                  " runtime, e.g. by a snapshot or block job)")
+        reason = (
+            f"{NOT_SHOWN}, and this node is not on the command line (created at"
+            " runtime, e.g. by a snapshot or block job)"
+        )
         _overlay_disk(device.top, disk.node, reason)
         fill_disk_from_nodes(disk, device.top)
         _mark_unknown(disk)
@@ -452,10 +494,17 @@ def _live_only(domain: Domain, device: LiveDevice, why: str) -> Disk:
         kind_bus, controller_model = CONTROLLERS[device.controller]
         if kind_bus in ("sata", "ide", "scsi"):
             bus = kind_bus
-    disk = Disk(domain=domain.name, ident=device.ident, device=rule.device, bus=bus,
-                controller_model=controller_model, qemu_device=kind,
-                storage=StorageKind.NONE, locator=f"QOM {device.path}",
-                read_only=rule.device is DeviceType.CDROM)
+    disk = Disk(
+        domain=domain.name,
+        ident=device.ident,
+        device=rule.device,
+        bus=bus,
+        controller_model=controller_model,
+        qemu_device=kind,
+        storage=StorageKind.NONE,
+        locator=f"QOM {device.path}",
+        read_only=rule.device is DeviceType.CDROM,
+    )
     _virtio_discard(domain, device, disk)
     if device.top is not None:
         _overlay(device.top, None, why, 0)
@@ -514,10 +563,15 @@ def _same_node(live: BlockNode, conf: BlockNode) -> bool:
     def norm(path: str | None) -> str | None:
         return os.path.normpath(path) if path else None
 
-    return ((conf.node_name is None or conf.node_name == live.node_name)
-            and (conf.driver is None or conf.driver == live.driver)
-            and (norm(conf.filename) is None or norm(live.filename) is None
-                 or norm(conf.filename) == norm(live.filename)))
+    return (
+        (conf.node_name is None or conf.node_name == live.node_name)
+        and (conf.driver is None or conf.driver == live.driver)
+        and (
+            norm(conf.filename) is None
+            or norm(live.filename) is None
+            or norm(conf.filename) == norm(live.filename)
+        )
+    )
 
 
 def _mark_unknown(disk: Disk) -> None:
@@ -564,13 +618,12 @@ def read_qmp(path: str, timeout: float = 10.0) -> Domain:
 
 def _command_line(pid: int | None) -> tuple[Domain | None, str | None]:
     if pid is None:
-        return None, ("SO_PEERCRED names no process here (a forwarded socket, or another"
-                      " PID namespace)")
+        return None, (
+            "SO_PEERCRED names no process here (a forwarded socket, or another PID namespace)"
+        )
     try:
         domain = read_pid(pid)
     except VmtrimError as exc:
         return None, f"the socket's peer is pid {pid}, but {exc.message}"
     domain.notes.insert(0, f"discard settings from /proc/{pid}/cmdline (pid from SO_PEERCRED)")
     return domain, None
-
-

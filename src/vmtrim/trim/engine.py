@@ -211,8 +211,7 @@ def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> F
     try:
         status = agent.run("fstrim", args, timeout)
     except AgentFailed as exc:
-        raise AgentFailed(f"--mountpoint needs guest-exec and fstrim in the guest: {exc}"
-                          ) from exc
+        raise AgentFailed(f"--mountpoint needs guest-exec and fstrim in the guest: {exc}") from exc
     out = (status.out_data + status.err_data).decode("utf-8", "replace")
     if status.exitcode != 0 or status.signal:
         return FstrimPath(mountpoint, minimum=minimum, error=out.strip() or "fstrim failed")
@@ -221,8 +220,9 @@ def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> F
     return FstrimPath(mountpoint, trimmed=trimmed, minimum=minimum)
 
 
-def _measure_all(target: Target, disks: Sequence[DiskRef]
-                 ) -> list[tuple[int | None, str | None, str | None]]:
+def _measure_all(
+    target: Target, disks: Sequence[DiskRef]
+) -> list[tuple[int | None, str | None, str | None]]:
     """(bytes, how, error) per disk; one unreadable disk must not hide the others."""
     out: list[tuple[int | None, str | None, str | None]] = []
     for disk in disks:
@@ -272,8 +272,9 @@ def _trim_into(result: TrimResult, target: Target, options: TrimOptions) -> None
     def trim_in_guest() -> list[FstrimPath]:
         agent = target.agent(deadline - time.monotonic())
         if options.mountpoint:
-            return [fstrim_one(agent, options.mountpoint, options.minimum,
-                               deadline - time.monotonic())]
+            return [
+                fstrim_one(agent, options.mountpoint, options.minimum, deadline - time.monotonic())
+            ]
         return agent.fstrim(options.minimum, deadline - time.monotonic()).paths
 
     try:
@@ -307,8 +308,9 @@ def trim_all(
 ) -> list[TrimResult]:
     """Trim every target, ``options.parallel`` at a time; results in the targets' order."""
     targets = list(targets)
-    with ThreadPoolExecutor(max_workers=max(1, options.parallel),
-                            thread_name_prefix="vmtrim-trim") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, options.parallel), thread_name_prefix="vmtrim-trim"
+    ) as pool:
         futures = [pool.submit(trim_target, t, options) for t in targets]
         if on_done is not None:
             for future in futures:

@@ -76,8 +76,14 @@ def block_disks(query_block: Any) -> list[DiskRef]:
         qdev, device = entry.get("qdev") or "", entry.get("device") or ""
         name = device or inserted.get("node-name") or qdev
         local = _local_image(inserted)
-        refs.append(DiskRef(target=str(name), source=local or str(inserted.get("file")),
-                            local_file=local, key=str(qdev or device)))
+        refs.append(
+            DiskRef(
+                target=str(name),
+                source=local or str(inserted.get("file")),
+                local_file=local,
+                key=str(qdev or device),
+            )
+        )
     return refs
 
 
@@ -130,8 +136,10 @@ class DirectTarget:
 
     def measure(self, disk: DiskRef) -> tuple[int, str]:
         if disk.local_file is None:
-            raise EnvironmentProblem("not a local file: no host measurement without libvirt",
-                                     subject=disk.source or disk.target)
+            raise EnvironmentProblem(
+                "not a local file: no host measurement without libvirt",
+                subject=disk.source or disk.target,
+            )
         return allocated_bytes(disk.local_file), "du"
 
     def agent(self, timeout: float) -> DirectAgent:

@@ -23,8 +23,10 @@ def write_chart(results: list[CellResult], host: dict[str, Any], path: Path) -> 
         ) from exc
     labels = [f"{r.bus} {r.format} {r.mode} {r.discard}" for r in results]
     ratios = [100 * (r.reclaim_ratio or 0.0) for r in results]
-    colours = ["#c0392b" if r.error or not r.ok else
-               ("#27ae60" if r.expected == "reclaim" else "#7f8c8d") for r in results]
+    colours = [
+        "#c0392b" if r.error or not r.ok else ("#27ae60" if r.expected == "reclaim" else "#7f8c8d")
+        for r in results
+    ]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(results) + 1.6))
     ys = list(range(len(results)))
     ax.barh(ys, ratios, color=colours)
@@ -37,13 +39,17 @@ def write_chart(results: list[CellResult], host: dict[str, Any], path: Path) -> 
     ax.invert_yaxis()
     ax.set_xlim(0, 115)
     ax.set_xlabel("bytes reclaimed on the host, % of bytes deleted (| = expected)")
-    ax.set_title(f"vmtrim verify: QEMU {host.get('qemu_version')}, {host.get('machine')}, "
-                 f"guest {host.get('guest_kernel')}, {host.get('accel')}", fontsize=9)
+    ax.set_title(
+        f"vmtrim verify: QEMU {host.get('qemu_version')}, {host.get('machine')}, "
+        f"guest {host.get('guest_kernel')}, {host.get('accel')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
-        raise EnvironmentProblem(f"cannot write the chart: {exc.strerror}", subject=str(path)
-                                 ) from exc
+        raise EnvironmentProblem(
+            f"cannot write the chart: {exc.strerror}", subject=str(path)
+        ) from exc
     finally:
         plt.close(fig)

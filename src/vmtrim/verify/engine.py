@@ -71,10 +71,13 @@ class Cell:
     fs: str = "ext4"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("bus", self.bus, BUSES), ("format", self.format, FORMATS),
-                                     ("mode", self.mode, MODES),
-                                     ("discard", self.discard, DISCARDS),
-                                     ("fs", self.fs, FILESYSTEMS)):
+        for name, value, allowed in (
+            ("bus", self.bus, BUSES),
+            ("format", self.format, FORMATS),
+            ("mode", self.mode, MODES),
+            ("discard", self.discard, DISCARDS),
+            ("fs", self.fs, FILESYSTEMS),
+        ):
             if value not in allowed:
                 raise BadInput(f"--{name} must be one of {', '.join(allowed)}", subject=value)
         if self.size_mib < 1:
@@ -139,8 +142,9 @@ class CellResult:
 # --- expectation ------------------------------------------------------------------------
 
 
-def expectation(cell: Cell, qemu: tuple[int, ...], machine: str,
-                guest_kernel: tuple[int, ...] | None) -> tuple[str, str]:
+def expectation(
+    cell: Cell, qemu: tuple[int, ...], machine: str, guest_kernel: tuple[int, ...] | None
+) -> tuple[str, str]:
     """("reclaim" | "none", why) for a cell on this host, from the facts table."""
     from vmtrim.facts import FACTS
 
@@ -159,10 +163,15 @@ def expectation(cell: Cell, qemu: tuple[int, ...], machine: str,
         if fact.machine is not None and mv is not None and mv < fact.machine:
             return "none", f"machine {machine} < {_v(fact.machine)}: {fact.summary} ({fact.source})"
     guest_fact = FACTS["virtio_blk_guest"]
-    if (cell.bus == "virtio-blk" and guest_kernel is not None and guest_fact.linux is not None
-            and guest_kernel < guest_fact.linux):
-        return "none", (f"guest Linux {_v(guest_kernel)} < {_v(guest_fact.linux)}: "
-                        f"{guest_fact.summary}")
+    if (
+        cell.bus == "virtio-blk"
+        and guest_kernel is not None
+        and guest_fact.linux is not None
+        and guest_kernel < guest_fact.linux
+    ):
+        return "none", (
+            f"guest Linux {_v(guest_kernel)} < {_v(guest_fact.linux)}: {guest_fact.summary}"
+        )
     return "reclaim", "discard=unmap and every layer supports discard"
 
 
@@ -259,16 +268,26 @@ def _booter(settings: Settings) -> Boot:
 def run_cell(cell: Cell, settings: Settings) -> CellResult:
     """Run the 8 steps; a guest that fails raises GuestFailed (exit 3), after cleanup."""
     start = time.monotonic()
-    result = CellResult(cell.bus, cell.format, cell.mode, cell.discard, cell.fs,
-                        runner="libvirt" if settings.connect else "qemu")
+    result = CellResult(
+        cell.bus,
+        cell.format,
+        cell.mode,
+        cell.discard,
+        cell.fs,
+        runner="libvirt" if settings.connect else "qemu",
+    )
     result.expected, result.expected_because = expected_for(cell, settings)
     workdir = make_workdir()
     try:
         image = make_image(workdir, cell)
         spec = GuestSpec(
             settings.appliance,
-            scenario={"mode": cell.mode, "fs": cell.fs, "size": str(cell.size_mib),
-                      "agent": "1" if cell.mode == "agent" else "0"},
+            scenario={
+                "mode": cell.mode,
+                "fs": cell.fs,
+                "size": str(cell.size_mib),
+                "agent": "1" if cell.mode == "agent" else "0",
+            },
             disk=DiskSpec(image, cell.format, cell.bus, cell.discard),
             agent=cell.mode == "agent",
             machine=settings.machine,
@@ -326,16 +345,29 @@ def _int(text: str | None) -> int | None:
 # --- the matrix ------------------------------------------------------------------------------
 
 
-def matrix_cells(size_mib: int, fs: str = "ext4", *, buses: tuple[str, ...] = BUSES,
-                 formats: tuple[str, ...] = FORMATS, modes: tuple[str, ...] = MODES,
-                 discards: tuple[str, ...] = DISCARDS) -> list[Cell]:
+def matrix_cells(
+    size_mib: int,
+    fs: str = "ext4",
+    *,
+    buses: tuple[str, ...] = BUSES,
+    formats: tuple[str, ...] = FORMATS,
+    modes: tuple[str, ...] = MODES,
+    discards: tuple[str, ...] = DISCARDS,
+) -> list[Cell]:
     """Every bus x format x mode x discard cell (or the slice the arguments keep)."""
-    return [Cell(bus, fmt, mode, discard, size_mib, fs)
-            for bus, fmt, mode, discard in itertools.product(buses, formats, modes, discards)]
+    return [
+        Cell(bus, fmt, mode, discard, size_mib, fs)
+        for bus, fmt, mode, discard in itertools.product(buses, formats, modes, discards)
+    ]
 
 
-def run_cells(cells: list[Cell], settings: Settings, *, jobs: int | None = None,
-              on_done: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+def run_cells(
+    cells: list[Cell],
+    settings: Settings,
+    *,
+    jobs: int | None = None,
+    on_done: Callable[[CellResult], None] | None = None,
+) -> list[CellResult]:
     """Run cells in parallel (up to the CPU count); a failing cell is recorded, not raised."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(cells)))
 
@@ -343,9 +375,16 @@ def run_cells(cells: list[Cell], settings: Settings, *, jobs: int | None = None,
         try:
             return run_cell(cell, settings)
         except EnvironmentProblem as exc:
-            failed = CellResult(cell.bus, cell.format, cell.mode, cell.discard, cell.fs,
-                                runner="libvirt" if settings.connect else "qemu",
-                                error=exc.one_line(), error_exit_code=exc.exit_code)
+            failed = CellResult(
+                cell.bus,
+                cell.format,
+                cell.mode,
+                cell.discard,
+                cell.fs,
+                runner="libvirt" if settings.connect else "qemu",
+                error=exc.one_line(),
+                error_exit_code=exc.exit_code,
+            )
             failed.expected, failed.expected_because = expected_for(cell, settings)
             return failed
 

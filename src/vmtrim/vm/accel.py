@@ -69,7 +69,15 @@ def choose_accel(requested: str, appliance: Appliance) -> str:
         pass
     works, reason = probe_kvm(appliance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"key": key, "kvm": works, "reason": reason,
-                                   "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                              time.gmtime())}))
+    atomic_write(
+        path,
+        json.dumps(
+            {
+                "key": key,
+                "kvm": works,
+                "reason": reason,
+                "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ),
+    )
     return "kvm" if works else "tcg"

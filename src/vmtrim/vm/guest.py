@@ -148,11 +148,11 @@ class DiskSpec:
     discard: str  # unmap | ignore
 
     def __post_init__(self) -> None:
-        for value, allowed in ((self.bus, BUSES), (self.format, FORMATS),
-                               (self.discard, DISCARDS)):
+        for value, allowed in ((self.bus, BUSES), (self.format, FORMATS), (self.discard, DISCARDS)):
             if value not in allowed:
-                raise BadInput(f"{value!r} is not one of {', '.join(allowed)}",
-                               subject=str(self.path))
+                raise BadInput(
+                    f"{value!r} is not one of {', '.join(allowed)}", subject=str(self.path)
+                )
 
 
 @dataclass(frozen=True)
@@ -190,19 +190,28 @@ def disk_args(disk: DiskSpec) -> list[str]:
     """-blockdev and -device arguments that put ``disk`` on its bus with its discard setting."""
     args = [
         "-blockdev",
-        _blockdev(driver="file", filename=str(disk.path), **{"node-name": "disk0-file"},
-                  discard=disk.discard),
+        _blockdev(
+            driver="file",
+            filename=str(disk.path),
+            **{"node-name": "disk0-file"},
+            discard=disk.discard,
+        ),
         "-blockdev",
-        _blockdev(driver=disk.format, file="disk0-file", **{"node-name": "disk0"},
-                  discard=disk.discard),
+        _blockdev(
+            driver=disk.format, file="disk0-file", **{"node-name": "disk0"}, discard=disk.discard
+        ),
     ]
     if disk.bus == "ide":  # the board's own IDE controller (piix on pc, ahci on q35)
         args += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
     elif disk.bus == "sata":
         args += ["-device", "ahci,id=ahci0", "-device", "ide-hd,drive=disk0,bus=ahci0.0"]
     elif disk.bus == "virtio-scsi":
-        args += ["-device", "virtio-scsi-pci,id=scsi0",
-                 "-device", "scsi-hd,drive=disk0,bus=scsi0.0"]
+        args += [
+            "-device",
+            "virtio-scsi-pci,id=scsi0",
+            "-device",
+            "scsi-hd,drive=disk0,bus=scsi0.0",
+        ]
     else:
         args += ["-device", "virtio-blk-pci,drive=disk0"]
     return args
@@ -236,23 +245,52 @@ class RunPaths:
 def qemu_argv(spec: GuestSpec, paths: RunPaths) -> list[str]:
     accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg"]
     argv = [
-        QEMU, "-name", "vmtrim-lab", "-machine", spec.machine, *accel,
-        "-m", str(spec.memory_mib), "-smp", "1",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel()), "-initrd", str(spec.appliance.initrd),
-        "-append", spec.cmdline(),
-        "-chardev", f"file,id=serial0,path={paths.serial}", "-serial", "chardev:serial0",
-        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
+        QEMU,
+        "-name",
+        "vmtrim-lab",
+        "-machine",
+        spec.machine,
+        *accel,
+        "-m",
+        str(spec.memory_mib),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(spec.kernel()),
+        "-initrd",
+        str(spec.appliance.initrd),
+        "-append",
+        spec.cmdline(),
+        "-chardev",
+        f"file,id=serial0,path={paths.serial}",
+        "-serial",
+        "chardev:serial0",
+        "-chardev",
+        f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
     ]
     if spec.control or spec.agent:
         argv += ["-device", "virtio-serial-pci,id=vser0"]
     if spec.control:
-        argv += ["-chardev", f"socket,id=ctl,path={paths.ctl},server=on,wait=off",
-                 "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={CTL_PORT}"]
+        argv += [
+            "-chardev",
+            f"socket,id=ctl,path={paths.ctl},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev=ctl,name={CTL_PORT}",
+        ]
     if spec.agent:
-        argv += ["-chardev", f"socket,id=qga,path={paths.agent},server=on,wait=off",
-                 "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT}"]
+        argv += [
+            "-chardev",
+            f"socket,id=qga,path={paths.agent},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT}",
+        ]
     if spec.disk is not None:
         argv += disk_args(spec.disk)
     return argv
@@ -274,7 +312,7 @@ def serial_tail(path: Path, lines: int = 6, width: int = 160) -> str:
     tail = kept[-lines:]
     panics = [ln for ln in kept if "Kernel panic" in ln]
     if panics and panics[-1] not in tail:
-        tail = [panics[-1], "...", *tail[-(lines - 2):]]
+        tail = [panics[-1], "...", *tail[-(lines - 2) :]]
     return " | ".join(tail) or "(serial log is empty)"
 
 
@@ -289,7 +327,7 @@ def parse_status(line: str) -> dict[str, str] | None:
     """``VMTRIM step=written bytes=1 message=free text`` -> dict; None if not a status line."""
     if not line.startswith("VMTRIM "):
         return None
-    body = line[len("VMTRIM "):]
+    body = line[len("VMTRIM ") :]
     message = None
     if " message=" in f" {body}":
         body, _, message = f" {body}".partition(" message=")
@@ -306,8 +344,9 @@ class ControlChannel:
     serial tail and whatever the runner knows about why the VM is gone).
     """
 
-    def __init__(self, sock: socket.socket, failure: Callable[[str], GuestFailed],
-                 alive: Callable[[], bool]) -> None:
+    def __init__(
+        self, sock: socket.socket, failure: Callable[[str], GuestFailed], alive: Callable[[], bool]
+    ) -> None:
         self._sock = sock
         self._buffer = b""
         self._fail = failure
@@ -315,8 +354,14 @@ class ControlChannel:
         self.seen: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def connect(cls, path: Path, *, failure: Callable[[str], GuestFailed],
-                alive: Callable[[], bool], timeout: float = 30.0) -> ControlChannel:
+    def connect(
+        cls,
+        path: Path,
+        *,
+        failure: Callable[[str], GuestFailed],
+        alive: Callable[[], bool],
+        timeout: float = 30.0,
+    ) -> ControlChannel:
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -326,8 +371,7 @@ class ControlChannel:
             except OSError as exc:
                 sock.close()
                 if not alive() or time.monotonic() > deadline:
-                    raise failure(f"cannot connect to the control port: {exc.strerror}"
-                                  ) from exc
+                    raise failure(f"cannot connect to the control port: {exc.strerror}") from exc
                 time.sleep(0.05)
 
     def _readline(self, deadline: float, waiting_for: str) -> str:
@@ -343,8 +387,7 @@ class ControlChannel:
                     raise self._fail(f"the VM stopped before '{waiting_for}'") from None
                 continue
             except OSError as exc:
-                raise self._fail(f"the control port failed before '{waiting_for}': {exc}"
-                                 ) from exc
+                raise self._fail(f"the control port failed before '{waiting_for}': {exc}") from exc
             if not chunk:
                 raise self._fail(f"the VM stopped before '{waiting_for}'")
             self._buffer += chunk
@@ -405,8 +448,9 @@ class GuestBase:
     port), ``_stop`` and ``alive``.
     """
 
-    def __init__(self, spec: GuestSpec, workdir: Path, *, subject: str = "vm",
-                 connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self, spec: GuestSpec, workdir: Path, *, subject: str = "vm", connect_timeout: float = 30.0
+    ) -> None:
         self.spec = spec
         self.paths = RunPaths(workdir)
         self.serial_log = self.paths.serial
@@ -438,8 +482,9 @@ class GuestBase:
     def _connect_ctl(self) -> None:
         if not self.spec.control:
             return
-        self._ctl = ControlChannel.connect(self.paths.ctl, failure=self.failure,
-                                           alive=self.alive, timeout=self.connect_timeout)
+        self._ctl = ControlChannel.connect(
+            self.paths.ctl, failure=self.failure, alive=self.alive, timeout=self.connect_timeout
+        )
 
     def stop(self) -> None:
         try:
@@ -455,8 +500,10 @@ class GuestBase:
 
     def failure(self, what: str) -> GuestFailed:
         detail = self.exit_detail()
-        return GuestFailed(f"{what}{f' ({detail})' if detail else ''}; "
-                           f"serial log: {serial_tail(self.serial_log)}", subject=self.subject)
+        return GuestFailed(
+            f"{what}{f' ({detail})' if detail else ''}; serial log: {serial_tail(self.serial_log)}",
+            subject=self.subject,
+        )
 
     @property
     def ctl(self) -> ControlChannel:
@@ -473,9 +520,15 @@ class DirectGuest(GuestBase):
     a user's disk options, or that line after ``vmtrim fix``); the channels stay.
     """
 
-    def __init__(self, spec: GuestSpec, workdir: Path, *, subject: str = "vm",
-                 connect_timeout: float = 30.0,
-                 rewrite_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        spec: GuestSpec,
+        workdir: Path,
+        *,
+        subject: str = "vm",
+        connect_timeout: float = 30.0,
+        rewrite_argv: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
         super().__init__(spec, workdir, subject=subject, connect_timeout=connect_timeout)
         self.rewrite_argv = rewrite_argv
         self.process: subprocess.Popen[bytes] | None = None
@@ -489,15 +542,17 @@ class DirectGuest(GuestBase):
             argv = self.rewrite_argv(argv)
         with open(self.paths.stderr, "wb") as err, launching():
             # Own session: a Ctrl-C on the terminal reaches vmtrim, which stops QEMU itself.
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
-                                            stderr=err, start_new_session=True)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+            )
         self._connect_ctl()
         self._query_info()
 
     def _query_info(self) -> None:
         try:
-            with SyncMonitor(str(self.paths.qmp), timeout=self.connect_timeout,
-                             subject=self.subject) as qmp:
+            with SyncMonitor(
+                str(self.paths.qmp), timeout=self.connect_timeout, subject=self.subject
+            ) as qmp:
                 version = qmp.execute("query-version")
                 machines = qmp.execute("query-machines")
                 kvm = qmp.execute("query-kvm")
@@ -530,11 +585,13 @@ class DirectGuest(GuestBase):
             return ""
         err = self.paths.stderr.read_text(errors="replace").strip().splitlines()
         return f"QEMU exited with status {self.process.returncode}" + (
-            f": {err[-1]}" if err else "")
+            f": {err[-1]}" if err else ""
+        )
 
     def agent_fstrim(self, minimum: int = 0) -> FstrimResult:
-        with SyncGuestAgent(str(self.paths.agent), timeout=30.0,
-                            subject=f"{self.subject} agent") as ga:
+        with SyncGuestAgent(
+            str(self.paths.agent), timeout=30.0, subject=f"{self.subject} agent"
+        ) as ga:
             return ga.fstrim(minimum)
 
     def blockstats(self) -> dict[str, Any]:
@@ -580,8 +637,9 @@ def machine_version(machine: str) -> tuple[int, int] | None:
 def qemu_version() -> tuple[int, int, int]:
     """The installed QEMU's version, from ``qemu-system-x86_64 --version``."""
     try:
-        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            [QEMU, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EnvironmentProblem(f"{QEMU} cannot run: {exc}", subject=QEMU) from exc
     match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)

@@ -49,8 +49,7 @@ TARGETS = {
 }
 
 
-def _sub(parent: etree._Element, tag: str, text: str | None = None,
-         **attrs: str) -> etree._Element:
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
     el = etree.SubElement(parent, tag, attrs)
     if text is not None:
         el.text = text
@@ -130,8 +129,15 @@ def _qemu_owner() -> tuple[int, int] | None:
 class LibvirtGuest(GuestBase):
     """A lab guest as a transient domain; destroyed on exit, whatever happened."""
 
-    def __init__(self, uri: str, spec: GuestSpec, workdir: Path, *, subject: str = "vm",
-                 connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        spec: GuestSpec,
+        workdir: Path,
+        *,
+        subject: str = "vm",
+        connect_timeout: float = 30.0,
+    ) -> None:
         super().__init__(spec, workdir, subject=subject, connect_timeout=connect_timeout)
         self.uri = uri
         self.name = f"vmtrim-lab-{uuid.uuid4().hex[:12]}"
@@ -144,8 +150,9 @@ class LibvirtGuest(GuestBase):
         try:
             self._conn = lv.open(self.uri)
         except lv.libvirtError as exc:
-            raise EnvironmentProblem(f"cannot connect: {exc.get_error_message()}",
-                                     subject=self.uri) from exc
+            raise EnvironmentProblem(
+                f"cannot connect: {exc.get_error_message()}", subject=self.uri
+            ) from exc
         workdir = self.paths.workdir
         kernel = workdir / self.spec.kernel().name
         initrd = workdir / "initrd.img"
@@ -160,8 +167,9 @@ class LibvirtGuest(GuestBase):
             with launching():
                 self._dom = self._conn.createXML(xml, 0)
         except lv.libvirtError as exc:
-            raise GuestFailed(f"libvirt did not start the domain: {exc.get_error_message()}",
-                              subject=self.subject) from exc
+            raise GuestFailed(
+                f"libvirt did not start the domain: {exc.get_error_message()}", subject=self.subject
+            ) from exc
         self._connect_ctl()
 
     def alive(self) -> bool:
@@ -189,15 +197,20 @@ class LibvirtGuest(GuestBase):
     def info(self) -> dict[str, Any]:
         machine = self.spec.machine
         with contextlib.suppress(self._libvirt.libvirtError):
-            tree = etree.fromstring(self._dom.XMLDesc(0).encode(),
-                                    etree.XMLParser(resolve_entities=False, no_network=True))
+            tree = etree.fromstring(
+                self._dom.XMLDesc(0).encode(),
+                etree.XMLParser(resolve_entities=False, no_network=True),
+            )
             type_el = tree.find("os/type")
             if type_el is not None:  # libvirt expands the alias: pc -> pc-i440fx-7.2
                 machine = type_el.get("machine") or machine
-        return {"qemu_version": _dotted(int(self._conn.getVersion())), "machine": machine,
-                "accel": "kvm" if self.spec.accel == "kvm" else "tcg",
-                "libvirt_version": _dotted(int(self._conn.getLibVersion())),
-                "domain": self.name}
+        return {
+            "qemu_version": _dotted(int(self._conn.getVersion())),
+            "machine": machine,
+            "accel": "kvm" if self.spec.accel == "kvm" else "tcg",
+            "libvirt_version": _dotted(int(self._conn.getLibVersion())),
+            "domain": self.name,
+        }
 
     def agent_fstrim(self, minimum: int = 0, timeout: float = 30.0) -> FstrimResult:
         """guest-fstrim through libvirt; retried while libvirt says the agent is not there yet."""
@@ -211,14 +224,14 @@ class LibvirtGuest(GuestBase):
                 break
             except self._libvirt.libvirtError as exc:
                 if time.monotonic() > deadline:
-                    raise EnvironmentProblem(f"guest-fstrim failed: {exc.get_error_message()}",
-                                             subject=self.name) from exc
+                    raise EnvironmentProblem(
+                        f"guest-fstrim failed: {exc.get_error_message()}", subject=self.name
+                    ) from exc
                 time.sleep(0.5)
         try:
             ret = json.loads(reply)["return"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise EnvironmentProblem(f"guest-fstrim returned {reply!r}", subject=self.name
-                                     ) from exc
+            raise EnvironmentProblem(f"guest-fstrim returned {reply!r}", subject=self.name) from exc
         return parse_fstrim(ret, self.name)
 
     def wait_exit(self, timeout: float) -> None:
