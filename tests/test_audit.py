@@ -140,7 +140,7 @@ def test_cdroms_read_only_and_empty_drives_do_not_fail_the_run() -> None:
 
 def test_json_document_shape() -> None:
     _, doc = audit_json("--no-probe", "--xml", str(DATA / "design-scsi.xml"))
-    assert doc["schema"] == "vmtrim.audit.engine/1"
+    assert doc["schema"] == "vmtrim.audit/1"
     (disk,) = doc["disks"]
     for key in (
         "domain",

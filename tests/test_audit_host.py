@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmtrim import hostprobe
+from vmtrim.audit import hostprobe
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes, block_device_probe
 from vmtrim.model import DiskReport, LayerKind, Severity, Verdict

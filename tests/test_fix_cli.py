@@ -78,7 +78,7 @@ def test_json_document(scsi_xml: Path) -> None:
     result = vmtrim("fix", "--xml", str(scsi_xml), "--json", "--no-probe")
     assert result.returncode == 0
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.fix.policy/1"
+    assert doc["schema"] == "vmtrim.fix/1"
     assert doc["changed"] is True and doc["fixed"] == ["sda"]
     assert {"disk": "sda", "setting": "discard", "old": None, "new": "unmap"} in doc["changes"]
     assert doc["skipped"] == [] and doc["mode"] == "stdout"

@@ -409,7 +409,7 @@ def test_cli_json_documents(images: dict[str, Path]) -> None:
             [*exe, "image", "info", "--json", str(path)], check=True, capture_output=True, text=True
         ).stdout
     )
-    assert info["schema"] == "vmtrim.image.info/1"
+    assert info["schema"] == "vmtrim.image/1"
     expected = check_figures(qemu_check(path))
     assert {k: info[k] for k in expected} == expected
     assert info["backing"]["backing"]["path"].endswith("base.qcow2")

@@ -102,7 +102,7 @@ def test_cli_trim_test_driver_reports_failure_not_crash(capsys: pytest.CaptureFi
     code = run(["trim", "-c", TEST_URI, "--all", "--json", "--timeout", "5"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert doc["schema"] == "vmtrim.trim.engine/1"
+    assert doc["schema"] == "vmtrim.trim/1"
     [dom] = doc["domains"]
     assert dom["domain"] == "test"
     assert dom["status"] in ("failed", "skipped")

@@ -225,7 +225,7 @@ def audit(guest: Guest) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     )
     assert result.stdout, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.audit.engine/1"
+    assert doc["schema"] == "vmtrim.audit/1"
     [info] = doc["guests"]
     assert info["domain"] == guest.name and info["agent"] is True, info
     layers = {d["target"]: {la["layer"]: la for la in d["layers"]} for d in doc["disks"]}

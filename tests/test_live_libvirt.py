@@ -236,7 +236,7 @@ def trim_json(*args: str) -> tuple[dict[str, Any], float, subprocess.CompletedPr
     elapsed = time.monotonic() - start
     assert result.stdout, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.trim.engine/1"
+    assert doc["schema"] == "vmtrim.trim/1"
     return doc, elapsed, result
 
 

@@ -81,7 +81,7 @@ def test_qga_and_qmp_trim_and_count_unmaps(guest: DirectGuest) -> None:
     )
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "vmtrim.trim.engine/1"
+    assert doc["schema"] == "vmtrim.trim/1"
     [dom] = doc["domains"]
     assert dom["status"] == "trimmed"
     assert dom["domain"] == "vmtrim-lab"  # QEMU's -name, from QMP query-name

@@ -101,7 +101,7 @@ def passing_cell(env: dict[str, str], *args: str) -> tuple[dict[str, Any], dict[
     """Run one cell that must match its expectation; (the cell, the whole document)."""
     code, doc, err = verify_json(env, *args)
     assert code == 0, err
-    assert doc["schema"] == "vmtrim.verify.engine/1"
+    assert doc["schema"] == "vmtrim.verify/1"
     assert len(doc["cells"]) == 1
     cell: dict[str, Any] = doc["cells"][0]
     return cell, doc

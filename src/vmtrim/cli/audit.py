@@ -14,7 +14,7 @@ import click
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.model import DiskReport, Domain, LayerKind, Severity, Verdict
 
-SCHEMA = "vmtrim.audit.engine/1"
+SCHEMA = "vmtrim.audit/1"
 
 _LAYER_HEADERS = {
     LayerKind.GUEST_FS: "guest fs",
@@ -67,9 +67,7 @@ _SEVERITY_MARK = {
     is_flag=True,
     help="Do not probe host filesystems/devices (the input is from another host).",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one vmtrim.audit.engine/1 JSON document."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
 @click.option(
     "-c",
     "--connect",

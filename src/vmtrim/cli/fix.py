@@ -4,7 +4,7 @@ Output modes: the new text on stdout (default), ``--dry-run`` (a unified diff,
 nothing written), ``-o FILE`` (written atomically; an existing FILE is backed up
 first), ``--in-place`` (a 0600 timestamped backup beside the file, then an atomic
 replace). A summary of the changes and the disks left alone goes to stderr, or
-everything into one ``vmtrim.fix.policy/1`` document with ``--json``.
+everything into one ``vmtrim.fix/1`` document with ``--json``.
 
 Exit codes: 0 changed, or nothing to change ("already enabled"; also when the only
 disks are cdroms, luns, read-only or shared disks, which fix leaves alone on
@@ -42,9 +42,7 @@ from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
               help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one vmtrim.fix.policy/1 JSON document."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
 @click.option(
     "-c",
     "--connect",
@@ -146,8 +144,8 @@ def fix(
 
 def run_fix(path: str, options: FixOptions, *, xml: bool, probe: bool = True) -> FixResult:
     """Read ``path`` ('-' for stdin) and fix it as libvirt XML or as a QEMU command line."""
+    from vmtrim._util.files import read_input
     from vmtrim.audit.hostprobe import HostProbes
-    from vmtrim.sources.libvirt_xml import read_input
 
     subject = "<stdin>" if path == "-" else path
     data = read_input(path)

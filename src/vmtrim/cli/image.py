@@ -25,9 +25,7 @@ def image() -> None:
 
 @image.command("info")
 @click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one vmtrim.image.info/1 JSON document."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image/1 JSON document.")
 @click.option(
     "--scan-zeros", is_flag=True, help="Also read every data cluster to find all-zero ones (slow)."
 )

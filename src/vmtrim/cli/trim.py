@@ -63,9 +63,7 @@ from vmtrim.trim.engine import (
     metavar="SOCKET",
     help="With --qga: the QMP socket, for disks and unmap counters.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one vmtrim.trim.engine/1 JSON document."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.trim/1 JSON document.")
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
 def trim(
     uri: str | None,

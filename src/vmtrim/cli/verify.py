@@ -143,9 +143,7 @@ def verify(
 
         write_chart(results, host, png)
     if as_json:
-        print_json(
-            "vmtrim.verify.engine/1", {"host": host, "cells": [r.to_json() for r in results]}
-        )
+        print_json("vmtrim.verify/1", {"host": host, "cells": [r.to_json() for r in results]})
     else:
         _render(results, host)
     failed = [r for r in results if r.error]

@@ -23,7 +23,7 @@ from vmtrim.errors import BadInput
 from vmtrim.facts import FORMATS, PROTOCOLS
 from vmtrim.model import DeviceType, Disk, DiskReport, Layer, LayerKind, StorageKind, Verdict
 
-SCHEMA = "vmtrim.fix.policy/1"
+SCHEMA = "vmtrim.fix/1"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
 from vmtrim.image.allocation import Coverage, extents_fd
 from vmtrim.image.qcow2 import (
@@ -36,13 +37,12 @@ from vmtrim.image.qcow2 import (
     ZERO_ALLOC,
     ZERO_PLAIN,
     Qcow2Reader,
-    open_readonly,
 )
 
 if TYPE_CHECKING:
     from vmtrim.image.scan import Scan
 
-SCHEMA = "vmtrim.image.info/1"
+SCHEMA = "vmtrim.image/1"
 Progress = Callable[[int, int], None]
 
 
@@ -113,7 +113,7 @@ class ImageInfo:
     reclaim: ReclaimView = field(default_factory=ReclaimView)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain dict for ``vmtrim.image.info/1`` (without the schema field)."""
+        """Plain dict for ``vmtrim.image/1`` (without the schema field)."""
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
 from vmtrim.image.allocation import extents_fd
 from vmtrim.image.qcow2 import (
@@ -36,7 +37,6 @@ from vmtrim.image.qcow2 import (
     ZERO_ALLOC,
     ZERO_PLAIN,
     Qcow2Reader,
-    open_readonly,
 )
 from vmtrim.image.scan import Scan, scan
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
 
 MAGIC = b"QFI\xfb"
@@ -597,27 +598,3 @@ def decode_refcounts(block: bytes, order: int) -> U64:
     shifts = np.arange(0, 8, bits, dtype=np.uint8)
     vals = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
     return vals.reshape(-1).astype(np.uint64)
-
-
-def open_readonly(path: str) -> int:
-    """Open an image for reading only, turning OS errors into one-line ImageErrors."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise ImageError("no such file", subject=path) from exc
-    except PermissionError as exc:
-        raise ImageError("permission denied (cannot open for reading)", subject=path) from exc
-    except IsADirectoryError as exc:
-        raise ImageError("is a directory, not an image", subject=path) from exc
-    except OSError as exc:
-        raise ImageError(f"cannot open: {exc.strerror}", subject=path) from exc
-    import stat
-
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode):
-        os.close(fd)
-        raise ImageError("is a directory, not an image", subject=path)
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ImageError("not a regular file (vmtrim reads image files)", subject=path)
-    return fd

@@ -206,7 +206,7 @@ def disk_addresses(xml: str) -> dict[str, _Address]:
     """target dev -> address, with the controller's PCI address for drive addresses."""
     from lxml import etree
 
-    from vmtrim.fix.xmledit import xml_parser
+    from vmtrim._util.safexml import xml_parser
 
     root = etree.fromstring(xml.encode(), xml_parser())
     controllers = {

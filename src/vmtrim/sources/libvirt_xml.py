@@ -12,13 +12,11 @@ Unknown elements and device types are skipped, never fatal.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from lxml import etree
 
+from vmtrim._util.files import read_input
+from vmtrim._util.safexml import xml_parser
 from vmtrim.errors import BadInput
-from vmtrim.fix.xmledit import xml_parser  # the project's one safe parser configuration
 from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).
@@ -34,20 +32,6 @@ _PREFIX_BUS = (
 
 # libvirt's default SCSI controller model for x86 QEMU builds with the LSI controller.
 DEFAULT_SCSI_MODEL = "lsilogic"
-
-
-def read_input(path: str) -> bytes:
-    """Read ``path`` (or stdin for ``-``) as bytes; a missing file is bad input."""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise BadInput("no such file", subject=path) from exc
-    except IsADirectoryError as exc:
-        raise BadInput("is a directory, not a file", subject=path) from exc
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror}", subject=path) from exc
 
 
 def parse_domain_file(path: str) -> Domain:

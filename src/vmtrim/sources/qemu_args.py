@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmtrim._util.files import read_input
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.facts import CONTROLLERS, DEVICES, LOCAL_PROTOCOLS, PROTOCOLS
 from vmtrim.model import (
@@ -39,7 +40,6 @@ from vmtrim.model import (
     Version,
     parse_version,
 )
-from vmtrim.sources.libvirt_xml import read_input
 
 
 def _words(text: str) -> frozenset[str]:

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from vmtrim.channels.qmp import ExecStatus, FstrimPath, FstrimResult
 from vmtrim.errors import VmtrimError
 
-SCHEMA = "vmtrim.trim.engine/1"
+SCHEMA = "vmtrim.trim/1"
 UPPER_BOUND_NOTE = (
     "guest_trimmed_bytes and paths[].trimmed are what the guest asked to discard "
     "(upper bounds); reclaimed_bytes is what the host measured"

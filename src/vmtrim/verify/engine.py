@@ -58,7 +58,7 @@ FILESYSTEMS = ("ext4", "ext3", "xfs", "btrfs")
 RECLAIM_RATIO = 0.99
 NONE_RATIO = 0.01
 MIN_DISK_MIB = 1024
-SCHEMA = "vmtrim.verify.engine/1"
+SCHEMA = "vmtrim.verify/1"
 
 
 @dataclass(frozen=True)
