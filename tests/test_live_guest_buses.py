@@ -28,10 +28,11 @@ import libvirt_qemu
 import pytest
 from lxml import etree
 
+from vmtrim.channels.libvirt import LibvirtAgent
+from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.sources.libvirt_live import LibvirtAgent
-from vmtrim.vm.guest import ControlChannel, DiskSpec, GuestFailed, GuestSpec, RunPaths, serial_tail
-from vmtrim.vm.libvirt import domain_xml
+from vmtrim.vm.guest import ControlChannel, DiskSpec, GuestSpec, RunPaths, serial_tail
+from vmtrim.vm.libvirt import lab_domain_xml
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 
@@ -110,7 +111,7 @@ def guest_xml(layout: Layout, name: str, workdir: Path, appliance: Appliance) ->
         memory_mib=256,
     )
     root = etree.fromstring(
-        domain_xml(spec, name, RunPaths(workdir), spec.kernel(), appliance.initrd).encode()
+        lab_domain_xml(spec, name, RunPaths(workdir), spec.kernel(), appliance.initrd).encode()
     )
     template = root.find("devices/disk")
     assert template is not None

@@ -27,8 +27,9 @@ import libvirt
 import libvirt_qemu
 import pytest
 
+from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.vm.guest import ControlChannel, GuestFailed, serial_tail
+from vmtrim.vm.guest import ControlChannel, serial_tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 MiB = 1024 * 1024

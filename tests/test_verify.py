@@ -24,8 +24,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance, ensure_appliance
-from vmtrim.vm.guest import BUSES, GuestFailed, GuestSpec, parse_status
+from vmtrim.vm.guest import BUSES, GuestSpec, parse_status
 
 MiB = 1 << 20
 pytestmark = pytest.mark.vm
@@ -342,7 +343,7 @@ def test_status_parser_round_trip(step: str, pairs: dict[str, str], message: str
 @pytest.mark.parametrize("bus", BUSES)
 def test_domain_xml_is_valid_for_libvirt(appliance: Appliance, tmp_path: Path, bus: str) -> None:
     from vmtrim.vm.guest import DiskSpec, RunPaths
-    from vmtrim.vm.libvirt import domain_xml
+    from vmtrim.vm.libvirt import lab_domain_xml
 
     spec = GuestSpec(
         appliance,
@@ -352,7 +353,7 @@ def test_domain_xml_is_valid_for_libvirt(appliance: Appliance, tmp_path: Path, b
     )
     xml = tmp_path / "domain.xml"
     xml.write_text(
-        domain_xml(spec, "vmtrim-lab-x", RunPaths(tmp_path), appliance.kernel, appliance.initrd)
+        lab_domain_xml(spec, "vmtrim-lab-x", RunPaths(tmp_path), appliance.kernel, appliance.initrd)
     )
     done = subprocess.run(
         ["virt-xml-validate", str(xml), "domain"],

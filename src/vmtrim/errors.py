@@ -6,7 +6,15 @@
      +-- BadInput               exit 2: a file, argument or domain the user gave is wrong
      |    +-- ImageError        an image that cannot be read as what it claims to be
      +-- EnvironmentProblem     exit 3: a tool, service or connection is missing or failing
-     +-- VerificationFailed     exit 1: the check ran and the answer is "no"
+          +-- AgentUnavailable  no agent (or QMP monitor) on the channel, or no answer in time
+          +-- AgentCommandFailed  it answered, with an error (``command``, ``error_class``)
+          +-- GuestFailed       a throwaway guest failed to boot, panicked or reported an error
+
+Callers sort failures by class, never by message text: a trim whose agent is
+unavailable is *skipped*, one whose agent answered with an error *failed*.
+
+Anything else that escapes is a bug in vmtrim: the CLI prints one line and exits
+:data:`EXIT_INTERNAL`; an interrupt (Ctrl-C, SIGTERM) exits :data:`EXIT_INTERRUPTED`.
 
 Every error carries ``subject`` (the file, domain or socket it is about) so the CLI
 can print one line: ``vmtrim: SUBJECT: MESSAGE``. The original exception, if any,
@@ -19,6 +27,8 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
 
 
 class VmtrimError(Exception):
@@ -52,7 +62,29 @@ class EnvironmentProblem(VmtrimError):
     exit_code = EXIT_ENVIRONMENT
 
 
-class VerificationFailed(VmtrimError):
-    """A check ran to the end and failed."""
+class AgentUnavailable(EnvironmentProblem):
+    """No agent (or monitor) on the channel, or no answer within the time limit."""
 
-    exit_code = EXIT_FINDINGS
+
+class AgentCommandFailed(EnvironmentProblem):
+    """The agent or QEMU's monitor answered ``command`` with an error.
+
+    ``error_class`` is QMP's error class (``GenericError``, ``CommandNotFound``, ...), or
+    None when the reply itself was unusable (malformed, out of range, too large).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        subject: str | None = None,
+        *,
+        command: str | None = None,
+        error_class: str | None = None,
+    ) -> None:
+        super().__init__(message, subject)
+        self.command = command
+        self.error_class = error_class
+
+
+class GuestFailed(EnvironmentProblem):
+    """A throwaway guest failed: QEMU exited, the kernel panicked, or init reported an error."""

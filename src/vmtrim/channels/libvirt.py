@@ -8,8 +8,13 @@ turn the exceptions into :mod:`vmtrim.errors` with the URI or domain as subject.
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import math
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -18,12 +23,14 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmtrim.errors import BadInput, EnvironmentProblem
+from vmtrim.channels.qmp import ExecStatus, FstrimResult, parse_fstrim
+from vmtrim.errors import AgentCommandFailed, AgentUnavailable, BadInput, EnvironmentProblem
 
 INSTALL_HINT = "install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')"
 _UUID = re.compile(r"^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$", re.IGNORECASE)
 
 _modules: dict[str, ModuleType] = {}
+log = logging.getLogger(__name__)
 
 
 def _import(name: str) -> ModuleType:
@@ -186,3 +193,117 @@ def select_domains(conn: Connection, specs: Iterable[str], every: bool) -> list[
             seen.add(uuid)
             chosen.append(dom)
     return chosen
+
+
+# --- the guest agent and XML of one domain ---------------------------------------------
+
+
+def _name(dom: Any) -> str | None:
+    try:
+        return str(dom.name())
+    except Exception:  # a vanished domain: the error that follows says so
+        return None
+
+
+def _unavailable_codes(libvirt: Any) -> set[int]:
+    names = (
+        "VIR_ERR_OPERATION_INVALID",  # not running, agent not configured/connected
+        "VIR_ERR_AGENT_UNRESPONSIVE",
+        "VIR_ERR_AGENT_UNSYNCED",
+        "VIR_ERR_ARGUMENT_UNSUPPORTED",
+        "VIR_ERR_OPERATION_TIMEOUT",
+        "VIR_ERR_AGENT_COMMAND_TIMEOUT",
+        "VIR_ERR_NO_DOMAIN",
+    )
+    return {getattr(libvirt, n) for n in names if hasattr(libvirt, n)}
+
+
+class LibvirtAgent:
+    """The guest agent of one libvirt domain, through ``qemuAgentCommand``."""
+
+    def __init__(self, dom: Any) -> None:
+        self.dom = dom
+        self.name = _name(dom)
+
+    def execute(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
+        """One agent command; its ``return`` value.
+
+        libvirt does not pass on the agent's QMP error class, so ``error_class`` is None here.
+        """
+        libvirt = libvirt_module()
+        libvirt_qemu = libvirt_qemu_module()
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        # libvirt takes whole seconds; our own deadline (trim.call_with_deadline) is exact.
+        seconds = max(1, math.ceil(timeout))
+        log.debug("%s: %s (libvirt, %d s)", self.name, command, seconds)
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(message), seconds, 0)
+        except libvirt.libvirtError as exc:
+            text = error_text(exc)
+            if error_code(exc) in _unavailable_codes(libvirt):
+                raise AgentUnavailable(text, subject=_name(self.dom)) from exc
+            raise AgentCommandFailed(
+                f"{command}: {text}",
+                subject=_name(self.dom),
+                command=command,
+            ) from exc
+        try:
+            return json.loads(reply).get("return")
+        except (ValueError, AttributeError) as exc:
+            raise AgentCommandFailed(
+                f"{command}: unreadable reply {reply!r:.80}",
+                subject=_name(self.dom),
+                command=command,
+            ) from exc
+
+    def fstrim(self, minimum: int, timeout: float) -> FstrimResult:
+        ret = self.execute("guest-fstrim", {"minimum": minimum}, timeout)
+        return parse_fstrim(ret, self.name)
+
+    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
+        deadline = time.monotonic() + timeout
+        started = self.execute(
+            "guest-exec", {"path": path, "arg": args, "capture-output": True}, timeout
+        )
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if not isinstance(pid, int):
+            raise AgentCommandFailed(
+                f"guest-exec returned {started!r:.80}", subject=self.name, command="guest-exec"
+            )
+        while True:
+            ret = self.execute("guest-exec-status", {"pid": pid}, deadline - time.monotonic())
+            if not isinstance(ret, dict):
+                raise AgentCommandFailed(
+                    f"guest-exec-status returned {ret!r:.80}",
+                    subject=self.name,
+                    command="guest-exec-status",
+                )
+            if ret.get("exited"):
+                return ExecStatus(
+                    exited=True,
+                    exitcode=ret.get("exitcode"),
+                    signal=ret.get("signal"),
+                    out_data=base64.b64decode(ret.get("out-data", "")),
+                    err_data=base64.b64decode(ret.get("err-data", "")),
+                )
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(
+                    f"{path} did not exit within {timeout:.3g} s", subject=self.name
+                )
+            time.sleep(0.05)
+
+
+def fetch_domain_xml(dom: Any, inactive: bool = False, secure: bool = False) -> str:
+    """The domain's XML (live, or ``inactive``: the persistent definition)."""
+    libvirt = libvirt_module()
+    flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (
+        libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
+    )
+    try:
+        return str(dom.XMLDesc(flags))
+    except libvirt.libvirtError as exc:
+        raise EnvironmentProblem(
+            f"cannot read the domain XML: {error_text(exc)}", subject=_name(dom)
+        ) from exc

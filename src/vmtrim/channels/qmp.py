@@ -13,8 +13,10 @@ starts with ``guest-sync`` and a random id, repeated until that id comes back.
     with SyncGuestAgent("/run/qga.sock", timeout=10) as ga:   # the same, blocking
         ga.ping()
 
-Every call has a time limit. Failures (no socket, no answer, a command error) are
-raised as :class:`~vmtrim.errors.EnvironmentProblem` with the socket as subject.
+Every call has a time limit. No socket, no answer in time or a lost connection is
+:class:`~vmtrim.errors.AgentUnavailable`; an error reply, or a reply that is not what
+the command returns, is :class:`~vmtrim.errors.AgentCommandFailed` with the command
+and QMP's error class. Both name the socket as subject.
 :func:`parse_fstrim` and :func:`parse_fsinfo` are shared with the libvirt path
 (``qemuAgentCommand``).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Coroutine
@@ -33,9 +36,10 @@ from typing import Any, Generic, Self, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from vmtrim.errors import EnvironmentProblem
+from vmtrim.errors import AgentCommandFailed, AgentUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 S = TypeVar("S", bound="_Session")
 
 # --- results ---------------------------------------------------------------------------
@@ -101,12 +105,16 @@ def _int_or_none(value: object) -> int | None:
 def parse_fstrim(ret: object, subject: str | None = None) -> FstrimResult:
     """The ``return`` of guest-fstrim. Agents before 2.4 return ``{}``: no paths."""
     if not isinstance(ret, dict):
-        raise EnvironmentProblem(f"guest-fstrim returned {ret!r}", subject=subject)
+        raise AgentCommandFailed(
+            f"guest-fstrim returned {ret!r:.80}", subject=subject, command="guest-fstrim"
+        )
     paths = []
     for entry in ret.get("paths", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise EnvironmentProblem(
-                f"guest-fstrim returned a bad path entry {entry!r}", subject=subject
+            raise AgentCommandFailed(
+                f"guest-fstrim returned a bad path entry {entry!r:.80}",
+                subject=subject,
+                command="guest-fstrim",
             )
         error = entry.get("error")
         paths.append(
@@ -142,7 +150,7 @@ def parse_fsinfo(ret: object) -> list[FsInfo]:
 
 
 class _Session:
-    """A QMPClient with time limits and errors mapped to EnvironmentProblem."""
+    """A QMPClient with time limits and errors mapped to AgentUnavailable/AgentCommandFailed."""
 
     greeting = True
 
@@ -154,9 +162,16 @@ class _Session:
         self._client.await_greeting = self.greeting
         self._client.negotiate = self.greeting
 
-    def _problem(self, what: str, exc: BaseException | None = None) -> EnvironmentProblem:
+    def _unavailable(self, what: str, exc: BaseException | None = None) -> AgentUnavailable:
         detail = f": {exc}" if exc is not None and str(exc) else ""
-        return EnvironmentProblem(f"{what}{detail}", subject=self.subject)
+        return AgentUnavailable(f"{what}{detail}", subject=self.subject)
+
+    def _failed(
+        self, command: str, what: str, error_class: str | None = None
+    ) -> AgentCommandFailed:
+        return AgentCommandFailed(
+            what, subject=self.subject, command=command, error_class=error_class
+        )
 
     async def _connect(self) -> None:
         """Connect, retrying while the socket does not exist yet (QEMU still starting)."""
@@ -167,7 +182,7 @@ class _Session:
                 return
             except (TimeoutError, QMPError, OSError) as exc:
                 if time.monotonic() >= deadline:
-                    raise self._problem("cannot connect", exc) from exc
+                    raise self._unavailable("cannot connect", exc) from exc
                 await asyncio.sleep(0.1)
 
     async def execute(
@@ -177,18 +192,21 @@ class _Session:
         *,
         timeout: float | None = None,
     ) -> object:
+        log.debug("%s: %s", self.subject, command)
         try:
             return await asyncio.wait_for(
                 self._client.execute(command, arguments), timeout or self.timeout
             )
         except TimeoutError as exc:
-            raise self._problem(
+            raise self._unavailable(
                 f"{command} got no answer within {timeout or self.timeout:g} s"
             ) from exc
         except ExecuteError as exc:
-            raise self._problem(f"{command} failed: {exc.error.error.desc}") from exc
+            raise self._failed(
+                command, f"{command} failed: {exc.error.error.desc}", exc.error.error.class_
+            ) from exc
         except (QMPError, OSError, EOFError) as exc:
-            raise self._problem(f"{command} failed", exc) from exc
+            raise self._unavailable(f"{command}: the connection failed", exc) from exc
 
     async def open(self) -> None:
         await self._connect()
@@ -241,9 +259,9 @@ class GuestAgent(_Session):
             except (TimeoutError, ExecuteError):
                 pass
             except (QMPError, OSError, EOFError) as exc:
-                raise self._problem("guest-sync failed", exc) from exc
+                raise self._unavailable("guest-sync failed", exc) from exc
             if time.monotonic() >= deadline:
-                raise self._problem(f"the guest agent did not answer within {self.timeout:g} s")
+                raise self._unavailable(f"the guest agent did not answer within {self.timeout:g} s")
 
     async def ping(self) -> None:
         await self.execute("guest-ping")
@@ -269,13 +287,13 @@ class GuestAgent(_Session):
         )
         pid = _int_or_none(ret.get("pid")) if isinstance(ret, dict) else None
         if pid is None:
-            raise self._problem(f"guest-exec returned {ret!r}")
+            raise self._failed("guest-exec", f"guest-exec returned {ret!r:.80}")
         return pid
 
     async def exec_status(self, pid: int) -> ExecStatus:
         ret = await self.execute("guest-exec-status", {"pid": pid})
         if not isinstance(ret, dict):
-            raise self._problem(f"guest-exec-status returned {ret!r}")
+            raise self._failed("guest-exec-status", f"guest-exec-status returned {ret!r:.80}")
         return ExecStatus(
             exited=bool(ret.get("exited")),
             exitcode=_int_or_none(ret.get("exitcode")),
@@ -295,7 +313,7 @@ class GuestAgent(_Session):
             if status.exited:
                 return status
             if time.monotonic() >= deadline:
-                raise self._problem(f"{path} did not exit within {timeout or self.timeout:g} s")
+                raise self._unavailable(f"{path} did not exit within {timeout or self.timeout:g} s")
             await asyncio.sleep(0.1)
 
 

@@ -16,7 +16,9 @@ from typing import Any
 import click
 
 from vmtrim import __version__
-from vmtrim.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, VmtrimError
+from vmtrim.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, VmtrimError
+
+__all__ = ["cli", "main", "run"]
 
 # name -> "module:attribute"; the order is the order of `vmtrim --help`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -64,16 +66,28 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vmtrim")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--debug", is_flag=True, help="Log what vmtrim does to stderr; tracebacks on errors.")
 def cli(debug: bool) -> None:
     """vmtrim: make thin-provisioned VM disks give freed space back to the host.
 
     \b
     Exit codes: 0 all passes (or already applied), 1 findings or failed
-    verification, 2 bad input or usage, 3 environment or connection error.
+    verification, 2 bad input or usage, 3 environment or connection error,
+    4 internal error (a bug in vmtrim), 130 interrupted.
     """
     if debug:
         os.environ["VMTRIM_DEBUG"] = "1"
+        _log_to_stderr()
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vmtrim: %(name)s: %(message)s"))
+    logger = logging.getLogger("vmtrim")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _debug() -> bool:
@@ -101,7 +115,7 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("vmtrim: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as exc:
@@ -111,7 +125,7 @@ def run(argv: list[str] | None = None) -> int:
             f"vmtrim: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
             err=True,
         )
-        return EXIT_ENVIRONMENT
+        return EXIT_INTERNAL
     if isinstance(result, int):
         return result
     return 0

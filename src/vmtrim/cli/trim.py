@@ -97,15 +97,15 @@ def trim(
                 )
             if not qga:
                 raise BadInput("trim needs the guest agent: add --qga SOCKET", subject="--qmp")
-            from vmtrim.trim.qemu import DirectTarget
+            from vmtrim.trim.qemu import QemuTarget
 
-            targets: Sequence[Any] = [stack.enter_context(DirectTarget.open(qga, qmp))]
+            targets: Sequence[Any] = [stack.enter_context(QemuTarget.open(qga, qmp))]
         else:
             from vmtrim.channels.libvirt import connection, select_domains
-            from vmtrim.sources.libvirt_live import DomainTarget
+            from vmtrim.trim.libvirt import LibvirtTarget
 
             conn = stack.enter_context(connection(uri))
-            targets = [DomainTarget(conn, d) for d in select_domains(conn, domains, every)]
+            targets = [LibvirtTarget(conn, d) for d in select_domains(conn, domains, every)]
         results = _run(targets, options, show_progress=True)
     if as_json:
         from vmtrim.output import print_json

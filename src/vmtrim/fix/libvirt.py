@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vmtrim.channels.libvirt import Connection, error_text, libvirt_module
+from vmtrim.channels.libvirt import Connection, error_text, fetch_domain_xml, libvirt_module
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.fix.policy import FixOptions, FixResult
-from vmtrim.sources.libvirt_live import domain_xml, pending_restart
+from vmtrim.sources.libvirt_live import pending_restart
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 POWER_CYCLE_NOTE = (
@@ -80,7 +80,7 @@ def fix_live(
     if not dom.isPersistent():
         raise BadInput("a transient domain has no definition to fix; define it first", subject=name)
     probes = HostProbes(local=conn.local)
-    original = domain_xml(dom, inactive=True, secure=True)
+    original = fetch_domain_xml(dom, inactive=True, secure=True)
     result = fix_domain_xml(original, options, subject=name, probes=probes)
     outcome = LiveFix(domain=name, result=result, dry_run=dry_run, running=bool(dom.isActive()))
     if dry_run:
@@ -90,7 +90,7 @@ def fix_live(
         _libvirt_call(name, "defineXML refused the fixed XML", conn.conn.defineXML, result.new_text)
         outcome.defined = True
         again = fix_domain_xml(
-            domain_xml(dom, inactive=True, secure=True), options, subject=name, probes=probes
+            fetch_domain_xml(dom, inactive=True, secure=True), options, subject=name, probes=probes
         )
         if again.changed:
             raise EnvironmentProblem(
@@ -99,9 +99,9 @@ def fix_live(
                 subject=name,
             )
     if outcome.running:
-        live = parse_domain_xml(domain_xml(dom), subject=name)
+        live = parse_domain_xml(fetch_domain_xml(dom), subject=name)
         outcome.pending = pending_restart(
-            live, parse_domain_xml(domain_xml(dom, inactive=True), subject=name)
+            live, parse_domain_xml(fetch_domain_xml(dom, inactive=True), subject=name)
         )
         if restart and outcome.pending:
             power_cycle(dom, name, restart_timeout)

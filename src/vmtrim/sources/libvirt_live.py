@@ -1,181 +1,34 @@
-"""Live libvirt domains: their guest agent, their disks as the host sees them, their facts.
+"""Live libvirt domains into the model: live XML, connection versions and guest-agent facts.
 
-:class:`LibvirtAgent` sends agent commands with ``libvirt_qemu.qemuAgentCommand``
-(libvirt does the guest-sync), with a timeout, and sorts libvirt's errors into
-"no agent / not answering" (the domain is skipped) and "the agent said no" (it
-failed). :class:`DomainTarget` is what :mod:`vmtrim.trim.engine` trims.
+The guest's filesystems (guest-get-fsinfo) are mapped to the host's disks by serial,
+or by bus and address; mount options and fstrim.timer come through guest-exec.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vmtrim._util.deadline import call_with_deadline
 from vmtrim.channels.libvirt import (
     Connection,
+    LibvirtAgent,
     connection,
-    error_code,
-    error_text,
+    fetch_domain_xml,
     libvirt_module,
-    libvirt_qemu_module,
     select_domains,
 )
-from vmtrim.channels.qmp import ExecStatus, FstrimResult, parse_fsinfo, parse_fstrim
-from vmtrim.image.allocation import allocated_bytes
+from vmtrim.channels.qmp import parse_fsinfo
+from vmtrim.errors import AgentCommandFailed, AgentUnavailable
 from vmtrim.model import (
-    DeviceType,
-    Disk,
     Domain,
     GuestFilesystem,
     GuestInfo,
-    StorageKind,
     parse_version,
 )
 from vmtrim.sources.libvirt_xml import parse_domain_xml
-from vmtrim.trim.engine import (
-    NOT_RUNNING,
-    AgentFailed,
-    AgentUnavailable,
-    DiskRef,
-    call_with_deadline,
-)
-
-
-def _unavailable_codes(libvirt: Any) -> set[int]:
-    names = (
-        "VIR_ERR_OPERATION_INVALID",  # not running, agent not configured/connected
-        "VIR_ERR_AGENT_UNRESPONSIVE",
-        "VIR_ERR_AGENT_UNSYNCED",
-        "VIR_ERR_ARGUMENT_UNSUPPORTED",
-        "VIR_ERR_OPERATION_TIMEOUT",
-        "VIR_ERR_AGENT_COMMAND_TIMEOUT",
-        "VIR_ERR_NO_DOMAIN",
-    )
-    return {getattr(libvirt, n) for n in names if hasattr(libvirt, n)}
-
-
-class LibvirtAgent:
-    """The guest agent of one libvirt domain, through ``qemuAgentCommand``."""
-
-    def __init__(self, dom: Any) -> None:
-        self.dom = dom
-
-    def execute(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
-        """One agent command; its ``return`` value."""
-        libvirt = libvirt_module()
-        libvirt_qemu = libvirt_qemu_module()
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        # libvirt takes whole seconds; our own deadline (trim.call_with_deadline) is exact.
-        seconds = max(1, math.ceil(timeout))
-        try:
-            reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(message), seconds, 0)
-        except libvirt.libvirtError as exc:
-            text = error_text(exc)
-            if error_code(exc) in _unavailable_codes(libvirt):
-                raise AgentUnavailable(text) from exc
-            raise AgentFailed(f"{command}: {text}") from exc
-        try:
-            return json.loads(reply).get("return")
-        except (ValueError, AttributeError) as exc:
-            raise AgentFailed(f"{command}: unreadable reply {reply!r:.80}") from exc
-
-    def fstrim(self, minimum: int, timeout: float) -> FstrimResult:
-        return parse_fstrim(self.execute("guest-fstrim", {"minimum": minimum}, timeout))
-
-    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
-        deadline = time.monotonic() + timeout
-        started = self.execute(
-            "guest-exec", {"path": path, "arg": args, "capture-output": True}, timeout
-        )
-        pid = started.get("pid") if isinstance(started, dict) else None
-        if not isinstance(pid, int):
-            raise AgentFailed(f"guest-exec returned {started!r:.80}")
-        while True:
-            ret = self.execute("guest-exec-status", {"pid": pid}, deadline - time.monotonic())
-            if not isinstance(ret, dict):
-                raise AgentFailed(f"guest-exec-status returned {ret!r:.80}")
-            if ret.get("exited"):
-                return ExecStatus(
-                    exited=True,
-                    exitcode=ret.get("exitcode"),
-                    signal=ret.get("signal"),
-                    out_data=base64.b64decode(ret.get("out-data", "")),
-                    err_data=base64.b64decode(ret.get("err-data", "")),
-                )
-            if time.monotonic() >= deadline:
-                raise AgentUnavailable(f"{path} did not exit within {timeout:.3g} s")
-            time.sleep(0.05)
-
-
-def domain_xml(dom: Any, inactive: bool = False, secure: bool = False) -> str:
-    libvirt = libvirt_module()
-    flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (
-        libvirt.VIR_DOMAIN_XML_SECURE if secure else 0
-    )
-    try:
-        return str(dom.XMLDesc(flags))
-    except libvirt.libvirtError as exc:
-        raise AgentFailed(f"cannot read the domain XML: {error_text(exc)}") from exc
-
-
-def measurable(disk: Disk) -> bool:
-    """Writable disks with a host source: the ones whose allocation can change on trim."""
-    return (
-        disk.device in (DeviceType.DISK, DeviceType.LUN)
-        and not disk.read_only
-        and disk.storage is not StorageKind.NONE
-        and disk.target is not None
-    )
-
-
-class DomainTarget:
-    """A running libvirt domain, trimmed through its agent and measured on the host."""
-
-    def __init__(self, conn: Connection, dom: Any) -> None:
-        self.conn = conn
-        self.dom = dom
-        self.name = str(dom.name())
-
-    def skip_reason(self) -> str | None:
-        libvirt = libvirt_module()
-        try:
-            active = bool(self.dom.isActive())
-        except libvirt.libvirtError as exc:
-            return f"cannot query the domain: {error_text(exc)}"
-        return None if active else NOT_RUNNING
-
-    def disks(self) -> list[DiskRef]:
-        domain = parse_domain_xml(domain_xml(self.dom), subject=self.name)
-        refs = []
-        for disk in domain.disks:
-            if not measurable(disk):
-                continue
-            local = disk.source if self.conn.local and disk.storage is StorageKind.FILE else None
-            refs.append(
-                DiskRef(target=disk.target or disk.ident, source=disk.source, local_file=local)
-            )
-        return refs
-
-    def measure(self, disk: DiskRef) -> tuple[int, str]:
-        if disk.local_file:
-            return allocated_bytes(disk.local_file), "du"
-        # Block devices and remote hosts: libvirt knows the allocation, we cannot stat it.
-        return int(self.dom.blockInfo(disk.target)[1]), "blockInfo"
-
-    def agent(self, timeout: float) -> LibvirtAgent:
-        return LibvirtAgent(self.dom)
-
-    def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
-        # libvirt's block stats have no unmap counters; they come only over --qmp.
-        return None
-
 
 # --- live audit: the model from a running domain, its connection and its guest agent -------
 
@@ -324,7 +177,7 @@ def guest_facts(agent: LibvirtAgent, domain: Domain, live_xml: str, timeout: flo
         try:
             options = _mount_options(agent, left())
             guest.fstrim_timer = _fstrim_timer(agent, left())
-        except AgentFailed as exc:  # guest-exec disabled or missing tools
+        except AgentCommandFailed as exc:  # guest-exec disabled or missing tools
             domain.notes.append(
                 f"guest-exec is not available, so mount options and fstrim.timer are unknown: {exc}"
             )
@@ -374,7 +227,7 @@ def pending_restart(live: Domain, inactive: Domain) -> list[str]:
 def live_domain(conn: Connection, dom: Any, timeout: float = 10.0) -> Domain:
     """The model of one libvirt domain: live XML, connection versions, guest facts."""
     name = str(dom.name())
-    xml = domain_xml(dom)
+    xml = fetch_domain_xml(dom)
     domain = parse_domain_xml(xml, subject=name)
     hv, lib = conn.versions()
     domain.qemu_version = parse_version(hv)
@@ -390,13 +243,15 @@ def live_domain(conn: Connection, dom: Any, timeout: float = 10.0) -> Domain:
         )
         return domain
     domain.notes.extend(
-        pending_restart(domain, parse_domain_xml(domain_xml(dom, inactive=True), subject=name))
+        pending_restart(
+            domain, parse_domain_xml(fetch_domain_xml(dom, inactive=True), subject=name)
+        )
     )
     try:
         call_with_deadline(
             lambda: guest_facts(LibvirtAgent(dom), domain, xml, timeout), timeout, "guest agent"
         )
-    except (AgentUnavailable, AgentFailed) as exc:
+    except (AgentUnavailable, AgentCommandFailed) as exc:
         domain.guest = GuestInfo(agent=False, reason=f"no answer from the guest agent: {exc}")
         for disk in domain.disks:
             disk.guest_filesystems = None

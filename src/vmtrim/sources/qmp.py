@@ -36,10 +36,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp import QMPError
 
 from vmtrim.channels.qmp import Monitor
-from vmtrim.errors import BadInput, EnvironmentProblem, VmtrimError
+from vmtrim.errors import AgentCommandFailed, BadInput, EnvironmentProblem, VmtrimError
 from vmtrim.facts import CONTROLLERS, DEVICES, FACTS
 from vmtrim.model import (
     BlockNode,
@@ -168,16 +168,14 @@ class _SocketMonitor(Monitor):
         try:
             await asyncio.wait_for(self._client.connect(self._sock), self.timeout)
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
-            raise self._problem("QMP handshake failed", exc) from exc
+            raise self._unavailable("QMP handshake failed", exc) from exc
 
     async def optional(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """``command``'s answer, or None when QEMU says it has no such command/property."""
         try:
             return await self.execute(command, arguments)
-        except EnvironmentProblem as exc:
-            if isinstance(exc.__cause__, ExecuteError):
-                return None
-            raise
+        except AgentCommandFailed:
+            return None
 
 
 def device_path(qdev: str) -> str:

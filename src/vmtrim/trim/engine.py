@@ -19,16 +19,17 @@ never stops the others (``--parallel`` runs them on a thread pool).
 
 from __future__ import annotations
 
+import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from vmtrim._util.deadline import call_with_deadline
 from vmtrim.channels.qmp import ExecStatus, FstrimPath, FstrimResult
-from vmtrim.errors import VmtrimError
+from vmtrim.errors import AgentCommandFailed, AgentUnavailable, VmtrimError
 
 SCHEMA = "vmtrim.trim/1"
 UPPER_BOUND_NOTE = (
@@ -42,14 +43,7 @@ FAILED = "failed"
 NOT_RUNNING = "the domain is not running"
 
 T = TypeVar("T")
-
-
-class AgentUnavailable(Exception):
-    """No agent, or it does not answer: the target is skipped."""
-
-
-class AgentFailed(Exception):
-    """The agent answered with an error: the target failed."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,7 +133,7 @@ class TrimResult:
 
 class Agent(Protocol):
     """A guest agent. Raises AgentUnavailable (no agent, or no answer within ``timeout``)
-    or AgentFailed (it answered with an error)."""
+    or AgentCommandFailed (it answered with an error)."""
 
     def fstrim(self, minimum: int, timeout: float) -> FstrimResult: ...
 
@@ -172,32 +166,6 @@ class Target(Protocol):
         ...
 
 
-def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
-    """Run ``fn`` in a daemon thread; raise AgentUnavailable if it is not done in time.
-
-    The thread is abandoned, not killed: a hung agent call in libvirt or in a socket
-    read cannot be interrupted from Python, but it must not hold up the run.
-    """
-    if seconds <= 0:
-        raise AgentUnavailable(f"{what}: no time left")
-    box: dict[str, Any] = {}
-
-    def runner() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=runner, name=f"vmtrim-{what}", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise AgentUnavailable(f"{what}: no answer within {seconds:.3g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
 _FSTRIM_BYTES = re.compile(r"\((\d+) bytes\)|(\d+) bytes trimmed")
 
 
@@ -210,8 +178,13 @@ def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> F
     args = ["-v", *(["-m", str(minimum)] if minimum else []), mountpoint]
     try:
         status = agent.run("fstrim", args, timeout)
-    except AgentFailed as exc:
-        raise AgentFailed(f"--mountpoint needs guest-exec and fstrim in the guest: {exc}") from exc
+    except AgentCommandFailed as exc:
+        raise AgentCommandFailed(
+            f"--mountpoint needs guest-exec and fstrim in the guest: {exc.message}",
+            subject=exc.subject,
+            command=exc.command,
+            error_class=exc.error_class,
+        ) from exc
     out = (status.out_data + status.err_data).decode("utf-8", "replace")
     if status.exitcode != 0 or status.signal:
         return FstrimPath(mountpoint, minimum=minimum, error=out.strip() or "fstrim failed")
@@ -244,13 +217,14 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
         _trim_into(result, target, options)
     except AgentUnavailable as exc:
         result.status, result.reason = SKIPPED, str(exc)
-    except AgentFailed as exc:
+    except AgentCommandFailed as exc:
         result.status, result.reason = FAILED, str(exc)
     except VmtrimError as exc:  # e.g. unreadable domain XML, a malformed agent reply
         result.status, result.reason = FAILED, exc.one_line()
     except Exception as exc:  # a vanished domain, a library bug: report, don't stop the run
         result.status, result.reason = FAILED, f"{type(exc).__name__}: {exc}"
     result.seconds = time.monotonic() - start
+    log.debug("%s: %s in %.3f s (%s)", target.name, result.status, result.seconds, result.reason)
     return result
 
 

@@ -13,38 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from vmtrim.channels.qmp import ExecStatus, FstrimResult, SyncGuestAgent, SyncMonitor
+from vmtrim.channels.qmp import SyncGuestAgent, SyncMonitor
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.image.allocation import allocated_bytes
-from vmtrim.trim.engine import AgentFailed, AgentUnavailable, DiskRef
-
-# vmtrim.channels.qmp raises EnvironmentProblem for everything; these words mean "no answer".
-_NO_ANSWER = ("no answer", "did not answer", "cannot connect", "did not exit", "guest-sync failed")
-
-
-def _classify(exc: EnvironmentProblem) -> Exception:
-    if any(words in exc.message for words in _NO_ANSWER):
-        return AgentUnavailable(exc.message)
-    return AgentFailed(exc.message)
-
-
-class DirectAgent:
-    """:class:`vmtrim.channels.qmp.SyncGuestAgent` with errors sorted into skipped/failed."""
-
-    def __init__(self, session: SyncGuestAgent) -> None:
-        self.session = session
-
-    def fstrim(self, minimum: int, timeout: float) -> FstrimResult:
-        try:
-            return self.session.fstrim(minimum, timeout=timeout)
-        except EnvironmentProblem as exc:
-            raise _classify(exc) from exc
-
-    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
-        try:
-            return self.session.run(path, args, timeout=timeout)
-        except EnvironmentProblem as exc:
-            raise _classify(exc) from exc
+from vmtrim.trim.engine import DiskRef
 
 
 def _socket(path: str, option: str) -> str:
@@ -98,7 +70,7 @@ def unmap_counters(query_blockstats: Any) -> dict[str, tuple[int, int]]:
     return counters
 
 
-class DirectTarget:
+class QemuTarget:
     """One QEMU process reached through its sockets."""
 
     def __init__(self, qga: str, qmp: str | None) -> None:
@@ -113,7 +85,7 @@ class DirectTarget:
 
     @classmethod
     @contextmanager
-    def open(cls, qga: str, qmp: str | None) -> Iterator[DirectTarget]:
+    def open(cls, qga: str, qmp: str | None) -> Iterator[QemuTarget]:
         target = cls(qga, qmp)
         try:
             yield target
@@ -142,14 +114,11 @@ class DirectTarget:
             )
         return allocated_bytes(disk.local_file), "du"
 
-    def agent(self, timeout: float) -> DirectAgent:
+    def agent(self, timeout: float) -> SyncGuestAgent:
         session = SyncGuestAgent(self.qga, timeout=timeout, subject=self.qga)
-        try:
-            session.__enter__()  # connect and guest-sync
-        except EnvironmentProblem as exc:
-            raise AgentUnavailable(exc.message) from exc
+        session.__enter__()  # connect and guest-sync
         self._session = session
-        return DirectAgent(session)
+        return session
 
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
         return unmap_counters(qmp_execute(self.qmp, "query-blockstats")) if self.qmp else None

@@ -40,7 +40,7 @@ from types import FrameType
 from typing import Any, Protocol, Self
 
 from vmtrim.channels.qmp import FstrimResult, SyncGuestAgent, SyncMonitor
-from vmtrim.errors import BadInput, EnvironmentProblem
+from vmtrim.errors import BadInput, EnvironmentProblem, GuestFailed
 from vmtrim.lab import Appliance
 
 QEMU = "qemu-system-x86_64"
@@ -314,10 +314,6 @@ def serial_tail(path: Path, lines: int = 6, width: int = 160) -> str:
     if panics and panics[-1] not in tail:
         tail = [panics[-1], "...", *tail[-(lines - 2) :]]
     return " | ".join(tail) or "(serial log is empty)"
-
-
-class GuestFailed(EnvironmentProblem):
-    """The guest did not boot, reported an error, or stopped answering."""
 
 
 _WORD = re.compile(r"(\w+)=(\S*)")

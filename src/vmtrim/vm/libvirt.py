@@ -28,13 +28,12 @@ from typing import Any
 from lxml import etree
 
 from vmtrim.channels.qmp import FstrimResult, parse_fstrim
-from vmtrim.errors import EnvironmentProblem
+from vmtrim.errors import EnvironmentProblem, GuestFailed
 from vmtrim.vm.guest import (
     AGENT_PORT,
     CTL_PORT,
     Boot,
     GuestBase,
-    GuestFailed,
     GuestSpec,
     RunPaths,
     launching,
@@ -56,7 +55,7 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str
     return el
 
 
-def domain_xml(spec: GuestSpec, name: str, paths: RunPaths, kernel: Path, initrd: Path) -> str:
+def lab_domain_xml(spec: GuestSpec, name: str, paths: RunPaths, kernel: Path, initrd: Path) -> str:
     """The transient domain for one lab guest (``<domain type='qemu'>`` under TCG)."""
     dom = etree.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(dom, "name", name)
@@ -162,7 +161,7 @@ class LibvirtGuest(GuestBase):
         if owner is not None:
             os.chown(workdir, *owner)
         workdir.chmod(0o750)
-        xml = domain_xml(self.spec, self.name, self.paths, kernel, initrd)
+        xml = lab_domain_xml(self.spec, self.name, self.paths, kernel, initrd)
         try:
             with launching():
                 self._dom = self._conn.createXML(xml, 0)
