@@ -418,7 +418,7 @@ def test_cli_json_documents(images: dict[str, Path]) -> None:
             [*exe, "image", "map", "--json", str(path)], check=True, capture_output=True, text=True
         ).stdout
     )
-    assert doc["schema"] == "vmtrim.image.info-map/1"
+    assert doc["schema"] == "vmtrim.image-map/1"
     assert doc["extents"] == qemu_map(path)
     human = subprocess.run(
         [*exe, "image", "info", str(path)], check=True, capture_output=True, text=True

@@ -65,7 +65,7 @@ def domain_xml(
 ) -> str:
     driver_discard = " discard='unmap'" if discard else ""
     cmdline = (
-        f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.channels.qmp={int(agent)}"
+        f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.agent={int(agent)}"
         f" vmtrim.size={write_mib}"
     )
     agent_channel = (

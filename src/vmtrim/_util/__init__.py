@@ -10,7 +10,6 @@ if TYPE_CHECKING:
         atomic_write,
         backup_beside,
         backup_to_state,
-        open_readonly,
         read_input,
     )
     from vmtrim._util.proc import run_tool
@@ -21,7 +20,6 @@ __all__ = [
     "backup_beside",
     "backup_to_state",
     "call_with_deadline",
-    "open_readonly",
     "read_input",
     "run_tool",
     "xml_parser",
@@ -32,7 +30,6 @@ __getattr__ = lazy_exports(
         "atomic_write": "vmtrim._util.files",
         "backup_beside": "vmtrim._util.files",
         "backup_to_state": "vmtrim._util.files",
-        "open_readonly": "vmtrim._util.files",
         "read_input": "vmtrim._util.files",
         "xml_parser": "vmtrim._util.safexml",
         "run_tool": "vmtrim._util.proc",

@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmtrim.errors import BadInput, EnvironmentProblem, ImageError
+from vmtrim.errors import BadInput, EnvironmentProblem
 
 _BACKUP_MODE = 0o600
 _STATE_DIR_MODE = 0o700
@@ -191,25 +191,3 @@ def read_input(path: str) -> bytes:
         raise BadInput("is a directory, not a file", subject=path) from exc
     except OSError as exc:
         raise BadInput(f"cannot read: {exc.strerror}", subject=path) from exc
-
-
-def open_readonly(path: str) -> int:
-    """Open an image for reading only, turning OS errors into one-line ImageErrors."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise ImageError("no such file", subject=path) from exc
-    except PermissionError as exc:
-        raise ImageError("permission denied (cannot open for reading)", subject=path) from exc
-    except IsADirectoryError as exc:
-        raise ImageError("is a directory, not an image", subject=path) from exc
-    except OSError as exc:
-        raise ImageError(f"cannot open: {exc.strerror}", subject=path) from exc
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode):
-        os.close(fd)
-        raise ImageError("is a directory, not an image", subject=path)
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ImageError("not a regular file (vmtrim reads image files)", subject=path)
-    return fd

@@ -61,7 +61,7 @@ def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one vmtrim.image.info-map/1 JSON document (extents as qemu-img map).",
+    help="Print one vmtrim.image-map/1 JSON document (extents as qemu-img map).",
 )
 @click.option(
     "-f", "--format", "fmt", type=FORMATS, default=None, help="Image format (default: probe)."

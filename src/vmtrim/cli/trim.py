@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any
 
 import click
 
@@ -15,6 +14,7 @@ from vmtrim.trim.engine import (
     TRIMMED,
     UPPER_BOUND_NOTE,
     DiskResult,
+    Target,
     TrimOptions,
     TrimResult,
 )
@@ -99,7 +99,7 @@ def trim(
                 raise BadInput("trim needs the guest agent: add --qga SOCKET", subject="--qmp")
             from vmtrim.trim.qemu import QemuTarget
 
-            targets: Sequence[Any] = [stack.enter_context(QemuTarget.open(qga, qmp))]
+            targets: Sequence[Target] = [stack.enter_context(QemuTarget.open(qga, qmp))]
         else:
             from vmtrim.channels.libvirt import connection, select_domains
             from vmtrim.trim.libvirt import LibvirtTarget
@@ -117,7 +117,7 @@ def trim(
     return EXIT_OK if ok else EXIT_FINDINGS
 
 
-def _run(targets: Sequence[Any], options: TrimOptions, show_progress: bool) -> list[TrimResult]:
+def _run(targets: Sequence[Target], options: TrimOptions, show_progress: bool) -> list[TrimResult]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vmtrim.output import console

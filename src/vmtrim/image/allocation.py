@@ -59,7 +59,7 @@ def extents_fd(fd: int, size: int | None = None) -> tuple[I64, I64]:
 
 def data_extents(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
     """[(offset, length)] of the parts of ``path`` that hold data (not holes)."""
-    from vmtrim._util.files import open_readonly
+    from vmtrim.image.files import open_readonly
 
     fd = open_readonly(os.fspath(path))
     try:

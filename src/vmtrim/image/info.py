@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
 from vmtrim.image.allocation import Coverage, extents_fd
+from vmtrim.image.files import open_readonly
 from vmtrim.image.qcow2 import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSED,

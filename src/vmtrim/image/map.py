@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
 from vmtrim.image.allocation import extents_fd
+from vmtrim.image.files import open_readonly
 from vmtrim.image.qcow2 import (
     COMPRESSED,
     INVALID,
@@ -53,7 +53,7 @@ _ZERO = np.array([1, 1, 1, 1, 0, 0, 0, 1, 0, 1], dtype=np.uint8)
 _DATA = np.array([0, 0, 0, 0, 1, 1, 0, 1, 1, 0], dtype=np.uint8)
 _FLAGS = _PRESENT | (_ZERO << 1) | (_DATA << 2)
 
-SCHEMA = "vmtrim.image.info-map/1"
+SCHEMA = "vmtrim.image-map/1"
 
 
 @dataclass

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vmtrim._util.files import open_readonly
 from vmtrim.errors import ImageError
+from vmtrim.image.files import open_readonly
 
 MAGIC = b"QFI\xfb"
 

@@ -135,9 +135,9 @@ class Agent(Protocol):
     """A guest agent. Raises AgentUnavailable (no agent, or no answer within ``timeout``)
     or AgentCommandFailed (it answered with an error)."""
 
-    def fstrim(self, minimum: int, timeout: float) -> FstrimResult: ...
+    def fstrim(self, minimum: int, *, timeout: float) -> FstrimResult: ...
 
-    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
+    def run(self, path: str, args: list[str], *, timeout: float) -> ExecStatus:
         """guest-exec ``path args`` and wait for it to exit."""
         ...
 
@@ -177,7 +177,7 @@ def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> F
     """
     args = ["-v", *(["-m", str(minimum)] if minimum else []), mountpoint]
     try:
-        status = agent.run("fstrim", args, timeout)
+        status = agent.run("fstrim", args, timeout=timeout)
     except AgentCommandFailed as exc:
         raise AgentCommandFailed(
             f"--mountpoint needs guest-exec and fstrim in the guest: {exc.message}",
@@ -249,7 +249,7 @@ def _trim_into(result: TrimResult, target: Target, options: TrimOptions) -> None
             return [
                 fstrim_one(agent, options.mountpoint, options.minimum, deadline - time.monotonic())
             ]
-        return agent.fstrim(options.minimum, deadline - time.monotonic()).paths
+        return agent.fstrim(options.minimum, timeout=deadline - time.monotonic()).paths
 
     try:
         result.paths = call_with_deadline(trim_in_guest, options.timeout, "guest agent")
