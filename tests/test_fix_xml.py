@@ -18,7 +18,7 @@ from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
 from vmtrim.fix.policy import FixOptions, FixResult
 from vmtrim.fix.xml import disk_index, fix_domain_xml, index_to_letters
-from vmtrim.model import Verdict
+from vmtrim.model import Verdict, XmlHostdev
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 SCSI = FixOptions(bus="scsi")
@@ -184,7 +184,7 @@ def test_idempotent_and_audit_agrees(name: str, tmp_path: Path) -> None:
             name_ = report.disk.target or report.disk.ident
             if name_ in skipped or report.disk.locator is None:
                 continue
-            if report.disk.locator.startswith("/domain/devices/hostdev"):
+            if isinstance(report.disk.locator, XmlHostdev):
                 continue
             # Fixed disks pass at the block layer; the device passes, or is unknown for a
             # reason fix cannot change (a machine alias such as "pc") and says so.

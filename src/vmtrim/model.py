@@ -33,10 +33,11 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 Version = tuple[int, ...]
+NodeKind = Literal["-drive", "-blockdev", "<disk>", "<backingStore>", "qmp"]
 """A dotted version as integers: ``(7, 2)`` for QEMU 7.2, ``(5, 10, 0)`` for Linux 5.10.0."""
 
 
@@ -141,6 +142,70 @@ class Origin(enum.Enum):
     QEMU_ARGS = "qemu-args"
 
 
+@dataclass(frozen=True)
+class NodeOrigin:
+    """Where a block node was configured: the option or element, its name, the child role.
+
+    ``kind`` is ``-drive``, ``-blockdev``, ``<disk>``, ``<backingStore>`` or ``qmp`` (a
+    node seen only over QMP); ``name`` the drive id, node name, target dev or backing
+    path; ``part`` the element (``<driver>``, ``<source>``) or child role (``file``).
+    """
+
+    kind: NodeKind
+    name: str | None = None
+    part: str | None = None
+
+    def child(self, role: str) -> NodeOrigin:
+        return replace(self, part=f"{self.part} {role}" if self.part else role)
+
+    def __str__(self) -> str:
+        words = ("node" if self.kind == "qmp" else self.kind, self.name, self.part)
+        return " ".join(w for w in words if w)
+
+
+@dataclass(frozen=True)
+class XmlDisk:
+    """The ``index``-th ``<disk>`` (from 1) under ``/domain/devices``."""
+
+    index: int
+
+    def __str__(self) -> str:
+        return f"/domain/devices/disk[{self.index}]"
+
+
+@dataclass(frozen=True)
+class XmlHostdev:
+    """The ``index``-th ``<hostdev>`` (from 1) under ``/domain/devices``."""
+
+    index: int
+
+    def __str__(self) -> str:
+        return f"/domain/devices/hostdev[{self.index}]"
+
+
+@dataclass(frozen=True)
+class ArgvOption:
+    """The option whose value is ``argv[index]`` on a QEMU command line."""
+
+    index: int
+
+    def __str__(self) -> str:
+        return f"argv[{self.index}]"
+
+
+@dataclass(frozen=True)
+class QomDevice:
+    """A device seen over QMP, by its QOM path."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"QOM {self.path}"
+
+
+Locator = XmlDisk | XmlHostdev | ArgvOption | QomDevice
+
+
 @dataclass
 class BlockNode:
     """One QEMU block-layer node (a ``-blockdev``, or a node implied by ``-drive`` or by libvirt).
@@ -165,7 +230,7 @@ class BlockNode:
     file: BlockNode | None = None
     backing: BlockNode | None = None
     inherited: bool = False
-    defined_by: str | None = None  # e.g. "-blockdev libvirt-1-format", "-drive drive0", "<disk>"
+    defined_by: NodeOrigin | None = None
     discard_unknown: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # everything else, for findings
 
@@ -277,7 +342,8 @@ class Disk:
     read_only: bool = False
     shareable: bool = False
     node: BlockNode | None = None
-    locator: str | None = None  # where it was defined: "/domain/devices/disk[2]", "argv[7]"
+    locator: Locator | None = None  # where it was defined
+    format_defaulted: bool = False  # no format given: libvirt and QEMU then use raw
     guest_filesystems: list[GuestFilesystem] | None = None
 
     @property

@@ -441,7 +441,7 @@ class _DiskAudit:
                 if node.discard
                 else "no discard setting (QEMU's default is ignore)"
             )
-            label = node.defined_by or node.node_name or node.driver or "node"
+            label = str(node.defined_by or node.node_name or node.driver or "node")
             if node is top:
                 what = "the node the device uses"
             else:
@@ -464,11 +464,11 @@ class _DiskAudit:
     def _discard_fix(self, node: BlockNode) -> str:
         if self.domain.origin is Origin.LIBVIRT_XML:
             return "add discard='unmap' to the disk's <driver> element"
-        label = node.defined_by or ""
-        if label.startswith("-blockdev"):
-            return f'add "discard":"unmap" to {label}'
-        if label.startswith("-drive"):
-            return f"add discard=unmap to {label.split(' ')[0]} {label.split(' ')[-1]}"
+        origin = node.defined_by
+        if origin is not None and origin.kind == "-blockdev":
+            return f'add "discard":"unmap" to {origin}'
+        if origin is not None and origin.kind == "-drive":
+            return f"add discard=unmap to -drive {origin.name}"
         return "add discard=unmap to the drive"
 
     def _format_layer(self, top: BlockNode) -> Layer:
@@ -567,7 +567,7 @@ class _DiskAudit:
             notes.append(
                 Finding(Severity.INFO, LayerKind.HOST_STORAGE, note.message, None, note.source)
             )
-        if disk.node is not None and disk.node.options.get("format_defaulted"):
+        if disk.format_defaulted:
             looks_qcow2 = (disk.source or "").endswith(".qcow2") or (
                 info is not None and info.format == "qcow2"
             )

@@ -38,7 +38,7 @@ from vmtrim.fix.policy import (
     move_to_scsi,
     remaining_after,
 )
-from vmtrim.model import DiskReport
+from vmtrim.model import ArgvOption, DiskReport, Locator
 from vmtrim.sources.qemu_args import (
     ARG_OPTIONS,
     normalize_discard,
@@ -230,7 +230,7 @@ class _QemuFixer:
 
     def fix_disk(self, report: DiskReport, result: FixResult) -> None:
         disk = report.disk
-        value_index = int((disk.locator or "argv[-1]")[5:-1])
+        value_index = disk.locator.index if isinstance(disk.locator, ArgvOption) else -1
         position = self.where.get(value_index)
         option = self.options[position] if position is not None else None
         name = self._name(position, disk_name(disk))
@@ -550,14 +550,16 @@ def fix_qemu_args(
             read_images=read_images,
         )  # fmt: skip
     # Match the new audit's disks to ours by where their option stands in the new argv.
-    names: dict[str, str] = {}
+    names: dict[Locator, str] = {}
     start = 0
     for option in fixer.result_options():
         name = fixer.identity.get(id(option))
         if name is not None:
-            names[f"argv[{start + len(option.tokens) - 1}]"] = name
+            names[ArgvOption(start + len(option.tokens) - 1)] = name
         start += len(option.tokens)
     result.remaining = remaining_after(
-        (report, names[report.disk.locator]) for report in reports if report.disk.locator in names
+        (report, names[report.disk.locator])
+        for report in reports
+        if report.disk.locator is not None and report.disk.locator in names
     )
     return result

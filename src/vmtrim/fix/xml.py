@@ -40,7 +40,7 @@ from vmtrim.fix.policy import (
     remaining_after,
 )
 from vmtrim.fix.xmledit import XmlEditor
-from vmtrim.model import Disk, DiskReport, StorageKind
+from vmtrim.model import Disk, DiskReport, Locator, StorageKind, XmlDisk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 VIRTIO_SCSI = "virtio-scsi"
@@ -55,8 +55,6 @@ _VIRTIO_ONLY_DRIVER = (
 # libvirt gives a scsi disk without <address> controller = i // N, unit = i % N from
 # its target name's index i; N is 7 (narrow bus) or 16 (wide), by controller model.
 _IMPLICIT_UNITS_PER_CONTROLLER = (7, 16)
-
-_DISK_LOCATOR = re.compile(r"/domain/devices/disk\[(\d+)\]$")
 
 
 def fix_domain_xml(
@@ -111,7 +109,7 @@ class _XmlFixer:
     options: FixOptions
     changes: list[Change] = field(default_factory=list)
     reports: list[DiskReport] = field(default_factory=list)
-    touched: set[str] = field(default_factory=set)  # locators of fixed or already-fine disks
+    touched: set[Locator] = field(default_factory=set)  # locators of fixed or already-fine disks
     _controller: str | None = None
 
     def __post_init__(self) -> None:
@@ -154,10 +152,9 @@ class _XmlFixer:
         (result.fixed if len(self.changes) > before else result.already).append(name)
 
     def _element(self, disk: Disk) -> etree._Element | None:
-        match = _DISK_LOCATOR.match(disk.locator or "")
-        if match is None:
+        if not isinstance(disk.locator, XmlDisk):
             return None
-        return self.disks[int(match.group(1)) - 1]
+        return self.disks[disk.locator.index - 1]
 
     def _driver(self, element: etree._Element, disk: Disk, name: str) -> None:
         wanted = [("discard", "unmap")]

@@ -17,7 +17,17 @@ from lxml import etree
 from vmtrim._util.files import read_input
 from vmtrim._util.safexml import xml_parser
 from vmtrim.errors import BadInput
-from vmtrim.model import BlockNode, DeviceType, Disk, Domain, Origin, StorageKind
+from vmtrim.model import (
+    BlockNode,
+    DeviceType,
+    Disk,
+    Domain,
+    NodeOrigin,
+    Origin,
+    StorageKind,
+    XmlDisk,
+    XmlHostdev,
+)
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).
 _PREFIX_BUS = (
@@ -130,7 +140,7 @@ class _DomainReader:
             detect_zeroes=driver.get("detect_zeroes") if driver is not None else None,
             read_only=read_only,
             shareable=element.find("shareable") is not None,
-            locator=f"/domain/devices/disk[{index}]",
+            locator=XmlDisk(index),
         )
         disk.controller_model, disk.qemu_device = self._device(disk, element)
         if storage is not StorageKind.NONE:
@@ -177,7 +187,7 @@ class _DomainReader:
             cache=cache,
             read_only=disk.read_only,
             filename=disk.source,
-            defined_by=f"<disk> {disk.ident} <source>",
+            defined_by=NodeOrigin("<disk>", disk.ident, "<source>"),
         )
         top = BlockNode(
             disk.format,
@@ -189,10 +199,10 @@ class _DomainReader:
             read_only=disk.read_only,
             filename=disk.source,
             file=storage,
-            defined_by=f"<disk> {disk.ident} <driver>",
+            defined_by=NodeOrigin("<disk>", disk.ident, "<driver>"),
         )
         if driver is None or driver.get("type") is None:
-            top.options["format_defaulted"] = True  # libvirt uses raw; it never probes
+            disk.format_defaulted = True  # libvirt uses raw; it never probes
         top.backing = _backing(element.find("backingStore"), disk.domain, 0)
         return top
 
@@ -237,7 +247,7 @@ class _DomainReader:
             source=where,
             read_only=element.find("readonly") is not None,
             shareable=element.find("shareable") is not None,
-            locator=f"/domain/devices/hostdev[{index}]",
+            locator=XmlHostdev(index),
         )
 
 
@@ -316,7 +326,7 @@ def _backing(element: etree._Element | None, domain: str, depth: int) -> BlockNo
         filename=source,
         read_only=True,
         file=BlockNode(driver, filename=source, read_only=True),
-        defined_by=f"<backingStore> {source}",
+        defined_by=NodeOrigin("<backingStore>", source),
     )
     node.backing = _backing(element.find("backingStore"), domain, depth + 1)
     return node

@@ -31,10 +31,12 @@ from vmtrim._util.files import read_input
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.facts import CONTROLLERS, DEVICES, LOCAL_PROTOCOLS, PROTOCOLS
 from vmtrim.model import (
+    ArgvOption,
     BlockNode,
     DeviceType,
     Disk,
     Domain,
+    NodeOrigin,
     Origin,
     StorageKind,
     Version,
@@ -434,7 +436,7 @@ class _Builder:
             bus=rule.bus,
             qemu_device=driver,
             device_properties=properties,
-            locator=f"argv[{index + 1}]",
+            locator=ArgvOption(index + 1),
             storage=StorageKind.NONE,
         )
         disk.bus, disk.controller_model = self._attachment(rule.bus, device)
@@ -516,7 +518,7 @@ class _Builder:
             controller_model=controller,
             qemu_device=qemu_device,
             device_properties=dict(self.parsed.globals.get(qemu_device or "", {})),
-            locator=f"argv[{drive.argv_index + 1}]",
+            locator=ArgvOption(drive.argv_index + 1),
             storage=StorageKind.NONE,
             read_only=device is DeviceType.CDROM,
         )
@@ -543,7 +545,7 @@ class _Builder:
             file_opts.update(parse_json_option(filename[5:], self.subject, f"-drive {ident}"))
             filename = None
         protocol_node = self._protocol_from_filename(
-            filename, file_opts, discard, read_only, f"-drive {ident}"
+            filename, file_opts, discard, read_only, NodeOrigin("-drive", ident)
         )
         fmt = opts.get("format") or opts.get("driver")
         if fmt is None or str(fmt) in LOCAL_PROTOCOLS or str(fmt) in PROTOCOLS:
@@ -567,7 +569,7 @@ class _Builder:
             read_only=read_only,
             filename=protocol_node.filename,
             file=protocol_node,
-            defined_by=f"-drive {ident}",
+            defined_by=NodeOrigin("-drive", ident),
             options={k: v for k, v in opts.items() if k not in _DRIVE_NODE_KEYS},
         )
         return top
@@ -578,7 +580,7 @@ class _Builder:
         extra: dict[str, Any],
         discard: str | None,
         read_only: bool,
-        defined_by: str,
+        defined_by: NodeOrigin,
     ) -> BlockNode:
         driver = extra.get("driver")
         path: str | None = filename if isinstance(filename, str) else None
@@ -618,13 +620,17 @@ class _Builder:
             raise BadInput(f"-blockdev '{name}' refers to itself", subject=self.subject)
         self.building.add(name)
         spec, _index = self.specs[name]
-        node = self._node_from_spec(spec, None, f"-blockdev {name}")
+        node = self._node_from_spec(spec, None, NodeOrigin("-blockdev", name))
         self.building.discard(name)
         self.nodes[name] = node
         return node
 
     def _node_from_spec(
-        self, spec: dict[str, Any], inherited_discard: str | None, defined_by: str, depth: int = 0
+        self,
+        spec: dict[str, Any],
+        inherited_discard: str | None,
+        defined_by: NodeOrigin,
+        depth: int = 0,
     ) -> BlockNode:
         if depth > _MAX_NODE_DEPTH or len(self.building) > _MAX_NODE_DEPTH:
             raise BadInput(
@@ -659,7 +665,7 @@ class _Builder:
         for role in ("file", "backing"):
             child = spec.get(role)
             if isinstance(child, str):
-                setattr(node, role, self._node(child, defined_by))
+                setattr(node, role, self._node(child, str(defined_by)))
             elif isinstance(child, dict):
                 # Inline children inherit discard from their parent; backing files don't.
                 setattr(
@@ -668,7 +674,7 @@ class _Builder:
                     self._node_from_spec(
                         child,
                         discard if role == "file" else None,
-                        f"{defined_by} {role}",
+                        defined_by.child(role),
                         depth + 1,
                     ),
                 )

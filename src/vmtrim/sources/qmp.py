@@ -47,7 +47,9 @@ from vmtrim.model import (
     Disk,
     Domain,
     MachineType,
+    NodeOrigin,
     Origin,
+    QomDevice,
     StorageKind,
     Version,
     format_version,
@@ -388,7 +390,7 @@ def _tree(
         cache=_cache_mode(info.get("cache")),
         read_only=bool(info.get("ro")),
         filename=str(info["file"]) if isinstance(info.get("file"), str) else None,
-        defined_by=f"node {name}" if name else None,
+        defined_by=NodeOrigin("qmp", name) if name else None,
         discard_unknown=NOT_SHOWN,
     )
     if depth < _MAX_DEPTH:
@@ -461,9 +463,9 @@ def _disk_names(disk: Disk) -> set[tuple[str, str]]:
     if disk.node is not None:
         if disk.node.node_name:
             names.add(("node", disk.node.node_name))
-        label = (disk.node.defined_by or "").split(" ")
-        if label[0] == "-drive" and len(label) > 1:
-            names.add(("backend", label[1]))
+        origin = disk.node.defined_by
+        if origin is not None and origin.kind == "-drive" and origin.name:
+            names.add(("backend", origin.name))
     return names
 
 
@@ -500,7 +502,7 @@ def _live_only(domain: Domain, device: LiveDevice, why: str) -> Disk:
         controller_model=controller_model,
         qemu_device=kind,
         storage=StorageKind.NONE,
-        locator=f"QOM {device.path}",
+        locator=QomDevice(device.path),
         read_only=rule.device is DeviceType.CDROM,
     )
     _virtio_discard(domain, device, disk)
