@@ -57,3 +57,35 @@ def check_figures(check: dict[str, Any]) -> dict[str, int]:
         "leaks": check.get("leaks", 0),
         "corruptions": check.get("corruptions", 0),
     }
+
+
+def qemu_img_info(path: Path) -> subprocess.CompletedProcess[str]:
+    """qemu-img info --output=json, not checked: a refused file is an answer too."""
+    return subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+
+
+def create_luks(path: Path, size: int | str, fmt: str = "qcow2") -> Path:
+    """A LUKS-encrypted image (secret "hunter2").
+
+    QEMU times PBKDF2 on the thread's CPU clock even with a fixed iter-time, and on a
+    busy machine a measurement of 0 ms fails the create with "Unable to get accurate
+    CPU usage"; that failure is about the clock, not the image, so it is retried.
+    """
+    opt = "encrypt." if fmt == "qcow2" else ""  # qcow2 nests the LUKS options
+    luks = f"{opt}key-secret=s0,{opt}iter-time=10"
+    if fmt == "qcow2":
+        luks = f"encrypt.format=luks,{luks}"
+    secret = "secret,id=s0,data=hunter2"
+    cmd = ["qemu-img", "create", "-q", "--object", secret, "-f", fmt, "-o", luks, str(path)]
+    cmd.append(str(size))
+    for _ in range(20):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return path
+        assert "accurate CPU usage" in proc.stderr, proc.stderr
+    raise AssertionError(f"qemu-img could not time PBKDF2 in 20 tries: {proc.stderr}")

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_image_support import KiB, MiB, create, qemu_img, qemu_io, qemu_map
+from image_support import KiB, MiB, create, create_luks, qemu_img, qemu_io, qemu_map
 from vmtrim.cli import run
 from vmtrim.errors import ImageError
 from vmtrim.image.info import inspect
@@ -115,20 +115,7 @@ def _backing_missing(d: Path) -> Path:
 
 
 def _encrypted(d: Path) -> Path:
-    img = d / "luks.qcow2"
-    qemu_img(
-        "create",
-        "-q",
-        "--object",
-        "secret,id=s0,data=hunter2",
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-        img,
-        "1M",
-    )
-    return img
+    return create_luks(d / "luks.qcow2", "1M")
 
 
 def _directory(d: Path) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_image_support import (
+from image_support import (
     KiB,
     MiB,
     check_figures,

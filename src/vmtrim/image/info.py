@@ -30,7 +30,6 @@ from vmtrim.image.qcow2 import (
     COMPRESSION_NAMES,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
-    MAGIC,
     NORMAL,
     UNALLOCATED_ALLOC,
     UNALLOCATED_PLAIN,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from vmtrim.image.scan import Scan
 
 SCHEMA = "vmtrim.image/1"
+MAX_CHAIN = 256
 Progress = Callable[[int, int], None]
 
 
@@ -135,12 +135,27 @@ class ImageInfo:
 
 
 def probe_format(path: str) -> str:
+    """QEMU's format name for ``path``, probed as qemu-img probes (see image.probe)."""
+    from vmtrim.image.probe import probe_fd
+
     fd = open_readonly(path)
     try:
-        head = os.pread(fd, 4, 0)
+        return probe_fd(fd, path)
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror}", subject=path) from exc
     finally:
         os.close(fd)
-    return "qcow2" if head == MAGIC else "raw"
+
+
+def readable_format(path: str, fmt: str | None) -> str:
+    """``fmt``, or the probed format; any format but qcow2 and raw is refused."""
+    from vmtrim.image.probe import NAMES
+
+    found = fmt or probe_format(path)
+    if found not in ("qcow2", "raw"):
+        name = NAMES.get(found, found)
+        raise ImageError(f"{name} image: not supported, use qemu-img", subject=path)
+    return found
 
 
 def resolve_backing(image_path: str, name: str) -> str:
@@ -159,18 +174,17 @@ def resolve_backing(image_path: str, name: str) -> str:
 def chain_paths(path: str, fmt: str | None = None) -> list[tuple[str, str]]:
     """[(path, format)] from ``path`` down its backing chain, checked for loops and gaps."""
     out: list[tuple[str, str]] = []
-    seen: list[str] = []
+    seen: set[str] = set()
     current: str | None = path
     while current is not None:
         real = os.path.realpath(current)
         if real in seen:
             raise ImageError(f"backing chain loops back to {current}", subject=path)
-        seen.append(real)
-        layer_fmt = fmt or probe_format(current)
-        if layer_fmt not in ("qcow2", "raw"):
-            raise ImageError(
-                f"format {layer_fmt!r} is not supported (qcow2 and raw are)", subject=current
-            )
+        if len(out) >= MAX_CHAIN:
+            # each layer nests one level in --json and in the map's resolution
+            raise ImageError(f"backing chain deeper than {MAX_CHAIN} layers", subject=path)
+        seen.add(real)
+        layer_fmt = readable_format(current, fmt)
         out.append((current, layer_fmt))
         if layer_fmt == "raw":
             break
@@ -204,7 +218,7 @@ def inspect(
     cluster counts and views stay unset (what audit needs, without reading metadata).
     """
     path = os.fspath(path)
-    layers = chain_paths(path, fmt) if follow_backing else [(path, fmt or probe_format(path))]
+    layers = chain_paths(path, fmt) if follow_backing else [(path, readable_format(path, fmt))]
     infos: list[ImageInfo] = []
     for layer_path, layer_fmt in layers:
         if layer_fmt == "raw":
