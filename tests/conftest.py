@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from services import start_libvirtd
+from vmtrim.lab import Appliance, ensure_appliance
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,9 @@ def libvirtd() -> Iterator[str]:
         yield daemons.uri
     finally:
         daemons.stop()
+
+
+@pytest.fixture(scope="session")
+def appliance() -> Appliance:
+    """The lab guest, built on first use (downloads Debian's kernel package on a fresh machine)."""
+    return ensure_appliance()
