@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
+from helpers import vmtrim
 from vmtrim import __version__
-
-
-def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args], capture_output=True, text=True, check=False
-    )
 
 
 def test_version() -> None:
