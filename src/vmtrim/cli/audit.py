@@ -7,12 +7,15 @@ layers (for example the guest, without a guest agent) do not fail it either.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
-from vmtrim.model import DiskReport, Domain, LayerKind, Severity, Verdict
+from vmtrim.model import DiskReport, Domain, Layer, LayerKind, Severity, Verdict
+
+if TYPE_CHECKING:
+    from vmtrim.output import Cell, Column
 
 SCHEMA = "vmtrim.audit/1"
 
@@ -24,7 +27,6 @@ _LAYER_HEADERS = {
     LayerKind.HOST_STORAGE: "host",
 }
 _VERDICT_STYLE = {Verdict.PASS: "green", Verdict.UNKNOWN: "yellow", Verdict.BLOCK: "bold red"}
-_VERDICT_NAMES = {verdict.value for verdict in Verdict}
 _SEVERITY_MARK = {
     Severity.BLOCK: ("✗", "red"),
     Severity.WARNING: ("!", "yellow"),
@@ -178,63 +180,82 @@ def _cells(report: DiskReport) -> list[str]:
     ]
 
 
-def render(domains: list[Domain], reports: list[DiskReport]) -> None:
-    """One row per disk, its findings (worst first) below it, columns aligned across disks.
+def _columns() -> list[Column]:
+    from vmtrim.output import Column
 
-    Rows are padded by hand and printed as one Text: a rich Table per disk (findings
-    cannot span a table's columns) took 12 s for 1,000 domains.
-    """
-    from rich.text import Text
-
-    from vmtrim.output import console
-
-    out = console()
-    headers = [
-        "domain",
-        "target",
-        "bus",
-        "source",
-        "format",
-        "discard",
-        *_LAYER_HEADERS.values(),
-        "verdict",
+    # On a narrow terminal the path is shortened first, then columns go: format, bus,
+    # discard, then the layers right to left; the findings below still name the layer.
+    return [
+        Column("domain", shorten="end"),
+        Column("target"),
+        Column("bus", priority=4),
+        Column("source", shorten="middle", min_width=16),
+        Column("format", priority=5),
+        Column("discard", priority=3),
+        *(Column(header, priority=1) for header in _LAYER_HEADERS.values()),
+        Column("verdict"),
     ]
+
+
+def render(domains: list[Domain], reports: list[DiskReport]) -> None:
+    """One row per disk, its findings (worst first) and unknown reasons below it.
+
+    An ``unknown`` layer's reason shared by several disks of a domain (no guest agent)
+    is printed once after the table, not on every disk.
+    """
+    from vmtrim.output import Row, Styled, print_line, print_note, render_table
+
+    # (domain, layer, reason) -> the disks whose layer is unknown for that reason
+    shared: dict[tuple[str, LayerKind, str], list[Layer]] = {}
+    targets: dict[tuple[str, LayerKind, str], list[str]] = {}
+    for r in reports:
+        for layer in _unknown(r):
+            key = (r.disk.domain, layer.kind, layer.reason)
+            shared.setdefault(key, []).append(layer)
+            targets.setdefault(key, []).append(r.disk.target or r.disk.ident)
     rows = []
     for report in reports:
-        layers = [report.layer(kind).verdict.value for kind in _LAYER_HEADERS]
+        layers = [report.layer(kind).verdict for kind in _LAYER_HEADERS]
         verdict = report.verdict.value + (f" ({report.exempt})" if report.exempt else "")
-        rows.append([*_cells(report), *layers, verdict])
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-    text = Text(no_wrap=True, overflow="ignore")
-    if reports:
-        text.append(
-            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n",
-            style="bold",
-        )
-    for report, row in zip(reports, rows, strict=True):
-        for i, cell in enumerate(row):
-            word = cell.split(" ")[0]
-            style = _VERDICT_STYLE[Verdict(word)] if i >= 6 and word in _VERDICT_NAMES else ""
-            text.append(cell, style=style)
-            text.append("\n" if i == len(row) - 1 else " " * (widths[i] - len(cell) + 2))
-        for finding in report.sorted_findings():
-            mark, style = _SEVERITY_MARK[finding.severity]
-            text.append(f"    {mark} ", style=style)
-            text.append(f"{finding.layer.value}: {finding.message}")
-            if finding.fix:
-                text.append(f"  → fix: {finding.fix}", style="cyan")
-            text.append("\n")
-    out.print(text, end="", crop=False, soft_wrap=True)
+        details = [
+            Styled(_line(_SEVERITY_MARK[f.severity][0], f.layer, f.message, f.fix),
+                   _SEVERITY_MARK[f.severity][1])
+            for f in report.sorted_findings()
+        ]  # fmt: skip
+        details += [
+            Styled(_line("?", layer.kind, f"unknown: {layer.reason}", layer.fix), "yellow")
+            for layer in _unknown(report)
+            if len(shared[(report.disk.domain, layer.kind, layer.reason)]) == 1
+        ]
+        cells: list[Cell] = [
+            *_cells(report),
+            *(Styled(v.value, _VERDICT_STYLE[v]) for v in layers),
+            Styled(verdict, _VERDICT_STYLE[report.verdict]),
+        ]
+        rows.append(Row(cells, details))
+    render_table(_columns(), rows)
     if not reports:
-        out.print("no disks found")
+        print_line("no disks found")
+    for (name, kind, reason), same in shared.items():
+        if len(same) > 1:
+            on = f"unknown on {name} ({', '.join(targets[name, kind, reason])})"
+            print_line(_line("?", kind, f"{on}: {reason}", same[0].fix), style="yellow")
     for domain in domains:
         for note in domain.notes:
-            out.print(Text(f"note: {domain.name}: {note}", style="dim"))
+            print_note(f"note: {domain.name}: {note}")
     blocking = sum(1 for r in reports if r.blocks)
     exempt = sum(1 for r in reports if r.exempt)
     passing = sum(1 for r in reports if r.verdict is Verdict.PASS and not r.exempt)
-    out.print(
+    print_line(
         f"{len(reports)} disk(s): {blocking} block discard, {passing} pass,"
         f" {len(reports) - blocking - passing - exempt} unknown, {exempt} not counted"
         " (cdrom, read-only or empty)"
     )
+
+
+def _unknown(report: DiskReport) -> list[Layer]:
+    return [layer for layer in report.layers if layer.verdict is Verdict.UNKNOWN]
+
+
+def _line(mark: str, kind: LayerKind, message: str, fix: str | None) -> str:
+    return f"{mark} {kind.value}: {message}" + (f"  → fix: {fix}" if fix else "")
