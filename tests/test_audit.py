@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import vmtrim
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.model import DiskReport, LayerKind, Verdict
@@ -19,16 +18,6 @@ from vmtrim.sources.qemu_args import parse_qemu_command, read_args_file
 
 DATA = Path(__file__).parent / "data" / "audit"
 OFFLINE = HostProbes(local=False)
-
-
-def vmtrim(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def audit_json(*args: str, stdin: str | None = None) -> tuple[int, dict[str, Any]]:
