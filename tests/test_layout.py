@@ -20,6 +20,7 @@ RANK = {
     "model": 2,
     "output": 2,
     "facts": 3,
+    "history": 3,
     "channels": 4,
     "image": 4,
     "lab": 4,
@@ -29,6 +30,7 @@ RANK = {
     "fix": 7,
     "trim": 7,
     "verify": 7,
+    "run": 8,
     "cli": 9,
 }
 # The package root re-exports nothing from below; __main__ only starts the CLI.

@@ -9,6 +9,8 @@
           +-- AgentUnavailable  no agent (or QMP monitor) on the channel, or no answer in time
           +-- AgentCommandFailed  it answered, with an error (``command``, ``error_class``)
           +-- GuestFailed       a throwaway guest failed to boot, panicked or reported an error
+          +-- HistoryUnavailable  the history database is corrupt, locked or unwritable
+          +-- LockHeld          another ``vmtrim run`` holds the run lock
 
 Callers sort failures by class, never by message text: a trim whose agent is
 unavailable is *skipped*, one whose agent answered with an error *failed*.
@@ -88,3 +90,15 @@ class AgentCommandFailed(EnvironmentProblem):
 
 class GuestFailed(EnvironmentProblem):
     """A throwaway guest failed: QEMU exited, the kernel panicked, or init reported an error."""
+
+
+class HistoryUnavailable(EnvironmentProblem):
+    """The history database cannot be opened, read or written (corrupt, locked, newer)."""
+
+
+class LockHeld(EnvironmentProblem):
+    """Another run holds the run lock (``flock``); ``pid`` is its process, when known."""
+
+    def __init__(self, message: str, subject: str | None = None, *, pid: int | None = None):
+        super().__init__(message, subject)
+        self.pid = pid
