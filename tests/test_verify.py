@@ -24,18 +24,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import vmtrim
 from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance, ensure_appliance
 from vmtrim.vm.guest import BUSES, GuestSpec, parse_status
 
 MiB = 1 << 20
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def appliance() -> Appliance:
-    """Built on first use (downloads Debian's kernel package on a fresh machine)."""
-    return ensure_appliance()
 
 
 def qemu_processes_under(path: Path) -> list[int]:
@@ -79,21 +74,8 @@ def tmpdir_env(appliance: Appliance) -> Iterator[tuple[Path, dict[str, str]]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def vmtrim(
-    env: dict[str, str], *args: str, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def verify_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
-    done = vmtrim(env, "verify", "--accel", "tcg", "--json", *args)
+    done = vmtrim("verify", "--accel", "tcg", "--json", *args, env=env)
     doc = json.loads(done.stdout) if done.stdout.strip() else {}
     return done.returncode, doc, done.stderr
 
@@ -201,7 +183,6 @@ def test_matrix_slice_runs_in_parallel_and_prints_the_table(
         assert c["ok"] and c["measured"] == c["expected"]
         assert (c["reclaimed_bytes"] >= 0.99 * c["written_bytes"]) == (c["discard"] == "unmap")
     table = vmtrim(
-        env,
         "verify",
         "--accel",
         "tcg",
@@ -214,6 +195,7 @@ def test_matrix_slice_runs_in_parallel_and_prints_the_table(
         "fstrim",
         "--size",
         "8",
+        env=env,
     )
     assert table.returncode == 0, table.stderr
     rows = [ln for ln in table.stdout.splitlines() if "virtio-blk" in ln]
@@ -247,7 +229,7 @@ def test_libvirt_cell_reclaims(libvirtd: str, tmpdir_env: tuple[Path, dict[str, 
 
 def test_boot_timeout_is_exit_3_with_serial_tail(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     _, env = tmpdir_env
-    done = vmtrim(env, "verify", "--accel", "tcg", "--size", "8", "--boot-timeout", "1")
+    done = vmtrim("verify", "--accel", "tcg", "--size", "8", "--boot-timeout", "1", env=env)
     assert done.returncode == 3
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -302,7 +284,7 @@ def test_sigterm_stops_the_guest_and_removes_the_image(
 
 def test_bad_option_is_exit_2(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     _, env = tmpdir_env
-    done = vmtrim(env, "verify", "--bus", "floppy")
+    done = vmtrim("verify", "--bus", "floppy", env=env)
     assert done.returncode == 2
     assert "floppy" in done.stderr and "Traceback" not in done.stderr
 
