@@ -15,7 +15,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import vmtrim
 from vmtrim.channels.qmp import SyncMonitor
 from vmtrim.errors import BadInput
 from vmtrim.sources.qmp import build_domain, expect_greeting, parse_live
@@ -84,16 +84,6 @@ def run_qemu(workdir: Path, name: str, extra: list[str]) -> Iterator[Qemu]:
 def qcow2(path: Path) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     return path
-
-
-def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def audit_json(*args: str) -> tuple[int, dict[str, Any]]:
