@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from helpers import du_bytes, vmtrim
 from vmtrim.channels.qmp import SyncMonitor
 from vmtrim.lab import ensure_appliance
 from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
@@ -18,11 +17,6 @@ from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
 pytestmark = pytest.mark.vm
 MiB = 1024 * 1024
 WRITE_MIB = 24
-
-
-def du_bytes(path: Path) -> int:
-    out = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[0])
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +53,6 @@ def device_unmap_bytes(guest: DirectGuest) -> int:
     assert isinstance(stats, list)
     [entry] = [s for s in stats if s["stats"]["wr_bytes"] > 0]  # the one written disk
     return int(entry["stats"]["unmap_bytes"])
-
-
-def vmtrim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_qga_and_qmp_trim_and_count_unmaps(guest: DirectGuest) -> None:
