@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,29 +26,13 @@ import libvirt
 import libvirt_qemu
 import pytest
 
+from helpers import du_bytes, vmtrim
 from vmtrim.errors import GuestFailed
-from vmtrim.lab import Appliance, ensure_appliance
+from vmtrim.lab import Appliance
 from vmtrim.vm.guest import ControlChannel, serial_tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 MiB = 1024 * 1024
-
-
-def du_bytes(path: Path) -> int:
-    """What `du -B1` says: the bytes the host really stores for the file."""
-    out = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[0])
-
-
-def vmtrim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
 
 
 def make_image(path: Path, size_mib: int) -> None:
@@ -157,11 +140,6 @@ def conn(libvirtd: str) -> Iterator[Any]:
         yield connection
     finally:
         connection.close()
-
-
-@pytest.fixture(scope="module")
-def appliance() -> Appliance:
-    return ensure_appliance()
 
 
 class Lab:
