@@ -12,23 +12,13 @@ import sys
 
 import pytest
 
+from helpers import vmtrim
 from vmtrim.channels.libvirt import connection, dotted, is_local_uri, select_domains
 from vmtrim.cli import run
 from vmtrim.errors import BadInput, EnvironmentProblem
 
 TEST_URI = "test:///default"
 TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's built-in domain
-
-
-def vmtrim(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("spec", ["test", TEST_UUID, TEST_UUID.replace("-", ""), "1"])
