@@ -40,14 +40,17 @@ def test_atomic_write_new_file_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
-def test_atomic_write_through_symlink_keeps_link(tmp_path: Path) -> None:
+def test_atomic_write_refuses_a_symlink_and_touches_neither(tmp_path: Path) -> None:
     real = tmp_path / "real.xml"
     real.write_bytes(ORIGINAL)
     link = tmp_path / "link.xml"
     link.symlink_to(real)
-    atomic_write(link, b"changed")
-    assert link.is_symlink()
-    assert real.read_bytes() == b"changed"
+    with pytest.raises(BadInput, match="symbolic link") as caught:
+        atomic_write(link, b"changed")
+    assert caught.value.subject == str(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes() == ORIGINAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.xml", "real.xml"]
 
 
 def test_atomic_write_refuses_directory(tmp_path: Path) -> None:
@@ -60,14 +63,24 @@ def test_backup_beside_is_0600_and_identical(tmp_path: Path) -> None:
     target.write_bytes(ORIGINAL)
     os.chmod(target, 0o644)
     when = datetime(2026, 11, 26, 10, 15, 30, tzinfo=UTC)
-    first = backup_beside(target, now=when)
-    second = backup_beside(target, now=when)
+    first = backup_beside(target, ORIGINAL, now=when)
+    second = backup_beside(target, ORIGINAL, now=when)
     assert first.name == "dom.xml.vmtrim-20261126T101530Z.bak"
     assert second.name == "dom.xml.vmtrim-20261126T101530Z-1.bak"
     for backup in (first, second):
         assert backup.parent == tmp_path
         assert backup.read_bytes() == ORIGINAL
         assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["dom.xml", first.name, second.name]
+    )
+
+
+def test_backup_is_of_the_bytes_given_not_a_reread(tmp_path: Path) -> None:
+    target = tmp_path / "dom.xml"
+    target.write_bytes(b"<domain>changed on disk since it was parsed</domain>")
+    backup = backup_beside(target, ORIGINAL)
+    assert backup.read_bytes() == ORIGINAL
 
 
 def test_backup_to_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

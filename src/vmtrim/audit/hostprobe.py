@@ -6,11 +6,23 @@
 - a network protocol: from :data:`vmtrim.facts.PROTOCOLS`.
 
 Every probe returns a :class:`Probe` (verdict + reason) and never raises for a
-path that is missing or unreadable: that is an ``unknown`` answer.
+path that is missing or unreadable, or a filesystem that is full: that is an
+``unknown`` answer ("could not probe: no space"), and the audit goes on. A full disk is
+exactly when people run this tool.
+
+A filesystem that cannot punch holes carries the ``punch_hole_sticky`` note
+(:data:`vmtrim.facts.NOTES`): QEMU's file driver clears ``has_discard`` on the first
+``ENOTSUP`` (block/file-posix.c, ``handle_aiocb_discard``) and stops trying for that
+open file, so even after the filesystem is fixed, QEMU must reopen the image.
+
+:class:`HostProbes` knows why it does not probe (``off_reason``): the user's
+``--no-probe``, or disks that live on a remote libvirt host, whose paths name files
+there and not here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -20,7 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmtrim.facts import PROTOCOLS
+from vmtrim.facts import NOTES, PROTOCOLS, Note
 from vmtrim.model import Verdict
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -29,9 +41,12 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 @dataclass(frozen=True)
 class Probe:
+    """A verdict on the host storage, why, what to change, and facts to show with it."""
+
     verdict: Verdict
     reason: str
     fix: str | None = None
+    notes: tuple[Note, ...] = ()
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -63,6 +78,12 @@ def filesystem_of(path: str) -> tuple[str, str] | None:
     return best
 
 
+def _could_not_probe(label: str, exc: OSError) -> Probe:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = "no space" if full else exc.strerror
+    return Probe(Verdict.UNKNOWN, f"{label}: could not probe: {why}")
+
+
 def punch_hole_probe(directory: str) -> Probe:
     """Try FALLOC_FL_PUNCH_HOLE on a temporary file in ``directory`` and check st_blocks."""
     where = filesystem_of(directory)
@@ -70,9 +91,7 @@ def punch_hole_probe(directory: str) -> Probe:
     try:
         fd, name = tempfile.mkstemp(prefix=".vmtrim-probe-", dir=directory)
     except OSError as exc:
-        return Probe(
-            Verdict.UNKNOWN, f"cannot create a probe file in {directory} ({label}): {exc.strerror}"
-        )
+        return _could_not_probe(f"{label} (a probe file in {directory})", exc)
     try:
         block = max(os.fstat(fd).st_blksize, 4096)
         os.write(fd, b"\xa5" * (block * 4))
@@ -82,26 +101,32 @@ def punch_hole_probe(directory: str) -> Probe:
             _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, block, block * 2)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                sticky = NOTES["punch_hole_sticky"]
                 return Probe(
                     Verdict.BLOCK,
                     f"{label} cannot punch holes (fallocate:"
                     f" {exc.strerror}); QEMU's discards free nothing on the host",
                     "move the image to a filesystem that supports"
-                    " FALLOC_FL_PUNCH_HOLE (ext4, xfs, btrfs, tmpfs)",
+                    " FALLOC_FL_PUNCH_HOLE (ext4, xfs, btrfs, tmpfs), then restart the"
+                    f" guest's QEMU: {sticky.message}",
+                    (sticky,),
                 )
-            return Probe(Verdict.UNKNOWN, f"{label}: punch-hole probe failed: {exc.strerror}")
+            return _could_not_probe(label, exc)
         os.fsync(fd)
         after = os.fstat(fd).st_blocks
-        if after < before:
-            return Probe(Verdict.PASS, f"{label} punches holes (probed in {directory})")
-        return Probe(
-            Verdict.BLOCK,
-            f"{label} accepted a punch-hole but freed no blocks",
-            "move the image to a filesystem that frees punched blocks",
-        )
+    except OSError as exc:  # a full filesystem fails the write (or the fsync)
+        return _could_not_probe(label, exc)
     finally:
         os.close(fd)
-        os.unlink(name)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    if after < before:
+        return Probe(Verdict.PASS, f"{label} punches holes (probed in {directory})")
+    return Probe(
+        Verdict.BLOCK,
+        f"{label} accepted a punch-hole but freed no blocks",
+        "move the image to a filesystem that frees punched blocks",
+    )
 
 
 def block_device_probe(path: str) -> Probe:
@@ -138,20 +163,48 @@ def protocol_probe(protocol: str | None) -> Probe:
     return Probe(rule.verdict, f"{protocol}: {rule.reason}")
 
 
+NO_PROBE = "host probes are off (--no-probe)"
+
+
 @dataclass
 class HostProbes:
     """The host probes an audit runs, with a per-filesystem cache.
 
-    ``local=False`` answers ``unknown`` for every local path without touching it:
-    for XML or command lines that come from another host.
+    ``local=False`` answers ``unknown`` for every local path without touching it, with
+    ``off_reason`` as the reason: build it with :meth:`no_probe` (the user said
+    ``--no-probe``) or :meth:`remote` (the XML or command line is from another host).
     """
 
     local: bool = True
+    off_reason: str = "host probes are off"
     _punch_cache: dict[int, Probe] = field(default_factory=dict)
+
+    @classmethod
+    def no_probe(cls) -> HostProbes:
+        """The user asked for no probes (``--no-probe``)."""
+        return cls(local=False, off_reason=NO_PROBE)
+
+    @classmethod
+    def remote(cls, uri: str) -> HostProbes:
+        """The disks are on the host behind ``uri``: their paths are not files here."""
+        return cls(
+            local=False,
+            off_reason=f"not probed: the disks are on the remote host of {uri},"
+            " and its files cannot be probed from here",
+        )
+
+    @classmethod
+    def choose(cls, *, no_probe: bool = False, remote_uri: str | None = None) -> HostProbes:
+        """``--no-probe`` wins; else a remote URI turns probes off; else probe here."""
+        if no_probe:
+            return cls.no_probe()
+        if remote_uri is not None:
+            return cls.remote(remote_uri)
+        return cls()
 
     def file(self, path: str) -> Probe:
         if not self.local:
-            return Probe(Verdict.UNKNOWN, "host probes are off (--no-probe)")
+            return Probe(Verdict.UNKNOWN, self.off_reason)
         directory = os.path.dirname(os.path.abspath(path)) or "/"
         try:
             st = os.stat(directory)
@@ -165,7 +218,7 @@ class HostProbes:
 
     def block(self, path: str) -> Probe:
         if not self.local:
-            return Probe(Verdict.UNKNOWN, "host probes are off (--no-probe)")
+            return Probe(Verdict.UNKNOWN, self.off_reason)
         return block_device_probe(path)
 
     def network(self, protocol: str | None) -> Probe:

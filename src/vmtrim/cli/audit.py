@@ -111,7 +111,10 @@ def audit(
         from vmtrim.sources.libvirt_live import audit_live
 
         live, extra, local = audit_live(uri, names, every, timeout)
-        return report_domains(live, probe=local and not no_probe, as_json=as_json, extra=extra)
+        remote = None if local else str(extra["connection"]["uri"])
+        return report_domains(
+            live, probe=not no_probe, remote_uri=remote, as_json=as_json, extra=extra
+        )
     if not (xml_files or args_files or pids or qmp_sockets):
         raise click.UsageError(
             "give --xml FILE, --qemu-args FILE, --pid PID, --qmp SOCKET or -c URI DOMAIN"
@@ -132,6 +135,7 @@ def report_domains(
     domains: list[Domain],
     *,
     probe: bool = True,
+    remote_uri: str | None = None,
     as_json: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> int:
@@ -142,7 +146,7 @@ def report_domains(
     from vmtrim.audit.engine import audit_domain
     from vmtrim.audit.hostprobe import HostProbes
 
-    probes = HostProbes(local=probe)
+    probes = HostProbes.choose(no_probe=not probe, remote_uri=remote_uri)
     reports = [r for domain in domains for r in audit_domain(domain, probes)]
     if as_json:
         from vmtrim.output import print_json

@@ -16,13 +16,15 @@ not change it (for example virtio-blk on a machine type before 4.0 without
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
+
+if TYPE_CHECKING:
+    from vmtrim._util.files import FileUpdate
 
 
 @click.command("fix")
@@ -40,6 +42,9 @@ from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
 @click.option("-o", "--output", "output", metavar="FILE", help="Write the new text to FILE.")
 @click.option("--in-place", is_flag=True,
               help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
+@click.option("--force", is_flag=True,
+              help="With -o or --in-place: replace a read-only or hard-linked file"
+              " (the hard link is broken).")  # fmt: skip
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
@@ -72,6 +77,7 @@ def fix(
     dry_run: bool,
     output: str | None,
     in_place: bool,
+    force: bool,
     no_probe: bool,
     as_json: bool,
     uri: str | None = None,
@@ -112,8 +118,15 @@ def fix(
     options = FixOptions(
         detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, modernize=modernize
     )
-    result = run_fix(path, options, xml=xml_file is not None, probe=not no_probe)
-    written, backup = _write(result, path, output=output, in_place=in_place)
+    from contextlib import ExitStack
+
+    from vmtrim._util.files import update_file
+
+    with ExitStack() as stack:  # --in-place: locked from the read to the write
+        edit = stack.enter_context(update_file(path, force=force)) if in_place else None
+        data = edit.data if edit is not None else None
+        result = run_fix(path, options, xml=xml_file is not None, probe=not no_probe, data=data)
+        written, backup = _write(result, path, output=output, edit=edit, force=force)
     if as_json:
         from vmtrim.output import print_json
 
@@ -142,14 +155,16 @@ def fix(
     return EXIT_FINDINGS if any(skip.blocking for skip in result.skipped) else EXIT_OK
 
 
-def run_fix(path: str, options: FixOptions, *, xml: bool, probe: bool = True) -> FixResult:
-    """Read ``path`` ('-' for stdin) and fix it as libvirt XML or as a QEMU command line."""
+def run_fix(
+    path: str, options: FixOptions, *, xml: bool, probe: bool = True, data: bytes | None = None
+) -> FixResult:
+    """Fix ``data`` (else read ``path``, '-' for stdin) as libvirt XML or a QEMU command line."""
     from vmtrim._util.files import read_input
     from vmtrim.audit.hostprobe import HostProbes
 
     subject = "<stdin>" if path == "-" else path
-    data = read_input(path)
-    probes = HostProbes(local=probe)
+    data = read_input(path) if data is None else data
+    probes = HostProbes() if probe else HostProbes.no_probe()
     if not xml:
         from vmtrim.fix.qemu import fix_qemu_args
 
@@ -164,24 +179,20 @@ def run_fix(path: str, options: FixOptions, *, xml: bool, probe: bool = True) ->
 
 
 def _write(
-    result: FixResult, path: str, *, output: str | None, in_place: bool
+    result: FixResult, path: str, *, output: str | None, edit: FileUpdate | None, force: bool
 ) -> tuple[str | None, str | None]:
     """Write as asked; returns (written path, backup path). Nothing is written on no change."""
-    from vmtrim._util.files import atomic_write, backup_beside
+    from vmtrim._util.files import update_file
 
-    if in_place:
+    if edit is not None:  # --in-place: back up the bytes that were parsed, then replace
         if not result.changed:
             return None, None
-        backup = backup_beside(path)
-        atomic_write(path, result.new_text)
-        return path, str(backup)
+        backup = edit.replace(result.new_text)
+        return path, str(backup) if backup else None
     if output is not None:
-        target = Path(output)
-        backup_path = None
-        if target.exists() and target.read_bytes() != result.new_text.encode():
-            backup_path = str(backup_beside(target))
-        atomic_write(target, result.new_text, new_file_mode=0o600)
-        return output, backup_path
+        with update_file(output, force=force, create=True) as target:
+            backup = target.replace(result.new_text, new_file_mode=0o600)
+        return output, str(backup) if backup else None
     return None, None
 
 

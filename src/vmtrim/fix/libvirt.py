@@ -79,7 +79,7 @@ def fix_live(
     name = str(dom.name())
     if not dom.isPersistent():
         raise BadInput("a transient domain has no definition to fix; define it first", subject=name)
-    probes = HostProbes(local=conn.local)
+    probes = HostProbes.choose(remote_uri=None if conn.local else conn.uri)
     original = fetch_domain_xml(dom, inactive=True, secure=True)
     result = fix_domain_xml(original, options, subject=name, probes=probes)
     outcome = LiveFix(domain=name, result=result, dry_run=dry_run, running=bool(dom.isActive()))
