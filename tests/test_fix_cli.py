@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fix_support import AUDIT_DATA, materialize, vmtrim
+from fix_support import AUDIT_DATA, materialize
+from helpers import vmtrim
 
 
 @pytest.fixture
