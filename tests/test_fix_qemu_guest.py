@@ -22,18 +22,17 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fix_support import vmtrim
+from helpers import du_bytes, vmtrim
 from vmtrim.fix.policy import FixOptions
 from vmtrim.fix.qemu import fix_qemu_args
 from vmtrim.image.allocation import allocated_bytes
-from vmtrim.lab import Appliance, ensure_appliance
+from vmtrim.lab import Appliance
 from vmtrim.sources.qemu_args import tokenize
 from vmtrim.verify.engine import Cell, make_image
 from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
@@ -45,17 +44,11 @@ SIZE_MIB = 32
 LEGACY = FixOptions(modernize=True, bus="scsi")
 
 
-@pytest.fixture(scope="module")
-def appliance() -> Appliance:
-    return ensure_appliance()
-
-
 def host_bytes(image: Path) -> int:
     """What the host stores for the image; ``du -B1`` must say the same."""
     ours = allocated_bytes(image)
-    du = subprocess.run(["du", "-B1", str(image)], capture_output=True, text=True,
-                        timeout=30, check=True).stdout.split()[0]  # fmt: skip
-    assert int(du) == ours, (du, ours)
+    du = du_bytes(image)
+    assert du == ours, (du, ours)
     return ours
 
 
