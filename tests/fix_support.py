@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data" / "fix"
@@ -31,18 +30,6 @@ def materialize(name: str, directory: Path, *, images: bool = True) -> str:
                 capture_output=True,
             )
     return text.replace("@DIR@", str(directory))
-
-
-def vmtrim(*args: str, stdin: str | None = None, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
 
 
 def xml_files() -> list[str]:
