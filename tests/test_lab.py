@@ -17,12 +17,7 @@ from typing import Any
 
 import pytest
 
-from vmtrim.lab import Appliance, cache_root, ensure_appliance
-
-
-@pytest.fixture(scope="module")
-def appliance() -> Appliance:
-    return ensure_appliance()
+from vmtrim.lab import Appliance, cache_root
 
 
 @pytest.fixture(scope="module")
