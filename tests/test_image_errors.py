@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from image_support import KiB, MiB, create, create_luks, qemu_img, qemu_io, qemu_map
+from helpers import qemu_img
+from image_support import KiB, MiB, create, create_luks, qemu_io, qemu_map
 from vmtrim.cli import run
 from vmtrim.errors import ImageError
 from vmtrim.image.info import inspect
