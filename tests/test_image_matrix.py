@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import qemu_img
 from image_support import (
     KiB,
     MiB,
     check_figures,
     create,
     qemu_check,
-    qemu_img,
     qemu_io,
     qemu_map,
 )
