@@ -8,12 +8,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from helpers import qemu_img
+
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def qemu_img(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True, text=True)
 
 
 def create(path: Path, size: int | str, fmt: str = "qcow2", **opts: str) -> Path:
