@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import qemu_img
 from vmtrim.audit import hostprobe
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes, block_device_probe
@@ -62,10 +63,6 @@ def xml_for(source: str, kind: str = "file", fmt: str = "qcow2", discard: str = 
 def audit_one(xml: str, probes: HostProbes | None = None) -> DiskReport:
     (report,) = audit_domain(parse_domain_xml(xml), probes or HostProbes())
     return report
-
-
-def qemu_img(*args: str) -> None:
-    run("qemu-img", *args)
 
 
 # ---------------------------------------------------------------- files
