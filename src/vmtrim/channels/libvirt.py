@@ -8,7 +8,6 @@ turn the exceptions into :mod:`vmtrim.errors` with the URI or domain as subject.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -23,7 +22,16 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmtrim.channels.qmp import ExecStatus, FstrimResult, parse_fstrim
+from vmtrim.channels.qmp import (
+    ExecStatus,
+    FstrimResult,
+    ReplyRejected,
+    loads_reply,
+    parse_exec_pid,
+    parse_exec_status,
+    parse_fstrim,
+    wait_for_exec,
+)
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable, BadInput, EnvironmentProblem
 
 INSTALL_HINT = "install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')"
@@ -167,9 +175,13 @@ def lookup_domain(conn: Connection, spec: str) -> Any:
     raise BadInput(f"no such domain on {conn.uri}", subject=spec) from last
 
 
-def select_domains(conn: Connection, specs: Iterable[str], every: bool) -> list[Any]:
+def select_domains(
+    conn: Connection, specs: Iterable[str], every: bool, *, running_only: bool = False
+) -> list[Any]:
     """The domains named on the command line, or every domain with ``--all``.
 
+    With ``running_only``, ``--all`` means the running domains (``trim``: a shut-off
+    domain has no agent to ask); named domains are always returned, running or not.
     Names are de-duplicated by UUID, keeping the order the user gave.
     """
     specs = list(specs)
@@ -178,7 +190,8 @@ def select_domains(conn: Connection, specs: Iterable[str], every: bool) -> list[
     if every:
         libvirt = libvirt_module()
         try:
-            domains = list(conn.conn.listAllDomains(0))
+            flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if running_only else 0
+            domains = list(conn.conn.listAllDomains(flags))
         except libvirt.libvirtError as exc:
             raise EnvironmentProblem(error_text(exc), subject=conn.uri) from exc
         return sorted(domains, key=lambda d: str(d.name()))
@@ -229,6 +242,7 @@ class LibvirtAgent:
         """One agent command; its ``return`` value.
 
         libvirt does not pass on the agent's QMP error class, so ``error_class`` is None here.
+        The reply is the guest's: it is read with the same limits as a direct socket.
         """
         libvirt = libvirt_module()
         libvirt_qemu = libvirt_qemu_module()
@@ -250,49 +264,35 @@ class LibvirtAgent:
                 command=command,
             ) from exc
         try:
-            return json.loads(reply).get("return")
-        except (ValueError, AttributeError) as exc:
+            doc = loads_reply(reply if isinstance(reply, str | bytes) else "")
+        except ReplyRejected as exc:
+            raise AgentCommandFailed(
+                f"{command}: refused the reply: {exc}", subject=_name(self.dom), command=command
+            ) from exc
+        if not isinstance(doc, dict):
             raise AgentCommandFailed(
                 f"{command}: unreadable reply {reply!r:.80}",
                 subject=_name(self.dom),
                 command=command,
-            ) from exc
+            )
+        return doc.get("return")
 
     def fstrim(self, minimum: int, timeout: float) -> FstrimResult:
         ret = self.execute("guest-fstrim", {"minimum": minimum}, timeout)
         return parse_fstrim(ret, self.name)
 
+    def exec_status(self, pid: int, *, timeout: float) -> ExecStatus:
+        ret = self.execute("guest-exec-status", {"pid": pid}, timeout)
+        return parse_exec_status(ret, self.name)
+
     def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
+        """guest-exec ``path args`` and wait (``timeout``, all told) for it to exit."""
         deadline = time.monotonic() + timeout
         started = self.execute(
             "guest-exec", {"path": path, "arg": args, "capture-output": True}, timeout
         )
-        pid = started.get("pid") if isinstance(started, dict) else None
-        if not isinstance(pid, int):
-            raise AgentCommandFailed(
-                f"guest-exec returned {started!r:.80}", subject=self.name, command="guest-exec"
-            )
-        while True:
-            ret = self.execute("guest-exec-status", {"pid": pid}, deadline - time.monotonic())
-            if not isinstance(ret, dict):
-                raise AgentCommandFailed(
-                    f"guest-exec-status returned {ret!r:.80}",
-                    subject=self.name,
-                    command="guest-exec-status",
-                )
-            if ret.get("exited"):
-                return ExecStatus(
-                    exited=True,
-                    exitcode=ret.get("exitcode"),
-                    signal=ret.get("signal"),
-                    out_data=base64.b64decode(ret.get("out-data", "")),
-                    err_data=base64.b64decode(ret.get("err-data", "")),
-                )
-            if time.monotonic() >= deadline:
-                raise AgentUnavailable(
-                    f"{path} did not exit within {timeout:.3g} s", subject=self.name
-                )
-            time.sleep(0.05)
+        pid = parse_exec_pid(started, self.name)
+        return wait_for_exec(self, pid, deadline, what=path, subject=self.name)
 
 
 def fetch_domain_xml(dom: Any, inactive: bool = False, secure: bool = False) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.trim.engine import (
-    NOT_RUNNING,
     SCHEMA,
     TRIMMED,
     UPPER_BOUND_NOTE,
@@ -19,12 +19,22 @@ from vmtrim.trim.engine import (
     TrimResult,
 )
 
+if TYPE_CHECKING:
+    from vmtrim.output import Cell
+
+CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
+
 
 @click.command("trim")
 @click.option(
     "-c", "--connect", "uri", metavar="URI", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI)."
 )
-@click.option("--all", "every", is_flag=True, help="Trim every running domain.")
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Trim every running domain (shut-off domains are counted, not listed).",
+)
 @click.option(
     "--minimum",
     type=click.IntRange(min=0),
@@ -52,7 +62,7 @@ from vmtrim.trim.engine import (
     default=60.0,
     show_default=True,
     metavar="S",
-    help="Skip a domain whose agent has not finished after S seconds.",
+    help="Skip a domain whose whole trim (agent, QMP, measuring) is not done after S seconds.",
 )
 @click.option(
     "--qga", "qga", metavar="SOCKET", help="QEMU without libvirt: the guest agent's unix socket."
@@ -82,12 +92,23 @@ def trim(
     \b
     The guest's "trimmed" figures are upper bounds; the host's allocation,
     measured before and after, is what really came back.
-    Exit: 0 every domain trimmed, 1 a domain was skipped or failed,
-    2 bad input, 3 connection error.
+    \b
+    Status of each domain:
+      trimmed    the host measured the result
+      no_effect  the guest trimmed but the host got back (nearly) nothing, and
+                 the audit names the layer that drops discards (and the fix)
+      skipped    not running, no agent, or no answer within --timeout
+      failed     the agent answered with an error or an unusable reply
+    \b
+    Exit: 0 every selected domain trimmed, 1 a domain was no_effect, skipped
+    or failed (a named shut-off domain is skipped), 2 bad input, 3 connection
+    error. --all selects the running domains only, so shut-off ones do not
+    change the exit code.
     """
     options = TrimOptions(
         minimum=minimum, mountpoint=mountpoint, timeout=timeout, parallel=parallel
     )
+    shut_off: list[str] = []
     with ExitStack() as stack:
         if qga or qmp:
             if uri or every or domains:
@@ -99,37 +120,55 @@ def trim(
                 raise BadInput("trim needs the guest agent: add --qga SOCKET", subject="--qmp")
             from vmtrim.trim.qemu import QemuTarget
 
-            targets: Sequence[Target] = [stack.enter_context(QemuTarget.open(qga, qmp))]
+            targets: Sequence[Target] = [
+                stack.enter_context(QemuTarget.open(qga, qmp, timeout=timeout))
+            ]
         else:
             from vmtrim.channels.libvirt import connection, select_domains
             from vmtrim.trim.libvirt import LibvirtTarget
 
             conn = stack.enter_context(connection(uri))
-            targets = [LibvirtTarget(conn, d) for d in select_domains(conn, domains, every)]
+            chosen = select_domains(conn, domains, every, running_only=True)
+            domain_targets = [LibvirtTarget(conn, d) for d in chosen]
+            targets = domain_targets
+            if every:
+                picked = {t.uuid for t in domain_targets}
+                shut_off = sorted(
+                    str(d.name())
+                    for d in select_domains(conn, (), True)
+                    if str(d.UUIDString()) not in picked
+                )
         results = _run(targets, options, show_progress=True)
     if as_json:
         from vmtrim.output import print_json
 
-        print_json(SCHEMA, {"note": UPPER_BOUND_NOTE, "domains": [r.to_json() for r in results]})
+        body: dict[str, Any] = {"note": UPPER_BOUND_NOTE, "domains": [r.to_json() for r in results]}
+        if every:
+            body["not_running"] = shut_off
+        print_json(SCHEMA, body)
     else:
-        _table(results)
-    ok = all(r.status == TRIMMED or r.reason == NOT_RUNNING for r in results)
-    return EXIT_OK if ok else EXIT_FINDINGS
+        render(results, shut_off)
+    return exit_code(results)
+
+
+def exit_code(results: Sequence[TrimResult]) -> int:
+    """0 only when every selected domain was trimmed; no_effect/skipped/failed are 1."""
+    return EXIT_OK if all(r.status == TRIMMED for r in results) else EXIT_FINDINGS
 
 
 def _run(targets: Sequence[Target], options: TrimOptions, show_progress: bool) -> list[TrimResult]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vmtrim.output import console
+    from vmtrim.output import progress_console, safe_text
     from vmtrim.trim.engine import trim_all
 
-    err = console(stderr=True)
+    err = progress_console()
     progress = Progress(
         TextColumn("trim"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         console=err,
         transient=True,
         disable=not (show_progress and err.is_terminal),
@@ -137,61 +176,77 @@ def _run(targets: Sequence[Target], options: TrimOptions, show_progress: bool) -
     with progress:
         task = progress.add_task("", total=len(targets))
         done: Callable[[TrimResult], None] = lambda r: progress.update(  # noqa: E731
-            task, advance=1, description=f"{r.domain}: {r.status}"
+            task, advance=1, description=safe_text(f"{r.domain}: {r.status}")
         )
         return trim_all(targets, options, on_done=done)
 
 
-def _table(results: Sequence[TrimResult]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
+    """One row per disk; the reason, path errors and blockers below the domain's rows.
 
-    from vmtrim.output import console, human_bytes
+    Domain names, paths, sources and errors come from guests and other users:
+    the shared table escapes them and never reads them as markup.
+    """
+    from vmtrim.output import Column, Row, Styled, human_bytes, print_line, render_table
 
-    table = Table(
-        title="vmtrim trim",
-        caption="guest says: upper bound from FITRIM; reclaimed: measured on the host",
-    )
-    for name in (
-        "domain",
-        "status",
-        "disk",
-        "source",
-        "before",
-        "after",
-        "reclaimed",
-        "guest says",
-        "secs",
-    ):
-        numeric = name in ("before", "after", "reclaimed", "guest says", "secs")
-        table.add_column(
-            name,
-            justify="right" if numeric else "left",
-            overflow="fold",
-            no_wrap=name == "status",
-            min_width=7 if name == "status" else None,
-        )
+    columns = [
+        Column("domain", shorten="end"),
+        Column("status", min_width=9),
+        Column("disk", priority=3),
+        Column("source", shorten="middle", min_width=16, priority=2),
+        Column("before", justify="right", priority=4),
+        Column("after", justify="right", priority=4),
+        Column("reclaimed", justify="right"),
+        Column("guest says", justify="right", priority=1),
+        Column("secs", justify="right", priority=5),
+    ]
+    rows: list[Row] = []
     for r in results:
-        rows: list[DiskResult | None] = [*r.disks] or [None]
-        for i, d in enumerate(rows):
-            first = i == 0
-            table.add_row(
-                r.domain if first else "",
-                (r.status if first else ""),
-                d.target if d else "-",
-                (d.source or "-") if d else "-",
-                human_bytes(d.allocated_before) if d else "-",
-                human_bytes(d.allocated_after) if d else "-",
-                human_bytes(d.reclaimed_bytes) if d else "-",
-                human_bytes(r.guest_trimmed_bytes) if first and r.paths else "",
-                f"{r.seconds:.2f}" if first else "",
+        disks: list[DiskResult | None] = [*r.disks] or [None]
+        for i, d in enumerate(disks):
+            first, last = i == 0, i == len(disks) - 1
+            rows.append(
+                Row(
+                    [
+                        r.domain if first else "",
+                        Styled(r.status, _STYLE.get(r.status)) if first else "",
+                        d.target if d else "-",
+                        (d.source or "-") if d else "-",
+                        human_bytes(d.allocated_before) if d else "-",
+                        human_bytes(d.allocated_after) if d else "-",
+                        human_bytes(d.reclaimed_bytes) if d else "-",
+                        human_bytes(r.guest_trimmed_bytes) if first and r.paths else "",
+                        f"{r.seconds:.2f}" if first else "",
+                    ],
+                    _details(r) if last else (),
+                )
             )
-    out = console()
-    out.print(table)
-    # Reasons are sentences: below the table, not squeezed into a column.
-    for r in results:
-        if r.reason:
-            out.print(f"{escape(r.domain)}: {r.status}: {escape(r.reason)}")
-        for p in r.paths:
-            if p.error:
-                out.print(f"{escape(r.domain)}: {escape(p.path)}: {escape(p.error)}")
+    render_table(columns, rows, title="vmtrim trim", notes=[CAPTION])
+    if shut_off:
+        print_line(
+            f"{len(shut_off)} shut-off domain(s) not trimmed (--all trims running domains):"
+            f" {', '.join(shut_off)}"
+        )
+
+
+_STYLE = {"trimmed": "green", "no_effect": "red", "skipped": "yellow", "failed": "red"}
+
+
+def _details(r: TrimResult) -> list[Cell]:
+    """Sentences below a domain's rows: why, which path failed, what blocks discard."""
+    from vmtrim.output import Styled, human_bytes
+
+    lines: list[Cell] = []
+    if r.blockers:
+        lines.append(
+            Styled(
+                f"{r.status}: the host got back {human_bytes(r.reclaimed_bytes)} of the"
+                f" {human_bytes(r.guest_trimmed_bytes)} the guest trimmed",
+                "red",
+            )
+        )
+        lines += [Styled(f"✗ {b.sentence()}", "red") for b in r.blockers]
+    elif r.reason:
+        lines.append(f"{r.status}: {r.reason}")
+    lines += [f"{p.path}: {p.error}" for p in r.paths if p.error]
+    return lines

@@ -11,10 +11,22 @@ For each target (a libvirt domain, or a QEMU started without libvirt) the engine
 3. measures again. The guest's "trimmed" numbers are upper bounds (FITRIM reports
    what it asked for, not what the host freed); only the host measurement counts.
 
-A target without an agent, or whose agent does not answer, is *skipped* with a
-reason, never later than ``timeout`` seconds after its trim started: the agent
-work runs in a daemon thread that is abandoned at the deadline. One target failing
-never stops the others (``--parallel`` runs them on a thread pool).
+4. when the host got back far less than the guest says it trimmed
+   (:func:`shortfall`), asks the target which configuration layer drops the
+   discards (the audit's own verdicts, :meth:`Target.blockers`): a layer that blocks
+   makes the status ``no_effect``, with that layer and the ``vmtrim fix`` command.
+
+``timeout`` bounds each target's whole run (disks, measurements, agent, QMP), from
+the moment a worker starts it: the work runs in a daemon thread that is abandoned
+at the deadline, and the target is *skipped* with a reason. A target without an
+agent, or whose agent does not answer, is skipped too; an agent that answers with
+an error, or with a reply that is not what the command returns (too long, too
+deep, a number out of range), *failed*. One target never stops the others
+(``--parallel`` runs them on a thread pool; a libvirt target uses a connection of
+its own, so a hung agent call holds no resource another domain needs).
+
+Statuses: ``trimmed`` (the host measured the result), ``no_effect`` (the guest
+trimmed, a configuration layer dropped it), ``skipped``, ``failed``.
 """
 
 from __future__ import annotations
@@ -24,12 +36,14 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from vmtrim._util.deadline import call_with_deadline
 from vmtrim.channels.qmp import ExecStatus, FstrimPath, FstrimResult
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable, VmtrimError
+from vmtrim.model import DiskReport, LayerKind, Verdict
 
 SCHEMA = "vmtrim.trim/1"
 UPPER_BOUND_NOTE = (
@@ -38,9 +52,17 @@ UPPER_BOUND_NOTE = (
 )
 
 TRIMMED = "trimmed"
+NO_EFFECT = "no_effect"
 SKIPPED = "skipped"
 FAILED = "failed"
 NOT_RUNNING = "the domain is not running"
+
+#: How long after ``timeout`` a target's run is abandoned (see trim_target).
+GRACE = 0.2
+#: Below this the guest had (about) nothing left to trim: no verdict on the host side.
+NOTHING_TO_TRIM = 1024 * 1024
+#: The host got back less than this share of what the guest says: ask the audit why.
+SHORTFALL_RATIO = 0.1
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -107,6 +129,7 @@ class TrimResult:
     disks: list[DiskResult] = field(default_factory=list)
     seconds: float = 0.0
     agent_seconds: float = 0.0  # time spent waiting for the guest's trim
+    blockers: list[Blocker] = field(default_factory=list)  # why a no_effect trim had none
 
     @property
     def guest_trimmed_bytes(self) -> int:
@@ -128,7 +151,67 @@ class TrimResult:
             "reclaimed_bytes": self.reclaimed_bytes,
             "seconds": round(self.seconds, 3),
             "agent_seconds": round(self.agent_seconds, 3),
+            "blockers": [
+                {
+                    "disk": b.disk,
+                    "layer": b.layer,
+                    "reason": b.reason,
+                    "fix": b.fix,
+                    "command": b.command,
+                }
+                for b in self.blockers
+            ],
         }
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A layer the audit says drops discards on one disk, in the audit's own words."""
+
+    disk: str
+    layer: str  # LayerKind value: device, block_node, host_storage, guest_driver
+    reason: str
+    fix: str | None = None
+    command: str | None = None  # the vmtrim fix command line for this target
+
+    def sentence(self) -> str:
+        """As ``vmtrim audit`` prints it: ``LAYER: REASON  → fix: FIX``."""
+        text = f"{self.disk}: {self.layer}: {self.reason}"
+        text += f"  → fix: {self.fix}" if self.fix else ""
+        return text + (f" (run `{self.command}`)" if self.command else "")
+
+
+def shortfall(result: TrimResult) -> bool:
+    """True when the guest trimmed something real and the host got back far less.
+
+    A guest that reports about nothing had nothing left to trim; a host figure that
+    could not be measured says nothing either way.
+    """
+    guest, host = result.guest_trimmed_bytes, result.reclaimed_bytes
+    if guest < NOTHING_TO_TRIM or host is None:
+        return False
+    return host < SHORTFALL_RATIO * guest
+
+
+def blocking_layers(reports: list[DiskReport], command: str | None) -> list[Blocker]:
+    """The layers below the guest filesystem that block discard, per measured disk."""
+    found = []
+    for report in reports:
+        if report.exempt:
+            continue
+        for layer in report.layers:
+            if layer.verdict is Verdict.BLOCK and layer.kind is not LayerKind.GUEST_FS:
+                fixable = layer.kind.is_config
+                found.append(
+                    Blocker(
+                        disk=report.disk.target or report.disk.ident,
+                        layer=layer.kind.value,
+                        reason=layer.reason,
+                        fix=layer.fix,
+                        command=command if fixable else None,
+                    )
+                )
+    return found
 
 
 class Agent(Protocol):
@@ -163,6 +246,14 @@ class Target(Protocol):
 
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
         """DiskRef.key -> (unmap_bytes, unmap_operations) from QMP; None without QMP."""
+        ...
+
+    def blockers(self) -> list[Blocker]:
+        """What the audit's layers say drops discards; [] when nothing is known to."""
+        ...
+
+    def close(self) -> None:
+        """Release the target's own connections (called once its run is over)."""
         ...
 
 
@@ -210,26 +301,93 @@ def _measure_all(
 
 
 def trim_target(target: Target, options: TrimOptions) -> TrimResult:
-    """Trim one target; never raises, never waits on its agent past ``options.timeout``."""
+    """Trim one target; never raises, never takes much longer than ``options.timeout``."""
     start = time.monotonic()
-    result = TrimResult(domain=target.name)
+    deadline = start + options.timeout
+    pending: set[str] = set()  # calls still running in abandoned threads
     try:
-        _trim_into(result, target, options)
-    except AgentUnavailable as exc:
-        result.status, result.reason = SKIPPED, str(exc)
-    except AgentCommandFailed as exc:
-        result.status, result.reason = FAILED, str(exc)
-    except VmtrimError as exc:  # e.g. unreadable domain XML, a malformed agent reply
-        result.status, result.reason = FAILED, exc.one_line()
-    except Exception as exc:  # a vanished domain, a library bug: report, don't stop the run
-        result.status, result.reason = FAILED, f"{type(exc).__name__}: {exc}"
+        # The grace lets the agent's own deadline (the same instant) report first, with
+        # its clearer reason; the run still ends within the documented bound.
+        result = call_with_deadline(
+            lambda: _guarded(target, options, deadline, pending), options.timeout + GRACE, "trim"
+        )
+    except AgentUnavailable:
+        # The abandoned run keeps its own TrimResult; this one is the caller's.
+        pending.add("trim")
+        result = TrimResult(
+            domain=target.name,
+            status=SKIPPED,
+            reason=f"{target.name}: did not finish within --timeout {options.timeout:g} s",
+        )
+    if result.status == TRIMMED and shortfall(result):
+        _diagnose(result, target, deadline)
+    if not pending:
+        # A connection an abandoned thread is still inside must not be closed under it;
+        # the process exit reclaims it.
+        with suppress(Exception):
+            target.close()
     result.seconds = time.monotonic() - start
     log.debug("%s: %s in %.3f s (%s)", target.name, result.status, result.seconds, result.reason)
     return result
 
 
-def _trim_into(result: TrimResult, target: Target, options: TrimOptions) -> None:
+def _guarded(
+    target: Target, options: TrimOptions, deadline: float, pending: set[str]
+) -> TrimResult:
+    result = TrimResult(domain=target.name)
+    try:
+        _trim_into(result, target, options, deadline, pending)
+    except AgentUnavailable as exc:
+        result.status, result.reason = SKIPPED, str(exc)
+    except AgentCommandFailed as exc:
+        result.status, result.reason = FAILED, str(exc)
+    except VmtrimError as exc:  # e.g. unreadable domain XML
+        result.status, result.reason = FAILED, exc.one_line()
+    except Exception as exc:  # a vanished domain, a library bug: report, don't stop the run
+        result.status, result.reason = FAILED, f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _diagnose(result: TrimResult, target: Target, deadline: float) -> None:
+    """The host got back far less than the guest trimmed: which layer dropped it?
+
+    The audit runs after the trim, in the time left (at least a few seconds: the
+    trim's result is already in hand and must not be lost to a slow audit).
+    """
+    said = (
+        f"the host got back {_human(result.reclaimed_bytes)} of the"
+        f" {_human(result.guest_trimmed_bytes)} the guest trimmed"
+    )
+    try:
+        blockers = call_with_deadline(
+            target.blockers, max(5.0, deadline - time.monotonic()), "audit"
+        )
+    except Exception as exc:  # the trim result stands; say why there is no verdict
+        text = exc.one_line() if isinstance(exc, VmtrimError) else f"{type(exc).__name__}: {exc}"
+        result.reason = f"{said}; the audit could not tell why: {text}"
+        return
+    if not blockers:
+        result.reason = (
+            f"{said}; the audit finds no layer that drops discards"
+            " (the space may already have been free on the host)"
+        )
+        return
+    result.status = NO_EFFECT
+    result.blockers = blockers
+    result.reason = f"{said}: " + "; ".join(b.sentence() for b in blockers)
+
+
+def _human(n: int | None) -> str:
+    from vmtrim.output import human_bytes
+
+    return human_bytes(n)
+
+
+def _trim_into(
+    result: TrimResult, target: Target, options: TrimOptions, deadline: float, pending: set[str]
+) -> None:
     reason = target.skip_reason()
+    result.domain = target.name  # a QEMU target learns its -name from QMP here
     if reason:
         result.status, result.reason = SKIPPED, reason
         return
@@ -241,18 +399,22 @@ def _trim_into(result: TrimResult, target: Target, options: TrimOptions) -> None
         for d, (v, how, err) in zip(disks, before, strict=True)
     ]
     agent_start = time.monotonic()
-    deadline = agent_start + options.timeout
 
     def trim_in_guest() -> list[FstrimPath]:
-        agent = target.agent(deadline - time.monotonic())
-        if options.mountpoint:
-            return [
-                fstrim_one(agent, options.mountpoint, options.minimum, deadline - time.monotonic())
-            ]
-        return agent.fstrim(options.minimum, timeout=deadline - time.monotonic()).paths
+        pending.add("agent")
+        try:
+            agent = target.agent(deadline - time.monotonic())
+            if options.mountpoint:
+                left = deadline - time.monotonic()
+                return [fstrim_one(agent, options.mountpoint, options.minimum, left)]
+            return agent.fstrim(options.minimum, timeout=deadline - time.monotonic()).paths
+        finally:
+            pending.discard("agent")
 
     try:
-        result.paths = call_with_deadline(trim_in_guest, options.timeout, "guest agent")
+        result.paths = call_with_deadline(
+            trim_in_guest, deadline - agent_start, f"{target.name}: guest agent"
+        )
     finally:
         result.agent_seconds = time.monotonic() - agent_start
     after = _measure_all(target, disks)

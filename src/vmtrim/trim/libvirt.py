@@ -1,7 +1,15 @@
-"""A running libvirt domain as a trim target: its agent through libvirt, its disks on the host."""
+"""A running libvirt domain as a trim target: its agent through libvirt, its disks on the host.
+
+Each target opens a libvirt connection of its own for its run. A hung agent call
+stays inside libvirt until libvirt's own agent timeout, and an abandoned call on a
+shared connection would hold one of the connection's requests (libvirtd serves at
+most ``max_client_requests``, 5 by default, at once per connection): with several
+hung guests the others would queue behind them.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from vmtrim.channels.libvirt import (
@@ -10,11 +18,13 @@ from vmtrim.channels.libvirt import (
     error_text,
     fetch_domain_xml,
     libvirt_module,
+    open_connection,
 )
+from vmtrim.errors import EnvironmentProblem
 from vmtrim.image.allocation import allocated_bytes
 from vmtrim.model import DeviceType, Disk, StorageKind
 from vmtrim.sources.libvirt_xml import parse_domain_xml
-from vmtrim.trim.engine import NOT_RUNNING, DiskRef
+from vmtrim.trim.engine import NOT_RUNNING, Blocker, DiskRef, blocking_layers
 
 
 def measurable(disk: Disk) -> bool:
@@ -31,14 +41,37 @@ class LibvirtTarget:
     """A running libvirt domain, trimmed through its agent and measured on the host."""
 
     def __init__(self, conn: Connection, dom: Any) -> None:
-        self.conn = conn
-        self.dom = dom
+        self.conn = conn  # the caller's: used to select domains, never for the run itself
         self.name = str(dom.name())
+        self.uuid = str(dom.UUIDString())
+        self._shared_dom = dom
+        self._own: Connection | None = None
+        self._dom: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def dom(self) -> Any:
+        """The domain on this target's own connection (opened on first use)."""
+        with self._lock:
+            if self._dom is None:
+                libvirt = libvirt_module()
+                self._own = open_connection(self.conn.uri)
+                try:
+                    self._dom = self._own.conn.lookupByUUIDString(self.uuid)
+                except libvirt.libvirtError as exc:
+                    raise EnvironmentProblem(error_text(exc), subject=self.name) from exc
+            return self._dom
+
+    def close(self) -> None:
+        with self._lock:
+            if self._own is not None:
+                self._own.close()
+            self._own, self._dom = None, None
 
     def skip_reason(self) -> str | None:
         libvirt = libvirt_module()
         try:
-            active = bool(self.dom.isActive())
+            active = bool(self._shared_dom.isActive())
         except libvirt.libvirtError as exc:
             return f"cannot query the domain: {error_text(exc)}"
         return None if active else NOT_RUNNING
@@ -67,3 +100,23 @@ class LibvirtTarget:
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
         # libvirt's block stats have no unmap counters; they come only over --qmp.
         return None
+
+    def blockers(self) -> list[Blocker]:
+        """The audit of this domain's live XML, as ``vmtrim audit -c`` runs it (host
+        probes on a local connection), without the guest: the trim just proved the guest
+        side works."""
+        from vmtrim.audit.engine import audit_domain
+        from vmtrim.audit.hostprobe import HostProbes
+
+        domain = parse_domain_xml(fetch_domain_xml(self.dom), subject=self.name)
+        hv, lib = self.conn.versions()  # dotted, from the daemon: "7.2.0"
+        domain.qemu_version, domain.libvirt_version = _dotted(hv), _dotted(lib)
+        command = f"vmtrim fix -c {self.conn.uri} {self.name}"
+        return blocking_layers(audit_domain(domain, HostProbes(local=self.conn.local)), command)
+
+
+def _dotted(text: str | None) -> tuple[int, int, int] | None:
+    parts = (text or "").split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])

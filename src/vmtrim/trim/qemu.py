@@ -4,6 +4,7 @@ The agent trims; QMP names the disks (``query-block``: the device, its node and 
 image file, which we measure with ``du``) and counts the discards that really
 reached QEMU's block layer (``query-blockstats`` ``unmap_bytes``/``unmap_operations``,
 QEMU >= 4.2). Both sockets use the qemu.qmp clients in :mod:`vmtrim.channels.qmp`.
+Every QMP call is limited by the run's ``timeout`` (the engine bounds the run).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from vmtrim.channels.qmp import SyncGuestAgent, SyncMonitor
+from vmtrim.channels.qmp import (
+    SyncGuestAgent,
+    SyncMonitor,
+    parse_blockstats,
+    parse_query_block,
+)
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.image.allocation import allocated_bytes
-from vmtrim.trim.engine import DiskRef
+from vmtrim.trim.engine import Blocker, DiskRef, blocking_layers
 
 
 def _socket(path: str, option: str) -> str:
@@ -25,68 +31,54 @@ def _socket(path: str, option: str) -> str:
     return path
 
 
-def qmp_execute(qmp: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
-    with SyncMonitor(qmp, timeout=10.0, subject=qmp) as monitor:
+def qmp_execute(
+    qmp: str, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
+) -> Any:
+    with SyncMonitor(qmp, timeout=timeout, subject=qmp) as monitor:
         return monitor.execute(command, arguments)
-
-
-def _local_image(inserted: dict[str, Any]) -> str | None:
-    image = inserted.get("image")
-    name = image.get("filename") if isinstance(image, dict) else inserted.get("file")
-    if isinstance(name, str) and name.startswith("/") and os.path.isfile(name):
-        return name
-    return None
 
 
 def block_disks(query_block: Any) -> list[DiskRef]:
     """query-block -> the writable disks with media, named as a user would look for them."""
     refs = []
-    for entry in query_block if isinstance(query_block, list) else []:
-        inserted = entry.get("inserted") if isinstance(entry, dict) else None
-        if not isinstance(inserted, dict) or inserted.get("ro"):
+    for dev in parse_query_block(query_block):
+        if dev.inserted is None or dev.read_only:
             continue
-        qdev, device = entry.get("qdev") or "", entry.get("device") or ""
-        name = device or inserted.get("node-name") or qdev
-        local = _local_image(inserted)
+        name = dev.device or dev.node_name or dev.qdev
+        path = dev.filename
+        local = path if path and path.startswith("/") and os.path.isfile(path) else None
         refs.append(
             DiskRef(
-                target=str(name),
-                source=local or str(inserted.get("file")),
+                target=name,
+                source=local or str(dev.inserted.get("file")),
                 local_file=local,
-                key=str(qdev or device),
+                key=dev.qdev or dev.device,
             )
         )
     return refs
 
 
-def unmap_counters(query_blockstats: Any) -> dict[str, tuple[int, int]]:
-    counters = {}
-    for entry in query_blockstats if isinstance(query_blockstats, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
-            continue
-        key = str(entry.get("qdev") or entry.get("device") or "")
-        stats = entry["stats"]
-        counters[key] = (int(stats.get("unmap_bytes", 0)), int(stats.get("unmap_operations", 0)))
-    return counters
+def unmap_counters(query_blockstats: Any, subject: str | None = None) -> dict[str, tuple[int, int]]:
+    return {
+        s.key: (s.unmap_bytes, s.unmap_operations)
+        for s in parse_blockstats(query_blockstats, subject)
+    }
 
 
 class QemuTarget:
     """One QEMU process reached through its sockets."""
 
-    def __init__(self, qga: str, qmp: str | None) -> None:
+    def __init__(self, qga: str, qmp: str | None, *, timeout: float = 10.0) -> None:
         self.qga = _socket(qga, "--qga")
         self.qmp = _socket(qmp, "--qmp") if qmp else None
-        self.name = qga
+        self.timeout = timeout
+        self.name = qga  # QEMU's -name, once QMP has said it (in skip_reason)
         self._session: SyncGuestAgent | None = None
-        if self.qmp:
-            named = qmp_execute(self.qmp, "query-name")
-            if isinstance(named, dict) and named.get("name"):
-                self.name = str(named["name"])
 
     @classmethod
     @contextmanager
-    def open(cls, qga: str, qmp: str | None) -> Iterator[QemuTarget]:
-        target = cls(qga, qmp)
+    def open(cls, qga: str, qmp: str | None, *, timeout: float = 10.0) -> Iterator[QemuTarget]:
+        target = cls(qga, qmp, timeout=timeout)
         try:
             yield target
         finally:
@@ -100,11 +92,19 @@ class QemuTarget:
                 self._session.__exit__(None, None, None)
             self._session = None
 
+    def _qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        assert self.qmp is not None
+        return qmp_execute(self.qmp, command, arguments, timeout=self.timeout)
+
     def skip_reason(self) -> str | None:
+        if self.qmp:  # the first call of the run: learn QEMU's -name, within its deadline
+            named = self._qmp("query-name")
+            if isinstance(named, dict) and isinstance(named.get("name"), str) and named["name"]:
+                self.name = named["name"]
         return None
 
     def disks(self) -> list[DiskRef]:
-        return block_disks(qmp_execute(self.qmp, "query-block")) if self.qmp else []
+        return block_disks(self._qmp("query-block")) if self.qmp else []
 
     def measure(self, disk: DiskRef) -> tuple[int, str]:
         if disk.local_file is None:
@@ -121,4 +121,17 @@ class QemuTarget:
         return session
 
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
-        return unmap_counters(qmp_execute(self.qmp, "query-blockstats")) if self.qmp else None
+        return unmap_counters(self._qmp("query-blockstats"), self.qmp) if self.qmp else None
+
+    def blockers(self) -> list[Blocker]:
+        """``vmtrim audit --qmp`` on this QEMU (live graph and its command line)."""
+        if not self.qmp:
+            return []
+        from vmtrim.audit.engine import audit_domain
+        from vmtrim.audit.hostprobe import HostProbes
+        from vmtrim.sources.qmp import read_qmp
+
+        domain = read_qmp(self.qmp, self.timeout)
+        return blocking_layers(
+            audit_domain(domain, HostProbes()), "vmtrim fix --qemu-args FILE (its command line)"
+        )

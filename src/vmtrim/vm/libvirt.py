@@ -223,9 +223,7 @@ class LibvirtGuest(GuestBase):
                 break
             except self._libvirt.libvirtError as exc:
                 if time.monotonic() > deadline:
-                    raise EnvironmentProblem(
-                        f"guest-fstrim failed: {exc.get_error_message()}", subject=self.name
-                    ) from exc
+                    raise
                 time.sleep(0.5)
         try:
             ret = json.loads(reply)["return"]
