@@ -63,11 +63,6 @@ def test_no_agent_says_why() -> None:
             GuestInfo(os_id="linux", kernel_release="6.1"),
             Verdict.UNKNOWN,
         ),
-        (
-            GuestFilesystem("/", "ext4", ("discard",), luks=True, luks_allow_discards=False),
-            LINUX_6,
-            Verdict.BLOCK,
-        ),
         (GuestFilesystem("/", "zfs", ("rw",)), LINUX_6, Verdict.UNKNOWN),
     ],
 )

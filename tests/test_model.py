@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vmtrim._util.versions import parse_version
 from vmtrim.model import (
     BlockNode,
     Disk,
@@ -12,7 +13,6 @@ from vmtrim.model import (
     MachineType,
     Severity,
     Verdict,
-    parse_version,
 )
 
 

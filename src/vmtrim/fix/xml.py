@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from vmtrim._util.domxml import DiskElement, disks
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.fix.policy import (
@@ -44,13 +45,6 @@ from vmtrim.model import Disk, DiskReport, Locator, StorageKind, XmlDisk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 VIRTIO_SCSI = "virtio-scsi"
-
-# <driver> attributes libvirt accepts only on virtio disks (qemu_validate.c refuses
-# them on bus='scsi'): dropped when a disk moves to virtio-scsi.
-_VIRTIO_ONLY_DRIVER = (
-    "queues", "queue_size", "iothread", "ioeventfd", "event_idx", "iommu", "ats", "packed",
-    "page_per_vq",
-)  # fmt: skip
 
 # libvirt gives a scsi disk without <address> controller = i // N, unit = i % N from
 # its target name's index i; N is 7 (narrow bus) or 16 (wide), by controller model.
@@ -113,12 +107,9 @@ class _XmlFixer:
     _controller: str | None = None
 
     def __post_init__(self) -> None:
-        devices = self.root.find("devices")
-        self.devices = devices
-        self.disks = [] if devices is None else devices.findall("disk")
-        self.targets = {
-            dev for dev in (t.get("dev") for t in self.root.iterfind("devices/disk/target")) if dev
-        }
+        self.devices = self.root.find("devices")
+        self.disks = disks(self.root, self.editor)
+        self.targets = {dev for dev in (d.target_dev for d in self.disks) if dev}
 
     # -- one disk ------------------------------------------------------------------
 
@@ -126,8 +117,8 @@ class _XmlFixer:
         self.reports.append(report)
         disk = report.disk
         name = disk_name(disk)
-        element = self._element(disk)
-        if element is None:
+        xml = self._element(disk)
+        if xml is None:
             result.skipped.append(Skip(name, "hostdev: a passthrough device, not a QEMU disk"))
             return
         skip = leave_alone(disk)
@@ -138,90 +129,92 @@ class _XmlFixer:
         if isinstance(move, Skip):
             result.skipped.append(move)
             return
-        target = element.find("target")
-        if target is None or not target.get("dev"):
+        if not xml.target_dev:
             # libvirt refuses such a disk, and without a bus there is no device to judge.
             result.skipped.append(Skip(name, "no <target dev=...>: libvirt needs one", True))
             return
         before = len(self.changes)
-        self._driver(element, disk, name)
+        self._driver(xml, disk, name)
         if move:
-            name = self._move_to_scsi(element, target, name)
+            name = self._move_to_scsi(xml, name)
         assert disk.locator is not None
         self.touched.add(disk.locator)
         (result.fixed if len(self.changes) > before else result.already).append(name)
 
-    def _element(self, disk: Disk) -> etree._Element | None:
+    def _element(self, disk: Disk) -> DiskElement | None:
         if not isinstance(disk.locator, XmlDisk):
             return None
         return self.disks[disk.locator.index - 1]
 
-    def _driver(self, element: etree._Element, disk: Disk, name: str) -> None:
-        wanted = [("discard", "unmap")]
+    def _driver(self, xml: DiskElement, disk: Disk, name: str) -> None:
+        wanted = [(DiskElement.driver_discard, "unmap")]
         if self.options.detect_zeroes:
-            wanted.append(("detect_zeroes", self.options.detect_zeroes))
-        driver = element.find("driver")
+            wanted.append((DiskElement.driver_detect_zeroes, self.options.detect_zeroes))
         # libvirt reads a disk without type as raw (image probing is off); say so.
         fmt = None if disk.storage is StorageKind.VOLUME else (disk.format or "raw")
+        driver = xml.find("driver")
         if driver is None:
-            driver = etree.Element("driver", name="qemu")
+            created = [(DiskElement.driver_name, "qemu")]
             if fmt:
-                driver.set("type", fmt)
-            for key, value in wanted:
-                driver.set(key, value)
-            first = next((child for child in element if isinstance(child.tag, str)), None)
-            self.editor.insert_child(element, driver, before=first)
-            created = " ".join(f"{k!s}='{v!s}'" for k, v in driver.attrib.items())
-            self.changes.append(Change(name, "driver", None, f"<driver {created}/>"))
-            for key, value in wanted:
-                self.changes.append(Change(name, key, None, value))
+                created.append((DiskElement.driver_type, fmt))
+            xml.update(*created, *wanted)
+            text = " ".join(f"{attr.name}='{value}'" for attr, value in [*created, *wanted])
+            self.changes.append(Change(name, "driver", None, f"<driver {text}/>"))
+            for attr, value in wanted:
+                self.changes.append(Change(name, attr.name, None, value))
             return
-        missing = [("name", "qemu")] if driver.get("name") is None else []
-        if fmt and driver.get("type") is None:
-            missing.append(("type", fmt))
+        missing = [(DiskElement.driver_name, "qemu")] if xml.driver_name is None else []
+        if fmt and xml.driver_type is None:
+            missing.append((DiskElement.driver_type, fmt))
         if missing:
-            self.editor.prepend_attributes(driver, missing)
-            for key, value in missing:
-                self.changes.append(Change(name, f"driver {key}", None, value))
-        for key, value in wanted:
-            if driver.get(key) != value:
-                self.changes.append(Change(name, key, driver.get(key), value))
-                self.editor.set_attribute(driver, key, value)
+            # libvirt's order puts name and type first
+            self.editor.prepend_attributes(driver, [(a.name, v) for a, v in missing])
+            for attr, value in missing:
+                self.changes.append(Change(name, f"driver {attr.name}", None, value))
+        for attr, value in wanted:
+            old = xml.get(attr)
+            if old != value:
+                self.changes.append(Change(name, attr.name, old, value))
+                xml.update((attr, value))
 
     # -- moving a disk to virtio-scsi --------------------------------------------------
 
-    def _move_to_scsi(self, element: etree._Element, target: etree._Element, name: str) -> str:
+    def _move_to_scsi(self, xml: DiskElement, name: str) -> str:
         controller = self._virtio_scsi_controller()
-        old_dev = target.get("dev", "")
+        old_dev = xml.target_dev or ""
         new_dev = old_dev if old_dev.startswith("sd") else self._free_target()
         if new_dev != old_dev:
             self.targets.discard(old_dev)
             self.targets.add(new_dev)
-            self.editor.set_attribute(target, "dev", new_dev)
+            xml.target_dev = new_dev
             self.changes.append(Change(name, "target", old_dev, new_dev))
-        unit = self._free_unit(controller, exclude=element)
-        old_bus = target.get("bus")
-        self.editor.set_attribute(target, "bus", "scsi")
+        unit = self._free_unit(controller, exclude=xml.element)
+        old_bus = xml.target_bus
+        xml.target_bus = "scsi"
         self.changes.append(Change(new_dev, "bus", old_bus, "scsi"))
-        drive = {"type": "drive", "controller": controller, "bus": "0", "target": "0",
-                 "unit": str(unit)}  # fmt: skip
-        address = element.find("address")
-        if address is not None and address.get("type") == "drive":
+        drive = (
+            (DiskElement.address_type, "drive"),
+            (DiskElement.address_controller, controller),
+            (DiskElement.address_bus, "0"),
+            (DiskElement.address_target, "0"),
+            (DiskElement.address_unit, str(unit)),
+        )
+        address = xml.find("address")
+        if address is not None and xml.address_type == "drive":
             old = _describe(address)
-            for key, value in drive.items():
-                if address.get(key) != value:
-                    self.editor.set_attribute(address, key, value)
+            xml.update(*drive)
             self.changes.append(Change(new_dev, "address", old, _describe(address)))
         else:
             if address is not None:
                 self.changes.append(Change(new_dev, "address", _describe(address), None))
                 self.editor.remove(address)
-            new = etree.Element("address", drive)
-            self.editor.insert_child(element, new, after=target)
+            xml.update(*drive)  # a new <address>, where libvirt puts it
+            new = xml.find("address")
+            assert new is not None
             self.changes.append(Change(new_dev, "address", None, _describe(new)))
-        driver = element.find("driver")
+        driver = xml.find("driver")
         if driver is not None:
-            for key in _VIRTIO_ONLY_DRIVER:
+            for key in DiskElement.VIRTIO_ONLY_DRIVER:
                 if key in driver.attrib:
                     self.changes.append(Change(new_dev, f"driver {key}", driver.get(key), None))
                     self.editor.remove_attribute(driver, key)
@@ -248,26 +241,26 @@ class _XmlFixer:
 
     def _scsi_slots(self, exclude: etree._Element | None = None) -> Iterator[tuple[int, int]]:
         """(controller, unit) of every SCSI disk and hostdev at bus 0 target 0, implicit too."""
-        elements = [*self.root.iterfind("devices/disk"), *self.root.iterfind("devices/hostdev")]
-        for element in elements:
-            if element is exclude:
+        for xml in self.disks:
+            if xml.element is exclude or xml.target_bus != "scsi":
                 continue
-            address = element.find("address")
-            target = element.find("target")
-            if element.tag == "hostdev":
-                on_scsi = element.get("type") == "scsi"
-            else:
-                on_scsi = target is not None and target.get("bus") == "scsi"
-            if not on_scsi:
-                continue
-            if address is not None and address.get("type") == "drive":
-                if address.get("bus", "0") == "0" and address.get("target", "0") == "0":
-                    yield _int(address.get("controller")), _int(address.get("unit"))
-            elif address is None and target is not None:
-                index = disk_index(target.get("dev", ""))
+            if xml.address_type == "drive":
+                if (xml.address_bus or "0") == "0" and (xml.address_target or "0") == "0":
+                    yield _int(xml.address_controller), _int(xml.address_unit)
+            elif xml.find("address") is None:
+                index = disk_index(xml.target_dev or "")
                 if index is not None:
                     for per in _IMPLICIT_UNITS_PER_CONTROLLER:
                         yield index // per, index % per
+        for element in self.root.iterfind("devices/hostdev[@type='scsi']"):
+            address = element.find("address")
+            if (
+                address is not None
+                and address.get("type") == "drive"
+                and address.get("bus", "0") == "0"
+                and address.get("target", "0") == "0"
+            ):
+                yield _int(address.get("controller")), _int(address.get("unit"))
 
     def _free_unit(self, controller: str, exclude: etree._Element) -> int:
         used = {unit for ctl, unit in self._scsi_slots(exclude) if ctl == _int(controller)}

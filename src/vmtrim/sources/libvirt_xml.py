@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from lxml import etree
 
+from vmtrim._util.domxml import BackingStoreElement, DiskElement, Sourced, controllers
 from vmtrim._util.files import read_input
 from vmtrim._util.safexml import xml_parser
 from vmtrim.errors import BadInput
 from vmtrim.model import (
     BlockNode,
+    Bus,
     DeviceType,
     Disk,
     Domain,
@@ -27,10 +29,13 @@ from vmtrim.model import (
     StorageKind,
     XmlDisk,
     XmlHostdev,
+    as_bus,
+    as_discard,
+    as_format,
 )
 
 # target dev prefix -> bus, when <target bus=...> is missing (libvirt does the same guess).
-_PREFIX_BUS = (
+_PREFIX_BUS: tuple[tuple[str, Bus], ...] = (
     ("xvd", "xen"),
     ("hd", "ide"),
     ("sd", "scsi"),
@@ -88,9 +93,9 @@ class _DomainReader:
     def __init__(self, root: etree._Element) -> None:
         self.root = root
         self.name = _text(root.find("name")) or "(unnamed)"
-        self.controllers: dict[tuple[str, str], str | None] = {}
-        for ctl in root.iterfind("devices/controller"):
-            self.controllers[(ctl.get("type", ""), ctl.get("index", "0"))] = ctl.get("model")
+        self.controllers: dict[tuple[str, str], str | None] = {
+            (ctl.type or "", ctl.index or "0"): ctl.model for ctl in controllers(root)
+        }
         self.notes: list[str] = []
 
     def domain(self) -> Domain:
@@ -111,21 +116,21 @@ class _DomainReader:
         return domain
 
     def disk(self, element: etree._Element, index: int) -> Disk:
-        disk_type = element.get("type", "file")
-        device = _device_type(element.get("device", "disk"))
-        target = element.find("target")
-        dev = target.get("dev") if target is not None else None
-        bus = target.get("bus") if target is not None else None
-        if not bus and dev:
-            bus = next((b for prefix, b in _PREFIX_BUS if dev.startswith(prefix)), None)
-        alias = element.find("alias")
-        ident = dev or (alias.get("name") if alias is not None else None) or f"disk[{index}]"
-        driver = element.find("driver")
-        fmt = driver.get("type") if driver is not None else None
-        storage, protocol, source, storage_driver = _source(
-            disk_type, element.find("source"), device
-        )
-        read_only = element.find("readonly") is not None or device is DeviceType.CDROM
+        xml = DiskElement(element)
+        device = _device_type(xml.device or "disk")
+        dev = xml.target_dev
+        bus = _bus(xml.target_bus, dev)
+        if xml.target_bus and bus is None:
+            self.notes.append(f"{dev or f'disk[{index}]'}: bus '{xml.target_bus}' is unknown")
+        ident = dev or xml.alias_name or f"disk[{index}]"
+        storage, protocol, source, storage_driver = _source(xml, device)
+        fmt = as_format(xml.driver_type)
+        if fmt == "unknown":
+            self.notes.append(f"{ident}: driver type '{xml.driver_type}' is not a known format")
+        discard = as_discard(xml.driver_discard)
+        if xml.driver_discard and discard is None:
+            self.notes.append(f"{ident}: discard='{xml.driver_discard}' is not unmap or ignore")
+        read_only = xml.readonly or device is DeviceType.CDROM
         disk = Disk(
             domain=self.name,
             ident=ident,
@@ -136,21 +141,22 @@ class _DomainReader:
             protocol=protocol,
             source=source,
             format=None if storage is StorageKind.NONE else (fmt or "raw"),
-            discard=driver.get("discard") if driver is not None else None,
-            detect_zeroes=driver.get("detect_zeroes") if driver is not None else None,
+            discard=discard,
+            detect_zeroes=xml.driver_detect_zeroes,
             read_only=read_only,
-            shareable=element.find("shareable") is not None,
+            shareable=xml.shareable,
             locator=XmlDisk(index),
+            # no <driver type=...>: libvirt uses raw; it never probes
+            format_defaulted=storage is not StorageKind.NONE and xml.driver_type is None,
         )
-        disk.controller_model, disk.qemu_device = self._device(disk, element)
+        disk.controller_model, disk.qemu_device = self._device(disk, xml)
         if storage is not StorageKind.NONE:
-            disk.node = self._nodes(disk, element, driver, storage_driver, index)
+            disk.node = self._nodes(disk, xml, storage_driver, index)
         return disk
 
-    def _device(self, disk: Disk, element: etree._Element) -> tuple[str | None, str | None]:
+    def _device(self, disk: Disk, xml: DiskElement) -> tuple[str | None, str | None]:
         """The controller model and the QEMU device libvirt would use."""
-        address = element.find("address")
-        controller = address.get("controller", "0") if address is not None else "0"
+        controller = xml.address_controller or "0"
         bus = disk.bus
         if bus == "scsi":
             model = self.controllers.get(("scsi", controller)) or DEFAULT_SCSI_MODEL
@@ -171,15 +177,10 @@ class _DomainReader:
         return None, simple.get(bus or "")
 
     def _nodes(
-        self,
-        disk: Disk,
-        element: etree._Element,
-        driver: etree._Element | None,
-        storage_driver: str | None,
-        index: int,
+        self, disk: Disk, xml: DiskElement, storage_driver: str | None, index: int
     ) -> BlockNode:
-        cache = driver.get("cache") if driver is not None else None
-        no_unref = driver.get("discard_no_unref") if driver is not None else None
+        cache = xml.driver_cache
+        no_unref = xml.driver_discard_no_unref
         storage = BlockNode(
             storage_driver,
             node_name=f"libvirt-{index}-storage",
@@ -192,7 +193,7 @@ class _DomainReader:
         top = BlockNode(
             disk.format,
             node_name=f"libvirt-{index}-format",
-            discard=disk.discard,
+            discard=as_discard(disk.discard),
             detect_zeroes=disk.detect_zeroes,
             discard_no_unref=None if no_unref is None else no_unref == "on",
             cache=cache,
@@ -201,9 +202,7 @@ class _DomainReader:
             file=storage,
             defined_by=NodeOrigin("<disk>", disk.ident, "<driver>"),
         )
-        if driver is None or driver.get("type") is None:
-            disk.format_defaulted = True  # libvirt uses raw; it never probes
-        top.backing = _backing(element.find("backingStore"), disk.domain, 0)
+        top.backing = _backing(xml.backing_store, 0)
         return top
 
     def hostdev(self, element: etree._Element, index: int) -> Disk | None:
@@ -258,6 +257,12 @@ def _device_type(value: str) -> DeviceType:
         return DeviceType.DISK
 
 
+def _bus(bus: str | None, dev: str | None) -> Bus | None:
+    if not bus and dev:
+        return next((b for prefix, b in _PREFIX_BUS if dev.startswith(prefix)), None)
+    return as_bus(bus)
+
+
 def _hosts(source: etree._Element | None) -> str:
     if source is None:
         return ""
@@ -270,40 +275,41 @@ def _hosts(source: etree._Element | None) -> str:
 
 
 def _source(
-    disk_type: str, source: etree._Element | None, device: DeviceType
+    xml: Sourced, device: DeviceType
 ) -> tuple[StorageKind, str | None, str | None, str | None]:
     """(storage kind, protocol, source text, QEMU protocol driver) for a <disk>'s <source>."""
-    if source is None:
+    if xml.find("source") is None:
         return StorageKind.NONE, None, None, None
+    disk_type = xml.type or "file"
     if disk_type == "file":
-        path = source.get("file")
+        path = xml.source_file
         return (StorageKind.FILE, None, path, "file") if path else _empty()
     if disk_type == "block":
-        path = source.get("dev")
+        path = xml.source_dev
         driver = "host_cdrom" if device is DeviceType.CDROM else "host_device"
         return (StorageKind.BLOCK, None, path, driver) if path else _empty()
     if disk_type == "network":
-        protocol = source.get("protocol") or "unknown"
-        name = (source.get("name") or "").lstrip("/")
-        return StorageKind.NETWORK, protocol, f"{protocol}://{_hosts(source)}/{name}", protocol
+        protocol = xml.source_protocol or "unknown"
+        name = (xml.source_name or "").lstrip("/")
+        where = f"{protocol}://{_hosts(xml.find('source'))}/{name}"
+        return StorageKind.NETWORK, protocol, where, protocol
     if disk_type == "volume":
-        pool, volume = source.get("pool"), source.get("volume")
+        pool, volume = xml.source_pool, xml.source_volume
         if not (pool or volume):
             return _empty()
         return StorageKind.VOLUME, None, f"{pool}/{volume}", None
     if disk_type == "dir":
-        path = source.get("dir")
+        path = xml.source_dir
         return (StorageKind.DIR, "vvfat", path, "vvfat") if path else _empty()
     if disk_type == "nvme":
-        address = source.find("address")
         pci = ""
-        if address is not None:
-            pci = "{}:{}:{}.{}".format(
-                *(address.get(k, "0") for k in ("domain", "bus", "slot", "function"))
-            )
-        return StorageKind.NVME, "nvme", f"nvme://{pci}/{source.get('namespace', '1')}", "nvme"
+        if xml.find("source/address") is not None:
+            parts = (xml.source_pci_domain, xml.source_pci_bus, xml.source_pci_slot,
+                     xml.source_pci_function)  # fmt: skip
+            pci = "{}:{}:{}.{}".format(*(part or "0" for part in parts))
+        return StorageKind.NVME, "nvme", f"nvme://{pci}/{xml.source_namespace or '1'}", "nvme"
     if disk_type == "vhostuser":
-        return StorageKind.VHOSTUSER, "vhost-user-blk", source.get("path"), None
+        return StorageKind.VHOSTUSER, "vhost-user-blk", xml.source_path, None
     return StorageKind.UNKNOWN, None, None, None
 
 
@@ -311,22 +317,20 @@ def _empty() -> tuple[StorageKind, str | None, str | None, str | None]:
     return StorageKind.NONE, None, None, None
 
 
-def _backing(element: etree._Element | None, domain: str, depth: int) -> BlockNode | None:
+def _backing(xml: BackingStoreElement | None, depth: int) -> BlockNode | None:
     """Follow <backingStore> elements into a chain of format nodes (depth-limited)."""
-    if element is None or depth > 64 or len(element) == 0:
+    if xml is None or depth > 64 or len(xml.element) == 0:
         return None
-    kind = element.get("type", "file")
-    fmt_element = element.find("format")
-    fmt = fmt_element.get("type") if fmt_element is not None else None
-    storage, _protocol, source, driver = _source(kind, element.find("source"), DeviceType.DISK)
+    storage, _protocol, source, driver = _source(xml, DeviceType.DISK)
     if storage is StorageKind.NONE:
         return None
     node = BlockNode(
-        fmt,
+        xml.format_type,
         filename=source,
         read_only=True,
         file=BlockNode(driver, filename=source, read_only=True),
         defined_by=NodeOrigin("<backingStore>", source),
     )
-    node.backing = _backing(element.find("backingStore"), domain, depth + 1)
+    inner = xml.element.find("backingStore")
+    node.backing = _backing(None if inner is None else BackingStoreElement(inner), depth + 1)
     return node

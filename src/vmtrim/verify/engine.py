@@ -27,7 +27,6 @@ import itertools
 import os
 import platform
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmtrim._util.proc import run_tool
+from vmtrim._util.versions import Version, format_version, machine_version, parse_version
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance
 from vmtrim.vm.guest import (
@@ -47,7 +48,6 @@ from vmtrim.vm.guest import (
     DiskSpec,
     Guest,
     GuestSpec,
-    machine_version,
     make_workdir,
     qemu_version,
     stop_all,
@@ -97,6 +97,7 @@ class Settings:
     machine: str = "pc"
     connect: str | None = None  # libvirt URI; None runs QEMU directly
     boot_timeout: float = 90.0
+    on_step: Callable[[str, str], None] | None = None  # (cell name, step): progress lines
 
 
 @dataclass
@@ -158,10 +159,17 @@ def expectation(
         needed.append(FACTS["virtio_blk_discard"])
     for fact in needed:
         if fact.qemu is not None and qemu < fact.qemu:
-            return "none", f"QEMU {_v(qemu)} < {_v(fact.qemu)}: {fact.summary}"
+            return (
+                "none",
+                f"QEMU {format_version(qemu)} < {format_version(fact.qemu)}: {fact.summary}",
+            )
         mv = machine_version(machine)
         if fact.machine is not None and mv is not None and mv < fact.machine:
-            return "none", f"machine {machine} < {_v(fact.machine)}: {fact.summary} ({fact.source})"
+            return (
+                "none",
+                f"machine {machine} < {format_version(fact.machine)}: "
+                f"{fact.summary} ({fact.source})",
+            )
     guest_fact = FACTS["virtio_blk_guest"]
     if (
         cell.bus == "virtio-blk"
@@ -170,29 +178,36 @@ def expectation(
         and guest_kernel < guest_fact.linux
     ):
         return "none", (
-            f"guest Linux {_v(guest_kernel)} < {_v(guest_fact.linux)}: {guest_fact.summary}"
+            f"guest Linux {format_version(guest_kernel)} < "
+            f"{format_version(guest_fact.linux)}: {guest_fact.summary}"
         )
     return "reclaim", "discard=unmap and every layer supports discard"
 
 
-def expected_for(cell: Cell, settings: Settings) -> tuple[str, str]:
-    """The expectation before booting: the machine alias "pc" means the newest type."""
-    guest = _kernel_tuple(settings.appliance.kernel_version)
-    return expectation(cell, qemu_version(), settings.machine, guest)
+def expected_for(
+    cell: Cell, settings: Settings, info: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """The expectation for the QEMU and machine the cell really ran on.
+
+    ``info`` is the booted guest's (QEMU's own version over QMP, or libvirt's for the QEMU
+    it runs, and the machine type with its alias resolved). Without it (the guest never
+    booted) the runner's QEMU is asked: libvirt's for ``--connect``, else the one on PATH.
+    """
+    kernel = parse_version(settings.appliance.kernel_version)
+    guest = kernel[:2] if kernel else None
+    qemu = parse_version((info or {}).get("qemu_version")) or runner_qemu_version(settings)
+    machine = (info or {}).get("machine") or settings.machine
+    return expectation(cell, qemu, machine, guest)
 
 
-def _v(version: tuple[int, ...]) -> str:
-    return ".".join(str(p) for p in version)
+def runner_qemu_version(settings: Settings) -> Version:
+    """The version of the QEMU that runs the cells."""
+    if settings.connect is None:
+        return qemu_version()
+    from vmtrim.channels.libvirt import connection
 
-
-def _kernel_tuple(release: str | None) -> tuple[int, ...] | None:
-    if not release:
-        return None
-    parts = release.split("-")[0].split(".")
-    try:
-        return tuple(int(p) for p in parts[:2])
-    except ValueError:
-        return None
+    with connection(settings.connect) as conn:
+        return parse_version(conn.versions()[0]) or qemu_version()
 
 
 def classify(ratio: float | None) -> str | None:
@@ -221,16 +236,6 @@ def measure(image: Path, fmt: str) -> Measurement:
     return Measurement(du=allocated_bytes(image), clusters=clusters)
 
 
-def _run(argv: list[str], subject: str) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    except FileNotFoundError as exc:
-        raise EnvironmentProblem(f"{argv[0]} is not installed", subject=subject) from exc
-    if done.returncode != 0:
-        err = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1]
-        raise EnvironmentProblem(f"{argv[0]} failed: {err}", subject=subject)
-
-
 def make_image(workdir: Path, cell: Cell) -> Path:
     """Step 1: a sparse disk of at least 1 GiB with the filesystem on the whole disk."""
     size = max(MIN_DISK_MIB, 2 * cell.size_mib + 256) * 1024 * 1024
@@ -241,11 +246,11 @@ def make_image(workdir: Path, cell: Cell) -> Path:
     if shutil.which(mkfs) is None:
         raise EnvironmentProblem(f"{mkfs} is not installed", subject=cell.name)
     force = {"ext4": "-F", "ext3": "-F", "xfs": "-f", "btrfs": "-f"}[cell.fs]
-    _run([mkfs, "-q", force, str(raw)], subject=cell.name)
+    run_tool([mkfs, "-q", force, str(raw)], subject=cell.name)
     if cell.format == "raw":
         return raw
     qcow2 = workdir / "disk.qcow2"
-    _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], subject=cell.name)
+    run_tool(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], subject=cell.name)
     raw.unlink()
     return qcow2
 
@@ -277,9 +282,15 @@ def run_cell(cell: Cell, settings: Settings) -> CellResult:
         runner="libvirt" if settings.connect else "qemu",
     )
     result.expected, result.expected_because = expected_for(cell, settings)
+
+    def step(what: str) -> None:
+        if settings.on_step is not None:
+            settings.on_step(cell.name, what)
+
     workdir = make_workdir()
     try:
         image = make_image(workdir, cell)
+        step("booting the guest")
         spec = GuestSpec(
             settings.appliance,
             scenario={
@@ -297,17 +308,22 @@ def run_cell(cell: Cell, settings: Settings) -> CellResult:
             ctl = guest.ctl
             ready = ctl.expect("ready", settings.boot_timeout)
             result.info = {**guest.info(), "guest_kernel": ready.get("kernel")}
+            result.expected, result.expected_because = expected_for(cell, settings, result.info)
+            step(f"writing {cell.size_mib} MiB")
             ctl.go()
             written = ctl.expect("written", 60 + cell.size_mib * 1.0)
             before = measure(image, cell.format)
+            step("deleting" if cell.mode == "agent" else f"deleting and trimming ({cell.mode})")
             ctl.go()
             if cell.mode == "agent":
                 ctl.expect("deleted", 120)
+                step("trimming (guest-fstrim from the host)")
                 fstrim = guest.agent_fstrim(0)
                 result.trimmed_reported = fstrim.trimmed
                 result.trim_error = "; ".join(f"{p.path}: {p.error}" for p in fstrim.errors) or None
                 ctl.go()
             trimmed = ctl.expect("trimmed", 300)
+            step("measuring the host image")
             after = measure(image, cell.format)
             ctl.go()
             ctl.expect("done", 120)
@@ -423,7 +439,7 @@ def _as_completed(futures: dict[Future[CellResult], Cell]) -> Iterator[Future[Ce
 def host_info(results: list[CellResult], settings: Settings) -> dict[str, Any]:
     info: dict[str, Any] = next((r.info for r in results if r.info), {})
     return {
-        "qemu_version": info.get("qemu_version") or _v(qemu_version()),
+        "qemu_version": info.get("qemu_version") or format_version(runner_qemu_version(settings)),
         "machine": info.get("machine") or settings.machine,
         "accel": info.get("accel") or settings.accel,
         "guest_kernel": info.get("guest_kernel") or settings.appliance.kernel_version,

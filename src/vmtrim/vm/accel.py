@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from vmtrim._util.files import atomic_write
+from vmtrim._util.versions import format_version
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.lab import Appliance, cache_root
 from vmtrim.vm.guest import DirectGuest, GuestSpec, make_workdir, qemu_version
@@ -29,8 +30,7 @@ def _cache_file() -> Path:
 
 
 def _probe_key(appliance: Appliance) -> str:
-    major, minor, micro = qemu_version()
-    return f"qemu {major}.{minor}.{micro}|host {os.uname().release}|lab {appliance.key}"
+    return f"qemu {format_version(qemu_version())}|host {os.uname().release}|lab {appliance.key}"
 
 
 def probe_kvm(appliance: Appliance, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:

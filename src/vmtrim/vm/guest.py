@@ -39,11 +39,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, Self
 
+from vmtrim._util.versions import (
+    QEMU,
+    Version,
+    format_version,
+    from_qmp,
+    installed_qemu_version,
+    machine_version,
+)
 from vmtrim.channels.qmp import FstrimResult, SyncGuestAgent, SyncMonitor
 from vmtrim.errors import BadInput, EnvironmentProblem, GuestFailed
 from vmtrim.lab import Appliance
 
-QEMU = "qemu-system-x86_64"
 BUSES = ("ide", "sata", "virtio-scsi", "virtio-blk")
 FORMATS = ("qcow2", "raw")
 DISCARDS = ("unmap", "ignore")
@@ -555,7 +562,7 @@ class DirectGuest(GuestBase):
         except EnvironmentProblem as exc:
             raise self.failure(f"QMP did not answer: {exc.message}") from exc
         self._info = {
-            "qemu_version": _version_string(version),
+            "qemu_version": format_version(from_qmp(version)),
             "machine": _resolve_machine(self.spec.machine, machines),
             "accel": "kvm" if isinstance(kvm, dict) and kvm.get("enabled") else "tcg",
         }
@@ -608,14 +615,6 @@ class DirectGuest(GuestBase):
             raise self.failure(f"the guest did not power off within {timeout:g} s") from None
 
 
-def _version_string(version: object) -> str:
-    if isinstance(version, dict):
-        q = version.get("qemu", {})
-        if isinstance(q, dict):
-            return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
-    return "unknown"
-
-
 def _resolve_machine(name: str, machines: object) -> str:
     """'pc' -> 'pc-i440fx-7.2': the versioned type behind an alias."""
     for m in machines if isinstance(machines, list) else []:
@@ -624,22 +623,9 @@ def _resolve_machine(name: str, machines: object) -> str:
     return name
 
 
-def machine_version(machine: str) -> tuple[int, int] | None:
-    """(major, minor) of a versioned machine type such as pc-i440fx-3.1 or pc-q35-7.2."""
-    match = re.search(r"-(\d+)\.(\d+)$", machine)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def qemu_version() -> tuple[int, int, int]:
-    """The installed QEMU's version, from ``qemu-system-x86_64 --version``."""
-    try:
-        out = subprocess.run(
-            [QEMU, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EnvironmentProblem(f"{QEMU} cannot run: {exc}", subject=QEMU) from exc
-    match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-    if not match:
-        raise EnvironmentProblem(f"cannot read the version from {out!r}", subject=QEMU)
-    major, minor, micro = (int(g) for g in match.groups())
-    return major, minor, micro
+def qemu_version() -> Version:
+    """The installed QEMU's version; EnvironmentProblem when it cannot run."""
+    version = installed_qemu_version()
+    if version is None:
+        raise EnvironmentProblem(f"{QEMU} cannot run or print its version", subject=QEMU)
+    return version

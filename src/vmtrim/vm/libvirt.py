@@ -27,8 +27,12 @@ from typing import Any
 
 from lxml import etree
 
-from vmtrim.channels.qmp import FstrimResult, parse_fstrim
-from vmtrim.errors import EnvironmentProblem, GuestFailed
+from vmtrim._util.domxml import DiskElement
+from vmtrim._util.safexml import xml_parser
+from vmtrim._util.versions import format_version, from_libvirt
+from vmtrim.channels.libvirt import LibvirtAgent, libvirt_module, libvirt_qemu_module
+from vmtrim.channels.qmp import FstrimResult
+from vmtrim.errors import AgentUnavailable, EnvironmentProblem, GuestFailed
 from vmtrim.vm.guest import (
     AGENT_PORT,
     CTL_PORT,
@@ -78,10 +82,15 @@ def lab_domain_xml(spec: GuestSpec, name: str, paths: RunPaths, kernel: Path, in
             _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
         elif spec.disk.bus == "sata":
             _sub(devices, "controller", type="sata", index="0")
-        disk = _sub(devices, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type=spec.disk.format, discard=spec.disk.discard)
-        _sub(disk, "source", file=str(spec.disk.path))
-        _sub(disk, "target", dev=dev, bus=bus)
+        disk = DiskElement.new(devices, type="file", device="disk")
+        disk.update(
+            (DiskElement.driver_name, "qemu"),
+            (DiskElement.driver_type, spec.disk.format),
+            (DiskElement.driver_discard, spec.disk.discard),
+            (DiskElement.source_file, str(spec.disk.path)),
+            (DiskElement.target_dev, dev),
+            (DiskElement.target_bus, bus),
+        )
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(paths.serial))
     _sub(serial, "target", port="0")
@@ -94,17 +103,6 @@ def lab_domain_xml(spec: GuestSpec, name: str, paths: RunPaths, kernel: Path, in
         _sub(agent, "target", type="virtio", name=AGENT_PORT)  # libvirt picks the path
     _sub(devices, "memballoon", model="none")
     return etree.tostring(dom, pretty_print=True, encoding="unicode")
-
-
-def _libvirt() -> Any:
-    try:
-        import libvirt
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            "--connect needs libvirt-python: pip install 'vmtrim[libvirt]'", subject="libvirt"
-        ) from exc
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors come as exceptions
-    return libvirt
 
 
 QEMU_USERS = ("libvirt-qemu", "qemu")  # Debian/Ubuntu, Fedora/RHEL/SUSE
@@ -142,7 +140,7 @@ class LibvirtGuest(GuestBase):
         self.name = f"vmtrim-lab-{uuid.uuid4().hex[:12]}"
         self._conn: Any = None
         self._dom: Any = None
-        self._libvirt = _libvirt()
+        self._libvirt = libvirt_module()
 
     def start(self) -> None:
         lv = self._libvirt
@@ -196,40 +194,40 @@ class LibvirtGuest(GuestBase):
     def info(self) -> dict[str, Any]:
         machine = self.spec.machine
         with contextlib.suppress(self._libvirt.libvirtError):
-            tree = etree.fromstring(
-                self._dom.XMLDesc(0).encode(),
-                etree.XMLParser(resolve_entities=False, no_network=True),
-            )
+            tree = etree.fromstring(self._dom.XMLDesc(0).encode(), xml_parser())
             type_el = tree.find("os/type")
             if type_el is not None:  # libvirt expands the alias: pc -> pc-i440fx-7.2
                 machine = type_el.get("machine") or machine
         return {
-            "qemu_version": _dotted(int(self._conn.getVersion())),
+            "qemu_version": format_version(from_libvirt(int(self._conn.getVersion()))),
             "machine": machine,
-            "accel": "kvm" if self.spec.accel == "kvm" else "tcg",
-            "libvirt_version": _dotted(int(self._conn.getLibVersion())),
+            "accel": self._measured_accel(),
+            "libvirt_version": format_version(from_libvirt(int(self._conn.getLibVersion()))),
             "domain": self.name,
         }
 
-    def agent_fstrim(self, minimum: int = 0, timeout: float = 30.0) -> FstrimResult:
-        """guest-fstrim through libvirt; retried while libvirt says the agent is not there yet."""
-        import libvirt_qemu
+    def _measured_accel(self) -> str:
+        """What the running QEMU says (query-kvm through libvirt), not what was asked for."""
+        try:
+            reply = libvirt_qemu_module().qemuMonitorCommand(
+                self._dom, json.dumps({"execute": "query-kvm"}), 0
+            )
+            enabled = json.loads(reply)["return"]["enabled"]
+        except (self._libvirt.libvirtError, ValueError, KeyError, TypeError):
+            return "unknown"
+        return "kvm" if enabled is True else "tcg"
 
-        command = json.dumps({"execute": "guest-fstrim", "arguments": {"minimum": minimum}})
+    def agent_fstrim(self, minimum: int = 0, timeout: float = 30.0) -> FstrimResult:
+        """guest-fstrim through libvirt; retried while the agent is not there yet."""
+        agent = LibvirtAgent(self._dom)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                reply = libvirt_qemu.qemuAgentCommand(self._dom, command, 300, 0)
-                break
-            except self._libvirt.libvirtError as exc:
+                return agent.fstrim(minimum, timeout=300.0)
+            except AgentUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        try:
-            ret = json.loads(reply)["return"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise EnvironmentProblem(f"guest-fstrim returned {reply!r}", subject=self.name) from exc
-        return parse_fstrim(ret, self.name)
 
     def wait_exit(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -237,10 +235,6 @@ class LibvirtGuest(GuestBase):
             if time.monotonic() > deadline:
                 raise self.failure(f"the guest did not power off within {timeout:g} s")
             time.sleep(0.1)
-
-
-def _dotted(version: int) -> str:
-    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
 
 
 def booter(uri: str) -> Boot:
