@@ -58,6 +58,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # rich is imported lazily: `vmtrim image info --json` never needs it
@@ -140,12 +141,26 @@ def color_allowed(stream: Any = None) -> bool:
     return bool(isatty and isatty())
 
 
-def console(stderr: bool = False) -> Console:
-    """A rich console on stdout (or stderr); markup and highlighting are off."""
+@cache
+def _console_class() -> type[Console]:
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 ("findings"); vmtrim.cli.run turns this into exit 141.
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr); markup and highlighting are off.
+
+    A closed pipe raises BrokenPipeError (rich itself would exit 1).
+    """
     stream = sys.stderr if stderr else sys.stdout
-    out = Console(
+    out = _console_class()(
         file=stream,
         no_color=not color_allowed(stream),
         highlight=False,
@@ -159,10 +174,9 @@ def console(stderr: bool = False) -> Console:
 
 def progress_console() -> Console:
     """The console for progress bars and spinners: stderr, or nowhere with ``--quiet``."""
-    from rich.console import Console
 
     if _quiet:
-        return Console(file=sys.stderr, quiet=True)
+        return _console_class()(file=sys.stderr, quiet=True)
     return console(stderr=True)
 
 

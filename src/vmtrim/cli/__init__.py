@@ -4,90 +4,54 @@ Each subcommand lives in its own module under :mod:`vmtrim.cli` and is imported
 only when it is run, so ``vmtrim image info`` does not pay for lxml, rich or
 libvirt. A subcommand returns its exit code (see :mod:`vmtrim.errors`); errors
 are raised as :class:`~vmtrim.errors.VmtrimError` and printed here as one line.
+
+This module imports neither click nor rich: ``vmtrim --version`` is answered
+before either is loaded (:mod:`vmtrim.cli.version`). The click group is in
+:mod:`vmtrim.cli.group` (``vmtrim.cli.cli`` still names it).
+
+Exit codes (:mod:`vmtrim.errors`): 0 ok, 1 findings, 2 bad input or usage,
+3 environment, 4 internal error, 130 interrupted, and 141 when stdout is a pipe
+that closed early (``vmtrim audit ... | head -1``): the output was cut, so
+neither 0 ("all passes") nor 1 ("findings") would be true; 141 is what the shell
+reports for any tool that a closed pipe stops (128 + SIGPIPE).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from vmtrim import __version__
 from vmtrim.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, VmtrimError
 
-__all__ = ["cli", "main", "run"]
+if TYPE_CHECKING:
+    import click
 
-# name -> "module:attribute"; the order is the order of `vmtrim --help`.
+__all__ = ["EXIT_BROKEN_PIPE", "SUBCOMMANDS", "cli", "main", "run"]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports for `yes | head -1`
+
+# name -> ("module:attribute", short help); the order is the order of `vmtrim --help`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("vmtrim.cli.audit:audit", "Find the layer that blocks discard on every disk."),
     "fix": ("vmtrim.cli.fix:fix", "Rewrite libvirt XML or a QEMU command line so discard passes."),
     "trim": ("vmtrim.cli.trim:trim", "Trim guests through the agent and measure the host reclaim."),
     "verify": ("vmtrim.cli.verify:verify", "Prove discard end to end on a throwaway VM."),
+    "run": ("vmtrim.cli.run_policy:run", "Trim every domain a policy selects, and record it."),
+    "history": ("vmtrim.cli.history:history", "What each domain got back, run after run."),
+    "schedule": ("vmtrim.cli.schedule:schedule", "Install the systemd timer that runs the policy."),
+    "watch": ("vmtrim.cli.watch:watch", "Trim a domain after a disk move, migration or start."),
     "image": ("vmtrim.cli.image:image", "Read qcow2 and raw allocation without QEMU."),
     "lab": ("vmtrim.cli.lab:lab", "Build the lab guest that verify and the tests boot."),
 }
 
 
-class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+def __getattr__(name: str) -> Any:
+    if name == "cli":  # the click group, built on first use (it imports click)
+        from vmtrim.cli.group import cli
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(SUBCOMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in SUBCOMMANDS:
-            return None
-        target, help_text = SUBCOMMANDS[cmd_name]
-        module_name, attribute = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-
-            @click.command(cmd_name, help=help_text + " (not available in this build)")
-            def missing() -> int:
-                raise click.UsageError(f"'{cmd_name}' is not available in this build")
-
-            return missing
-        command = getattr(module, attribute)
-        assert isinstance(command, click.Command)
-        return command
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Short help comes from the table above, so --help imports nothing.
-        rows = [(name, help_text) for name, (_, help_text) in SUBCOMMANDS.items()]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="vmtrim")
-@click.option("--debug", is_flag=True, help="Log what vmtrim does to stderr; tracebacks on errors.")
-def cli(debug: bool) -> None:
-    """vmtrim: make thin-provisioned VM disks give freed space back to the host.
-
-    \b
-    Exit codes: 0 all passes (or already applied), 1 findings or failed
-    verification, 2 bad input or usage, 3 environment or connection error,
-    4 internal error (a bug in vmtrim), 130 interrupted.
-    """
-    if debug:
-        os.environ["VMTRIM_DEBUG"] = "1"
-        _log_to_stderr()
-
-
-def _log_to_stderr() -> None:
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vmtrim: %(name)s: %(message)s"))
-    logger = logging.getLogger("vmtrim")
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _debug() -> bool:
@@ -101,31 +65,78 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result: Any = cli.main(args=argv, prog_name="vmtrim", standalone_mode=False)
+        if args == ["--version"]:  # the fast path: no click, no rich
+            from vmtrim.cli.version import print_version
+
+            print_version()
+            sys.stdout.flush()
+            return 0
+        code = _run_click(args)
+        # Flush here, inside the handler: at exit a closed pipe would print a traceback.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
+def _run_click(args: list[str]) -> int:
+    import click
+
+    from vmtrim.cli.group import cli
+
+    try:
+        result: Any = cli.main(args=args, prog_name="vmtrim", standalone_mode=False)
     except VmtrimError as exc:
         if _debug():
             raise
-        click.echo(f"vmtrim: {exc.one_line()}", err=True)
+        _error(f"vmtrim: {exc.one_line()}")
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        _show(exc)
         return EXIT_BAD_INPUT
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("vmtrim: interrupted", err=True)
+        _error("vmtrim: interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
+        raise
     except Exception as exc:
         if _debug():
             raise
-        click.echo(
-            f"vmtrim: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
-            err=True,
+        _error(
+            f"vmtrim: internal error: {type(exc).__name__}: {exc} (run with --debug for details)"
         )
         return EXIT_INTERNAL
     if isinstance(result, int):
         return result
     return 0
+
+
+def _error(line: str) -> None:
+    from vmtrim.output import safe_text
+
+    # An error names the user's file or domain: escape it like any table cell.
+    sys.stderr.write(safe_text(line) + "\n")
+    sys.stderr.flush()
+
+
+def _show(exc: click.ClickException) -> None:
+    # click's usage block, with the (possibly user-supplied) message made safe.
+    from vmtrim.output import safe_text
+
+    setattr(exc, "message", safe_text(exc.message))  # noqa: B010 (Final in the stubs)
+    exc.show()
+
+
+def _broken_pipe() -> int:
+    """The reader went away (``| head``): stop quietly, no traceback at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE

@@ -220,12 +220,16 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
     rows = []
     for report in reports:
         layers = [report.layer(kind).verdict for kind in _LAYER_HEADERS]
-        verdict = report.verdict.value + (f" ({report.exempt})" if report.exempt else "")
+        # The verdict cell names the exemption ("cdrom"); a longer reason goes below.
+        exempt_kind, _, why = (report.exempt or "").partition(":")
+        verdict = report.verdict.value + (f" ({exempt_kind})" if exempt_kind else "")
         details = [
             Styled(_line(_SEVERITY_MARK[f.severity][0], f.layer, f.message, f.fix),
                    _SEVERITY_MARK[f.severity][1])
             for f in report.sorted_findings()
         ]  # fmt: skip
+        if why:
+            details.append(Styled(f"· not counted: {report.exempt}", "dim"))
         details += [
             Styled(_line("?", layer.kind, f"unknown: {layer.reason}", layer.fix), "yellow")
             for layer in _unknown(report)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from vmtrim.output import console, human_bytes, print_json
+from vmtrim.output import (
+    Column,
+    Row,
+    human_bytes,
+    print_json,
+    print_line,
+    progress_console,
+    render_table,
+)
 from vmtrim.verify.engine import FILESYSTEMS, MODES
 from vmtrim.vm.guest import BUSES, DISCARDS, FORMATS
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+
     from vmtrim.verify.engine import CellResult
 
 
@@ -98,10 +110,16 @@ def verify(
 ) -> int:
     """Boot a throwaway guest, write and delete data, and measure the host image shrink.
 
+    Each step (booting, writing, deleting, trimming, measuring) is reported on
+    stderr: a spinner on a terminal, one line per step otherwise (none with --quiet).
+
     \b
     Exit codes: 0 every cell matches what the facts table expects, 1 some cell
-    does not, 3 the guest did not boot or timed out (the serial log's tail is shown).
+    does not, 2 bad input, 3 the guest did not boot or timed out (the serial log's
+    tail is shown), 4 internal error, 130 interrupted.
     """
+    from dataclasses import replace
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from vmtrim.lab import ensure_appliance
@@ -109,7 +127,7 @@ def verify(
     from vmtrim.vm.accel import choose_accel
     from vmtrim.vm.guest import cleanup_on_signals
 
-    err = console(stderr=True)
+    err = progress_console()
     with cleanup_on_signals():
         with err.status("preparing the lab guest"):
             appliance = ensure_appliance(kernel, modules)
@@ -117,6 +135,8 @@ def verify(
         settings = Settings(
             appliance, accel=chosen, machine=machine, connect=connect, boot_timeout=boot_timeout
         )
+        if not err.is_terminal:  # redirected: a line per step, or 14 s of silence
+            settings = replace(settings, on_step=_step_lines(err))
         if matrix:
             cells = matrix_cells(
                 size_mib, fs, **_pinned(ctx, buses=bus, formats=fmt, modes=mode, discards=discard)
@@ -135,7 +155,9 @@ def verify(
                 )
         else:
             cell = Cell(bus, fmt, mode, discard, size_mib, fs)
-            with err.status(f"verify {cell.name} ({size_mib} MiB, {chosen})"):
+            with err.status(f"verify {cell.name} ({size_mib} MiB, {chosen})") as status:
+                if err.is_terminal:
+                    settings = replace(settings, on_step=_step_status(status, chosen))
                 results = [run_cell(cell, settings)]
     host = host_info(results, settings)
     if png is not None:
@@ -149,7 +171,7 @@ def verify(
     failed = [r for r in results if r.error]
     if failed:
         for r in failed:
-            err.print(f"vmtrim: {r.error}", markup=False, highlight=False)
+            print_line(f"vmtrim: {r.error}", err=True)
         return max(r.error_exit_code or 3 for r in failed)
     return 0 if all(r.ok for r in results) else 1
 
@@ -164,34 +186,45 @@ def _pinned(ctx: click.Context, **values: str) -> dict[str, tuple[str, ...]]:
     }
 
 
-def _render(results: list[CellResult], host: dict[str, object]) -> None:
-    from rich.table import Table
+def _step_lines(err: Console) -> Callable[[str, str], None]:
+    def report(cell: str, step: str) -> None:
+        err.print(f"verify {cell}: {step}", crop=False, soft_wrap=True)
 
-    out = console()
-    out.print(
+    return report
+
+
+def _step_status(status: Status, accel: str) -> Callable[[str, str], None]:
+    def report(cell: str, step: str) -> None:
+        status.update(f"verify {cell} ({accel}): {step}")
+
+    return report
+
+
+_MATRIX_COLUMNS = [
+    Column("bus"),
+    Column("format"),
+    Column("mode"),
+    Column("discard"),
+    Column("du before", justify="right", priority=2),
+    Column("du after", justify="right", priority=2),
+    Column("reclaimed", justify="right"),
+    Column("expected"),
+    Column("measured"),
+    Column("ok"),
+    Column("s", justify="right", priority=1),
+]
+
+
+def _render(results: list[CellResult], host: dict[str, object]) -> None:
+    print_line(
         f"QEMU {host['qemu_version']}, machine {host['machine']}, accel {host['accel']}, "
         f"guest kernel {host['guest_kernel']}, runner {host['runner']}"
     )
     if len(results) == 1:
         _render_cell(results[0])
         return
-    if not out.is_terminal:  # a file or pipe has no width of its own; keep rows unwrapped
-        out.width = max(out.width, 132)
-    table = Table(
-        "bus",
-        "format",
-        "mode",
-        "discard",
-        "du before",
-        "du after",
-        "reclaimed",
-        "expected",
-        "measured",
-        "ok",
-        "s",
-    )
-    for r in results:
-        table.add_row(
+    rows = [
+        [
             r.bus,
             r.format,
             r.mode,
@@ -203,11 +236,13 @@ def _render(results: list[CellResult], host: dict[str, object]) -> None:
             r.measured or ("error" if r.error else "-"),
             "yes" if r.ok else "NO",
             f"{r.seconds:.0f}",
-        )
-    out.print(table)
+        ]
+        for r in results
+    ]
+    render_table(_MATRIX_COLUMNS, rows)
     for r in results:
         if not r.ok and not r.error:
-            out.print(
+            print_line(
                 f"{r.bus}/{r.format}/{r.mode}/{r.discard}: expected {r.expected} "
                 f"({r.expected_because}), measured {r.measured}"
                 + (f"; {r.trim_error}" if r.trim_error else "")
@@ -219,10 +254,7 @@ def _ratio(r: CellResult) -> str:
 
 
 def _render_cell(r: CellResult) -> None:
-    from rich.table import Table
-
-    table = Table("", "", show_header=False, box=None)
-    rows = [
+    rows: list[tuple[str, str] | Row] = [
         ("cell", f"{r.bus}, {r.format}, {r.mode}, discard={r.discard}, {r.fs}"),
         ("written and deleted", human_bytes(r.written_bytes)),
         (
@@ -239,11 +271,9 @@ def _render_cell(r: CellResult) -> None:
         )
     rows += [
         ("reclaimed", f"{human_bytes(r.reclaimed_bytes)} ({_ratio(r)} of the bytes deleted)"),
-        ("expected", f"{r.expected}: {r.expected_because}"),
-        ("measured", f"{r.measured or '-'}" + (f" ({r.trim_error})" if r.trim_error else "")),
+        Row(["expected", r.expected], [r.expected_because]),  # sentences go below, unshortened
+        Row(["measured", r.measured or "-"], [r.trim_error] if r.trim_error else []),
         ("result", "ok" if r.ok else "MISMATCH"),
         ("seconds", f"{r.seconds:.1f}"),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console().print(table)
+    render_table([Column("what"), Column("value", shorten="end")], rows, show_header=False)
