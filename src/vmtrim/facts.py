@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmtrim.model import DeviceType, Verdict, Version
+from vmtrim._util.versions import Version
+from vmtrim.model import Bus, DeviceType, Verdict
 
 
 @dataclass(frozen=True)
@@ -79,24 +80,6 @@ _FACT_ROWS = [
         checked="block-core.json doc comment '(since 8.1)', read with the code search",
     ),
     Fact(
-        "domfstrim",
-        "virDomainFSTrim / virsh domfstrim (drops the agent's per-path result)",
-        "libvirt src/qemu/qemu_agent.c",
-        libvirt=(1, 0, 1),
-    ),
-    Fact(
-        "guest_fstrim",
-        "guest-fstrim; per-path results since QGA 2.4",
-        "qga/qapi-schema.json",
-        qemu=(1, 2),
-    ),
-    Fact(
-        "unmap_stats",
-        "query-blockstats unmap_bytes/unmap_operations",
-        "qapi/block-core.json BlockDeviceStats",
-        qemu=(4, 2),
-    ),
-    Fact(
         "default_discard",
         "discard defaults to ignore: a guest TRIM is dropped silently",
         "qemu-options.hx (-drive discard=ignore is the default)",
@@ -106,16 +89,6 @@ _FACT_ROWS = [
         "emulated NVMe Dataset Management (deallocate)",
         "qemu hw/block/nvme.c 'add the dataset management command' (qemu-devel, 2020-11)",
         qemu=(6, 0),
-    ),
-    Fact(
-        "libvirt_blockdev",
-        "libvirt renders disks as -blockdev JSON; the storage node always"
-        " says discard=unmap, the format node carries the configured discard",
-        "libvirt qemu_block.c / qemu_command.c (QEMU_CAPS_BLOCKDEV)",
-        libvirt=(6, 0, 0),
-        qemu=(4, 2),
-        checked="virsh domxml-to-native qemu-argv with libvirt 9.0 on the dev machine"
-        " (tests/data/audit/pairs/design-*.args)",
     ),
     Fact(
         "scsi_unmap",
@@ -179,11 +152,6 @@ _NOTE_ROWS = [
         "after the first ENOTSUP QEMU stops trying to punch holes until restarted",
         "qemu block/file-posix.c (s->has_discard cleared on ENOTSUP)",
     ),
-    Note(
-        "fstrim_upper_bound",
-        "FITRIM/guest-fstrim counts are upper bounds, not what the host got back",
-        "Documentation/filesystems; qga/qapi-schema.json guest-fstrim",
-    ),
 ]
 
 NOTES: dict[str, Note] = {note.key: note for note in _NOTE_ROWS}
@@ -193,7 +161,7 @@ NOTES: dict[str, Note] = {note.key: note for note in _NOTE_ROWS}
 class BusRule:
     """How the guest's driver for a bus handles discard, and which QEMU device it gets."""
 
-    bus: str
+    bus: Bus
     guest: Verdict
     reason: str
     disk_device: str | None  # QEMU device libvirt uses for device='disk'
@@ -267,7 +235,7 @@ _BUS_ROWS = [
     ),
 ]
 
-BUSES: dict[str, BusRule] = {rule.bus: rule for rule in _BUS_ROWS}
+BUSES: dict[Bus, BusRule] = {rule.bus: rule for rule in _BUS_ROWS}
 
 
 @dataclass(frozen=True)
@@ -275,7 +243,7 @@ class DeviceRule:
     """A QEMU device model that presents a drive to the guest."""
 
     name: str
-    bus: str
+    bus: Bus
     device: DeviceType
     discard: bool  # can the device pass discard at all?
 
@@ -307,7 +275,7 @@ _DEVICE_ROWS = [
 DEVICES: dict[str, DeviceRule] = {rule.name: rule for rule in _DEVICE_ROWS}
 
 # QEMU controller device -> libvirt controller model name.
-CONTROLLERS: dict[str, tuple[str, str]] = {
+CONTROLLERS: dict[str, tuple[Bus, str]] = {
     "virtio-scsi-pci": ("scsi", "virtio-scsi"),
     "virtio-scsi-pci-non-transitional": ("scsi", "virtio-scsi"),
     "virtio-scsi-pci-transitional": ("scsi", "virtio-scsi"),
@@ -536,11 +504,3 @@ _GUEST_FS_ROWS = [
 ]
 
 GUEST_FS: dict[str, GuestFsRule] = {rule.fstype: rule for rule in _GUEST_FS_ROWS}
-
-GUEST_STACK = {
-    "luks": ("LUKS needs `allow_discards` (crypttab `discard`)", "cryptsetup(8) --allow-discards"),
-    "lvm": (
-        "LVM passes discards through (issue_discards only matters for lvremove)",
-        "lvm.conf(5) issue_discards",
-    ),
-}

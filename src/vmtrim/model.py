@@ -1,7 +1,7 @@
 """The discard-path model: what a disk is made of, and what the audit says about it.
 
-Every input (libvirt domain XML, a QEMU command line, a running QEMU, later a live
-libvirt connection with guest-agent facts) is turned into the same objects:
+Every input (libvirt domain XML, a QEMU command line, a running QEMU, a live libvirt
+connection with guest-agent facts) is turned into the same objects:
 
 ::
 
@@ -31,31 +31,57 @@ files or talks to QEMU, so every producer and consumer can share it.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-Version = tuple[int, ...]
+from vmtrim._util.versions import Version, machine_version, parse_version
+
 NodeKind = Literal["-drive", "-blockdev", "<disk>", "<backingStore>", "qmp"]
-"""A dotted version as integers: ``(7, 2)`` for QEMU 7.2, ``(5, 10, 0)`` for Linux 5.10.0."""
+
+# -- closed vocabularies: every producer narrows its text through as_* below ----------
+
+Discard = Literal["unmap", "ignore"]
+"""A node's discard setting, normalised (QEMU's on/off are unmap/ignore)."""
+DiskDiscard = Discard | Literal["unknown"]
+"""A disk's discard: ``unknown`` for a node seen only over QMP, which does not show it."""
+Bus = Literal["ide", "sata", "scsi", "virtio", "usb", "fdc", "nvme", "xen", "uml", "sd"]
+"""libvirt's ``<target bus=...>`` names (QEMU's devices are mapped onto them)."""
+Format = Literal[
+    "raw", "qcow2", "qcow", "qed", "luks", "vmdk", "vdi", "vpc", "vhdx", "parallels",
+    "bochs", "cloop", "dmg", "iso", "ploop", "fat",
+    # filter drivers that may sit on top of the format node and pass discards on
+    "copy-on-read", "throttle", "blkdebug", "blkverify", "preallocate", "compress",
+    "snapshot-access", "copy-before-write", "quorum", "replication", "null-co", "null-aio",
+    "raw-slice",
+]  # fmt: skip
+"""Image format (or filter) drivers: libvirt's ``<driver type=...>``, QEMU's format=."""
+DiskFormat = Format | Literal["unknown"]
+"""A disk's format: ``unknown`` when the input names a driver vmtrim does not know."""
+
+BUSES: tuple[Bus, ...] = get_args(Bus)
+FORMATS: tuple[Format, ...] = get_args(Format)
 
 
-def parse_version(text: str | None) -> Version | None:
-    """``"7.2.0"`` -> ``(7, 2, 0)``; ``"5.10.0-26-cloud-amd64"`` -> ``(5, 10, 0)``.
+def as_discard(text: object) -> Discard | None:
+    """QEMU's and libvirt's spellings (on/unmap, off/ignore); None for unset or invalid."""
+    value = str(text).lower() if text is not None else None
+    if value in ("on", "unmap"):
+        return "unmap"
+    if value in ("off", "ignore"):
+        return "ignore"
+    return None
 
-    Takes the leading run of dotted integers; returns None when there is none.
-    """
-    if not text:
+
+def as_bus(text: str | None) -> Bus | None:
+    return next((bus for bus in BUSES if bus == text), None)
+
+
+def as_format(text: str | None) -> DiskFormat | None:
+    """None when no format is given; ``unknown`` for a name outside the vocabulary."""
+    if text is None:
         return None
-    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
-    if not match:
-        return None
-    return tuple(int(part) for part in match.group(1).split("."))
-
-
-def format_version(version: Version | None) -> str:
-    return ".".join(str(part) for part in version) if version else "unknown"
+    return next((fmt for fmt in FORMATS if fmt == text), "unknown")
 
 
 class Verdict(enum.Enum):
@@ -221,7 +247,7 @@ class BlockNode:
 
     driver: str | None
     node_name: str | None = None
-    discard: str | None = None
+    discard: Discard | None = None
     detect_zeroes: str | None = None
     discard_no_unref: bool | None = None
     cache: str | None = None
@@ -243,17 +269,6 @@ class BlockNode:
             seen.add(id(node))
             chain.append(node)
             node = node.file
-        return chain
-
-    def backing_chain(self) -> list[BlockNode]:
-        """The images under this one: its backing node, that node's backing, and so on."""
-        chain: list[BlockNode] = []
-        node = self.backing
-        seen: set[int] = {id(self)}
-        while node is not None and id(node) not in seen:
-            seen.add(id(node))
-            chain.append(node)
-            node = node.backing
         return chain
 
     @property
@@ -281,16 +296,12 @@ class BlockNode:
 class GuestFilesystem:
     """A filesystem mounted in the guest, as the guest agent reports it.
 
-    ``mount_options`` is None when unknown (no ``guest-exec``). ``luks_allow_discards``
-    is None when the filesystem is not on LUKS or it is unknown.
+    ``mount_options`` is None when unknown (no ``guest-exec``).
     """
 
     mountpoint: str
     fstype: str
     mount_options: tuple[str, ...] | None = None
-    luks: bool = False
-    luks_allow_discards: bool | None = None
-    lvm: bool = False
 
 
 @dataclass
@@ -329,15 +340,15 @@ class Disk:
     ident: str
     target: str | None = None
     device: DeviceType = DeviceType.DISK
-    bus: str | None = None
+    bus: Bus | None = None
     controller_model: str | None = None
     qemu_device: str | None = None
     device_properties: dict[str, Any] = field(default_factory=dict)
     storage: StorageKind = StorageKind.UNKNOWN
     protocol: str | None = None  # network disks: rbd, iscsi, nbd, gluster, http, ...
     source: str | None = None  # path, device, or protocol://host/name
-    format: str | None = None
-    discard: str | None = None
+    format: DiskFormat | None = None
+    discard: DiskDiscard | None = None
     detect_zeroes: str | None = None
     read_only: bool = False
     shareable: bool = False
@@ -395,10 +406,10 @@ class MachineType:
 
     @classmethod
     def parse(cls, name: str) -> MachineType:
-        match = re.fullmatch(r"(.*?)-(\d+\.\d+(?:\.\d+)?)", name)
-        if match:
-            return cls(name, match.group(1), parse_version(match.group(2)))
-        return cls(name, name, None)
+        version = machine_version(name)
+        if version is None:
+            return cls(name, name, None)
+        return cls(name, name.rsplit("-", 1)[0], version)
 
 
 @dataclass

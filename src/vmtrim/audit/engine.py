@@ -10,9 +10,9 @@ file next to the image; it never opens an image for writing.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from vmtrim._util.versions import Version, format_version
 from vmtrim.audit.hostprobe import HostProbes, Probe
 from vmtrim.errors import VmtrimError
 from vmtrim.facts import BUSES, DEVICES, FACTS, FILTERS, FORMATS, GUEST_FS, NOTES, PROTOCOLS
@@ -30,8 +30,6 @@ from vmtrim.model import (
     Severity,
     StorageKind,
     Verdict,
-    Version,
-    format_version,
 )
 
 if TYPE_CHECKING:
@@ -42,17 +40,6 @@ _GUEST_FIX = (
     "in the guest: mount with `-o discard`, or enable periodic trims"
     " (`systemctl enable --now fstrim.timer`)"
 )
-
-
-def audit_domains(
-    domains: Iterable[Domain], probes: HostProbes | None = None, read_images: bool = True
-) -> list[DiskReport]:
-    probes = probes or HostProbes()
-    return [
-        report
-        for domain in domains
-        for report in audit_domain(domain, probes, read_images=read_images)
-    ]
 
 
 def audit_domain(
@@ -116,7 +103,31 @@ class _DiskAudit:
             return "empty drive"
         if disk.read_only:
             return "read-only"
+        if disk.shareable:
+            # fix leaves it alone for the same reason: the run must not fail forever on it
+            return "shareable: other domains use these blocks; discard is theirs to coordinate"
         return None
+
+    def _libvirt_too_old(self, key: str) -> Version | None:
+        """The libvirt release that ``FACTS[key]`` needs, when the connection's is older."""
+        have = self.domain.libvirt_version
+        need = FACTS[key].libvirt
+        if self.domain.origin is not Origin.LIBVIRT_XML or have is None or need is None:
+            return None
+        return need if have < need else None
+
+    def _libvirt_finding(self, key: str, what: str, fix: str) -> Finding | None:
+        need = self._libvirt_too_old(key)
+        if need is None:
+            return None
+        have = format_version(self.domain.libvirt_version)
+        return Finding(
+            Severity.WARNING,
+            LayerKind.BLOCK_NODE,
+            f"libvirt {have} is older than {format_version(need)}: {what}",
+            fix,
+            FACTS[key].source,
+        )
 
     def _layer_source(self, kind: LayerKind) -> str | None:
         if kind is LayerKind.BLOCK_NODE:
@@ -124,7 +135,7 @@ class _DiskAudit:
         if kind is LayerKind.DEVICE and self.disk.bus == "virtio":
             return FACTS["virtio_blk_discard"].source
         if kind is LayerKind.GUEST_DRIVER:
-            rule = BUSES.get(self.disk.bus or "")
+            rule = BUSES.get(self.disk.bus) if self.disk.bus else None
             return rule.source if rule else None
         return None
 
@@ -156,16 +167,6 @@ class _DiskAudit:
             rule = GUEST_FS.get(fs.fstype)
             where = f"{fs.mountpoint} ({fs.fstype})"
             options = fs.mount_options
-            if fs.luks and fs.luks_allow_discards is False:
-                results.append(
-                    Layer(
-                        kind,
-                        Verdict.BLOCK,
-                        f"{where} is on LUKS without allow_discards",
-                        "open the LUKS device with --allow-discards (crypttab: discard)",
-                    )
-                )
-                continue
             if rule is None:
                 results.append(
                     Layer(
@@ -220,7 +221,7 @@ class _DiskAudit:
                 Verdict.PASS,
                 "passthrough LUN: the guest's sd driver sees the real device's UNMAP support",
             )
-        rule = BUSES.get(disk.bus or "")
+        rule = BUSES.get(disk.bus) if disk.bus else None
         if rule is None:
             return Layer(
                 kind,
@@ -418,6 +419,16 @@ class _DiskAudit:
             )
         if disk.read_only:
             return Layer(kind, Verdict.BLOCK, "read-only: nothing can be discarded")
+        need = self._libvirt_too_old("libvirt_discard")
+        if need is not None:
+            return Layer(
+                kind,
+                Verdict.BLOCK,
+                f"libvirt {format_version(self.domain.libvirt_version)} is older than"
+                f" {format_version(need)}: it has no <driver discard=...>, so QEMU gets"
+                " its default, discard=ignore",
+                f"upgrade libvirt to >= {format_version(need)}",
+            )
         results = [self._discard_chain(top), self._format_layer(top)]
         return _worst(results)
 
@@ -473,7 +484,7 @@ class _DiskAudit:
 
     def _format_layer(self, top: BlockNode) -> Layer:
         kind = LayerKind.BLOCK_NODE
-        fmt = self.disk.format
+        fmt: str | None = self.disk.format
         if fmt is None and self.image is not None:
             fmt = str(self.image.format)
         if fmt is None:
@@ -684,6 +695,20 @@ class _DiskAudit:
                         FACTS["detect_zeroes"].source,
                     )
                 )
+            if top.detect_zeroes not in (None, "off"):
+                old = self._libvirt_finding(
+                    "detect_zeroes",
+                    f"it ignores detect_zeroes='{top.detect_zeroes}'",
+                    f"upgrade libvirt to >= {format_version(FACTS['detect_zeroes'].libvirt)}",
+                )
+                notes += [old] if old else []
+            if top.discard_no_unref is not None:
+                old = self._libvirt_finding(
+                    "discard_no_unref",
+                    "it has no <driver discard_no_unref=...>",
+                    f"upgrade libvirt to >= {format_version(FACTS['discard_no_unref'].libvirt)}",
+                )
+                notes += [old] if old else []
             if top.discard_no_unref:
                 notes.append(
                     Finding(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmtrim._util.deadline import call_with_deadline
+from vmtrim._util.domxml import DriveAddress, PciAddress, controllers, disks
+from vmtrim._util.versions import parse_version
 from vmtrim.channels.libvirt import (
     Connection,
     LibvirtAgent,
@@ -26,7 +28,6 @@ from vmtrim.model import (
     Domain,
     GuestFilesystem,
     GuestInfo,
-    parse_version,
 )
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
@@ -38,21 +39,9 @@ class _Address:
     """Where a disk sits, in the terms guest-get-fsinfo reports (bus-type, pci, b/t/u)."""
 
     bus: str | None
-    pci: tuple[int, int, int, int] | None  # the disk's own (virtio) or its controller's
-    drive: tuple[int, int, int] | None  # (bus, target, unit) of a drive address
+    pci: PciAddress | None  # the disk's own (virtio) or its controller's
+    drive: DriveAddress | None  # (bus, target, unit) of a drive address
     serial: str | None
-
-
-def _pci(element: Any) -> tuple[int, int, int, int] | None:
-    if element is None or element.get("type") != "pci":
-        return None
-    try:
-        return tuple(
-            int(element.get(k, "0"), 0)  # type: ignore[return-value]
-            for k in ("domain", "bus", "slot", "function")
-        )
-    except ValueError:
-        return None
 
 
 def disk_addresses(xml: str) -> dict[str, _Address]:
@@ -62,30 +51,19 @@ def disk_addresses(xml: str) -> dict[str, _Address]:
     from vmtrim._util.safexml import xml_parser
 
     root = etree.fromstring(xml.encode(), xml_parser())
-    controllers = {
-        (c.get("type"), c.get("index", "0")): _pci(c.find("address"))
-        for c in root.iterfind("devices/controller")
-    }
+    pci_of = {(c.type, c.index or "0"): c.pci() for c in controllers(root)}
     out = {}
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        dev = target.get("dev") if target is not None else None
+    for disk in disks(root):
+        dev = disk.target_dev
         if not dev:
             continue
-        bus = target.get("bus") if target is not None else None
-        address = disk.find("address")
-        pci = _pci(address)
-        drive = None
-        if address is not None and address.get("type") == "drive":
-            drive = tuple(int(address.get(k, "0")) for k in ("bus", "target", "unit"))
+        bus = disk.target_bus
+        pci = disk.pci()
+        drive = disk.drive()
+        if drive is not None:
             kind = {"sata": "sata", "ide": "ide"}.get(bus or "", "scsi")
-            pci = controllers.get((kind, address.get("controller", "0")))
-        out[dev] = _Address(
-            bus,
-            pci,
-            drive,  # type: ignore[arg-type]
-            disk.findtext("serial"),
-        )
+            pci = pci_of.get((kind, disk.address_controller or "0"))
+        out[dev] = _Address(bus, pci, drive, disk.serial)
     return out
 
 

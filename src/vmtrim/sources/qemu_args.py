@@ -28,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from vmtrim._util.files import read_input
+from vmtrim._util.versions import Version, parse_version
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.facts import CONTROLLERS, DEVICES, LOCAL_PROTOCOLS, PROTOCOLS
 from vmtrim.model import (
     ArgvOption,
     BlockNode,
+    Bus,
     DeviceType,
+    Discard,
     Disk,
     Domain,
     NodeOrigin,
     Origin,
     StorageKind,
-    Version,
-    parse_version,
+    as_discard,
+    as_format,
 )
 
 
@@ -195,16 +198,9 @@ def _flag(value: Any) -> bool:
     return str(value).lower() in ("on", "true", "yes", "1")
 
 
-def normalize_discard(value: Any) -> str | None:
+def normalize_discard(value: Any) -> Discard | None:
     """QEMU accepts discard=on|unmap|off|ignore; the model says unmap or ignore."""
-    if value is None:
-        return None
-    text = str(value).lower()
-    if text in ("on", "unmap"):
-        return "unmap"
-    if text in ("off", "ignore"):
-        return "ignore"
-    return text
+    return as_discard(value)
 
 
 # ---------------------------------------------------------------- the command line
@@ -462,7 +458,7 @@ class _Builder:
             fill_disk_from_nodes(disk, top)
         return disk
 
-    def _attachment(self, bus: str, device: dict[str, Any]) -> tuple[str, str | None]:
+    def _attachment(self, bus: Bus, device: dict[str, Any]) -> tuple[Bus, str | None]:
         """The libvirt bus name and controller model for a device's bus=... property."""
         if bus not in ("scsi", "ide"):
             return bus, None
@@ -490,7 +486,7 @@ class _Builder:
         media = str(opts.get("media", "disk"))
         device = DeviceType.CDROM if media == "cdrom" else DeviceType.DISK
         q35 = self._q35()
-        mapping: dict[str, tuple[str, str | None, str | None]] = {
+        mapping: dict[str, tuple[Bus, str | None, str | None]] = {
             "ide": (
                 "sata" if q35 else "ide",
                 "ahci" if q35 else None,
@@ -578,7 +574,7 @@ class _Builder:
         self,
         filename: Any,
         extra: dict[str, Any],
-        discard: str | None,
+        discard: Discard | None,
         read_only: bool,
         defined_by: NodeOrigin,
     ) -> BlockNode:
@@ -628,7 +624,7 @@ class _Builder:
     def _node_from_spec(
         self,
         spec: dict[str, Any],
-        inherited_discard: str | None,
+        inherited_discard: Discard | None,
         defined_by: NodeOrigin,
         depth: int = 0,
     ) -> BlockNode:
@@ -696,7 +692,9 @@ def fill_disk_from_nodes(disk: Disk, top: BlockNode) -> None:
     disk.source = protocol.filename or top.filename
     chain = top.file_chain()
     formats = [node.driver for node in chain if node is not protocol]
-    disk.format = next((f for f in formats if f not in ("copy-on-read", "throttle")), None)
+    disk.format = as_format(
+        next((f for f in formats if f not in ("copy-on-read", "throttle")), None)
+    )
     if len(chain) == 1 and top.driver in LOCAL_PROTOCOLS:
         disk.format = "raw"  # a device straight on a protocol node sees the raw bytes
     kind = LOCAL_PROTOCOLS.get(protocol.driver or "")

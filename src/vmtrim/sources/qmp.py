@@ -38,6 +38,7 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
+from vmtrim._util.versions import Version, format_version
 from vmtrim.channels.qmp import Monitor
 from vmtrim.errors import AgentCommandFailed, BadInput, EnvironmentProblem, VmtrimError
 from vmtrim.facts import CONTROLLERS, DEVICES, FACTS
@@ -51,8 +52,6 @@ from vmtrim.model import (
     Origin,
     QomDevice,
     StorageKind,
-    Version,
-    format_version,
 )
 from vmtrim.sources.qemu_args import fill_disk_from_nodes, read_pid
 
