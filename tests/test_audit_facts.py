@@ -51,7 +51,7 @@ def live_style(libvirt: tuple[int, ...], extra: str = "") -> DiskReport:
 def test_libvirt_older_than_driver_discard_blocks_the_block_layer() -> None:
     need = facts.FACTS["libvirt_discard"].libvirt
     assert need is not None
-    older = need[:-1] + (need[-1] - 1,)
+    older = (*need[:-1], need[-1] - 1)
     layer = live_style(older).layer(LayerKind.BLOCK_NODE)
     assert layer.verdict is Verdict.BLOCK
     assert format_version(older) in layer.reason and "discard" in layer.reason
