@@ -1,4 +1,17 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and options; the shared helpers are in helpers.py.
+
+Golden files: every input under tests/data/audit/ and tests/data/fix/ has its whole
+expected output beside it, named after the input file: ``zoo.xml.audit.json`` and
+``zoo.xml.audit.txt`` (audit), ``mixed.xml.out`` and ``mixed.xml.fix.json`` (fix); see
+test_golden_audit.py and test_golden_fix.py. ``helpers.assert_golden`` compares, and a
+mismatch fails with a unified diff (expected -> actual). When a change to vmtrim's output
+is intended, regenerate and review the data files like code:
+
+    .venv/bin/python -m pytest tests/test_golden_*.py --regenerate-output
+    git diff tests/data/    # each moved line is a behaviour change: read every one
+
+and commit the regenerated files with the change that moved them.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +23,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import helpers
 from services import start_libvirtd
 from vmtrim.lab import Appliance, ensure_appliance
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-output",
+        action="store_true",
+        help="write the golden files (tests/data/**) from vmtrim's output instead of comparing",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    helpers.REGENERATE = bool(config.getoption("regenerate_output"))
 
 
 @pytest.fixture(scope="session")

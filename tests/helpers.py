@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+import pytest
 
 
 def vmtrim(
@@ -39,3 +42,39 @@ def du_bytes(path: Path) -> int:
     """What `du -B1` says: the bytes the host really stores for the file."""
     out = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
+
+
+# Set from `pytest --regenerate-output` by conftest.py's pytest_configure.
+REGENERATE = False
+
+
+def normalise(text: str, directory: Path) -> str:
+    """``text`` with this machine's ``directory`` written as ``@DIR@``, as the inputs spell it."""
+    return text.replace(str(directory), "@DIR@")
+
+
+def assert_golden(actual: str, path: Path) -> None:
+    """``actual`` must be the whole text of the golden file ``path``.
+
+    With ``--regenerate-output`` the file is written instead (only if it changed, so that
+    ``git status`` lists exactly the outputs that moved).
+    """
+    expected = path.read_text() if path.exists() else None
+    if REGENERATE:
+        if actual != expected:
+            path.write_text(actual)
+        return
+    if expected is None:
+        pytest.fail(f"{path} is missing: run pytest --regenerate-output, review it", pytrace=False)
+    if actual != expected:
+        diff = difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            fromfile=f"{path} (expected)",
+            tofile="actual",
+        )
+        pytest.fail(
+            "".join(diff) + "\nIf the change is intended: pytest --regenerate-output, then "
+            "review `git diff` of the data files.",
+            pytrace=False,
+        )
