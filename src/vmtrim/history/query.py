@@ -99,24 +99,29 @@ def allocation_series(
     since: float | None = None,
     kinds: Sequence[str] = FLEET_KINDS,
 ) -> dict[str, list[tuple[float, int]]]:
-    """domain -> [(started, host allocation after that result)], oldest first.
+    """domain -> [(time, host allocation)], oldest first: before and after each result.
 
-    A disk that was not trimmed counts with its allocation before; a result with no
-    measured disk is left out.
+    Two points per result, so a trim shows as a fall and the growth between runs as a
+    rise. A disk that was not trimmed has only its "before"; a result with no measured
+    disk is left out.
     """
     where, params = _filters(domains, since, kinds)
     sql = (
-        "SELECT r.domain, r.started, SUM(COALESCE(d.allocated_after, d.allocated_before))"
+        "SELECT r.domain, r.started, r.seconds, SUM(d.allocated_before),"
+        " SUM(COALESCE(d.allocated_after, d.allocated_before))"
         " FROM domain_results r JOIN runs ON runs.id = r.run_id"
         " JOIN disk_results d ON d.result_id = r.id"
         f" WHERE {where} GROUP BY r.id ORDER BY r.domain, r.started"
     )
     series: dict[str, list[tuple[float, int]]] = {}
     with history._guard():
-        for domain, started, allocated in history.db.execute(sql, params):
-            if allocated is not None:
-                series.setdefault(domain, []).append((started, allocated))
-    return series
+        for domain, started, seconds, before, after in history.db.execute(sql, params):
+            points = series.setdefault(domain, [])
+            if before is not None:
+                points.append((started, before))
+            if after is not None and after != before:
+                points.append((started + (seconds or 0), after))
+    return {domain: points for domain, points in series.items() if points}
 
 
 def last_run(history: History, kinds: Sequence[str] = ("run",)) -> RunSummary | None:

@@ -62,7 +62,9 @@ NULL means "not measured" or "not known", never 0::
       reclaimable_note  TEXT    why there is no estimate, when there is none
       unmap_bytes       INTEGER QMP query-blockstats delta, when QMP was used
       unmap_operations  INTEGER
-      verdict           TEXT    audit verdict of the disk: 'pass' | 'unknown' | 'block'
+      verdict           TEXT    audit verdict of the discard path below the guest filesystem
+                              (guest driver, device, block node, host): 'pass' | 'unknown' |
+                              'block'; the guest fs layer is left out, a host trim covers it
       blocking_layer    TEXT    the first layer that blocks discard, if any
       blocking_reason   TEXT    that layer's reason
       measured_by       TEXT    'du' | 'blockInfo' | 'qemu-img'
