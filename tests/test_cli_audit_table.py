@@ -3,8 +3,9 @@
 The terminal runs are a real `vmtrim audit` process told it is on a terminal the way
 rich honours it (``TTY_COMPATIBLE=1``, ``COLUMNS``); one more run is on a real pty of
 80 columns and must print the same text. ``NO_COLOR`` keeps escape sequences out, so
-the golden files are the plain text. Regenerate them with ``VMTRIM_REGENERATE=1``
-(switch to the shared ``golden`` fixture when tests/conftest.py has it).
+the golden files are the plain text: ``zoo.xml.audit.80col.txt`` and ``.200col.txt``
+beside the input, and the piped ``zoo.xml.audit.txt`` that test_golden_audit.py
+also checks. Regenerate with ``pytest --regenerate-output`` (see conftest.py).
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_golden
+
 DATA = Path(__file__).parent / "data" / "audit"
-GOLDEN = Path(__file__).parent / "golden"
 INPUT = ["audit", "--no-probe", "--xml", str(DATA / "zoo.xml")]
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("VMTRIM_REGENERATE") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs (VMTRIM_REGENERATE=1 to accept)"
+def golden(suffix: str) -> Path:
+    return DATA / f"zoo.xml.audit{suffix}"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -57,13 +56,13 @@ def test_table_fits_the_terminal(columns: int) -> None:
     assert proc.returncode == 1, proc.stderr  # zoo has blocking disks
     assert "\x1b" not in proc.stdout
     assert max(len(line) for line in proc.stdout.splitlines()) <= columns
-    check_golden(f"audit-zoo-{columns}.txt", proc.stdout)
+    assert_golden(proc.stdout, golden(f".{columns}col.txt"))
 
 
 def test_table_piped_is_one_unwrapped_line_per_row() -> None:
-    proc = run(clean_env())
+    proc = run(clean_env(NO_COLOR="1"))
     assert proc.returncode == 1, proc.stderr
-    check_golden("audit-zoo-piped.txt", proc.stdout)
+    assert_golden(proc.stdout, golden(".txt"))
     lines = proc.stdout.splitlines()
     # The full path, on the row of its disk, however long the line gets.
     row = next(line for line in lines if line.split()[:2] == ["zoo", "sdb"])
@@ -103,7 +102,7 @@ def test_real_terminal_of_80_columns_prints_the_golden_text() -> None:
         os.close(leader)
         code = proc.wait()
     assert code == 1
-    assert output == (GOLDEN / "audit-zoo-80.txt").read_text()
+    assert_golden(output, golden(".80col.txt"))
 
 
 def test_unknown_reasons_are_printed() -> None:

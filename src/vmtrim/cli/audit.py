@@ -99,7 +99,18 @@ def audit(
     names: tuple[str, ...] = (),
     qmp_sockets: tuple[str, ...] = (),
 ) -> int:
-    """Trace every disk's discard path layer by layer and say what blocks it."""
+    """Trace every disk's discard path layer by layer and say what blocks it.
+
+    One row per disk with each layer's verdict; below it, what blocks, what to
+    change, and why a layer is unknown. On a terminal the table fits its width
+    (long paths are shortened in the middle); piped, every row is one whole line.
+    --json has every value in full.
+
+    \b
+    Exit codes: 0 no disk blocks discard (unknown layers do not fail), 1 a disk
+    blocks discard, 2 bad input, 3 environment (libvirt, QMP), 4 internal error,
+    130 interrupted, 141 stdout closed early.
+    """
     from vmtrim.sources.libvirt_xml import parse_domain_file
     from vmtrim.sources.qemu_args import read_args_file, read_pid
 

@@ -116,7 +116,7 @@ def _log_to_stderr() -> None:
     help="No progress bars or notes; results and errors still print.",
 )
 def cli(debug: bool, quiet: bool) -> None:
-    """vmtrim: make thin-provisioned VM disks give freed space back to the host."""
+    """Make thin-provisioned VM disks give freed space back to the host."""
     if debug:
         os.environ["VMTRIM_DEBUG"] = "1"
         _log_to_stderr()
