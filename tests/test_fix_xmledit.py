@@ -33,6 +33,13 @@ DOC = """<?xml version='1.0' encoding='UTF-8'?>
 """
 
 
+def find(element: etree._Element, path: str) -> etree._Element:
+    """``element.find(path)``, which the test's document is known to have."""
+    found = element.find(path)
+    assert found is not None, path
+    return found
+
+
 def changed_lines(old: str, new: str) -> list[str]:
     return [
         line
@@ -47,13 +54,13 @@ def test_edits_touch_only_their_lines() -> None:
     editor.insert_child(
         first, etree.Element("driver", name="qemu", discard="unmap"), before=first.find("source")
     )
-    editor.set_attribute(first.find("target"), "dev", "sda")
-    editor.remove(first.find("address"))
+    editor.set_attribute(find(first, "target"), "dev", "sda")
+    editor.remove(find(first, "address"))
     address = etree.Element("address", type="drive", controller="0", bus="0", target="0", unit="0")
     editor.insert_child(first, address, after=first.find("target"))
-    editor.set_attribute(second.find("driver"), "discard", "unmap")
-    editor.prepend_attributes(second.find("driver"), [("type", "raw")])
-    editor.insert_child(editor.root.find("devices"), etree.Element("controller", type="scsi"))
+    editor.set_attribute(find(second, "driver"), "discard", "unmap")
+    editor.prepend_attributes(find(second, "driver"), [("type", "raw")])
+    editor.insert_child(find(editor.root, "devices"), etree.Element("controller", type="scsi"))
     editor.check()
     assert changed_lines(DOC, editor.text()) == [
         "+      <driver name='qemu' discard='unmap'/>",
@@ -86,7 +93,7 @@ def test_bad_xml_is_bad_input(text: str) -> None:
 def test_entities_stay_unexpanded() -> None:
     text = "<!DOCTYPE a [<!ENTITY e '<b/>'>]><a>&e;<c/></a>"
     editor = XmlEditor(text)
-    editor.set_attribute(editor.root.find("c"), "x", "1")
+    editor.set_attribute(find(editor.root, "c"), "x", "1")
     editor.check()
     assert editor.text() == "<!DOCTYPE a [<!ENTITY e '<b/>'>]><a>&e;<c x='1'/></a>"
 
@@ -104,7 +111,7 @@ def test_insert_into_empty_parents() -> None:
         ),
     ]:
         editor = XmlEditor(text)
-        editor.insert_child(editor.root.find("devices"), etree.Element("controller"))
+        editor.insert_child(find(editor.root, "devices"), etree.Element("controller"))
         editor.check()
         assert editor.text() == expected
 
