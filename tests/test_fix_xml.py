@@ -37,7 +37,8 @@ def disk_by_source(text: str, name: str) -> etree._Element:
     root = etree.fromstring(text.encode())
     for disk in root.iterfind("devices/disk"):
         source = disk.find("source")
-        if source is not None and any(v.endswith("/" + name) for v in source.attrib.values()):
+        values = source.attrib.values() if source is not None else []
+        if any(isinstance(v, str) and v.endswith("/" + name) for v in values):
             return disk
     raise AssertionError(name)
 
@@ -101,7 +102,7 @@ def test_bus_scsi_moves_virtio_disks(tmp_path: Path) -> None:
     assert target is not None and address is not None
     # sda is taken by the lsilogic disk: the first free name is sdb.
     assert (target.get("dev"), target.get("bus")) == ("sdb", "scsi")
-    assert dict(address.attrib) == {
+    assert dict(address.attrib.items()) == {
         "type": "drive", "controller": "1", "bus": "0", "target": "0", "unit": "0",
     }  # fmt: skip
     driver = root_disk.find("driver")
