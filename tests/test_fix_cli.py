@@ -153,10 +153,10 @@ def test_bad_usage_exit_2(args: tuple[str, ...]) -> None:
 
 def test_bad_qemu_args_one_line(tmp_path: Path) -> None:
     path = tmp_path / "cmd.args"
-    path.write_text("qemu-system-x86_64 -frobnicate 1\n")
+    path.write_text("qemu-system-x86_64 -m 1 | tee log\n")
     result = vmtrim("fix", "--qemu-args", str(path), "--in-place")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"vmtrim: {path}: unknown QEMU option '-frobnicate'"
+    assert result.stderr.startswith(f"vmtrim: {path}: cannot split the command line: shell syntax")
     assert sorted(tmp_path.iterdir()) == [path]
 
 

@@ -17,16 +17,13 @@ from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
 from vmtrim.model import DeviceType, DiskReport, LayerKind, StorageKind, Verdict
-from vmtrim.sources.qemu_args import (
+from vmtrim.sources.qemu_args import parse_qemu_command, read_args_file, read_pid, tokenize
+from vmtrim.sources.qemu_opts import (
     ARG_OPTIONS,
     FLAG_OPTIONS,
     parse_keyval,
     parse_opts,
-    parse_qemu_command,
-    read_args_file,
-    read_pid,
     split_commas,
-    tokenize,
 )
 
 DATA = Path(__file__).parent / "data" / "audit"
@@ -121,7 +118,7 @@ def test_zoo_lists_every_guest_disk(zoo: dict[str, DiskReport]) -> None:
             "virtio0",
             "scsi0-hd3",
             "floppy0",
-            "ide1-cd0",
+            "ide2-cd0",  # -cdrom is index 2: on q35 one drive per AHCI port, as QEMU names it
         ]
     )
 
@@ -171,7 +168,7 @@ def test_zoo_legacy_drives(zoo: dict[str, DiskReport]) -> None:
         "unmap",
     )
     assert zoo["floppy0"].disk.device is DeviceType.FLOPPY and zoo["floppy0"].blocks
-    cdrom = zoo["ide1-cd0"]
+    cdrom = zoo["ide2-cd0"]
     assert (cdrom.disk.bus, cdrom.disk.qemu_device, cdrom.exempt) == ("sata", "ide-cd", "cdrom")
     assert zoo["cd0"].disk.empty and zoo["cd0"].exempt
 

@@ -1,28 +1,33 @@
-"""Read a QEMU command line into the :mod:`vmtrim.model`.
+"""Read a QEMU command line into a :class:`ParsedCommandLine` and the :mod:`vmtrim.model`.
 
 Accepted as shell text (quotes, ``\\`` line continuations even in the middle of an
-argument, leading ``VAR=value`` assignments as ``virsh domxml-to-native`` prints
-them) or NUL-separated as in ``/proc/PID/cmdline``. Understands:
+argument, comments, leading ``VAR=value`` assignments as ``virsh domxml-to-native``
+prints them, ``env``/``exec``/``taskset`` wrappers) or NUL-separated as in
+``/proc/PID/cmdline`` (the words: :mod:`vmtrim.sources.qemu_opts`). Understands:
 
 - legacy ``-drive file=..,if=ide|scsi|virtio|floppy,discard=on`` and the ``-hda``/``-cdrom``
-  shorthands, where the drive implies its device;
+  shorthands, where the drive implies its device, named as QEMU names them
+  (``ide0-hd0``, ``ide2-cd0`` on q35, ``virtio0``, ``scsi0-hd3``);
 - ``-drive if=none,id=X`` attached with ``-device scsi-hd,drive=X,bus=scsi0.0``;
 - ``-blockdev`` in key=value form (dotted keys such as ``file.filename``) and in JSON,
   following ``file`` and ``backing`` children given inline or by node name;
 - ``-device`` in key=value form and in JSON; ``-global`` device defaults;
 - ``-machine``/``-M`` with its version; QEMU's ``,,`` comma escaping.
 
-An unknown option is bad input (it would also stop QEMU); unknown devices are ignored.
+An option vmtrim does not know (a downstream build's, such as Proxmox's ``-id``) is noted
+on the domain and skipped; it never rejects the line. Unknown devices are ignored.
+
+:class:`ParsedCommandLine` is what ``vmtrim fix`` edits: every option with the argv
+index of its words, the drives with the names and slots QEMU gives them, the
+``-blockdev`` and ``-device`` specs, and the :class:`~vmtrim.model.Domain` built from
+them, whose disks point back at their options with :class:`~vmtrim.model.ArgvOption`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
 import stat
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,39 +47,37 @@ from vmtrim.model import (
     NodeOrigin,
     Origin,
     StorageKind,
-    as_discard,
     as_format,
 )
+from vmtrim.output import safe_text
+from vmtrim.sources.qemu_opts import (
+    ARG_OPTIONS,
+    DOWNSTREAM_OPTIONS,
+    FLAG_OPTIONS,
+    MAX_COMMAND_LINE,
+    Line,
+    flag,
+    normalize_discard,
+    option_name,
+    parse_json_option,
+    parse_keyval,
+    parse_opts,
+    split_words,
+)
 
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-# Options without an argument (QEMU accepts -opt and --opt). Generous: includes
-# options that older QEMU releases had, so old command lines still parse.
-FLAG_OPTIONS = _words("""
-h help version S s snapshot enable-kvm no-kvm nographic no-user-config nodefaults no-acpi
-no-hpet no-reboot no-shutdown no-fd-bootchk full-screen daemonize mem-prealloc
-only-migratable portrait singlestep usb win2k-hack xen-attach xen-domid-restrict preconfig
-enable-sync-profile async-teardown audio-help curses no-quit alt-grab ctrl-grab no-frame
-semihosting enable-fips no-kvm-irqchip no-kvm-pit no-kvm-pit-reinjection tdf show-cursor
-sdl localtime enable-nesting no-shutdown-on-crash old-param nouserconfig nodefconfig
-no-kvm-pit-reinjection
-""")
-
-# Options that take one argument.
-ARG_OPTIONS = _words("""
-machine M cpu accel smp numa add-fd set global boot m mem-path k audio audiodev soundhw device
-name uuid fda fdb hda hdb hdc hdd cdrom blockdev drive mtdblock sd pflash fsdev virtfs iscsi
-usbdevice display vga rotate g vnc spice monitor qmp qmp-pretty mon debugcon pidfile chardev
-serial parallel rtc icount watchdog watchdog-action action echr incoming xen-domid loadvm
-kernel append initrd dtb bios L D d dfilter seed trace plugin sandbox runas chroot readconfig
-writeconfig msg overcommit object tpmdev fw_cfg smbios acpitable option-rom netdev nic net bt
-gdb compat prom-env semihosting-config dump-vmstate run-with tb-size qtest qtest-log balloon
-kvm-shadow-memory mem-merge xen-create hot-add virtioconsole clock redir smb tftp bootp
-watchdog-action nvram cpu-throttle realtime mem-merge
-""")
+__all__ = [
+    "DriveSpec",
+    "Option",
+    "OptionSpec",
+    "ParsedCommandLine",
+    "binary_version",
+    "fill_disk_from_nodes",
+    "parse_command_line",
+    "parse_qemu_command",
+    "read_args_file",
+    "read_pid",
+    "tokenize",
+]
 
 # Disk shorthands: option -> (if, index, media).
 _SHORTHANDS = {
@@ -92,149 +95,136 @@ _SHORTHANDS = {
 
 _ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _URL_PROTOCOL = re.compile(r"([a-z][a-z0-9+]*)(?:://|:)(.*)", re.S)
-
-
-# ---------------------------------------------------------------- tokens and option values
+_MENTIONS_DISK = re.compile(r"(?:^|[,{\"])(?:file|drive|filename|node-name)\b")
 
 
 def tokenize(data: bytes | str, subject: str = "<args>") -> list[str]:
-    """Split a command line into argv. NUL-separated input is taken as is."""
-    if isinstance(data, bytes):
-        if b"\0" in data:
-            parts = data.split(b"\0")
-            if parts and parts[-1] == b"":
-                parts.pop()
-            return [part.decode("utf-8", "surrogateescape") for part in parts]
-        text = data.decode("utf-8", "surrogateescape")
-    else:
-        text = data
-    if "\0" in text:
-        return tokenize(text.encode("utf-8", "surrogateescape"), subject)
-    # A backslash-newline joins lines anywhere, also inside quotes: pasted command
-    # lines are often wrapped in the middle of a long JSON argument.
-    text = re.sub(r"\\\r?\n", "", text)
-    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    try:
-        return shlex.split(text, posix=True)
-    except ValueError as exc:
-        raise BadInput(f"cannot split the command line: {exc}", subject=subject) from exc
+    """Split a command line into argv (see :func:`vmtrim.sources.qemu_opts.split_words`)."""
+    return split_words(data, subject).argv
 
 
-def split_commas(text: str) -> list[str]:
-    """Split QEMU option text on ``,``; ``,,`` is a literal comma."""
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == ",":
-            if text.startswith(",,", i):
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-        i += 1
-    parts.append("".join(current))
-    return [part for part in parts if part]
+# ---------------------------------------------------------------- the parsed command line
 
 
-def parse_opts(text: str, implied: str | None = None) -> dict[str, Any]:
-    """QemuOpts syntax (``-drive``, ``-device``, ``-machine``): a flat dict of strings.
+@dataclass(frozen=True)
+class Option:
+    """One option: ``-name value`` or a flag (``value_index`` None), by argv index."""
 
-    A bare first word is the implied key (the device driver, the machine type); any
-    other bare word is a boolean set to ``on``.
+    name: str
+    index: int  # the option word
+    value_index: int | None  # its argument's word
+
+    @property
+    def last(self) -> int:
+        return self.index if self.value_index is None else self.value_index
+
+
+@dataclass
+class DriveSpec:
+    """A ``-drive`` (or ``-hda``/``-cdrom``/a bare image) and what QEMU makes of it.
+
+    ``name`` is its id, else the name QEMU gives it (``ide0-hd0``, ``virtio1``);
+    ``bus``/``unit`` the slot QEMU assigns on its interface (None for ``if=none``).
     """
-    result: dict[str, Any] = {}
-    for index, part in enumerate(split_commas(text)):
-        key, sep, value = part.partition("=")
-        if sep:
-            result[key] = value
-        elif index == 0 and implied:
-            result[implied] = part
-        else:
-            result[part] = "on"
-    return result
 
-
-def parse_keyval(text: str, subject: str, option: str) -> dict[str, Any]:
-    """``-blockdev`` key=value syntax: dotted keys make nested dicts."""
-    result: dict[str, Any] = {}
-    for part in split_commas(text):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise BadInput(f"{option} {text!r}: '{part}' is not key=value", subject=subject)
-        target = result
-        *path, last = key.split(".")
-        for step in path:
-            nested = target.setdefault(step, {})
-            if not isinstance(nested, dict):
-                raise BadInput(
-                    f"{option}: '{key}' conflicts with '{step}={nested}'", subject=subject
-                )
-            target = nested
-        if isinstance(target.get(last), dict):
-            raise BadInput(f"{option}: '{key}' conflicts with '{last}.*'", subject=subject)
-        target[last] = value
-    return result
-
-
-def parse_json_option(text: str, subject: str, option: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise BadInput(f"{option}: invalid JSON: {detail}", subject=subject) from exc
-    if not isinstance(value, dict):
-        raise BadInput(f"{option}: JSON must be an object", subject=subject)
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).lower() in ("on", "true", "yes", "1")
-
-
-def normalize_discard(value: Any) -> Discard | None:
-    """QEMU accepts discard=on|unmap|off|ignore; the model says unmap or ignore."""
-    return as_discard(value)
-
-
-# ---------------------------------------------------------------- the command line
-
-
-@dataclass
-class _Drive:
     opts: dict[str, Any]
-    argv_index: int
-    used: bool = False
-    name: str = ""  # the id, or the one QEMU makes up (ide0-hd0, virtio0, floppy0)
+    option: Option
+    interface: str
+    name: str = ""
+    bus: int | None = None
+    unit: int | None = None
+    used: bool = False  # attached to a -device
+
+    @property
+    def legacy(self) -> bool:
+        """The drive implies its own device (not ``if=none``)."""
+        return self.interface != "none"
 
 
 @dataclass
-class _Parsed:
-    program: str | None = None
+class OptionSpec:
+    """A ``-blockdev`` or ``-device`` value as parsed; ``json`` says it was written as JSON."""
+
+    spec: dict[str, Any]
+    option: Option
+    json: bool
+
+
+@dataclass
+class ParsedCommandLine:
+    """A command line read once: its words, options, drives, nodes, devices and Domain."""
+
+    line: Line
+    subject: str
+    options: list[Option] = field(default_factory=list)
+    program: int | None = None  # argv index of the QEMU binary
     name: str | None = None
     machine: str | None = None
-    drives: list[_Drive] = field(default_factory=list)
-    blockdevs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
-    devices: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    drives: list[DriveSpec] = field(default_factory=list)
+    blockdevs: list[OptionSpec] = field(default_factory=list)
+    devices: list[OptionSpec] = field(default_factory=list)
     globals: dict[str, dict[str, Any]] = field(default_factory=dict)
-    snapshot: bool = False
     notes: list[str] = field(default_factory=list)
+    domain: Domain | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return self.line.argv
+
+    @property
+    def q35(self) -> bool:
+        # q35 machine types (also distro ones: pc-q35-rhel9.4.0, pc-q35-jammy) put one
+        # IDE drive on each AHCI port: units_per_default_bus = 1.
+        return "q35" in (self.machine or "")
+
+    def option_at(self, locator: ArgvOption) -> Option | None:
+        """The option whose last word is ``argv[locator.index]``."""
+        return self._by_last().get(locator.index)
+
+    def drive_for(self, option: Option) -> DriveSpec | None:
+        return next((d for d in self.drives if d.option == option), None)
+
+    def device_for(self, option: Option) -> OptionSpec | None:
+        return next((d for d in self.devices if d.option == option), None)
+
+    def drive_by_id(self, ident: str) -> DriveSpec | None:
+        return next((d for d in self.drives if d.opts.get("id") == ident), None)
+
+    def blockdev(self, node_name: str) -> OptionSpec | None:
+        return next((b for b in self.blockdevs if b.spec.get("node-name") == node_name), None)
+
+    def ids(self) -> set[str]:
+        """Every id and node name the line uses (a new one must differ from all)."""
+        taken = {str(d.opts["id"]) for d in self.drives if "id" in d.opts}
+        for spec in (*self.blockdevs, *self.devices):
+            for key in ("id", "node-name"):
+                if isinstance(spec.spec.get(key), str):
+                    taken.add(spec.spec[key])
+        for option in self.options:
+            if option.value_index is not None and option.name in ("netdev", "object", "chardev"):
+                taken.update(re.findall(r"(?:^|,)id=([^,]+)", self.argv[option.value_index]))
+        return taken
+
+    def _by_last(self) -> dict[int, Option]:
+        cached: dict[int, Option] | None = getattr(self, "_last_cache", None)
+        if cached is None:
+            cached = {option.last: option for option in self.options}
+            self._last_cache = cached
+        return cached
 
 
 def read_args_file(path: str) -> Domain:
     """Parse a command line from a file (``-`` for stdin)."""
     subject = "<stdin>" if path == "-" else path
-    return parse_qemu_command(read_input(path), subject=subject)
+    return parse_qemu_command(read_input(path, limit=MAX_COMMAND_LINE), subject=subject)
 
 
-def read_pid(pid: int) -> Domain:
-    """Parse the command line of a running process from ``/proc/PID/cmdline``."""
+def read_pid(pid: int, *, version: bool = True) -> Domain:
+    """Parse the command line of a running process from ``/proc/PID/cmdline``.
+
+    The QEMU version is read from ``/proc/PID/exe`` as a file (:func:`binary_version`),
+    never by running it; ``version=False`` skips that (``audit --qmp`` asks QEMU).
+    """
     subject = f"pid {pid}"
     try:
         data = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -247,76 +237,130 @@ def read_pid(pid: int) -> Domain:
     if not data:
         raise BadInput("process has no command line (a kernel thread or a zombie)", subject=subject)
     domain = parse_qemu_command(data, subject=subject)
-    domain.qemu_version = qemu_binary_version(f"/proc/{pid}/exe")
+    if version:
+        domain.qemu_version = binary_version(f"/proc/{pid}/exe")
     return domain
-
-
-def qemu_binary_version(binary: str) -> Version | None:
-    """``QEMU emulator version 7.2.22 (Debian ...)`` -> (7, 2, 22); None if it cannot tell."""
-    try:
-        out = subprocess.run(
-            [binary, "--version"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            stdin=subprocess.DEVNULL,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"QEMU emulator version (\d+(?:\.\d+)*)", out)
-    return parse_version(match.group(1)) if match else None
 
 
 def parse_qemu_command(data: bytes | str | list[str], subject: str = "<args>") -> Domain:
     """Parse a QEMU command line (text, bytes or an argv list) into a :class:`Domain`."""
-    argv = list(data) if isinstance(data, list) else tokenize(data, subject)
-    parsed = _parse_argv(argv, subject)
-    return _Builder(parsed, subject).domain()
+    domain = parse_command_line(data, subject).domain
+    assert domain is not None
+    return domain
 
 
-def _parse_argv(argv: list[str], subject: str) -> _Parsed:
-    parsed = _Parsed()
-    i = 0
-    while i < len(argv) and (_ENV_ASSIGNMENT.match(argv[i]) or argv[i] in ("env", "exec")):
-        i += 1
-    if i < len(argv) and not argv[i].startswith("-"):
-        parsed.program = argv[i]
-        base = os.path.basename(argv[i])
-        if "qemu" not in base and "kvm" not in base:
-            raise BadInput(f"not a QEMU command line: it runs '{base}'", subject=subject)
-        i += 1
-    if i >= len(argv) and parsed.program is None:
-        raise BadInput("empty command line", subject=subject)
-    positional_disk = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("-") or token == "-":
-            # QEMU takes a bare argument as the first hard disk image.
-            parsed.drives.append(
-                _Drive(
-                    {"file": token, "if": "ide", "index": str(positional_disk), "media": "disk"}, i
-                )
-            )
-            positional_disk += 1
-            i += 1
-            continue
-        name = token[2:] if token.startswith("--") else token[1:]
-        if name in FLAG_OPTIONS:
-            parsed.snapshot = parsed.snapshot or name == "snapshot"
-            i += 1
-            continue
-        if name not in ARG_OPTIONS:
-            raise BadInput(f"unknown QEMU option '{token}'", subject=subject)
-        if i + 1 >= len(argv):
-            raise BadInput(f"option '{token}' needs an argument", subject=subject)
-        _option(parsed, name, argv[i + 1], i, subject)
-        i += 2
+def parse_command_line(data: bytes | str | list[str], subject: str = "<args>") -> ParsedCommandLine:
+    """Read a command line once: options, drives (named as QEMU names them), specs, Domain.
+
+    :raises BadInput: the text does not split into words, it runs something other than
+        QEMU, or an option QEMU understands is malformed.
+    """
+    if isinstance(data, list):
+        data = "\0".join(data) + "\0"
+    parsed = ParsedCommandLine(split_words(data, subject), subject)
+    _read_options(parsed)
+    _name_drives(parsed)
+    parsed.domain = _Builder(parsed, subject).domain()
     return parsed
 
 
-def _option(parsed: _Parsed, name: str, value: str, index: int, subject: str) -> None:
+# ---------------------------------------------------------------- reading the options
+
+# Wrappers a command line may start with, and how many words their options take.
+_WRAPPERS = {"env": {"-u": 1, "-C": 1, "-S": 1}, "exec": {"-a": 1}, "taskset": {}}
+
+
+def _skip_prefix(argv: list[str]) -> int:
+    """The index of the first word after environment assignments and wrappers."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        base = os.path.basename(word)
+        if _ENV_ASSIGNMENT.match(word):
+            i += 1
+        elif base in _WRAPPERS:
+            takes = _WRAPPERS[base]
+            i += 1
+            while i < len(argv) and argv[i].startswith("-") and "qemu" not in argv[i]:
+                i += 1 + takes.get(argv[i], 0)
+            if base == "taskset" and i < len(argv):
+                i += 1  # the CPU mask or list
+        else:
+            return i
+    return i
+
+
+def _read_options(parsed: ParsedCommandLine) -> None:
+    argv, subject = parsed.argv, parsed.subject
+    i = _skip_prefix(argv)
+    if i < len(argv) and option_name(argv[i]) is None:
+        base = os.path.basename(argv[i])
+        if "qemu" not in base and "kvm" not in base:
+            raise BadInput(f"not a QEMU command line: it runs {safe_text(base)!r}", subject)
+        parsed.program = i
+        i += 1
+    if i >= len(argv) and parsed.program is None:
+        raise BadInput("empty command line", subject=subject)
+    positional = 0
+    while i < len(argv):
+        word = argv[i]
+        name = option_name(word)
+        if name is None:
+            # QEMU takes a bare argument as the first hard disk image.
+            option = Option("", i, i)
+            parsed.options.append(option)
+            opts = {"file": word, "if": "ide", "index": str(positional), "media": "disk"}
+            parsed.drives.append(DriveSpec(opts, option, "ide"))
+            positional += 1
+            i += 1
+            continue
+        if name in FLAG_OPTIONS:
+            parsed.options.append(Option(name, i, None))
+            i += 1
+            continue
+        if name in ARG_OPTIONS or name in DOWNSTREAM_OPTIONS:
+            if i + 1 >= len(argv):
+                raise BadInput(f"option {safe_text(word)!r} needs an argument", subject=subject)
+            option = Option(name, i, i + 1)
+        else:
+            option = _unknown(parsed, word, i)
+        parsed.options.append(option)
+        if option.value_index is not None and name in ARG_OPTIONS:
+            _option(parsed, option, argv[option.value_index])
+        i = option.last + 1
+
+
+def _unknown(parsed: ParsedCommandLine, word: str, i: int) -> Option:
+    """An option vmtrim does not know: noted, its argument guessed from the shape.
+
+    QEMU itself would stop at an option it does not know, but downstream builds add
+    their own (Proxmox's ``-id 100``), so the line is read on. Whether it takes an
+    argument is guessed: it does when the next word does not start with ``-``. That is
+    safe enough because a wrong guess cannot change what a known disk option says:
+    taken for a flag, its argument becomes a bare word (read as an image, and named in
+    the note); taken with an argument it did not have, it swallows a bare image
+    argument, which modern command lines do not use and the note names; an argument
+    that starts with ``-`` becomes an unknown option of its own, noted too.
+    """
+    argv = parsed.argv
+    takes = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+    shown = safe_text(word)
+    if takes:
+        value = argv[i + 1]
+        note = f"unknown QEMU option {shown!r} (taken with the argument {safe_text(value)[:60]!r})"
+        if _MENTIONS_DISK.search(value):
+            note += ": if it defines a disk, vmtrim does not see it"
+    else:
+        note = f"unknown QEMU option {shown!r} (taken as a flag)"
+    parsed.notes.append(note + "; skipped")
+    return Option(option_name(word) or word, i, i + 1 if takes else None)
+
+
+def _option(parsed: ParsedCommandLine, option: Option, value: str) -> None:
+    name, subject = option.name, parsed.subject
+    is_json = value.lstrip().startswith("{")
     if name in ("machine", "M"):
-        if value.lstrip().startswith("{"):
+        if is_json:
             machine = str(parse_json_option(value, subject, f"-{name}").get("type") or "")
         else:
             machine = str(parse_opts(value, implied="type").get("type") or "")
@@ -325,39 +369,198 @@ def _option(parsed: _Parsed, name: str, value: str, index: int, subject: str) ->
     elif name == "name":
         parsed.name = str(parse_opts(value, implied="guest").get("guest") or "") or None
     elif name == "drive":
-        parsed.drives.append(_Drive(parse_opts(value), index))
+        opts = parse_opts(value)
+        parsed.drives.append(DriveSpec(opts, option, str(opts.get("if", "ide"))))
     elif name in _SHORTHANDS:
         interface, unit, media = _SHORTHANDS[name]
-        parsed.drives.append(
-            _Drive({"file": value, "if": interface, "index": str(unit), "media": media}, index)
-        )
+        opts = {"file": value, "if": interface, "index": str(unit), "media": media}
+        parsed.drives.append(DriveSpec(opts, option, interface))
     elif name == "blockdev":
         spec = (
             parse_json_option(value, subject, "-blockdev")
-            if value.lstrip().startswith("{")
+            if is_json
             else parse_keyval(value, subject, "-blockdev")
         )
-        parsed.blockdevs.append((spec, index))
+        parsed.blockdevs.append(OptionSpec(spec, option, is_json))
     elif name == "device":
         device = (
             parse_json_option(value, subject, "-device")
-            if value.lstrip().startswith("{")
+            if is_json
             else parse_opts(value, implied="driver")
         )
-        parsed.devices.append((device, index))
+        parsed.devices.append(OptionSpec(device, option, is_json))
     elif name == "global":
         opts = parse_opts(value)
         if {"driver", "property", "value"} <= set(opts):
-            parsed.globals.setdefault(str(opts["driver"]), {})[str(opts["property"])] = opts[
-                "value"
-            ]
+            driver, prop = str(opts["driver"]), str(opts["property"])
+            parsed.globals.setdefault(driver, {})[prop] = opts["value"]
         else:
             for key, item in opts.items():
                 driver, _, prop = key.rpartition(".")
                 if driver:
                     parsed.globals.setdefault(driver, {})[prop] = item
     elif name == "readconfig":
-        parsed.notes.append(f"-readconfig {value}: devices defined in that file are not audited")
+        parsed.notes.append(
+            f"-readconfig {safe_text(value)}: devices defined in that file are not audited"
+        )
+
+
+# ---------------------------------------------------------------- drive names and slots
+
+# Drives per bus (QEMU's if_max_devs); 0: one bus, numbered by unit.
+_UNITS_PER_BUS = {"ide": 2, "scsi": 7}
+
+
+def _name_drives(parsed: ParsedCommandLine) -> None:
+    """Give each -drive the slot and name QEMU gives it (blockdev.c drive_new).
+
+    QEMU reads the drives in command-line order; a drive without index, bus or unit
+    takes the first free unit counting from bus 0, a taken slot is an error. Without
+    an id the name is ``IF BUS -hd|-cd UNIT`` on IDE and SCSI, ``IF UNIT`` elsewhere.
+    Checked against ``query-block`` of QEMU 7.2 on pc and q35.
+    """
+    taken: dict[str, set[tuple[int, int]]] = {}
+    for drive in parsed.drives:
+        interface = drive.interface
+        per_bus = _UNITS_PER_BUS.get(interface, 0)
+        if interface == "ide" and parsed.q35:
+            per_bus = 1
+        bus, unit = _slot(drive, per_bus, taken.setdefault(interface, set()), parsed.subject)
+        drive.bus, drive.unit = bus, unit
+        taken[interface].add((bus, unit))
+        if "id" in drive.opts:
+            drive.name = str(drive.opts["id"])
+        elif per_bus:
+            media = "-cd" if drive.opts.get("media") == "cdrom" else "-hd"
+            drive.name = f"{interface}{bus}{media}{unit}"
+        else:
+            drive.name = f"{interface}{unit}"
+
+
+def _slot(
+    drive: DriveSpec, per_bus: int, taken: set[tuple[int, int]], subject: str
+) -> tuple[int, int]:
+    opts = drive.opts
+    try:
+        index = int(str(opts["index"])) if "index" in opts else None
+        bus = int(str(opts.get("bus", 0)))
+        unit = int(str(opts["unit"])) if "unit" in opts else None
+    except ValueError as exc:
+        raise BadInput(
+            f"-drive {safe_text(opts)!r}: index, bus and unit are numbers", subject
+        ) from exc
+    if index is not None:
+        bus, unit = (index // per_bus, index % per_bus) if per_bus else (0, index)
+    if unit is None:
+        unit = 0
+        while (bus, unit) in taken:
+            unit += 1
+            if per_bus and unit >= per_bus:
+                bus, unit = bus + 1, 0
+    if (bus, unit) in taken:
+        raise BadInput(
+            f"two drives on if={safe_text(drive.interface)} bus={bus} unit={unit}"
+            " (QEMU refuses this)",
+            subject=subject,
+        )
+    return bus, unit
+
+
+# ---------------------------------------------------------------- the QEMU version, unexecuted
+
+_BANNER = b"QEMU emulator version "
+_ELF_READ_LIMIT = 64 << 20  # QEMU's .rodata is a few MiB
+_CHUNK = 1 << 20
+
+
+def binary_version(path: str) -> Version | None:
+    """The version a QEMU binary prints for ``--version``, read from its ELF read-only data.
+
+    The file is opened and read (at most 64 MiB of it), never executed: ``/proc/PID/exe``
+    of another user's process must not run as the caller. ``QEMU emulator version X.Y.Z``
+    is one string in ``.rodata`` (vl.c prints it with a single printf). None when the
+    file is not an ELF binary or holds no such string. A crafted binary can make up
+    any version; that only changes the verdicts on its own command line.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        for start, size in _readonly_ranges(fd):
+            found = _search(fd, start, min(size, _ELF_READ_LIMIT))
+            if found is not None:
+                return found
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _readonly_ranges(fd: int) -> list[tuple[int, int]]:
+    """File ranges of the allocated, non-writable, non-executable sections (else segments)."""
+    header = os.pread(fd, 64, 0)
+    if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2):
+        return []
+    wide, order = header[4] == 2, "little" if header[5] == 1 else "big"
+
+    def num(data: bytes, at: int, size: int) -> int:
+        return int.from_bytes(data[at : at + size], order)  # type: ignore[arg-type]
+
+    word = 8 if wide else 4
+    shoff = num(header, 0x28 if wide else 0x20, word)
+    shentsize, shnum = (
+        num(header, 0x3A if wide else 0x2E, 2),
+        num(header, 0x3C if wide else 0x30, 2),
+    )
+    ranges = []
+    if shoff and 0 < shnum <= 4096 and shentsize >= (64 if wide else 40):
+        table = os.pread(fd, shnum * shentsize, shoff)
+        for k in range(len(table) // shentsize):
+            entry = table[k * shentsize : (k + 1) * shentsize]
+            kind, flags = num(entry, 4, 4), num(entry, 8, word)
+            offset = num(entry, 0x18 if wide else 0x10, word)
+            size = num(entry, 0x20 if wide else 0x14, word)
+            if kind == 1 and flags & 0x2 and not flags & 0x5:  # PROGBITS, ALLOC, !WRITE, !EXEC
+                ranges.append((offset, size))
+    if ranges:
+        return ranges
+    phoff = num(header, 0x20 if wide else 0x1C, word)
+    phentsize, phnum = (
+        num(header, 0x36 if wide else 0x2A, 2),
+        num(header, 0x38 if wide else 0x2C, 2),
+    )
+    if not phoff or not 0 < phnum <= 4096 or phentsize < (56 if wide else 32):
+        return []
+    table = os.pread(fd, phnum * phentsize, phoff)
+    for k in range(len(table) // phentsize):
+        entry = table[k * phentsize : (k + 1) * phentsize]
+        kind = num(entry, 0, 4)
+        pflags = num(entry, 4 if wide else 0x18, 4)
+        offset = num(entry, 8 if wide else 4, word)
+        size = num(entry, 0x20 if wide else 0x10, word)
+        if kind == 1 and pflags == 0x4:  # PT_LOAD, read-only
+            ranges.append((offset, size))
+    return ranges
+
+
+def _search(fd: int, start: int, size: int) -> Version | None:
+    overlap = len(_BANNER) + 32
+    position, end = start, start + size
+    while position < end:
+        chunk = os.pread(fd, min(_CHUNK + overlap, end - position), position)
+        if not chunk:
+            return None
+        at = chunk.find(_BANNER)
+        if at >= 0:
+            match = re.match(rb"\d+(?:\.\d+)*", chunk[at + len(_BANNER) : at + len(_BANNER) + 32])
+            if match:
+                return parse_version(match.group().decode())
+        position += _CHUNK
+    return None
 
 
 # ---------------------------------------------------------------- building the model
@@ -379,45 +582,47 @@ _DRIVE_NODE_KEYS = {
 
 
 class _Builder:
-    def __init__(self, parsed: _Parsed, subject: str) -> None:
+    def __init__(self, parsed: ParsedCommandLine, subject: str) -> None:
         self.parsed = parsed
         self.subject = subject
         self.name = parsed.name or subject
-        self.specs: dict[str, tuple[dict[str, Any], int]] = {}
-        for spec, index in parsed.blockdevs:
-            node_name = spec.get("node-name")
+        self.specs: dict[str, dict[str, Any]] = {}
+        for blockdev in parsed.blockdevs:
+            node_name = blockdev.spec.get("node-name")
             if isinstance(node_name, str):
-                self.specs[node_name] = (spec, index)
+                self.specs[node_name] = blockdev.spec
         self.nodes: dict[str, BlockNode] = {}
         self.building: set[str] = set()
-        _name_drives(parsed.drives)
         self.controllers: dict[str, str] = {}  # id -> QEMU controller driver
-        for device, _ in parsed.devices:
-            driver = str(device.get("driver", ""))
+        for device in parsed.devices:
+            driver = str(device.spec.get("driver", ""))
             if driver in CONTROLLERS:
-                self.controllers[str(device.get("id", f"#{len(self.controllers)}"))] = driver
+                key = str(device.spec.get("id", f"#{len(self.controllers)}"))
+                self.controllers[key] = driver
 
     def domain(self) -> Domain:
         domain = Domain(name=self.name, origin=Origin.QEMU_ARGS, machine=self.parsed.machine)
         drives_by_id = {str(d.opts["id"]): d for d in self.parsed.drives if "id" in d.opts}
-        for device, index in self.parsed.devices:
-            driver = str(device.get("driver", ""))
+        for device in self.parsed.devices:
+            driver = str(device.spec.get("driver", ""))
             if driver not in DEVICES:
                 continue
-            domain.disks.append(self._device_disk(device, index, drives_by_id))
+            assert device.option.value_index is not None
+            index = device.option.value_index
+            domain.disks.append(self._device_disk(device.spec, index, drives_by_id))
         for drive in self.parsed.drives:
             if drive.used:
                 continue
-            disk = self._legacy_drive_disk(drive)
-            if disk is not None:
-                domain.disks.append(disk)
+            legacy = self._legacy_drive_disk(drive)
+            if legacy is not None:
+                domain.disks.append(legacy)
         domain.notes.extend(self.parsed.notes)
         return domain
 
     # -- devices attached to -drive if=none or to -blockdev nodes
 
     def _device_disk(
-        self, device: dict[str, Any], index: int, drives_by_id: dict[str, _Drive]
+        self, device: dict[str, Any], index: int, drives_by_id: dict[str, DriveSpec]
     ) -> Disk:
         driver = str(device["driver"])
         rule = DEVICES[driver]
@@ -427,12 +632,12 @@ class _Builder:
         ref = device.get("drive")
         disk = Disk(
             domain=self.name,
-            ident=str(device.get("id") or ref or f"argv[{index}]"),
+            ident=str(device.get("id") or ref or f"{driver}-{index}"),
             device=rule.device,
             bus=rule.bus,
             qemu_device=driver,
             device_properties=properties,
-            locator=ArgvOption(index + 1),
+            locator=ArgvOption(index),
             storage=StorageKind.NONE,
         )
         disk.bus, disk.controller_model = self._attachment(rule.bus, device)
@@ -475,11 +680,11 @@ class _Builder:
         return (kind if kind in ("sata", "ide", "scsi") else bus), model
 
     def _q35(self) -> bool:
-        return (self.parsed.machine or "").startswith(("q35", "pc-q35"))
+        return self.parsed.q35
 
     # -- legacy drives that imply their own device
 
-    def _legacy_drive_disk(self, drive: _Drive) -> Disk | None:
+    def _legacy_drive_disk(self, drive: DriveSpec) -> Disk | None:
         opts = drive.opts
         interface = str(opts.get("if", "ide"))
         ident = drive.name
@@ -498,10 +703,12 @@ class _Builder:
             "sd": ("sd", None, "sd-card"),
         }
         if interface == "none":
-            self.parsed.notes.append(f"-drive {ident}: if=none and no -device uses it")
+            self.parsed.notes.append(f"-drive {safe_text(ident)}: if=none and no -device uses it")
             return None
         if interface not in mapping:  # pflash, mtd: firmware, not a guest disk
-            self.parsed.notes.append(f"-drive {ident}: if={interface} is not a guest disk")
+            self.parsed.notes.append(
+                f"-drive {safe_text(ident)}: if={safe_text(interface)} is not a guest disk"
+            )
             return None
         bus, controller, qemu_device = mapping[interface]
         if interface == "floppy":
@@ -514,7 +721,7 @@ class _Builder:
             controller_model=controller,
             qemu_device=qemu_device,
             device_properties=dict(self.parsed.globals.get(qemu_device or "", {})),
-            locator=ArgvOption(drive.argv_index + 1),
+            locator=ArgvOption(drive.option.last),
             storage=StorageKind.NONE,
             read_only=device is DeviceType.CDROM,
         )
@@ -524,13 +731,13 @@ class _Builder:
 
     # -- block nodes
 
-    def _drive_nodes(self, drive: _Drive) -> BlockNode:
+    def _drive_nodes(self, drive: DriveSpec) -> BlockNode:
         """The nodes a -drive creates: a format node over a protocol node (discard inherited)."""
         opts = drive.opts
         ident = drive.name
         discard = normalize_discard(opts.get("discard"))
         read_only = (
-            _flag(opts.get("readonly", opts.get("read-only", "off")))
+            flag(opts.get("readonly", opts.get("read-only", "off")))
             or str(opts.get("media", "")) == "cdrom"
         )
         file_opts: dict[str, Any] = {
@@ -560,7 +767,7 @@ class _Builder:
             detect_zeroes=_opt_str(opts.get("detect-zeroes")),
             discard_no_unref=None
             if "discard-no-unref" not in opts
-            else _flag(opts["discard-no-unref"]),
+            else flag(opts["discard-no-unref"]),
             cache=_opt_str(opts.get("cache")),
             read_only=read_only,
             filename=protocol_node.filename,
@@ -610,12 +817,13 @@ class _Builder:
             return self.nodes[name]
         if name not in self.specs:
             raise BadInput(
-                f"{context}: no -blockdev or -drive named '{name}'", subject=self.subject
+                f"{safe_text(context)}: no -blockdev or -drive named {safe_text(name)!r}",
+                subject=self.subject,
             )
         if name in self.building:
-            raise BadInput(f"-blockdev '{name}' refers to itself", subject=self.subject)
+            raise BadInput(f"-blockdev {safe_text(name)!r} refers to itself", self.subject)
         self.building.add(name)
-        spec, _index = self.specs[name]
+        spec = self.specs[name]
         node = self._node_from_spec(spec, None, NodeOrigin("-blockdev", name))
         self.building.discard(name)
         self.nodes[name] = node
@@ -635,7 +843,7 @@ class _Builder:
             )
         driver = spec.get("driver")
         if driver is None:
-            raise BadInput(f"{defined_by}: no 'driver'", subject=self.subject)
+            raise BadInput(f"{safe_text(defined_by)}: no 'driver'", subject=self.subject)
         own = normalize_discard(spec.get("discard"))
         discard = own if own is not None else inherited_discard
         cache = spec.get("cache")
@@ -646,13 +854,13 @@ class _Builder:
             detect_zeroes=_opt_str(spec.get("detect-zeroes")),
             discard_no_unref=None
             if "discard-no-unref" not in spec
-            else _flag(spec["discard-no-unref"]),
+            else flag(spec["discard-no-unref"]),
             cache=(
                 ",".join(f"{k}={v}" for k, v in cache.items())
                 if isinstance(cache, dict)
                 else _opt_str(cache)
             ),
-            read_only=_flag(spec.get("read-only", False)),
+            read_only=flag(spec.get("read-only", False)),
             filename=_location(spec),
             inherited=own is None and discard is not None,
             defined_by=defined_by,
@@ -714,33 +922,7 @@ def fill_disk_from_nodes(disk: Disk, top: BlockNode) -> None:
         disk.protocol = protocol.driver
 
 
-_UNITS_PER_BUS = {"ide": 2, "scsi": 7}
 _MAX_NODE_DEPTH = 64  # real chains are a few nodes; this keeps recursion far from Python's limit
-
-
-def _name_drives(drives: list[_Drive]) -> None:
-    """Give each -drive its id, or the name QEMU gives a drive without one."""
-    taken: dict[str, set[int]] = {}
-    for drive in drives:
-        if "index" in drive.opts and str(drive.opts["index"]).isdigit():
-            taken.setdefault(str(drive.opts.get("if", "ide")), set()).add(int(drive.opts["index"]))
-    for drive in drives:
-        if "id" in drive.opts:
-            drive.name = str(drive.opts["id"])
-            continue
-        interface = str(drive.opts.get("if", "ide"))
-        used = taken.setdefault(interface, set())
-        if str(drive.opts.get("index", "")).isdigit():
-            index = int(drive.opts["index"])
-        else:
-            index = next(i for i in range(len(used) + 1) if i not in used)
-            used.add(index)
-        per_bus = _UNITS_PER_BUS.get(interface)
-        media = ("-cd" if drive.opts.get("media") == "cdrom" else "-hd") if per_bus else ""
-        if per_bus:
-            drive.name = f"{interface}{index // per_bus}{media}{index % per_bus}"
-        else:
-            drive.name = f"{interface}{index}"
 
 
 def _opt_str(value: Any) -> str | None:
