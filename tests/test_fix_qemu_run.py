@@ -18,6 +18,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,14 +71,22 @@ def start(argv: list[str], directory: Path) -> Iterator[SyncMonitor]:
         proc.wait(timeout=30)
 
 
+def query_list(qmp: SyncMonitor, command: str, args: dict[str, Any] | None = None) -> list[Any]:
+    """The answer of a QMP query that returns a list (query-block, query-named-block-nodes)."""
+    answer = qmp.execute(command, args)
+    assert isinstance(answer, list), answer
+    return answer
+
+
 def devices(qmp: SyncMonitor) -> dict[str, str]:
     """image file name -> QOM type of the device it is inserted in."""
     found = {}
-    for entry in qmp.execute("query-block"):
+    for entry in query_list(qmp, "query-block"):
         inserted = entry.get("inserted")
         if not inserted or not entry.get("qdev"):
             continue
         kind = qmp.execute("qom-get", {"path": entry["qdev"], "property": "type"})
+        assert isinstance(kind, str), kind
         found[Path(inserted["image"]["filename"]).name] = kind
     return found
 
@@ -140,11 +149,11 @@ def test_fixed_command_line_runs_with_the_chosen_devices(
         got = devices(qmp)
         assert {k: got.get(k) for k in want} == want
         if options.detect_zeroes:
-            nodes = qmp.execute("query-named-block-nodes", {"flat": True})
+            nodes = query_list(qmp, "query-named-block-nodes", {"flat": True})
             tops = [n for n in nodes if n["drv"] in ("qcow2", "raw") and n["node-name"] in
                     ("top", "rawtop")]  # fmt: skip
             assert {n["detect_zeroes"] for n in tops} == {"unmap"}
-        for entry in qmp.execute("query-block"):
+        for entry in query_list(qmp, "query-block"):
             inserted = entry.get("inserted")
             if not inserted or Path(inserted["image"]["filename"]).name not in want:
                 continue
@@ -158,7 +167,7 @@ def test_discard_is_dropped_before_the_fix(tmp_path: Path) -> None:
     text = materialize("libvirt-blockdev.args", tmp_path)
     image = tmp_path / "one.qcow2"
     for qmp in start(qemu_argv(text), tmp_path):
-        entry = next(e for e in qmp.execute("query-block") if e.get("inserted") and
+        entry = next(e for e in query_list(qmp, "query-block") if e.get("inserted") and
                      Path(e["inserted"]["image"]["filename"]) == image)  # fmt: skip
         written, after = discard_reclaims(qmp, entry["qdev"], image)
         assert after == written  # discard ignored on the format node: nothing punched
@@ -166,7 +175,7 @@ def test_discard_is_dropped_before_the_fix(tmp_path: Path) -> None:
     image.unlink()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
     for qmp in start(qemu_argv(fixed), tmp_path):
-        entry = next(e for e in qmp.execute("query-block") if e.get("inserted") and
+        entry = next(e for e in query_list(qmp, "query-block") if e.get("inserted") and
                      Path(e["inserted"]["image"]["filename"]) == image)  # fmt: skip
         written, after = discard_reclaims(qmp, entry["qdev"], image)
         assert written - after >= 512 * 1024
