@@ -16,6 +16,7 @@ def vmtrim(
     stdin: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m vmtrim ARGS`` as a user would; never raises on a non-zero exit.
 
@@ -26,6 +27,7 @@ def vmtrim(
         [sys.executable, "-m", "vmtrim", *args],
         input=stdin,
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
