@@ -59,7 +59,7 @@ def test_the_matcher_and_reader_see_the_fixers_scsi_move(tmp_path: Path) -> None
     result = fix_domain_xml(text, FixOptions(bus="scsi"), probes=HostProbes(local=False))
     (tmp_path / "fixed.xml").write_text(result.new_text)
     validate(tmp_path / "fixed.xml")
-    moved = {c.old: c.new for c in result.changes if c.setting == "target"}
+    moved = {c.old: c.new for c in result.changes if c.setting == "target" and c.new}
     assert moved  # vda/vdb left virtio-blk on a machine type that cannot pass discard
     addresses = disk_addresses(result.new_text)
     disks = {d.target: d for d in parse_domain_xml(result.new_text).disks}
