@@ -501,3 +501,83 @@ def test_any_greeting_is_qmp_or_bad_input(data: bytes) -> None:
         else:
             assert data.lstrip()[:1] == b"{"  # a greeting is a JSON object
         assert ours.recv(4096, socket.MSG_PEEK) == data  # only peeked: qemu.qmp reads it next
+
+
+# --- a hostile QMP monitor (a fake socket: it only plays back answers) -----------------
+
+GREETING = json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\n"
+
+
+def monitor(answers: dict[str, Any], delay: float = 0.0) -> Any:
+    """A QMP monitor that answers each command from ``answers`` (missing: CommandNotFound)."""
+    from test_channels_replies import reply
+
+    def handle(message: dict[str, Any]) -> bytes:
+        command = str(message.get("execute"))
+        if command != "qmp_capabilities":
+            time.sleep(delay)
+        if command == "qmp_capabilities":
+            return reply(message, b"{}")
+        if command in answers:
+            return reply(message, json.dumps(answers[command]).encode())
+        error = {"error": {"class": "CommandNotFound", "desc": command}, "id": message.get("id")}
+        return json.dumps(error).encode() + b"\n"
+
+    return handle
+
+
+def looped_graph(depth: int) -> dict[str, Any]:
+    """Nodes n0..n(depth-1), each n(i) with n(i+1) as both file and backing, the last back
+    to n0: followed naively that is 2**depth nodes."""
+    names = [f"n{i}" for i in range(depth)]
+    return {
+        "query-version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+        "query-block": [
+            {"device": "", "qdev": "/machine/peripheral-anon/device[0]",
+             "inserted": {"node-name": "n0", "drv": "qcow2", "file": "/x.qcow2", "ro": False}}
+        ],
+        "query-named-block-nodes": [
+            {"node-name": n, "drv": "qcow2", "file": f"/{n}.qcow2", "ro": False} for n in names
+        ],
+        "x-debug-query-block-graph": {
+            "nodes": [{"id": i, "name": n, "type": "block-driver"} for i, n in enumerate(names)],
+            "edges": [
+                {"parent": i, "child": (i + 1) % depth, "name": role}
+                for i in range(depth)
+                for role in ("file", "backing")
+            ],
+        },
+    }  # fmt: skip
+
+
+def test_hostile_block_graph_is_visited_once() -> None:
+    from test_channels_replies import fake
+
+    with fake(monitor(looped_graph(64)), greeting=GREETING) as server:
+        start = time.monotonic()
+        result = vmtrim("audit", "--qmp", str(server.path), "--json", "--timeout", "10", timeout=60)
+        elapsed = time.monotonic() - start
+    assert result.returncode in (0, 1), result.stderr  # an audit, not a crash or exit 3/4
+    doc = json.loads(result.stdout)
+    assert doc["schema"].startswith("vmtrim.audit/")
+    assert elapsed < 10 + 10  # start-up aside; 2**64 nodes would never end
+
+
+def test_slow_qmp_is_bounded_by_timeout_for_the_whole_call() -> None:
+    """200 devices, each answer 0.1 s late: every call is in time, the whole audit is not."""
+    from test_channels_replies import fake
+
+    answers = looped_graph(2)
+    answers["query-block"] = [
+        {"device": f"d{i}", "qdev": f"dev{i}", "inserted": {"node-name": "n0", "drv": "raw"}}
+        for i in range(200)
+    ]
+    with fake(monitor(answers, delay=0.1), greeting=GREETING) as server:
+        start = time.monotonic()
+        result = vmtrim("audit", "--qmp", str(server.path), "--timeout", "2", timeout=120)
+        elapsed = time.monotonic() - start
+    assert result.returncode == 3
+    assert one_line(result) == (
+        f"vmtrim: {server.path}: QMP did not answer every query within 2 s\n"
+    )
+    assert elapsed < 2 + 8  # python start-up is the rest; per call it was 200 x 5 x 0.1 s

@@ -39,8 +39,14 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from vmtrim._util.versions import Version, format_version
-from vmtrim.channels.qmp import Monitor
-from vmtrim.errors import AgentCommandFailed, BadInput, EnvironmentProblem, VmtrimError
+from vmtrim.channels.qmp import Monitor, parse_query_block
+from vmtrim.errors import (
+    AgentCommandFailed,
+    AgentUnavailable,
+    BadInput,
+    EnvironmentProblem,
+    VmtrimError,
+)
 from vmtrim.facts import CONTROLLERS, DEVICES, FACTS
 from vmtrim.model import (
     BlockNode,
@@ -161,21 +167,30 @@ def _answers_like_agent(sock: socket.socket) -> bool:
 class _SocketMonitor(Monitor):
     """A :class:`vmtrim.channels.qmp.Monitor` on a socket we connected (for SO_PEERCRED)."""
 
-    def __init__(self, sock: socket.socket, path: str, timeout: float) -> None:
-        super().__init__(path, timeout=timeout, subject=path)
+    def __init__(
+        self, sock: socket.socket, path: str, timeout: float, deadline: float | None = None
+    ) -> None:
+        super().__init__(path, timeout=timeout, subject=path, deadline=deadline)
         self._sock = sock
 
     async def _connect(self) -> None:
         try:
-            await asyncio.wait_for(self._client.connect(self._sock), self.timeout)
+            await asyncio.wait_for(self._client.connect(self._sock), self._limit())
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            if self._client.rejected:
+                raise self._lost("the QMP greeting", exc) from exc
             raise self._unavailable("QMP handshake failed", exc) from exc
 
     async def optional(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """``command``'s answer, or None when QEMU says it has no such command/property."""
+        """``command``'s answer, or None when QEMU says it has no such command/property.
+
+        A reply that was refused (too long, too deep) is not "no such command": it raises.
+        """
         try:
             return await self.execute(command, arguments)
-        except AgentCommandFailed:
+        except AgentCommandFailed as exc:
+            if exc.error_class is None:
+                raise
             return None
 
 
@@ -201,10 +216,10 @@ async def _gather(monitor: _SocketMonitor) -> dict[str, Any]:
         "graph": await monitor.optional("x-debug-query-block-graph"),
         "qom": {},
     }
-    for entry in raw["block"] if isinstance(raw["block"], list) else []:
-        qdev = entry.get("qdev") if isinstance(entry, dict) else None
-        if isinstance(qdev, str) and qdev:
-            raw["qom"][device_path(qdev)] = await _device_facts(monitor, device_path(qdev))
+    for dev in parse_query_block(raw["block"]):
+        path = device_path(dev.qdev) if dev.qdev else None
+        if path and path not in raw["qom"]:
+            raw["qom"][path] = await _device_facts(monitor, path)
     return raw
 
 
@@ -227,12 +242,29 @@ async def _device_facts(monitor: _SocketMonitor, path: str) -> dict[str, Any]:
     return facts
 
 
-def query(sock: socket.socket, path: str, timeout: float) -> dict[str, Any]:
+def query(
+    sock: socket.socket, path: str, timeout: float, deadline: float | None = None
+) -> dict[str, Any]:
+    """Every answer :func:`parse_live` needs; ``deadline`` (monotonic) bounds them all.
+
+    The number of QOM calls grows with the devices QEMU lists, so a per-call limit
+    alone would let a hostile or very slow QEMU hold the audit for ever.
+    """
+    deadline = deadline if deadline is not None else time.monotonic() + timeout
+
     async def run() -> dict[str, Any]:
-        async with _SocketMonitor(sock, path, timeout) as monitor:
+        async with _SocketMonitor(sock, path, timeout, deadline) as monitor:
             return await _gather(monitor)
 
-    return asyncio.run(run())
+    async def bounded() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(run(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise AgentUnavailable(
+                f"QMP did not answer every query within {timeout:g} s", subject=path
+            ) from exc
+
+    return asyncio.run(bounded())
 
 
 # ---------------------------------------------------------------- parsing (pure)
@@ -302,18 +334,18 @@ def parse_live(raw: dict[str, Any]) -> LiveQemu:
         )
     qom = raw.get("qom")
     qom = qom if isinstance(qom, dict) else {}
-    for entry in _dicts(raw.get("block")):
-        qdev, backend = str(entry.get("qdev") or ""), str(entry.get("device") or "")
+    seen: set[str] = set()  # block nodes already expanded, across every device
+    for dev in parse_query_block(raw.get("block")):
+        qdev, backend = dev.qdev, dev.device
         if not qdev:
             live.notes.append(f"block backend {backend or '?'} has no guest device")
             continue
         path = device_path(qdev)
         found = qom.get(path)
         facts: dict[str, Any] = found if isinstance(found, dict) else {}
-        inserted = entry.get("inserted")
         top = None
-        if isinstance(inserted, dict):
-            top = _tree(str(inserted.get("node-name") or ""), infos, children or {}, inserted)
+        if dev.inserted is not None:
+            top = _tree(dev.node_name, infos, children or {}, seen, dev.inserted)
         kind = facts.get("type")
         live.devices.append(
             LiveDevice(
@@ -377,9 +409,16 @@ def _tree(
     name: str,
     infos: dict[str, dict[str, Any]],
     children: dict[str, dict[str, str]],
+    seen: set[str],
     fallback: dict[str, Any] | None = None,
     depth: int = 0,
 ) -> BlockNode:
+    """The node ``name`` and what hangs below it.
+
+    Each node's children are followed once per parse (``seen``), and no deeper than
+    _MAX_DEPTH: a hostile graph whose nodes point at each other would otherwise
+    double at every level. A node met again is a leaf.
+    """
     info = infos.get(name) or fallback or {}
     detect = info.get("detect_zeroes")
     node = BlockNode(
@@ -392,9 +431,10 @@ def _tree(
         defined_by=NodeOrigin("qmp", name) if name else None,
         discard_unknown=NOT_SHOWN,
     )
-    if depth < _MAX_DEPTH:
+    if depth < _MAX_DEPTH and name and name not in seen:
+        seen.add(name)
         for role, child in children.get(name, {}).items():
-            setattr(node, role, _tree(child, infos, children, None, depth + 1))
+            setattr(node, role, _tree(child, infos, children, seen, None, depth + 1))
     return node
 
 
@@ -607,7 +647,7 @@ def read_qmp(path: str, timeout: float = 10.0) -> Domain:
     deadline = time.monotonic() + timeout
     sock, pid = connect(path, timeout)
     try:
-        raw = query(sock, path, max(0.5, deadline - time.monotonic()))
+        raw = query(sock, path, timeout, deadline)
     finally:
         sock.close()
     live = parse_live(raw)
