@@ -83,6 +83,7 @@ __all__ = [
     "safe_text",
     "set_quiet",
     "shorten_middle",
+    "write_stdout",
 ]
 
 
@@ -92,7 +93,24 @@ def json_document(schema: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_json(schema: str, body: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(json_document(schema, body), indent=2, sort_keys=False) + "\n")
+    write_stdout(json.dumps(json_document(schema, body), indent=2, sort_keys=False) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` whole, or raise BrokenPipeError when the reader has gone.
+
+    A large ``sys.stdout.write`` to a pipe whose reader exits mid-write can end with a
+    short write that Python does not report, and the run would then claim success.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured (pytest, StringIO)
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    data = memoryview(text.encode(sys.stdout.encoding or "utf-8", errors="replace"))
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 # --- quiet -------------------------------------------------------------------------
@@ -403,12 +421,17 @@ def _print_lines(out: Console, lines: list[Text]) -> None:
 
     if not lines:
         return
+    if not out.is_terminal:
+        # Off a terminal there is no style to render: plain lines, written whole.
+        plain = "".join(line.plain + "\n" for line in lines)
+        if out.file is sys.stdout:
+            write_stdout(plain)
+        else:
+            out.file.write(plain)
+            out.file.flush()
+        return
     # One print for the whole table: a print per line costs seconds on 1,000 domains.
-    text = Text("\n").join(lines)
-    if out.is_terminal:
-        out.print(text, crop=True, no_wrap=True, overflow="ellipsis")
-    else:
-        out.print(text, crop=False, soft_wrap=True)
+    out.print(Text("\n").join(lines), crop=True, no_wrap=True, overflow="ellipsis")
 
 
 def _wrapped(

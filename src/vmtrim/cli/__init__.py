@@ -27,7 +27,7 @@ from vmtrim.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, Vmtri
 if TYPE_CHECKING:
     import click
 
-__all__ = ["EXIT_BROKEN_PIPE", "SUBCOMMANDS", "cli", "main", "run"]
+__all__ = ["EXIT_BROKEN_PIPE", "SUBCOMMANDS", "cli", "main", "run", "silence_stdout"]
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports for `yes | head -1`
 
@@ -41,6 +41,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "history": ("vmtrim.cli.history:history", "What each domain got back, run after run."),
     "schedule": ("vmtrim.cli.schedule:schedule", "Install the systemd timer that runs the policy."),
     "watch": ("vmtrim.cli.watch:watch", "Trim a domain after a disk move, migration or start."),
+    "metrics": ("vmtrim.cli.metrics:metrics", "Prometheus metrics from the history database."),
+    "exporter": ("vmtrim.cli.exporter:exporter", "Serve /metrics from the history for Prometheus."),
+    "report": (
+        "vmtrim.cli.report:report",
+        "Write a self-contained HTML report of the fleet's space.",
+    ),
     "image": ("vmtrim.cli.image:image", "Read qcow2 and raw allocation without QEMU."),
     "lab": ("vmtrim.cli.lab:lab", "Build the lab guest that verify and the tests boot."),
 }
@@ -78,7 +84,7 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except BrokenPipeError:
-        return _broken_pipe()
+        return silence_stdout()
 
 
 def _run_click(args: list[str]) -> int:
@@ -131,8 +137,8 @@ def _show(exc: click.ClickException) -> None:
     exc.show()
 
 
-def _broken_pipe() -> int:
-    """The reader went away (``| head``): stop quietly, no traceback at exit."""
+def silence_stdout() -> int:
+    """The reader went away (``| head``): stop quietly, no traceback at exit; exit 141."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from vmtrim.cli import SUBCOMMANDS
+from vmtrim.cli import SUBCOMMANDS, silence_stdout
 
 __all__ = ["cli"]
 
@@ -58,6 +58,13 @@ class LazyGroup(click.Group):
         assert isinstance(command, click.Command)
         _complete_domain_arguments(command)
         return command
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # click would turn a closed pipe into exit 1, which means "findings".
+            raise click.exceptions.Exit(silence_stdout()) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help comes from the table above, so --help imports nothing.
