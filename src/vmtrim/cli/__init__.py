@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from vmtrim.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, VmtrimError
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs --version 2 ms
 if TYPE_CHECKING:
+    from typing import Any
+
     import click
 
 __all__ = ["EXIT_BROKEN_PIPE", "SUBCOMMANDS", "cli", "main", "run", "silence_stdout"]
