@@ -4,6 +4,7 @@ ask qemu-img what it thinks of them."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,17 @@ def create_luks(path: Path, size: int | str, fmt: str = "qcow2") -> Path:
             return path
         assert "accurate CPU usage" in proc.stderr, proc.stderr
     raise AssertionError(f"qemu-img could not time PBKDF2 in 20 tries: {proc.stderr}")
+
+
+def poke(img: Path, offset: int, fmt: str, value: int) -> None:
+    """Damage an image the way QEMU's iotests do: a big-endian value at a known offset."""
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">" + fmt, value))
+
+
+def peek(img: Path, offset: int, fmt: str) -> int:
+    with open(img, "rb") as f:
+        f.seek(offset)
+        value: int = struct.unpack(">" + fmt, f.read(struct.calcsize(fmt)))[0]
+    return value

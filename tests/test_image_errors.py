@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import qemu_img
-from image_support import KiB, MiB, create, create_luks, qemu_io, qemu_map
+from image_support import KiB, MiB, create, create_luks, peek, poke, qemu_io, qemu_map
 from vmtrim.cli import run
 from vmtrim.errors import ImageError
 from vmtrim.image.info import inspect
@@ -33,23 +33,10 @@ def _base(d: Path) -> Path:
     return img
 
 
-def _poke(img: Path, offset: int, fmt: str, value: int) -> None:
-    with open(img, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(">" + fmt, value))
-
-
-def _peek(img: Path, offset: int, fmt: str) -> int:
-    with open(img, "rb") as f:
-        f.seek(offset)
-        value: int = struct.unpack(">" + fmt, f.read(struct.calcsize(fmt)))[0]
-    return value
-
-
 def _header_edit(offset: int, fmt: str, value: int) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = _base(d)
-        _poke(img, offset, fmt, value)
+        poke(img, offset, fmt, value)
         return img
 
     return build
@@ -63,8 +50,8 @@ def _truncated_header(d: Path) -> Path:
 
 def _truncated_tables(d: Path) -> Path:
     img = _base(d)
-    l1 = _peek(img, 40, "Q")
-    l2 = _peek(img, l1, "Q") & 0x00FFFFFFFFFFFE00
+    l1 = peek(img, 40, "Q")
+    l2 = peek(img, l1, "Q") & 0x00FFFFFFFFFFFE00
     os.truncate(img, l2 + 100)
     return img
 
@@ -79,8 +66,8 @@ def _wrong_magic(d: Path) -> Path:
 def _l1_entry(value_of: Callable[[int], int]) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = _base(d)
-        l1 = _peek(img, 40, "Q")
-        _poke(img, l1, "Q", value_of(_peek(img, l1, "Q")))
+        l1 = peek(img, 40, "Q")
+        poke(img, l1, "Q", value_of(peek(img, l1, "Q")))
         return img
 
     return build
@@ -89,8 +76,8 @@ def _l1_entry(value_of: Callable[[int], int]) -> Callable[[Path], Path]:
 def _reftable_entry(value_of: Callable[[int], int]) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         img = _base(d)
-        rt = _peek(img, 48, "Q")
-        _poke(img, rt, "Q", value_of(_peek(img, rt, "Q")))
+        rt = peek(img, 48, "Q")
+        poke(img, rt, "Q", value_of(peek(img, rt, "Q")))
         return img
 
     return build

@@ -177,6 +177,8 @@ def _render_info(top: ImageInfo) -> None:
                 "allocated / total clusters", f"{layer.allocated_clusters} / {layer.total_clusters}"
             )
             row("fragmented clusters", layer.fragmented_clusters)
+            if layer.leaks or layer.corruptions:
+                row("qemu-img check: leaks / corruptions", f"{layer.leaks} / {layer.corruptions}")
             row(
                 "compressed clusters",
                 f"{layer.compressed_clusters} ({human_bytes(layer.guest.compressed_bytes)} stored)",

@@ -335,7 +335,7 @@ def _inspect_qcow2(
     g.data_bytes = min(h.size, (data_units + uc.get(COMPRESSED, 0)) * unit)
     g.zero_bytes = min(h.size - g.data_bytes, zero_units * unit)
     g.unallocated_bytes = max(0, h.size - g.data_bytes - g.zero_bytes)
-    g.unallocated_ranges = _unallocated_ranges(reader, s)
+    g.unallocated_ranges = _unallocated_ranges(reader, s) if g.unallocated_bytes else 0
 
     hv = info.host
     hv.clusters_in_use = s.clusters_in_use

@@ -308,7 +308,12 @@ def map_image(path: str | os.PathLike[str], fmt: str | None = None) -> Extents:
             layers.append(Layer(layer_path, reader.header.size, qcow2_runs(reader, s)))
     if not layers:
         raise ImageError("no layers", subject=os.fspath(path))
-    extents = compose(layers)
+    if layers[0].size == 0:
+        # qemu-img map prints one empty extent for an empty disk, with no flag set
+        zero = np.zeros(1, np.int64)
+        extents = Extents(zero, zero.copy(), zero.copy(), zero.copy(), np.full(1, -1, np.int64))
+    else:
+        extents = compose(layers)
     extents.files = [layer.path for layer in layers]
     return extents
 

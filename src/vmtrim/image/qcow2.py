@@ -58,6 +58,11 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 * 1024 * 1024  # QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QCOW_MAX_REFTABLE_SIZE
 MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE
+MAX_SNAPSHOT_EXTRA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+SNAPSHOT_HEADER = 40  # sizeof(QCowSnapshotHeader)
+MAX_BITMAPS = 65535  # QCOW2_MAX_BITMAPS
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS  # QCOW2_MAX_BITMAP_DIRECTORY_SIZE
 MAX_BACKING_NAME = 1023
 SUBCLUSTERS = 32  # per cluster with extended L2
 
@@ -87,6 +92,7 @@ class Snapshot:
     l1_size: int
     vm_state_size: int
     disk_size: int | None
+    extra_data_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ class Qcow2Reader:
             self.file_size = os.fstat(self.fd).st_size
             self.header = self._read_header()
             self.snapshots = self._read_snapshots()
+            self.bitmap_tables = self._read_bitmap_directory()
         except BaseException:
             os.close(self.fd)
             raise
@@ -265,8 +272,11 @@ class Qcow2Reader:
         compression = head[104] if hdr_len > 104 else 0
         if compression not in COMPRESSION_NAMES:
             raise self.error(f"compression type {compression} out of range")
+        # QEMU's validate_compression_type: the bit is set exactly when the type is not zlib
         if compression and not incompat & INCOMPAT_COMPRESSION:
             raise self.error("compression type set without the compression-type feature bit")
+        if not compression and incompat & INCOMPAT_COMPRESSION:
+            raise self.error("compression-type feature bit set with the default zlib compression")
         if size >= 1 << 63:
             raise self.error(f"virtual size {size} out of range")
         entries_per_l2 = cluster_size // (16 if incompat & INCOMPAT_EXTL2 else 8)
@@ -288,9 +298,11 @@ class Qcow2Reader:
         if rt_offset + rt_clusters * cluster_size > self.file_size:
             raise self.error(f"refcount table at offset {rt_offset} is past the end of the file")
         if nb_snap > MAX_SNAPSHOTS:
-            raise self.error(f"nb_snapshots {nb_snap} out of range")
-        if nb_snap and snap_offset % cluster_size:
+            raise self.error(f"nb_snapshots {nb_snap} out of range (QEMU allows {MAX_SNAPSHOTS})")
+        if nb_snap and (snap_offset % cluster_size or snap_offset + nb_snap * 40 >= 1 << 63):
             raise self.error(f"snapshot table offset {snap_offset} is not aligned to a cluster")
+        if backing_offset > cluster_size:
+            raise self.error(f"backing file name offset {backing_offset} is past the first cluster")
 
         backing: str | None = None
         if backing_offset:
@@ -345,6 +357,12 @@ class Qcow2Reader:
                 if length < 24:
                     raise self.error("bitmaps header extension too short")
                 nb, _reserved, dir_size, dir_offset = _be("IIQQ", data)
+                if not 0 < nb <= MAX_BITMAPS:
+                    raise self.error(f"bitmaps extension: {nb} bitmaps out of range 1..65535")
+                if dir_size > MAX_BITMAP_DIRECTORY:
+                    raise self.error(f"bitmap directory size {dir_size} out of range")
+                if dir_offset % (1 << _be("I", area, 20)[0]):
+                    raise self.error("bitmap directory offset is not aligned to a cluster")
                 out.bitmaps = (nb, dir_size, dir_offset)
             pos += (length + 7) & ~7
         return out
@@ -352,15 +370,21 @@ class Qcow2Reader:
     # -- snapshots and bitmaps --------------------------------------------
 
     def _read_snapshots(self) -> list[Snapshot]:
+        """The snapshot table, with qcow2_do_read_snapshots' limits.
+
+        The table is read through a window of whole megabytes, not four preads per
+        entry: 65,536 snapshots are one pass.
+        """
         h = self.header
         self.snapshots_size = 0
         if not h.nb_snapshots:
             return []
         out: list[Snapshot] = []
+        window = _Window(self, "snapshot table")
         pos = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
+        for i in range(h.nb_snapshots):
             pos = (pos + 7) & ~7
-            fixed = self.pread(pos, 40, "snapshot table entry")
+            fixed = window.read(pos, SNAPSHOT_HEADER)
             (
                 l1_offset,
                 l1_size,
@@ -372,17 +396,20 @@ class Qcow2Reader:
                 vm_state,
                 extra_len,
             ) = _be("QIHHIIQII", fixed)
-            pos += 40
-            extra = self.pread(pos, extra_len, "snapshot extra data")
+            if extra_len > MAX_SNAPSHOT_EXTRA:
+                raise self.error(
+                    f"too much extra data in snapshot table entry {i} ({extra_len} > "
+                    f"{MAX_SNAPSHOT_EXTRA} bytes); QEMU refuses the image"
+                )
+            pos += SNAPSHOT_HEADER
+            extra = window.read(pos, min(extra_len, 16))
             pos += extra_len
-            ident = self.pread(pos, id_len, "snapshot id")
+            ident = window.read(pos, id_len)
             pos += id_len
-            name = self.pread(pos, name_len, "snapshot name")
+            name = window.read(pos, name_len)
             pos += name_len
-            if l1_size * 8 > MAX_L1_BYTES:
-                raise self.error(f"snapshot L1 size {l1_size} out of range")
-            if l1_offset % h.cluster_size:
-                raise self.error(f"snapshot L1 table offset {l1_offset} is not aligned")
+            if pos - h.snapshots_offset > MAX_SNAPSHOTS_BYTES:
+                raise self.error("snapshot table is too big (over 64 MiB); QEMU refuses the image")
             disk_size = _be("Q", extra, 8)[0] if extra_len >= 16 else None
             if extra_len >= 8:
                 vm_state = _be("Q", extra)[0]
@@ -394,23 +421,21 @@ class Qcow2Reader:
                     l1_size,
                     vm_state,
                     disk_size,
+                    extra_len,
                 )
             )
         self.snapshots_size = pos - h.snapshots_offset
         return out
 
-    def bitmap_ranges(self) -> list[tuple[int, int]]:
-        """(offset, bytes) of every cluster range persistent bitmaps own."""
+    def _read_bitmap_directory(self) -> dict[tuple[int, int], int]:
+        """{(table offset, entries): directory entries naming it}, checked as QEMU opens it."""
         h = self.header
         if not (h.autoclear & AUTOCLEAR_BITMAPS) or h.bitmap_directory is None:
-            return []
+            return {}
         nb, dir_size, dir_offset = h.bitmap_directory
-        if dir_offset % h.cluster_size:
-            raise self.error("bitmap directory offset is not aligned to a cluster")
-        if dir_size > 64 * 1024 * 1024:
-            raise self.error(f"bitmap directory size {dir_size} out of range")
         directory = self.pread(dir_offset, dir_size, "bitmap directory")
-        ranges = [(dir_offset, dir_size)]
+        tables: dict[tuple[int, int], int] = {}
+        names: set[bytes] = set()
         pos = 0
         for _ in range(nb):
             if pos + 24 > len(directory):
@@ -418,13 +443,39 @@ class Qcow2Reader:
             table_offset, table_size, _flags, _type, _gran, name_len, extra_len = _be(
                 "QIIBBHI", directory, pos
             )
+            name = directory[pos + 24 + extra_len : pos + 24 + extra_len + name_len]
+            if name in names:
+                # bitmap_list_load refuses such a directory, and so does qemu-img
+                raise self.error(f"bitmap {name.decode('utf-8', 'replace')!r} exists twice")
+            names.add(name)
             pos += (24 + extra_len + name_len + 7) & ~7
+            key = (table_offset, table_size)
+            tables[key] = tables.get(key, 0) + 1
+        return tables
+
+    def bitmap_ranges(self) -> tuple[I64, I64, I64]:
+        """(offsets, bytes, references) of what persistent bitmaps own.
+
+        qemu-img check takes one reference per directory entry; entries that share a
+        bitmap table are read once and weighted, so a directory fanning out to one
+        table costs its size, not its size times the fan-out.
+        """
+        h = self.header
+        empty = np.zeros(0, np.int64)
+        if h.bitmap_directory is None or not self.bitmap_tables:
+            return empty, empty, empty
+        _nb, dir_size, dir_offset = h.bitmap_directory
+        offsets = [np.array([dir_offset], np.int64)]
+        sizes = [np.array([dir_size], np.int64)]
+        weights = [np.ones(1, np.int64)]
+        for (table_offset, table_size), refs in self.bitmap_tables.items():
             table = self._table(table_offset, table_size, "bitmap table")
-            ranges.append((table_offset, table_size * 8))
-            offsets = table & np.uint64(OFFSET_MASK)
-            for off in offsets[offsets != 0].tolist():
-                ranges.append((int(off), h.cluster_size))
-        return ranges
+            clusters = (table & np.uint64(OFFSET_MASK)).astype(np.int64)
+            clusters = clusters[clusters != 0]
+            offsets += [np.array([table_offset], np.int64), clusters]
+            sizes += [np.array([table_size * 8], np.int64), np.full(len(clusters), h.cluster_size)]
+            weights.append(np.full(1 + len(clusters), refs, np.int64))
+        return np.concatenate(offsets), np.concatenate(sizes), np.concatenate(weights)
 
     # -- L1/L2 --------------------------------------------------------------
 
@@ -446,23 +497,45 @@ class Qcow2Reader:
         entries (unallocated clusters, most of a big sparse image) are never
         decoded: the tables are scanned through a read-only mmap, so a warm page
         cache is read in place, and only non-zero words are gathered and swapped.
+
+        A table several L1 entries point at (only a corrupt image has that) is read
+        once, under the first of them: see :meth:`l2_sharing`.
         """
+        l2_offsets = l1 & np.uint64(OFFSET_MASK)
+        indices = np.flatnonzero(l2_offsets != 0)
+        present = l2_offsets[indices].astype(np.int64)
+        _, first = np.unique(present, return_index=True)
+        if len(first) < len(present):
+            keep = np.sort(first)
+            indices, present = indices[keep], present[keep]
+        yield from self.l2_tables(indices, present, batch_bytes)
+
+    @staticmethod
+    def l2_sharing(l1: U64) -> tuple[I64, I64]:
+        """(distinct L2 table offsets, how many entries of ``l1`` point at each)."""
+        present = (l1 & np.uint64(OFFSET_MASK)).astype(np.int64)
+        present = present[present != 0]
+        offsets, counts = np.unique(present, return_counts=True)
+        return offsets, counts.astype(np.int64)
+
+    def l2_tables(
+        self, indices: I64, present: I64, batch_bytes: int = 8 << 20
+    ) -> Iterator[tuple[I64, I64, U64, U64 | None]]:
+        """:meth:`l2_entries` for tables at ``present``, labelled with ``indices``."""
         h = self.header
         cs = h.cluster_size
-        l2_offsets = l1 & np.uint64(OFFSET_MASK)
-        indices = np.flatnonzero(l1 != 0)
-        present = l2_offsets[indices].astype(np.int64)
         bad = present % cs != 0
         if bad.any():
-            i = int(indices[np.argmax(bad)])
+            k = int(np.argmax(bad))
             raise self.error(
-                f"L2 table offset {int(l2_offsets[i])} (L1 index {i}) is not aligned to a cluster"
+                f"L2 table offset {int(present[k])} (L1 index {int(indices[k])}) is not "
+                "aligned to a cluster"
             )
         past = present + cs > self.file_size
         if past.any():
-            i = int(indices[np.argmax(past)])
+            k = int(np.argmax(past))
             raise self.error(
-                f"L2 table at offset {int(l2_offsets[i])} (L1 index {i}) is past "
+                f"L2 table at offset {int(present[k])} (L1 index {int(indices[k])}) is past "
                 f"the end of the file ({self.file_size} bytes); truncated or corrupt"
             )
         if not len(indices):
@@ -572,6 +645,29 @@ class Qcow2Reader:
         offset = entries & np.uint64((1 << shift) - 1)
         sectors = ((entries >> np.uint64(shift)) & np.uint64((1 << (cb - 8)) - 1)) + np.uint64(1)
         return offset, sectors * np.uint64(512) - (offset & np.uint64(511))
+
+
+class _Window:
+    """Sequential reads of a table of unknown length through one buffer (1 MiB at a time)."""
+
+    STEP = 1 << 20
+
+    def __init__(self, reader: Qcow2Reader, what: str) -> None:
+        self.reader = reader
+        self.what = what
+        self.start = 0
+        self.data = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        end = offset + length
+        if offset < self.start or end > self.start + len(self.data):
+            size = max(length, self.STEP)
+            size = min(size, max(length, self.reader.file_size - offset))
+            self.start = offset
+            self.data = self.reader.pread(offset, size, self.what)
+        return self.data[offset - self.start : end - self.start]
 
 
 def cluster_types(entries: U64, data_file: bool, subclusters: bool) -> U8:
