@@ -14,10 +14,11 @@ the audit's (:mod:`vmtrim.audit.engine`), and the fixed text is audited again to
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vmtrim.errors import BadInput
 from vmtrim.facts import FORMATS, PROTOCOLS
@@ -56,14 +57,6 @@ class Change:
     setting: str  # "discard", "detect_zeroes", "driver", "bus", "target", "address", ...
     old: str | None
     new: str | None
-
-    def describe(self) -> str:
-        where = f"{self.disk}: " if self.disk else ""
-        if self.old is None:
-            return f"{where}{self.setting}: add {self.new}"
-        if self.new is None:
-            return f"{where}{self.setting}: drop {self.old}"
-        return f"{where}{self.setting}: {self.old} -> {self.new}"
 
     def to_json(self) -> dict[str, Any]:
         return {"disk": self.disk, "setting": self.setting, "old": self.old, "new": self.new}
@@ -118,6 +111,10 @@ class FixResult:
     already: list[str] = field(default_factory=list)  # disks that needed nothing
     fixed: list[str] = field(default_factory=list)  # disks that were changed
     remaining: list[Remaining] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the change does to the guest
+    # The edits that made new_text, as (start, end, replacement) in the original; None
+    # when the fixer does not keep them (the diff then compares the whole texts).
+    edits: list[tuple[int, int, str]] | None = None
 
     @property
     def changed(self) -> bool:
@@ -126,14 +123,13 @@ class FixResult:
     @property
     def diff(self) -> str:
         """A unified diff from the original to the new text ('' when unchanged)."""
-        return "".join(
-            difflib.unified_diff(
-                self.original.splitlines(keepends=True),
-                _with_newline(self.new_text.splitlines(keepends=True)),
-                fromfile=self.subject,
-                tofile=f"{self.subject} (fixed)",
-            )
-        )
+        old = self.original.splitlines(keepends=True)
+        new = _with_newline(self.new_text.splitlines(keepends=True))
+        if self.edits is None:
+            matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+        else:
+            matcher = _EditMatcher(old, new, _edit_opcodes(self.original, old, self.edits))
+        return unified_diff(matcher, old, new, self.subject, f"{self.subject} (fixed)")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,7 +140,104 @@ class FixResult:
             "already_enabled": self.already,
             "skipped": [skip.to_json() for skip in self.skipped],
             "remaining": [item.to_json() for item in self.remaining],
+            "warnings": self.warnings,
         }
+
+
+Opcode = tuple[Literal["replace", "delete", "insert", "equal"], int, int, int, int]
+
+
+class _EditMatcher(difflib.SequenceMatcher[str]):
+    """difflib's grouping and context over opcodes we already know."""
+
+    def __init__(self, old: list[str], new: list[str], opcodes: list[Opcode]) -> None:
+        super().__init__(None, old, new, autojunk=False)
+        self._known = opcodes
+
+    def get_opcodes(self) -> list[Opcode]:
+        return self._known
+
+
+def _edit_opcodes(original: str, old: list[str], edits: list[tuple[int, int, str]]) -> list[Opcode]:
+    """Line opcodes from the edits: only the lines an edit touches are compared.
+
+    difflib on the whole texts is quadratic in the lines between changes (10,000 disks
+    took minutes); here each changed region is matched on its own lines.
+    """
+    starts = [0]
+    for line in old:
+        starts.append(starts[-1] + len(line))
+    # Merge the edits into regions of whole lines [first, last].
+    regions: list[tuple[int, int, list[tuple[int, int, str]]]] = []
+    for start, end, new in edits:
+        first = bisect.bisect_right(starts, start) - 1
+        last = max(first, bisect.bisect_right(starts, max(start, end - 1)) - 1)
+        first, last = min(first, len(old) - 1), min(last, len(old) - 1)
+        if regions and first <= regions[-1][1] + 1:
+            regions[-1] = (
+                regions[-1][0],
+                max(last, regions[-1][1]),
+                [*regions[-1][2], (start, end, new)],
+            )
+        else:
+            regions.append((first, last, [(start, end, new)]))
+    opcodes: list[Opcode] = []
+    a = b = 0
+    for first, last, group in regions:
+        if first > a:
+            opcodes.append(("equal", a, first, b, b + first - a))
+            b += first - a
+        base = starts[first]
+        text, cursor = [], base
+        for start, end, new in group:
+            text += [original[cursor:start], new]
+            cursor = end
+        text.append(original[cursor : starts[last + 1]])
+        region_new = "".join(text).splitlines(keepends=True)
+        if last + 1 == len(old):
+            region_new = _with_newline(region_new)
+        matcher = difflib.SequenceMatcher(None, old[first : last + 1], region_new, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            opcodes.append((tag, first + i1, first + i2, b + j1, b + j2))
+        a, b = last + 1, b + len(region_new)
+    if a < len(old) or not opcodes:
+        opcodes.append(("equal", a, len(old), b, b + len(old) - a))
+    # difflib trims context only off whole equal runs: join neighbouring ones.
+    merged: list[Opcode] = []
+    for op in opcodes:
+        if merged and op[0] == "equal" == merged[-1][0]:
+            merged[-1] = ("equal", merged[-1][1], op[2], merged[-1][3], op[4])
+        elif op[1] != op[2] or op[3] != op[4]:
+            merged.append(op)
+    return merged
+
+
+def unified_diff(
+    matcher: difflib.SequenceMatcher[str], old: list[str], new: list[str], before: str, after: str
+) -> str:
+    """``diff -u`` text (difflib.unified_diff's format) from a matcher's grouped opcodes."""
+    out: list[str] = []
+    for group in matcher.get_grouped_opcodes(3):
+        if not out:
+            out += [f"--- {before}\n", f"+++ {after}\n"]
+        first, last = group[0], group[-1]
+        old_range = _range(first[1], last[2])
+        new_range = _range(first[3], last[4])
+        out.append(f"@@ -{old_range} +{new_range} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                out += [" " + line for line in old[i1:i2]]
+                continue
+            out += ["-" + line for line in old[i1:i2]]
+            out += ["+" + line for line in new[j1:j2]]
+    return "".join(out)
+
+
+def _range(start: int, stop: int) -> str:
+    length = stop - start
+    if length == 1:
+        return str(start + 1)
+    return f"{start if length == 0 else start + 1},{length}"
 
 
 def _with_newline(lines: list[str]) -> list[str]:

@@ -76,6 +76,7 @@ def fix_domain_xml(
     for report in reports:
         fixer.fix_disk(report, result)
     result.new_text = editor.text()
+    result.edits = editor.edits()
     editor.check()
     result.changes = fixer.changes
     result.remaining = _audit_again(result, fixer, subject, probes, read_images)
