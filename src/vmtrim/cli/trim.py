@@ -190,7 +190,7 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
     from vmtrim.output import Column, Row, Styled, human_bytes, print_line, render_table
 
     columns = [
-        Column("domain", shorten="end"),
+        Column("domain", shorten="end", min_width=16),
         Column("status", min_width=9),
         Column("disk", priority=3),
         Column("source", shorten="middle", min_width=16, priority=2),
@@ -248,5 +248,6 @@ def _details(r: TrimResult) -> list[Cell]:
         lines += [Styled(f"✗ {b.sentence()}", "red") for b in r.blockers]
     elif r.reason:
         lines.append(f"{r.status}: {r.reason}")
-    lines += [f"{p.path}: {p.error}" for p in r.paths if p.error]
+    errors = [f"{p.path}: {p.error}" for p in r.paths if p.error]
+    lines += [e for e in errors if e not in (r.reason or "")]  # a failed domain's reason has them
     return lines
