@@ -24,6 +24,7 @@ RANK = {
     "channels": 4,
     "image": 4,
     "lab": 4,
+    "report": 4,
     "sources": 5,
     "vm": 5,
     "audit": 6,
