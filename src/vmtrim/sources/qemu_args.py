@@ -49,7 +49,6 @@ from vmtrim.model import (
     StorageKind,
     as_format,
 )
-from vmtrim.output import safe_text
 from vmtrim.sources.qemu_opts import (
     ARG_OPTIONS,
     DOWNSTREAM_OPTIONS,
@@ -62,6 +61,7 @@ from vmtrim.sources.qemu_opts import (
     parse_json_option,
     parse_keyval,
     parse_opts,
+    shown,
     split_words,
 )
 
@@ -296,7 +296,7 @@ def _read_options(parsed: ParsedCommandLine) -> None:
     if i < len(argv) and option_name(argv[i]) is None:
         base = os.path.basename(argv[i])
         if "qemu" not in base and "kvm" not in base:
-            raise BadInput(f"not a QEMU command line: it runs {safe_text(base)!r}", subject)
+            raise BadInput(f"not a QEMU command line: it runs {shown(base)!r}", subject)
         parsed.program = i
         i += 1
     if i >= len(argv) and parsed.program is None:
@@ -320,7 +320,7 @@ def _read_options(parsed: ParsedCommandLine) -> None:
             continue
         if name in ARG_OPTIONS or name in DOWNSTREAM_OPTIONS:
             if i + 1 >= len(argv):
-                raise BadInput(f"option {safe_text(word)!r} needs an argument", subject=subject)
+                raise BadInput(f"option {shown(word)!r} needs an argument", subject=subject)
             option = Option(name, i, i + 1)
         else:
             option = _unknown(parsed, word, i)
@@ -344,14 +344,14 @@ def _unknown(parsed: ParsedCommandLine, word: str, i: int) -> Option:
     """
     argv = parsed.argv
     takes = i + 1 < len(argv) and not argv[i + 1].startswith("-")
-    shown = safe_text(word)
+    name = shown(word)
     if takes:
         value = argv[i + 1]
-        note = f"unknown QEMU option {shown!r} (taken with the argument {safe_text(value)[:60]!r})"
+        note = f"unknown QEMU option {name!r} (taken with the argument {shown(value, 60)!r})"
         if _MENTIONS_DISK.search(value):
             note += ": if it defines a disk, vmtrim does not see it"
     else:
-        note = f"unknown QEMU option {shown!r} (taken as a flag)"
+        note = f"unknown QEMU option {name!r} (taken as a flag)"
     parsed.notes.append(note + "; skipped")
     return Option(option_name(word) or word, i, i + 1 if takes else None)
 
@@ -401,7 +401,7 @@ def _option(parsed: ParsedCommandLine, option: Option, value: str) -> None:
                     parsed.globals.setdefault(driver, {})[prop] = item
     elif name == "readconfig":
         parsed.notes.append(
-            f"-readconfig {safe_text(value)}: devices defined in that file are not audited"
+            f"-readconfig {shown(value)}: devices defined in that file are not audited"
         )
 
 
@@ -446,9 +446,7 @@ def _slot(
         bus = int(str(opts.get("bus", 0)))
         unit = int(str(opts["unit"])) if "unit" in opts else None
     except ValueError as exc:
-        raise BadInput(
-            f"-drive {safe_text(opts)!r}: index, bus and unit are numbers", subject
-        ) from exc
+        raise BadInput(f"-drive {shown(opts)!r}: index, bus and unit are numbers", subject) from exc
     if index is not None:
         bus, unit = (index // per_bus, index % per_bus) if per_bus else (0, index)
     if unit is None:
@@ -459,8 +457,7 @@ def _slot(
                 bus, unit = bus + 1, 0
     if (bus, unit) in taken:
         raise BadInput(
-            f"two drives on if={safe_text(drive.interface)} bus={bus} unit={unit}"
-            " (QEMU refuses this)",
+            f"two drives on if={shown(drive.interface)} bus={bus} unit={unit} (QEMU refuses this)",
             subject=subject,
         )
     return bus, unit
@@ -703,11 +700,11 @@ class _Builder:
             "sd": ("sd", None, "sd-card"),
         }
         if interface == "none":
-            self.parsed.notes.append(f"-drive {safe_text(ident)}: if=none and no -device uses it")
+            self.parsed.notes.append(f"-drive {shown(ident)}: if=none and no -device uses it")
             return None
         if interface not in mapping:  # pflash, mtd: firmware, not a guest disk
             self.parsed.notes.append(
-                f"-drive {safe_text(ident)}: if={safe_text(interface)} is not a guest disk"
+                f"-drive {shown(ident)}: if={shown(interface)} is not a guest disk"
             )
             return None
         bus, controller, qemu_device = mapping[interface]
@@ -817,11 +814,11 @@ class _Builder:
             return self.nodes[name]
         if name not in self.specs:
             raise BadInput(
-                f"{safe_text(context)}: no -blockdev or -drive named {safe_text(name)!r}",
+                f"{shown(context)}: no -blockdev or -drive named {shown(name)!r}",
                 subject=self.subject,
             )
         if name in self.building:
-            raise BadInput(f"-blockdev {safe_text(name)!r} refers to itself", self.subject)
+            raise BadInput(f"-blockdev {shown(name)!r} refers to itself", self.subject)
         self.building.add(name)
         spec = self.specs[name]
         node = self._node_from_spec(spec, None, NodeOrigin("-blockdev", name))
@@ -843,7 +840,7 @@ class _Builder:
             )
         driver = spec.get("driver")
         if driver is None:
-            raise BadInput(f"{safe_text(defined_by)}: no 'driver'", subject=self.subject)
+            raise BadInput(f"{shown(defined_by)}: no 'driver'", subject=self.subject)
         own = normalize_discard(spec.get("discard"))
         discard = own if own is not None else inherited_discard
         cache = spec.get("cache")

@@ -76,6 +76,12 @@ DOWNSTREAM_OPTIONS = {
 }
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """Untrusted text for a message: control characters escaped, at most ``limit`` long."""
+    text = safe_text(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def option_name(token: str) -> str | None:
     """``-drive``/``--drive`` -> ``drive``; None for a word that is not an option."""
     if not token.startswith("-") or token == "-" or token == "--":
@@ -288,15 +294,27 @@ def quote_for(kind: PieceKind, value: str) -> str:
     """``value`` written inside a piece of ``kind``, so that it reads back as ``value``."""
     if kind == "raw":
         return value
+    if _CONTINUATION.search(value):  # only double quotes keep a backslash-newline
+        closing = {"single": "'", "double": '"'}.get(kind, "")
+        return closing + _double_quoted(value) + closing
     if kind == "single":
         return value.replace("'", "'\\''")
     if kind == "double":
-        return re.sub(r'([\\"$`])', r"\\\1", value)
-    return value if _SAFE_PLAIN.fullmatch(value) else shlex.quote(value)
+        return _double_quoted(value)[1:-1]
+    return quote_word(value, False)
+
+
+def _double_quoted(value: str) -> str:
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", value) + '"'
 
 
 def quote_word(value: str, nul: bool) -> str:
-    return value if nul else shlex.quote(value)
+    """``value`` as a whole word: as is for NUL-separated text, else shell-quoted."""
+    if nul or (value and _SAFE_PLAIN.fullmatch(value)):
+        return value
+    if _CONTINUATION.search(value):
+        return _double_quoted(value)
+    return shlex.quote(value)
 
 
 # ---------------------------------------------------------------- editing the line
@@ -491,7 +509,7 @@ def parse_keyval(text: str, subject: str, option: str) -> dict[str, Any]:
         key, sep, value = part.partition("=")
         if not sep:
             raise BadInput(
-                f"{option} {safe_text(text)!r}: {safe_text(part)!r} is not key=value",
+                f"{option} {shown(text)!r}: {shown(part)!r} is not key=value",
                 subject=subject,
             )
         *path, last = key.split(".")
@@ -502,14 +520,13 @@ def parse_keyval(text: str, subject: str, option: str) -> dict[str, Any]:
             nested = target.setdefault(step, {})
             if not isinstance(nested, dict):
                 raise BadInput(
-                    f"{option}: {safe_text(key)!r} conflicts with"
-                    f" {safe_text(step)!r}={safe_text(nested)!r}",
+                    f"{option}: {shown(key)!r} conflicts with {shown(step)!r}={shown(nested)!r}",
                     subject=subject,
                 )
             target = nested
         if isinstance(target.get(last), dict):
             raise BadInput(
-                f"{option}: {safe_text(key)!r} conflicts with '{safe_text(last)}.*'",
+                f"{option}: {shown(key)!r} conflicts with '{shown(last)}.*'",
                 subject=subject,
             )
         target[last] = value
@@ -540,7 +557,7 @@ def parse_json_option(text: str, subject: str, option: str) -> dict[str, Any]:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise BadInput(f"{option}: invalid JSON: {safe_text(detail)}", subject=subject) from exc
+        raise BadInput(f"{option}: invalid JSON: {shown(detail)}", subject=subject) from exc
     if not isinstance(value, dict):
         raise BadInput(f"{option}: JSON must be an object", subject=subject)
     return value
