@@ -104,8 +104,9 @@ def verdicts(doc: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 def layer(disk: dict[str, Any], name: str) -> dict[str, Any]:
-    [found] = [item for item in disk["layers"] if item["layer"] == name]
-    return found
+    found: list[dict[str, Any]] = [item for item in disk["layers"] if item["layer"] == name]
+    [one] = found
+    return one
 
 
 @pytest.fixture(scope="module")
