@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vmtrim.output import console, print_json
+from vmtrim.output import Column, print_json, print_line, progress_console, render_table
 
 
 @click.group("lab")
@@ -27,14 +27,14 @@ def build(kernel: Path | None, modules: Path | None, rebuild: bool, as_json: boo
     """Build the lab appliance, or reuse the cached one when no input changed."""
     from vmtrim.lab import ensure_appliance
 
-    with console(stderr=True).status("building the lab guest"):  # stderr: --json stays clean
+    # stderr, so --json stays clean; nothing with --quiet
+    with progress_console().status("building the lab guest"):
         appliance = ensure_appliance(kernel, modules, rebuild=rebuild)
     if as_json:
         print_json("vmtrim.lab/1", appliance.to_json())
         return 0
-    out = console()
     state = "built" if appliance.built else "up to date (cached)"
-    out.print(f"lab guest {state}: kernel {appliance.kernel_version} from {appliance.origin}")
-    out.print(f"  kernel  {appliance.kernel}")
-    out.print(f"  initrd  {appliance.initrd}")
+    print_line(f"lab guest {state}: kernel {appliance.kernel_version} from {appliance.origin}")
+    rows = [["kernel", str(appliance.kernel)], ["initrd", str(appliance.initrd)]]
+    render_table([Column("file"), Column("path", shorten="middle")], rows, show_header=False)
     return 0
