@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,57 @@ def test_dotted_and_locality() -> None:
     assert dotted(9000000) == "9.0.0" and dotted(7002000) == "7.2.0"
     assert is_local_uri("qemu:///system") and is_local_uri("qemu+unix:///system")
     assert not is_local_uri("qemu+ssh://root@host/system")
+
+
+NODE = """<node>
+  <domain type='test'>
+    <name>web</name><memory>1024</memory><os><type>hvm</type></os>
+    <devices><disk type='file' device='disk'><source file='/guest/web.img'/>
+      <target dev='vda'/></disk></devices>
+  </domain>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>old</name><memory>1024</memory><os><type>hvm</type></os>
+    <test:runstate>5</test:runstate>
+  </domain>
+</node>
+"""
+
+
+def test_all_selects_running_domains_and_a_named_shut_off_one_is_skipped(tmp_path: Path) -> None:
+    """One rule (trim --help): --all is the running domains; exit 0 only if all were trimmed."""
+    node = tmp_path / "node.xml"
+    node.write_text(NODE)  # a test-driver host: "web" running, "old" shut off
+    uri = f"test://{node}"
+    every = vmtrim("trim", "-c", uri, "--all", "--json", "--timeout", "5")
+    doc = json.loads(every.stdout)
+    assert [d["domain"] for d in doc["domains"]] == ["web"]
+    assert doc["not_running"] == ["old"]
+    # web answers no agent command (the test driver has none): failed, so exit 1.
+    assert (doc["domains"][0]["status"], every.returncode) == ("failed", 1)
+    human = vmtrim("trim", "-c", uri, "--all", "--timeout", "5")
+    assert not any(line.startswith("old ") for line in human.stdout.splitlines())
+    assert "1 shut-off domain(s) not trimmed (--all trims running domains): old" in human.stdout
+    named = vmtrim("trim", "-c", uri, "old", "--json")
+    [dom] = json.loads(named.stdout)["domains"]
+    assert (dom["status"], dom["reason"], named.returncode) == (
+        "skipped",
+        "the domain is not running",
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("statuses", "code"),
+    [
+        (["trimmed", "trimmed"], 0),
+        (["trimmed", "no_effect"], 1),
+        (["trimmed", "skipped"], 1),
+        (["failed"], 1),
+        ([], 0),  # --all on a host with nothing running: nothing to do is not a finding
+    ],
+)
+def test_exit_code_rule(statuses: list[str], code: int) -> None:
+    from vmtrim.cli.trim import exit_code
+    from vmtrim.trim.engine import TrimResult
+
+    assert exit_code([TrimResult(f"d{i}", status=s) for i, s in enumerate(statuses)]) == code

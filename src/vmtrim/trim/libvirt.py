@@ -53,6 +53,9 @@ class LibvirtTarget:
     def dom(self) -> Any:
         """The domain on this target's own connection (opened on first use)."""
         with self._lock:
+            if self._dom is None and self.conn.uri.startswith("test:"):
+                # Each test-driver connection is a world of its own: stay on the caller's.
+                self._dom = self._shared_dom
             if self._dom is None:
                 libvirt = libvirt_module()
                 self._own = open_connection(self.conn.uri)
