@@ -239,3 +239,10 @@ def test_completion_script_is_documented_and_sources() -> None:
     checked = subprocess.run(["bash", "-n"], input=script, text=True, check=False)
     assert checked.returncode == 0
     assert "_VMTRIM_COMPLETE=bash_source vmtrim" in run_vmtrim("--help").stdout
+
+
+def test_error_lines_escape_the_name_the_user_gave(tmp_path: Path) -> None:
+    name = tmp_path / "\x1b[2Jevil[/x]\r.xml"
+    done = run_vmtrim("audit", "--xml", str(name))
+    assert done.returncode == 2
+    assert done.stderr == f"vmtrim: {tmp_path}/\\x1b[2Jevil[/x]\\x0d.xml: no such file\n"
