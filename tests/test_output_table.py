@@ -19,8 +19,9 @@ COLUMNS = [
     Column("note", priority=1),
     Column("reclaimed", justify="right"),
 ]
-ROWS = [
-    ["vm1", PATH, "scsi", "fine", "1.2 GiB"],
+VM1 = ["vm1", PATH, "scsi", "fine", "1.2 GiB"]
+ROWS: list[list[str] | Row] = [
+    VM1,
     Row(["vm2", "/dev/vg0/vm2", "virtio", "x", "0 B"], details=["the agent did not answer"]),
 ]
 
@@ -54,10 +55,8 @@ def test_wide_terminal_shows_everything_aligned() -> None:
     header, vm1, vm2, detail = render(200).splitlines()
     left = ["domain", "source", "bus", "note"]
     assert (
-        starts(header, left)
-        == starts(vm1, ROWS[0][:4])
-        == starts(vm2, ["vm2", "/dev", "virtio", "x"])
-    )  # type: ignore[index]
+        starts(header, left) == starts(vm1, VM1[:4]) == starts(vm2, ["vm2", "/dev", "virtio", "x"])
+    )
     # Numbers are right-aligned: every row ends where the header does.
     assert len(header) == len(vm1) == len(vm2) and vm1.endswith(" 1.2 GiB")
     assert detail == "    the agent did not answer"
