@@ -97,3 +97,36 @@ def test_missing_socket_is_bad_input() -> None:
     result = vmtrim("trim", "--qga", "/nonexistent/qga.sock")
     assert result.returncode == 2
     assert result.stderr == "vmtrim: /nonexistent/qga.sock: no such socket (given with --qga)\n"
+
+
+def test_hostile_and_hung_agents_beside_the_real_guest(guest: DirectGuest) -> None:
+    """One run, three targets: an agent with a hostile reply, one that never answers, and
+    the real lab guest. The bad ones fail/skip with their reason; the guest's trim stands."""
+    from test_channels_replies import HOSTILE, agent, fake
+    from vmtrim.channels.qmp import SyncGuestAgent
+    from vmtrim.trim import QemuTarget, TrimOptions, trim_all
+
+    image = guest.spec.disk.path if guest.spec.disk else None
+    assert image is not None
+    refill = (
+        "dd if=/dev/urandom of=/mnt/refill bs=1048576 count=16 && sync && rm /mnt/refill && sync"
+    )
+    with SyncGuestAgent(str(guest.paths.agent), timeout=60) as ga:
+        done = ga.run("/bin/sh", ["-c", refill], timeout=180)
+    assert done.exitcode == 0, done.err_data
+    du_before = du_bytes(image)
+    # Generous: the real trim takes well under a second; the hung one takes all of it.
+    timeout = 20.0
+    with fake(agent(HOSTILE["5000-digit integer"])) as bad, fake(lambda m: None) as hung:
+        targets = [
+            QemuTarget(str(bad.path), None, timeout=timeout),
+            QemuTarget(str(guest.paths.agent), str(guest.paths.qmp), timeout=timeout),
+            QemuTarget(str(hung.path), None, timeout=timeout),
+        ]
+        hostile, real, silent = trim_all(targets, TrimOptions(timeout=timeout, parallel=3))
+    assert hostile.status == "failed" and "integer of 5000 digits" in str(hostile.reason)
+    assert silent.status == "skipped" and silent.seconds <= timeout + 1
+    assert (real.domain, real.status) == ("vmtrim-lab", "trimmed")
+    [disk] = real.disks
+    assert (disk.allocated_before, disk.allocated_after) == (du_before, du_bytes(image))
+    assert disk.reclaimed_bytes is not None and disk.reclaimed_bytes >= 0.99 * 16 * MiB
