@@ -11,16 +11,21 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from vmtrim import __version__
-from vmtrim.cli.manpage import pages
+from vmtrim.cli.manpage import pages, write_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 MAN = ROOT / "man"
-REGENERATE = f"{sys.executable} -m vmtrim.cli.manpage man/"
+REGENERATE = (
+    "pytest tests/test_cli_manpage.py --regenerate-output (or python -m vmtrim.cli.manpage man/)"
+)
 
 
 def test_committed_pages_are_what_the_generator_writes_now() -> None:
     generated = pages()
+    if helpers.REGENERATE:  # a command or its help changed
+        write_pages(MAN)
     committed = {path.name: path.read_text() for path in MAN.glob("*.1")}
     assert sorted(committed) == sorted(generated), f"stale man/: run {REGENERATE}"
     for name, text in generated.items():

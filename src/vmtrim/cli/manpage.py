@@ -5,7 +5,8 @@ The pages say what ``--help`` says, in roff, one page per command and subcommand
 ``share/man/man1`` by ``pip install``; a test regenerates them and compares, so
 they cannot go stale. Regenerate with::
 
-    .venv/bin/python -m vmtrim.cli.manpage man/
+    .venv/bin/python -m pytest tests/test_cli_manpage.py --regenerate-output
+    .venv/bin/python -m vmtrim.cli.manpage man/     # the same, without pytest
 
 No date goes into a page (it would change on every run); the version does.
 """
@@ -125,12 +126,18 @@ def pages() -> dict[str, str]:
 
 
 def write_pages(directory: Path) -> list[Path]:
+    """Write every page that changed into ``directory``; remove pages of gone commands."""
     directory.mkdir(parents=True, exist_ok=True)
+    generated = pages()
+    for stale in directory.glob("*.1"):
+        if stale.name not in generated:
+            stale.unlink()
     written = []
-    for name, text in pages().items():
+    for name, text in generated.items():
         path = directory / name
-        path.write_text(text)
-        written.append(path)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
     return written
 
 
