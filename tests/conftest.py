@@ -3,14 +3,16 @@
 Golden files: every input under tests/data/audit/ and tests/data/fix/ has its whole
 expected output beside it, named after the input file: ``zoo.xml.audit.json`` and
 ``zoo.xml.audit.txt`` (audit), ``mixed.xml.out`` and ``mixed.xml.fix.json`` (fix); see
-test_golden_audit.py and test_golden_fix.py. ``helpers.assert_golden`` compares, and a
+test_golden_audit.py and test_golden_fix.py. Other tests keep whole outputs the same way
+(the tables at fixed widths, man pages). ``helpers.assert_golden`` compares, and a
 mismatch fails with a unified diff (expected -> actual). When a change to vmtrim's output
 is intended, regenerate and review the data files like code:
 
-    .venv/bin/python -m pytest tests/test_golden_*.py --regenerate-output
-    git diff tests/data/    # each moved line is a behaviour change: read every one
+    .venv/bin/python -m pytest tests/test_golden_*.py --regenerate-output  # + any other failing
+    git status tests/ && git diff tests/    # each moved line is a behaviour change: read it
 
-and commit the regenerated files with the change that moved them.
+and commit the regenerated files with the change that moved them. Regenerate only on a
+tree that holds your own change alone: the files record whatever the tree prints.
 """
 
 from __future__ import annotations
