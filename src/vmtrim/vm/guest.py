@@ -47,7 +47,7 @@ from vmtrim._util.versions import (
     installed_qemu_version,
     machine_version,
 )
-from vmtrim.channels.qmp import FstrimResult, SyncGuestAgent, SyncMonitor
+from vmtrim.channels.qmp import FstrimResult, SyncGuestAgent, SyncMonitor, parse_blockstats
 from vmtrim.errors import BadInput, EnvironmentProblem, GuestFailed
 from vmtrim.lab import Appliance
 
@@ -601,10 +601,9 @@ class DirectGuest(GuestBase):
         """query-blockstats of the test disk: what reached QEMU's block layer."""
         with SyncMonitor(str(self.paths.qmp), timeout=10.0, subject=self.subject) as qmp:
             stats = qmp.execute("query-blockstats", {"query-nodes": True})
-        for entry in stats if isinstance(stats, list) else []:
-            if isinstance(entry, dict) and entry.get("node-name") == "disk0":
-                s = entry.get("stats")
-                return s if isinstance(s, dict) else {}
+        for entry in parse_blockstats(stats, self.subject):
+            if entry.node_name == "disk0":
+                return {k: getattr(entry, k) for k in ("unmap_bytes", "unmap_operations")}
         return {}
 
     def wait_exit(self, timeout: float) -> None:
