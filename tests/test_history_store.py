@@ -6,10 +6,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmtrim.errors import EXIT_ENVIRONMENT, HistoryUnavailable
 from vmtrim.history.query import allocation_series, domain_summaries, last_run
@@ -194,3 +197,71 @@ def test_summaries_keep_verify_cells_apart(tmp_path: Path) -> None:
         last = last_run(history)
         assert last is not None
         assert last.statuses == {"trimmed": 1, "blocked": 1}
+
+
+def test_a_version_1_database_is_migrated_with_its_totals(tmp_path: Path) -> None:
+    from vmtrim.history.store import MIGRATIONS
+
+    db = tmp_path / "v1.db"
+    raw = sqlite3.connect(db, isolation_level=None)
+    MIGRATIONS[0](raw)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO runs VALUES (1, 'run', 10, 20, 'h', NULL, '0.1', 'policy')")
+    raw.execute("INSERT INTO runs VALUES (2, 'verify', 30, 40, 'h', NULL, '0.1', NULL)")
+    for i, (run, domain, status, reclaimed, started) in enumerate(
+        [
+            (1, "web", "trimmed", 5, 11.0),
+            (1, "db", "blocked", None, 12.0),
+            (2, "web", "trimmed", 7, 31.0),
+        ]
+    ):
+        raw.execute(
+            "INSERT INTO domain_results (id, run_id, domain, status, started, seconds, reclaimed)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?)",
+            (i + 1, run, domain, status, started, reclaimed),
+        )
+    raw.close()
+    with History.open(db) as history:
+        assert history.version == SCHEMA_VERSION
+        fleet = domain_summaries(history)
+        assert [(s.domain, s.runs, s.total_reclaimed, s.last_status) for s in fleet] == [
+            ("db", 1, 0, "blocked"),
+            ("web", 1, 5, "trimmed"),  # the verify cell of the same name is kept apart
+        ]
+        [cell] = domain_summaries(history, kinds=("verify",))
+        assert (cell.domain, cell.total_reclaimed) == ("web", 7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["run", "trim", "watch", "verify"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["trimmed", "skipped", "blocked"]),
+            st.one_of(st.none(), st.integers(-5, 50)),
+            st.integers(0, 5).map(float),  # ties in time, on purpose
+        ),
+        max_size=25,
+    ),
+    st.lists(st.integers(0, 24), max_size=4),
+)
+def test_the_kept_totals_equal_the_results(
+    results: list[tuple[str, str, str, int | None, float]], deletes: list[int]
+) -> None:
+    from vmtrim.history.query import _aggregate, _from_totals
+    from vmtrim.history.store import FLEET_KINDS
+
+    with tempfile.TemporaryDirectory() as tmp, History.open(Path(tmp) / "h.db") as history:
+        ids = []
+        for kind, domain, status, reclaimed, started in results:
+            run = history.begin_run(kind)
+            disks = [] if reclaimed is None else [DiskRecord("sda", 100, 100 - reclaimed)]
+            record = DomainRecord(domain, status, started=started, disks=disks)
+            ids.append(history.record(run, record))
+        for index in deletes:
+            if index < len(ids):
+                history.db.execute("DELETE FROM disk_results WHERE result_id = ?", (ids[index],))
+                history.db.execute("DELETE FROM domain_results WHERE id = ?", (ids[index],))
+        for fleet, kinds in ((True, FLEET_KINDS), (False, ("verify",))):
+            assert _from_totals(history, (), fleet) == _aggregate(history, (), None, kinds)

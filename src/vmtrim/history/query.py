@@ -74,23 +74,51 @@ def domain_summaries(
     with_allocation: bool = False,
 ) -> list[DomainSummary]:
     """One summary per domain that has results (in ``kinds``, since ``since``), by name."""
-    where, params = _filters(domains, since, kinds)
-    # SQLite takes the bare columns (status, reason, reclaimed, kind) from the row that
-    # holds MAX(started): the last result of each domain, with no second pass.
-    sql = (
-        "SELECT r.domain, COUNT(*), COALESCE(SUM(r.reclaimed), 0), MIN(r.started),"
-        " MAX(r.started), r.status, r.reason, r.reclaimed, runs.kind"
-        " FROM domain_results r JOIN runs ON runs.id = r.run_id"
-        f" WHERE {where} GROUP BY r.domain ORDER BY r.domain"
-    )
-    with history._guard():
-        rows = history.db.execute(sql, params).fetchall()
-    out = [DomainSummary(*row) for row in rows]
+    if since is None and tuple(kinds) in (FLEET_KINDS, ("verify",)):
+        out = _from_totals(history, domains, fleet=tuple(kinds) == FLEET_KINDS)
+    else:
+        out = _aggregate(history, domains, since, kinds)
     if with_allocation and out:
         series = allocation_series(history, domains, since, kinds)
         for summary in out:
             summary.allocation = series.get(summary.domain, [])
     return out
+
+
+def _from_totals(history: History, domains: Sequence[str], fleet: bool) -> list[DomainSummary]:
+    """From domain_totals (kept by triggers): one row per domain, whatever the history's age."""
+    where = "t.fleet = ?"
+    params: list[object] = [int(fleet)]
+    if domains:
+        where += f" AND t.domain IN ({', '.join('?' * len(domains))})"
+        params.extend(domains)
+    sql = (
+        "SELECT t.domain, t.runs, t.total_reclaimed, t.first_started, t.last_started,"
+        " r.status, r.reason, r.reclaimed, runs.kind FROM domain_totals t"
+        " JOIN domain_results r ON r.id = t.last_result_id JOIN runs ON runs.id = r.run_id"
+        f" WHERE {where} ORDER BY t.domain"
+    )
+    with history._guard():
+        return [DomainSummary(*row) for row in history.db.execute(sql, params)]
+
+
+def _aggregate(
+    history: History, domains: Sequence[str], since: float | None, kinds: Sequence[str]
+) -> list[DomainSummary]:
+    """The same summary computed from the results themselves (a time range, some kinds)."""
+    where, params = _filters(domains, since, kinds)
+    sql = (
+        "SELECT domain, n, total, first, started, status, reason, reclaimed, kind FROM ("
+        " SELECT r.domain, r.started, r.status, r.reason, r.reclaimed, runs.kind,"
+        " COUNT(*) OVER w AS n, COALESCE(SUM(r.reclaimed) OVER w, 0) AS total,"
+        " MIN(r.started) OVER w AS first,"
+        " ROW_NUMBER() OVER (PARTITION BY r.domain ORDER BY r.started DESC, r.id DESC) AS nth"
+        " FROM domain_results r JOIN runs ON runs.id = r.run_id"
+        f" WHERE {where} WINDOW w AS (PARTITION BY r.domain)"
+        ") WHERE nth = 1 ORDER BY domain"
+    )
+    with history._guard():
+        return [DomainSummary(*row) for row in history.db.execute(sql, params)]
 
 
 def allocation_series(
