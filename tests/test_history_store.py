@@ -256,7 +256,10 @@ def test_the_kept_totals_equal_the_results(
         ids = []
         for kind, domain, status, reclaimed, started in results:
             run = history.begin_run(kind)
-            disks = [] if reclaimed is None else [DiskRecord("sda", 100, 100 - reclaimed)]
+            disks = [
+                DiskRecord("sda", allocated_before=100, allocated_after=100 - (reclaimed or 0))
+            ]
+            disks = disks if reclaimed is not None else []
             record = DomainRecord(domain, status, started=started, disks=disks)
             ids.append(history.record(run, record))
         for index in deletes:
