@@ -207,8 +207,12 @@ def _render_info(top: ImageInfo) -> None:
             row("host: metadata", h.metadata_bytes, size=True)
             row("host: image end offset", h.image_end_offset, size=True)
         row("host: punched holes", h.punched_hole_bytes, size=True)
+        if h.unwritten_bytes:
+            row("host: unwritten (fallocated, stored)", h.unwritten_bytes, size=True)
         table.add_section()
         row("reclaim: most a full guest trim frees", r.max_trim_bytes, size=True)
+        if r.max_trim_note:
+            row("  why", r.max_trim_note)
         row("reclaim: wasted now", r.wasted_bytes, size=True)
         if layer.format == "qcow2":
             row("  leaks", r.leaked_bytes, size=True)

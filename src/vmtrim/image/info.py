@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmtrim.errors import ImageError
-from vmtrim.image.allocation import Coverage, extents_fd
+from vmtrim.image.allocation import Coverage, stored_extents
 from vmtrim.image.files import open_readonly
 from vmtrim.image.qcow2 import (
     COMPAT_LAZY_REFCOUNTS,
@@ -71,12 +71,14 @@ class HostView:
     leaked_bytes: int | None = None
     metadata_bytes: int | None = None
     image_end_offset: int | None = None
-    punched_hole_bytes: int = 0
+    punched_hole_bytes: int = 0  # within the file size, stored nowhere (FIEMAP)
+    unwritten_bytes: int = 0  # stored, but reserved by fallocate and never written
 
 
 @dataclass
 class ReclaimView:
-    max_trim_bytes: int = 0
+    max_trim_bytes: int = 0  # what discarding the whole guest disk would give back (du)
+    max_trim_note: str | None = None
     wasted_bytes: int = 0
     leaked_bytes: int = 0
     tail_bytes: int = 0
@@ -228,22 +230,31 @@ def inspect(
                 infos.append(_inspect_qcow2(reader, scan_zeros, progress, header_only))
     for upper, lower in itertools.pairwise(infos):
         upper.backing = lower
+        # guest discards reach the top layer only: a backing file never shrinks
+        lower.reclaim.max_trim_bytes = 0
+        lower.reclaim.max_trim_note = "backing file: guest discards never reach it"
     return infos[0]
 
 
-def _file_facts(fd: int, path: str) -> tuple[int, int, Coverage]:
+def _file_facts(fd: int, path: str) -> tuple[int, int, Coverage, int]:
+    """(size, du bytes, what the filesystem stores, unwritten bytes)."""
     st = os.fstat(fd)
     try:
-        starts, ends = extents_fd(fd, st.st_size)
+        stored = stored_extents(fd, st.st_size)
     except OSError as exc:
         raise ImageError(f"cannot read allocation: {exc.strerror}", subject=path) from exc
-    return st.st_size, st.st_blocks * 512, Coverage(starts, ends)
+    return (
+        st.st_size,
+        st.st_blocks * 512,
+        Coverage(stored.starts, stored.ends),
+        stored.unwritten_bytes,
+    )
 
 
 def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> ImageInfo:
     fd = open_readonly(path)
     try:
-        size, allocated, cov = _file_facts(fd, path)
+        size, allocated, cov, unwritten = _file_facts(fd, path)
         info = ImageInfo(
             path=path,
             format="raw",
@@ -255,6 +266,7 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
         info.guest.data_bytes = data
         info.guest.zero_bytes = size - data
         info.host.punched_hole_bytes = size - data
+        info.host.unwritten_bytes = unwritten
         info.reclaim.max_trim_bytes = data
         if scan_zeros:
             blocks = zero_blocks(fd, cov.starts, cov.ends - cov.starts, 4096, progress)
@@ -273,7 +285,7 @@ def _inspect_qcow2(
 
     h = reader.header
     cs = h.cluster_size
-    size, allocated, cov = _file_facts(reader.fd, reader.path)
+    size, allocated, cov, unwritten = _file_facts(reader.fd, reader.path)
     info = ImageInfo(
         path=reader.path,
         format="qcow2",
@@ -348,11 +360,14 @@ def _inspect_qcow2(
     hv.metadata_bytes = s.metadata_clusters * cs
     hv.image_end_offset = s.image_end_offset
     hv.punched_hole_bytes = size - cov.total
+    hv.unwritten_bytes = unwritten
 
     r = info.reclaim
     excl = s.exclusive_data_host
-    r.max_trim_bytes = int(cov.within(excl, np.full(len(excl), cs, np.int64)).sum())
-    r.max_trim_bytes += s.exclusive_compressed_bytes
+    freed = s.trim_freed * cs
+    r.max_trim_bytes = int(cov.within(freed, np.full(len(freed), cs, np.int64)).sum())
+    if h.data_file is not None:
+        r.max_trim_note = "guest data lives in the external data file"
     r.leaked_bytes = hv.leaked_bytes
     end = min(s.image_end_offset, size)
     r.tail_bytes = cov.total - int(cov.upto(np.array([end], np.int64))[0])

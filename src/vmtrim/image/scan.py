@@ -67,7 +67,8 @@ class Scan:
     shared_l2_tables: int = 0  # active L2 tables more than one L1 entry names
     leaked_index: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     exclusive_data_host: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    exclusive_compressed_bytes: int = 0
+    # host clusters a discard of the whole guest disk would free (refcount drops to 0)
+    trim_freed: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     units: Units | None = None
 
 
@@ -153,13 +154,13 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     file_len = -(-reader.file_size // 512) * 512
     meta = _Refs(cb, file_len)
     data = _Refs(cb, file_len)
+    discarded = _Refs(cb, file_len)  # what a full guest discard would unreference
     meta.one(0, cs)
     l2n = h.l2_entries
     data_file = h.data_file is not None
     unit_parts: list[tuple[I64, U8, I64]] = []
     counts = np.zeros(8, dtype=np.float64)
     exclusive_candidates: list[I64] = []
-    compressed_host: list[tuple[I64, I64]] = []
     # active L2 tables and data clusters: (host offset, COPIED flag, weight, refcount taken as 1)
     copied: list[tuple[I64, npt.NDArray[np.bool_], I64, bool]] = []
 
@@ -250,7 +251,10 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         copied.append(
             (offset[with_host], (ent[with_host] >> np.uint64(63)) != 0, w_act[with_host], data_file)
         )
-        compressed_host.append((c_off.astype(np.int64), c_len.astype(np.int64)))
+        if not data_file:
+            # qcow2 discard frees normal, zero-allocated and compressed clusters alike
+            discarded.add(offset[with_host], cs, w_act[with_host])
+            discarded.add(c_off.astype(np.int64), c_len.astype(np.int64), w_act[comp])
         vunit = idx[row].astype(np.int64) * l2n + col
         if bitmaps is None:
             kinds = ctype
@@ -306,12 +310,10 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         ok = np.zeros(len(cand), dtype=bool)
         ok[inside] = ondisk_all[ci[inside]] == 1
         res.exclusive_data_host = cand[ok]
-    for z_off, z_len in compressed_host:
-        ci = z_off >> cb
-        inside = ci < len(ondisk_all)
-        ok = np.zeros(len(z_off), dtype=bool)
-        ok[inside] = ondisk_all[ci[inside]] == 1
-        res.exclusive_compressed_bytes += int(z_len[ok].sum())
+    d_cl, d_w = discarded.arrays()
+    if len(d_cl):
+        gone = _counts(d_cl, d_w, max(len(ondisk_all), int(d_cl.max()) + 1))[: len(ondisk_all)]
+        res.trim_freed = np.flatnonzero((ondisk_all > 0) & (ondisk_all <= gone))
 
     res.units = _units(h.extended_l2, cs, unit_parts) if want_units else None
     return res
