@@ -246,3 +246,23 @@ def test_error_lines_escape_the_name_the_user_gave(tmp_path: Path) -> None:
     done = run_vmtrim("audit", "--xml", str(name))
     assert done.returncode == 2
     assert done.stderr == f"vmtrim: {tmp_path}/\\x1b[2Jevil[/x]\\x0d.xml: no such file\n"
+
+
+def test_fix_in_place_prints_hostile_names_after_the_write(tmp_path: Path) -> None:
+    # Whatever prints after the write must not fail on the names it prints: the user
+    # would be told the fix failed although it was applied.
+    path = tmp_path / "evil.xml"
+    path.write_text(
+        "<domain type='kvm'><name>[b]x[/b][/x]</name><devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+        "<source file='/tmp/[/x]a.img'/><target dev='[/x]' bus='virtio'/><shareable/></disk>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/tmp/[red]b.img'/><target dev='vdb' bus='virtio'/></disk>"
+        "</devices></domain>"
+    )
+    done = run_vmtrim("fix", "--xml", str(path), "--in-place")
+    assert done.returncode == 0, done.stderr
+    assert "discard='unmap'" in path.read_text()
+    assert "left alone: [/x]: shareable" in done.stderr  # as typed, not as markup
+    assert f"wrote {path}" in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
