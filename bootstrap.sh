@@ -16,6 +16,7 @@ PACKAGES="python3 python3-venv python3-dev gcc pkg-config
   qemu-system-x86 qemu-utils qemu-guest-agent busybox-static kmod cpio
   e2fsprogs xfsprogs btrfs-progs util-linux procps
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libxml2-utils"
+TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch"
 
 install() {
     if [ "$(id -u)" != 0 ]; then
@@ -28,6 +29,11 @@ install() {
     # qemu's block modules come either way; libvirt's recommends add xmllint and lvm2).
     # shellcheck disable=SC2086
     apt-get install -y $PACKAGES
+    # The tests' real parts beyond QEMU and libvirt: promtool and a Prometheus server
+    # for the metrics, headless Chromium for the HTML report. Without recommends: they
+    # would pull a desktop (and node-exporter, which wants systemd).
+    # shellcheck disable=SC2086
+    apt-get install -y --no-install-recommends $TEST_PACKAGES
 
     # libvirtd started by hand (no systemd) needs these; see DESIGN.md.
     getent group kvm >/dev/null || groupadd -r kvm

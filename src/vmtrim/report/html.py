@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from vmtrim import __version__
 from vmtrim.history.store import History
 from vmtrim.output import human_bytes
-from vmtrim.report.state import DiskState, ResultPoint, disk_states, result_points
+from vmtrim.report.state import DiskState, RunPoint, disk_states, domain_series, run_points
 
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -42,7 +42,7 @@ class Summary:
     reclaimed: int
 
 
-def summarise(states: Sequence[DiskState], points: Sequence[ResultPoint]) -> Summary:
+def summarise(states: Sequence[DiskState], runs: Sequence[RunPoint]) -> Summary:
     def total(values: Iterable[int | None]) -> int:
         return sum(v for v in values if v is not None)
 
@@ -53,7 +53,7 @@ def summarise(states: Sequence[DiskState], points: Sequence[ResultPoint]) -> Sum
         allocated=total(s.allocated for s in states),
         guest_used=total(s.guest_used for s in states),
         reclaimable=total(max(s.reclaimable, 0) if s.reclaimable else 0 for s in states),
-        reclaimed=sum(p.reclaimed for p in points),
+        reclaimed=sum(r.reclaimed for r in runs),
     )
 
 
@@ -68,24 +68,6 @@ def _day(t: float) -> str:
 def _scale(lo: float, hi: float, size: float, pad: float) -> tuple[float, float]:
     span = hi - lo or 1.0
     return (size - 2 * pad) / span, lo
-
-
-def fleet_series(points: Sequence[ResultPoint]) -> list[tuple[float, int, int, int]]:
-    """Per run: (start, allocated, guest used, reclaimed), each summed over its domains."""
-    runs: dict[int, list[ResultPoint]] = {}
-    for p in points:
-        runs.setdefault(p.run_id, []).append(p)
-    out = []
-    for members in runs.values():
-        out.append(
-            (
-                min(p.started for p in members),
-                sum(p.allocated or 0 for p in members),
-                sum(p.guest_used or 0 for p in members),
-                sum(p.reclaimed for p in members),
-            )
-        )
-    return sorted(out)
 
 
 def _svg_open(chart_id: str) -> str:
@@ -155,26 +137,21 @@ def bar_chart(series: Sequence[tuple[float, int, int, int]], chart_id: str) -> s
     )
 
 
-def sparkline(points: Sequence[ResultPoint]) -> str:
+def sparkline(points: Sequence[tuple[float, int, int]]) -> str:
     """A domain's allocation over time, small enough for a table cell; trims as dots."""
-    measured = [p for p in points if p.allocated is not None]
-    if not measured:
+    if not points:
         return ""
-    t0, t1 = measured[0].started, measured[-1].started
-    top = max(p.allocated or 0 for p in measured) or 1
+    t0, t1 = points[0][0], points[-1][0]
+    top = max(a for _, a, _ in points) or 1
     sx = (SPARK_W - 4) / ((t1 - t0) or 1.0)
-
-    def xy(p: ResultPoint) -> tuple[float, float]:
-        return 2 + (p.started - t0) * sx, SPARK_H - 2 - (p.allocated or 0) * (SPARK_H - 4) / top
-
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, measured))
+    sy = (SPARK_H - 4) / top
+    xy = [(2 + (t - t0) * sx, SPARK_H - 2 - a * sy, r) for t, a, r in points]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in xy)
     dots = "".join(
-        f'<circle class="trim" r="1.5" cx="{xy(p)[0]:.1f}" cy="{xy(p)[1]:.1f}"/>'
-        for p in measured
-        if p.reclaimed > 0
+        f'<circle class="trim" r="1.5" cx="{x:.1f}" cy="{y:.1f}"/>' for x, y, r in xy if r
     )
     return (
-        f'<svg class="spark" width="{SPARK_W}" height="{SPARK_H}" data-points="{len(measured)}">'
+        f'<svg class="spark" width="{SPARK_W}" height="{SPARK_H}" data-points="{len(points)}">'
         f'<polyline points="{line}"/>{dots}</svg>'
     )
 
@@ -222,12 +199,10 @@ def render_report(history: History, since: float | None = None, now: float | Non
     """The whole HTML document for the fleet's results since ``since`` (UNIX seconds)."""
     now = time.time() if now is None else now
     states = disk_states(history)
-    points = result_points(history, since)
-    summary = summarise(states, points)
-    fleet = fleet_series(points)
-    by_domain: dict[str, list[ResultPoint]] = {}
-    for p in points:
-        by_domain.setdefault(p.domain, []).append(p)
+    runs = run_points(history, since)
+    summary = summarise(states, runs)
+    fleet = [(r.started, r.allocated, r.guest_used, r.reclaimed) for r in runs]
+    by_domain = domain_series(history, since, now)
     wasters = sorted(states, key=lambda s: -(s.reclaimable or 0))
     blocked = [s for s in states if s.verdict == "block"]
     period = f"since {_day(since)}" if since is not None else "all recorded time"

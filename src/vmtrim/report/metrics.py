@@ -17,6 +17,7 @@ Counters: ``vmtrim_disk_reclaimed_bytes_total`` per disk and
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from vmtrim._util.files import atomic_write
 from vmtrim.errors import HistoryUnavailable
-from vmtrim.history.store import History
+from vmtrim.history.store import History, default_db_path
 from vmtrim.report.state import disk_states, last_runs, trim_counts
 
 DISK_LABELS = ["host", "domain", "target", "source"]
@@ -34,12 +35,38 @@ TEXTFILE_NAME = "vmtrim.prom"
 
 
 class HistoryCollector(Collector):
-    """Collects the metrics above from the database at ``path`` on every scrape."""
+    """Collects the metrics above from the database at ``path``.
+
+    The database changes only when a run records, while Prometheus scrapes every few
+    seconds; so the families are kept until the database file or its WAL changes (inode,
+    size, mtime), and a scrape between runs costs a stat() of two files.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
-        self.path = path
+        self.path = Path(path) if path is not None else default_db_path()
+        self._lock = threading.Lock()
+        self._cached: tuple[object, list[Metric]] | None = None
+
+    def _fingerprint(self) -> object:
+        marks: list[tuple[int, int, int] | None] = []
+        for file in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                st = file.stat()
+            except OSError:
+                marks.append(None)
+                continue
+            marks.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(marks)
 
     def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            mark = self._fingerprint()
+            if self._cached is None or self._cached[0] != mark:
+                self._cached = (mark, self._read())
+            families = self._cached[1]
+        yield from families
+
+    def _read(self) -> list[Metric]:
         up = GaugeMetricFamily(
             "vmtrim_history_up", "1 when the history database could be read, else 0"
         )
@@ -48,11 +75,9 @@ class HistoryCollector(Collector):
                 families = list(_families(history))
         except HistoryUnavailable:
             up.add_metric([], 0)
-            yield up
-            return
+            return [up]
         up.add_metric([], 1)
-        yield up
-        yield from families
+        return [up, *families]
 
 
 def _families(history: History) -> Iterator[Metric]:

@@ -52,26 +52,50 @@ def _marks(items: Sequence[str]) -> str:
     return ", ".join("?" * len(items))
 
 
-def disk_states(history: History, kinds: Sequence[str] = FLEET_KINDS) -> list[DiskState]:
-    """One row per (host, domain, target): its latest result, and everything it gave back.
+def disk_states(history: History) -> list[DiskState]:
+    """One row per fleet (domain, disk): its latest result, and everything it gave back.
 
-    SQLite takes the bare columns from the row that holds MAX(started), so this is one
-    pass over the results. Negative "reclaimed" (the disk grew while it was trimmed) does
-    not count against the total: a counter never goes down.
+    The latest result of each domain comes from the history's ``domain_totals`` (kept by
+    a trigger), so this is an index lookup per domain plus :func:`reclaimed_totals`.
     """
     sql = (
         "SELECT runs.host, r.domain, d.target, COALESCE(d.source, ''), d.virtual_size,"
         " COALESCE(d.allocated_after, d.allocated_before), d.guest_used,"
         " COALESCE(d.reclaimable_after, d.reclaimable_before), d.verdict, d.blocking_layer,"
-        " d.blocking_reason, MAX(r.started),"
-        " SUM(CASE WHEN d.reclaimed > 0 THEN d.reclaimed ELSE 0 END)"
+        " d.blocking_reason, r.started"
+        " FROM domain_totals t JOIN domain_results r ON r.id = t.last_result_id"
+        " JOIN runs ON runs.id = r.run_id JOIN disk_results d ON d.result_id = r.id"
+        " WHERE t.fleet = 1 ORDER BY runs.host, r.domain, d.target"
+    )
+    totals = reclaimed_totals(history)
+    with history._guard():
+        rows = history.db.execute(sql).fetchall()
+    return [
+        DiskState(
+            host, domain, target, source, virtual, allocated, used, reclaimable,
+            verdict, layer, reason, seen, totals.get((domain, target), 0),
+        )
+        for host, domain, target, source, virtual, allocated, used, reclaimable, verdict,
+        layer, reason, seen in rows
+    ]  # fmt: skip
+
+
+def reclaimed_totals(
+    history: History, kinds: Sequence[str] = FLEET_KINDS
+) -> dict[tuple[str, str], int]:
+    """(domain, target) -> bytes the host got back from it over all its results.
+
+    A negative "reclaimed" (the disk grew while it was trimmed) does not count against
+    the total: it is a counter, and counters never go down.
+    """
+    sql = (
+        "SELECT r.domain, d.target, SUM(MAX(d.reclaimed, 0))"
         " FROM disk_results d JOIN domain_results r ON r.id = d.result_id"
         " JOIN runs ON runs.id = r.run_id"
-        f" WHERE runs.kind IN ({_marks(kinds)})"
-        " GROUP BY runs.host, r.domain, d.target ORDER BY runs.host, r.domain, d.target"
+        f" WHERE runs.kind IN ({_marks(kinds)}) GROUP BY r.domain, d.target"
     )
     with history._guard():
-        return [DiskState(*row) for row in history.db.execute(sql, list(kinds))]
+        return {(d, t): int(v or 0) for d, t, v in history.db.execute(sql, list(kinds))}
 
 
 def trim_counts(history: History, kinds: Sequence[str] = FLEET_KINDS) -> list[TrimCount]:
@@ -96,34 +120,71 @@ def last_runs(history: History, kinds: Sequence[str] = FLEET_KINDS) -> list[Last
 
 
 @dataclass(frozen=True)
-class ResultPoint:
-    """One domain result over time: its disks' allocation and guest use, what came back."""
+class RunPoint:
+    """One fleet run: when, and its domains' allocation, guest use and reclaimed, summed."""
 
     run_id: int
-    domain: str
     started: float
-    status: str
-    allocated: int | None
-    guest_used: int | None
+    allocated: int
+    guest_used: int
     reclaimed: int
 
 
-def result_points(
-    history: History, since: float | None = None, kinds: Sequence[str] = FLEET_KINDS
-) -> list[ResultPoint]:
-    """Every fleet result since ``since``, oldest first, with its disks summed."""
-    params: list[object] = list(kinds)
+def _since(kinds: Sequence[str], since: float | None) -> tuple[str, list[object]]:
     where = f"runs.kind IN ({_marks(kinds)})"
+    params: list[object] = list(kinds)
     if since is not None:
         where += " AND r.started >= ?"
         params.append(since)
+    return where, params
+
+
+def run_points(
+    history: History, since: float | None = None, kinds: Sequence[str] = FLEET_KINDS
+) -> list[RunPoint]:
+    """Every fleet run since ``since``, oldest first, summed over its results in SQL."""
+    where, params = _since(kinds, since)
     sql = (
-        "SELECT r.run_id, r.domain, r.started, r.status,"
-        " SUM(COALESCE(d.allocated_after, d.allocated_before)), SUM(d.guest_used),"
-        " SUM(CASE WHEN d.reclaimed > 0 THEN d.reclaimed ELSE 0 END)"
+        "SELECT r.run_id, MIN(r.started),"
+        " COALESCE(SUM(COALESCE(d.allocated_after, d.allocated_before)), 0),"
+        " COALESCE(SUM(d.guest_used), 0), COALESCE(SUM(MAX(d.reclaimed, 0)), 0)"
         " FROM domain_results r JOIN runs ON runs.id = r.run_id"
         " JOIN disk_results d ON d.result_id = r.id"
-        f" WHERE {where} GROUP BY r.id ORDER BY r.started, r.id"
+        f" WHERE {where} GROUP BY r.run_id ORDER BY MIN(r.started), r.run_id"
     )
     with history._guard():
-        return [ResultPoint(*row) for row in history.db.execute(sql, params)]
+        return [RunPoint(*row) for row in history.db.execute(sql, params)]
+
+
+def domain_series(
+    history: History,
+    since: float | None,
+    until: float,
+    points: int = 60,
+    kinds: Sequence[str] = FLEET_KINDS,
+) -> dict[str, list[tuple[float, int, int]]]:
+    """domain -> [(time, allocated, reclaimed)], at most ``points`` buckets per domain.
+
+    A year of daily results is 365 points a domain; a table cell needs far fewer, and the
+    bucketing happens in SQL so that 1,000 domains stay one pass. Each bucket keeps the
+    last allocation in it (SQLite's bare columns with MAX) and the bytes trims gave back.
+    """
+    where, params = _since(kinds, since)
+    start = since if since is not None else 0.0
+    width = max((until - start) / points, 1.0)
+    sql = (
+        "SELECT r.domain, MAX(r.started),"
+        " SUM(COALESCE(d.allocated_after, d.allocated_before)), SUM(MAX(d.reclaimed, 0)),"
+        " CAST((r.started - ?) / ? AS INTEGER) AS bucket"
+        " FROM domain_results r JOIN runs ON runs.id = r.run_id"
+        " JOIN disk_results d ON d.result_id = r.id"
+        f" WHERE {where} GROUP BY r.domain, bucket ORDER BY r.domain, bucket"
+    )
+    series: dict[str, list[tuple[float, int, int]]] = {}
+    with history._guard():
+        for domain, started, allocated, reclaimed, _ in history.db.execute(
+            sql, [start, width, *params]
+        ):
+            if allocated is not None:
+                series.setdefault(domain, []).append((started, allocated, reclaimed or 0))
+    return series
