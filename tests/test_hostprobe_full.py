@@ -111,3 +111,19 @@ def test_cli_no_probe_names_the_flag(tmp_path: Path) -> None:
     xml.write_text(domain_xml(tmp_path / "disk.raw"))
     doc = json.loads(vmtrim("audit", "--json", "--no-probe", "--xml", str(xml)).stdout)
     assert "--no-probe" in host_layer(doc)["reason"]
+
+
+def test_a_remote_live_audit_blames_the_host_not_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The -c URI path of `vmtrim audit` (cli.audit.report_domains) for a remote URI."""
+    from vmtrim.cli.audit import report_domains
+    from vmtrim.sources.libvirt_xml import parse_domain_xml
+
+    domain = parse_domain_xml(domain_xml(tmp_path / "disk.raw"))
+    report_domains([domain], remote_uri="qemu+ssh://kvm7.example/system", as_json=True)
+    reason = host_layer(json.loads(capsys.readouterr().out))["reason"]
+    assert "kvm7.example" in reason and "--no-probe" not in reason
+    report_domains([domain], probe=False, remote_uri="qemu+ssh://kvm7.example/system", as_json=True)
+    assert "--no-probe" in host_layer(json.loads(capsys.readouterr().out))["reason"]
+    assert not os.listdir(tmp_path)

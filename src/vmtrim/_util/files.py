@@ -81,7 +81,6 @@ PathArg = str | os.PathLike[str]
 
 def _kind(mode: int) -> str:
     kinds: tuple[tuple[Callable[[int], bool], str], ...] = (
-        (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
@@ -138,6 +137,8 @@ def _open_regular(
         raise BadInput(f"cannot stat: {exc.strerror}", subject=subject) from exc
     if stat.S_ISLNK(first.st_mode):
         raise _link_refused(subject)
+    if stat.S_ISDIR(first.st_mode):
+        raise BadInput("is a directory, not a file", subject=subject)
     if not stat.S_ISREG(first.st_mode):
         raise BadInput(f"is {_kind(first.st_mode)}, not a regular file; {purpose}", subject=subject)
     try:
@@ -174,7 +175,9 @@ def read_input(path: str, *, limit: int = MAX_INPUT_BYTES) -> bytes:
             raise BadInput("stdin is closed", subject="<stdin>")
         return _read_capped(stream.read, limit, "<stdin>")
     try:
-        fd, st = _open_regular(path, path, follow=True, purpose="give a file, or '-' for stdin")
+        fd, st = _open_regular(
+            path, path, follow=True, purpose="give '-' to read a pipe from stdin"
+        )
     except FileNotFoundError as exc:
         raise BadInput("no such file", subject=path) from exc
     try:
