@@ -187,3 +187,46 @@ def test_killed_in_place_write_leaves_the_original_intact(tmp_path: Path) -> Non
     assert path.read_bytes() == original
     (backup,) = backups(path)  # the backup was complete before the write began
     assert backup.read_bytes() == original
+
+
+def test_bus_scsi_warns_before_the_write_and_in_json(tmp_path: Path) -> None:
+    path = tmp_path / "dom.xml"
+    path.write_text(materialize("old-virtio.xml", tmp_path, images=False))
+    out = tmp_path / "fixed.xml"
+    human = vmtrim("fix", "--xml", str(path), "--bus", "scsi", "-o", str(out), "--no-probe")
+    assert human.returncode == 0, human.stderr
+    err = human.stderr
+    warnings = [line for line in err.splitlines() if line.startswith("! warning: ")]
+    assert len(warnings) == 3
+    assert "vda (virtio) -> sd" in warnings[0] and "new driver" in warnings[0]
+    assert "Windows" in warnings[1] and "vioscsi" in warnings[1]
+    assert "/dev/vda" in warnings[2] and "fstab" in warnings[2]
+    assert err.index("! warning: ") < err.index(f"wrote {out}")  # said before the change
+    doc = json.loads(
+        vmtrim("fix", "--xml", str(path), "--bus", "scsi", "--json", "--no-probe").stdout
+    )
+    assert [f"! warning: {w}" for w in doc["warnings"]] == warnings
+    plain = json.loads(vmtrim("fix", "--xml", str(path), "--json", "--no-probe").stdout)
+    assert plain["warnings"] == []  # no --bus scsi: the hardware stays as it is
+
+
+def test_guest_advice_is_said_once_for_every_disk(tmp_path: Path) -> None:
+    path = tmp_path / "dom.xml"
+    path.write_text(materialize("all-disks.xml", tmp_path, images=False))
+    result = vmtrim("fix", "--xml", str(path), "--dry-run", "--no-probe")
+    guest = [line for line in result.stderr.splitlines() if "at guest_fs" in line]
+    assert len(guest) == 1
+    assert "fstrim.timer" in guest[0] and "Optimize-Volume -ReTrim" in guest[0]
+
+
+def test_hostile_names_after_in_place_print_escaped(tmp_path: Path) -> None:
+    """Nothing printed after the write reads untrusted text as markup or controls."""
+    path = tmp_path / "dom.xml"
+    text = materialize("design-scsi-nodriver.xml", tmp_path, images=False)
+    text = text.replace("<target dev='sda'", "<target dev='[bold]sda\u202e\x9b31m'")
+    path.write_text(text)
+    result = vmtrim("fix", "--xml", str(path), "--in-place", "--no-probe")
+    assert result.returncode == 0, result.stderr
+    assert "[bold]sda\\u202e\\x9b31m" in result.stderr
+    assert "\u202e" not in result.stderr and "\x9b" not in result.stderr
+    assert "discard='unmap'" in path.read_text()

@@ -295,3 +295,43 @@ def test_fix_raises_only_bad_input_and_is_idempotent(
             continue
         second = fix(first.new_text, options)
         assert second.new_text == first.new_text
+
+
+@pytest.mark.parametrize("name", xml_files())
+@pytest.mark.parametrize(
+    "options",
+    [FixOptions(), FixOptions(bus="scsi", all_disks=True, detect_zeroes="unmap")],
+    ids=["discard", "all-disks"],
+)
+def test_dry_run_diff_applies_with_patch(name: str, options: FixOptions, tmp_path: Path) -> None:
+    """The diff built from the editor's edits is one patch(1) applies to give the fix."""
+    text = materialize(name, tmp_path, images=False)
+    result = fix_domain_xml(text, options, probes=HostProbes(local=False), read_images=False)
+    target = tmp_path / "domain.xml"
+    target.write_text(text)
+    applied = subprocess.run(
+        ["patch", "--no-backup-if-mismatch", str(target)],
+        input=result.diff,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert target.read_text() == result.new_text
+
+
+def test_diff_of_many_disks_has_a_line_per_change(tmp_path: Path) -> None:
+    disk = (
+        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n"
+        "      <source file='/i/{n}.img'/>\n      <target dev='sd{n}' bus='scsi'/>\n"
+        "    </disk>\n"
+    )
+    names = [f"{a}{b}" for a in "abcdefghij" for b in "abcdefghijklmnopqrstuvwxyz"]
+    text = "<domain type='kvm'>\n  <name>many</name>\n  <devices>\n"
+    text += "".join(disk.format(n=n) for n in names) + "  </devices>\n</domain>\n"
+    result = fix_domain_xml(text, probes=HostProbes(local=False), read_images=False)
+    lines = result.diff.splitlines()
+    removed = [line for line in lines if line.startswith("-") and not line.startswith("---")]
+    added = [line for line in lines if line.startswith("+") and not line.startswith("+++")]
+    assert removed == ["-      <driver name='qemu' type='raw'/>"] * len(names)
+    assert added == ["+      <driver name='qemu' type='raw' discard='unmap'/>"] * len(names)

@@ -36,9 +36,15 @@ if TYPE_CHECKING:
     from vmtrim.image.info import ImageInfo
 
 _PASSTHROUGH = {"scsi-block", "scsi-generic"}
-_GUEST_FIX = (
+_LINUX_FIX = (
     "in the guest: mount with `-o discard`, or enable periodic trims"
     " (`systemctl enable --now fstrim.timer`)"
+)
+# When the guest's OS is not known (no agent), the advice covers both.
+_GUEST_FIX = (
+    "in the guest: Linux: mount with `-o discard`, or enable periodic trims"
+    " (`systemctl enable --now fstrim.timer`); Windows trims by itself"
+    " (`Optimize-Volume -ReTrim` trims now)"
 )
 
 
@@ -173,7 +179,7 @@ class _DiskAudit:
                         kind,
                         Verdict.UNKNOWN,
                         f"{where}: vmtrim does not know this filesystem",
-                        _GUEST_FIX,
+                        _LINUX_FIX,
                     )
                 )
                 continue

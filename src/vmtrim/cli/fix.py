@@ -16,6 +16,8 @@ not change it (for example virtio-blk on a machine type before 4.0 without
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -25,6 +27,7 @@ from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
 
 if TYPE_CHECKING:
     from vmtrim._util.files import FileUpdate
+    from vmtrim.fix.libvirt import Progress
 
 
 @click.command("fix")
@@ -44,7 +47,8 @@ if TYPE_CHECKING:
               help="Replace the input file atomically, after a 0600 backup beside it.")  # fmt: skip
 @click.option("--force", is_flag=True,
               help="With -o or --in-place: replace a read-only or hard-linked file"
-              " (the hard link is broken).")  # fmt: skip
+              " (the hard link is broken). With --restart: destroy (power off) a domain"
+              " still running after --restart-timeout.")  # fmt: skip
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
@@ -99,6 +103,7 @@ def fix(
             dry_run=dry_run,
             restart=restart,
             restart_timeout=restart_timeout,
+            force=force,
             as_json=as_json,
         )
     if restart:
@@ -126,6 +131,8 @@ def fix(
         edit = stack.enter_context(update_file(path, force=force)) if in_place else None
         data = edit.data if edit is not None else None
         result = run_fix(path, options, xml=xml_file is not None, probe=not no_probe, data=data)
+        if not as_json:
+            print_warnings(result.warnings)
         written, backup = _write(result, path, output=output, edit=edit, force=force)
     if as_json:
         from vmtrim.output import print_json
@@ -152,6 +159,7 @@ def fix(
         elif not (in_place or output):
             click.echo(result.new_text, nl=False)
         summarize(result, written=written, backup=backup)
+        print_remaining([(None, result)])
     return EXIT_FINDINGS if any(skip.blocking for skip in result.skipped) else EXIT_OK
 
 
@@ -197,40 +205,66 @@ def _write(
 
 
 def summarize(result: FixResult, *, written: str | None, backup: str | None) -> None:
-    """The human summary on stderr: a table of changes, the disks left alone, what remains."""
-    from rich.table import Table
+    """The human summary on stderr: a table of changes, the disks left alone, the write.
 
-    from vmtrim.output import console
+    Everything printed is escaped plain text (never rich markup): after an --in-place
+    write nothing here can fail on a hostile path or disk name.
+    """
+    from vmtrim.output import Column, print_line, print_note, render_table
 
-    err = console(stderr=True)
     if result.changes:
-        table = Table(title=f"vmtrim fix: {result.subject}", title_justify="left")
-        for column in ("disk", "setting", "old", "new"):
-            table.add_column(column)
-        for change in result.changes:
-            table.add_row(change.disk or "(domain)", change.setting, change.old or "-",
-                          change.new or "-")  # fmt: skip
-        err.print(table)
+        render_table(
+            [
+                Column("disk"),
+                Column("setting"),
+                Column("old", shorten="end"),
+                Column("new", shorten="end"),
+            ],
+            [[c.disk or "(domain)", c.setting, c.old or "-", c.new or "-"] for c in result.changes],
+            title=f"vmtrim fix: {result.subject}",
+            stderr=True,
+        )
     if result.already:
-        err.print(f"already enabled: {', '.join(result.already)}")
+        print_note(f"already enabled: {_names(result.already)}", err=True)
     for skip in result.skipped:
-        mark = "[red]✗[/]" if skip.blocking else "·"
-        err.print(f"{mark} left alone: {skip.disk}: {skip.reason}", markup=True)
-    # The same finding on many disks (the guest, without an agent) is printed once.
-    grouped: dict[tuple[str, str, str, str | None], list[str]] = {}
-    for item in result.remaining:
-        grouped.setdefault((item.verdict, item.layer, item.reason, item.fix), []).append(item.disk)
-    for (verdict, layer, reason, fix_text), disks in grouped.items():
-        how = f" ({fix_text})" if fix_text else ""
-        err.print(f"! still {verdict} at {layer} ({', '.join(disks)}): {reason}{how}",
-                  markup=False)  # fmt: skip
+        mark = "✗" if skip.blocking else "·"
+        print_line(f"{mark} left alone: {skip.disk}: {skip.reason}", err=True)
     if not result.changed:
         if not result.fixed and not result.already:
-            err.print("nothing to fix: no writable disk that fix can change")
+            print_note("nothing to fix: no writable disk that fix can change", err=True)
         else:
-            err.print("already enabled: nothing to change")
+            print_note("already enabled: nothing to change", err=True)
     if written:
-        err.print(f"wrote {written}" + (f" (backup: {backup})" if backup else ""), markup=False)
+        print_line(f"wrote {written}" + (f" (backup: {backup})" if backup else ""), err=True)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """What the change does to the guest, on stderr, before it is made."""
+    from vmtrim.output import print_line
+
+    for warning in warnings:
+        print_line(f"! warning: {warning}", err=True)
+
+
+def print_remaining(results: list[tuple[str | None, FixResult]]) -> None:
+    """What no configuration can fix, once per run: the same advice for many disks (or
+    domains) is one line."""
+    from vmtrim.output import print_note
+
+    grouped: dict[tuple[str, str, str, str | None], list[str]] = {}
+    for domain, result in results:
+        for item in result.remaining:
+            key = (item.verdict, item.layer, item.reason, item.fix)
+            grouped.setdefault(key, []).append(f"{domain}:{item.disk}" if domain else item.disk)
+    for (verdict, layer, reason, fix_text), disks in grouped.items():
+        how = f" ({fix_text})" if fix_text else ""
+        print_note(f"! still {verdict} at {layer} ({_names(disks)}): {reason}{how}", err=True)
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, … ({len(names)} disks)"
 
 
 def fix_libvirt(
@@ -241,16 +275,17 @@ def fix_libvirt(
     dry_run: bool,
     restart: bool,
     restart_timeout: float,
+    force: bool,
     as_json: bool,
 ) -> int:
     """``fix -c URI DOMAIN...``: see :mod:`vmtrim.fix.libvirt` for the steps."""
     from vmtrim.channels.libvirt import connection, select_domains
     from vmtrim.fix.libvirt import POWER_CYCLE_NOTE, fix_live
-    from vmtrim.output import console
+    from vmtrim.output import print_line
 
     if not names:
         raise click.UsageError("name the domain(s) to fix")
-    with connection(uri) as conn:
+    with connection(uri) as conn, _shutdown_progress() as progress:
         outcomes = [
             fix_live(
                 conn,
@@ -259,6 +294,9 @@ def fix_libvirt(
                 dry_run=dry_run,
                 restart=restart,
                 restart_timeout=restart_timeout,
+                force=force,
+                warn=None if as_json else print_warnings_one,
+                progress=progress,
             )
             for dom in select_domains(conn, names, every=False)
         ]
@@ -270,16 +308,45 @@ def fix_libvirt(
         if dry_run:
             click.echo(outcome.result.diff, nl=False)
         summarize(outcome.result, written=None, backup=outcome.backup)
-        err = console(stderr=True)
         if outcome.defined:
-            err.print(
+            print_line(
                 f"{outcome.domain}: defined the fixed XML; read back: no difference left"
                 + (f" (backup: {outcome.backup})" if outcome.backup else ""),
-                markup=False,
+                err=True,
             )
         if outcome.restarted:
-            err.print(f"{outcome.domain}: restarted: the fix is in effect", markup=False)
+            how = " (destroyed after the shutdown timeout: --force)" if outcome.forced else ""
+            print_line(f"{outcome.domain}: restarted{how}: the fix is in effect", err=True)
         elif outcome.pending:
-            err.print(f"{outcome.domain}: {POWER_CYCLE_NOTE}", markup=False)
+            print_line(f"{outcome.domain}: {POWER_CYCLE_NOTE}", err=True)
+    if not as_json:
+        several = len(outcomes) > 1
+        print_remaining([(o.domain if several else None, o.result) for o in outcomes])
     blocking = any(skip.blocking for o in outcomes for skip in o.result.skipped)
     return EXIT_FINDINGS if blocking else EXIT_OK
+
+
+def print_warnings_one(warning: str) -> None:
+    print_warnings([warning])
+
+
+@contextmanager
+def _shutdown_progress() -> Iterator[Progress | None]:
+    """A status line on stderr while --restart waits; none off a terminal or with --quiet."""
+    from vmtrim.output import progress_console, safe_text
+
+    out = progress_console()
+    if not out.is_terminal or out.quiet:
+        yield None
+        return
+    with out.status("") as status:
+
+        def show(domain: str, waited: float, timeout: float) -> None:
+            status.update(
+                safe_text(
+                    f"{domain}: waiting for the shutdown (guest agent, then ACPI):"
+                    f" {waited:.0f} s of {timeout:g} s"
+                )
+            )
+
+        yield show

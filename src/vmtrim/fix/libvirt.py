@@ -8,20 +8,35 @@
 5. read it back and fix it again: the diff must now be empty, or libvirt did not
    keep what we wrote;
 6. a running domain keeps its old configuration until a full power cycle;
-7. ``--restart`` shuts it down (guest agent, then ACPI) within a timeout and starts it.
+7. ``--restart`` shuts it down (guest agent, then ACPI) within a timeout and starts it;
+   with ``force`` a domain still running at the timeout is destroyed (powered off).
+
+A running domain's guest agent is asked as ``audit -c`` asks it (its OS, filesystems and
+mount options go into the audit of the fixed definition), and before ``--bus scsi``
+renames disks its ``/etc/fstab`` is read for lines that name them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmtrim.channels.libvirt import Connection, error_text, fetch_domain_xml, libvirt_module
-from vmtrim.errors import BadInput, EnvironmentProblem
-from vmtrim.fix.policy import FixOptions, FixResult
-from vmtrim.sources.libvirt_live import pending_restart
+from vmtrim.channels.libvirt import (
+    Connection,
+    LibvirtAgent,
+    error_text,
+    fetch_domain_xml,
+    libvirt_module,
+)
+from vmtrim.errors import AgentCommandFailed, AgentUnavailable, BadInput, EnvironmentProblem
+from vmtrim.fix.policy import FixOptions, FixResult, fstab_warnings
+from vmtrim.model import Domain
+from vmtrim.sources.libvirt_live import live_domain, pending_restart
 from vmtrim.sources.libvirt_xml import parse_domain_xml
+
+Progress = Callable[[str, float, float], None]  # (domain, seconds waited, timeout)
 
 POWER_CYCLE_NOTE = (
     "the running domain keeps its old disk configuration until a full power "
@@ -40,6 +55,7 @@ class LiveFix:
     running: bool = False
     pending: list[str] | None = None  # what still differs between running and defined
     restarted: bool = False
+    forced: bool = False  # --force: destroyed after the shutdown timeout
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +67,7 @@ class LiveFix:
             "running": self.running,
             "pending_restart": self.pending or [],
             "restarted": self.restarted,
+            "forced": self.forced,
             "diff": self.result.diff,
         }
 
@@ -71,7 +88,12 @@ def fix_live(
     dry_run: bool = False,
     restart: bool = False,
     restart_timeout: float = 120.0,
+    force: bool = False,
+    agent_timeout: float = 10.0,
+    warn: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> LiveFix:
+    """Fix one defined domain. ``warn`` gets each warning before the definition changes."""
     from vmtrim._util.files import backup_to_state
     from vmtrim.audit.hostprobe import HostProbes
     from vmtrim.fix.xml import fix_domain_xml
@@ -80,9 +102,15 @@ def fix_live(
     if not dom.isPersistent():
         raise BadInput("a transient domain has no definition to fix; define it first", subject=name)
     probes = HostProbes.choose(remote_uri=None if conn.local else conn.uri)
+    live = live_domain(conn, dom, agent_timeout)  # what audit -c sees: versions, guest facts
     original = fetch_domain_xml(dom, inactive=True, secure=True)
-    result = fix_domain_xml(original, options, subject=name, probes=probes)
+    result = fix_domain_xml(original, options, subject=name, probes=probes, live=live)
     outcome = LiveFix(domain=name, result=result, dry_run=dry_run, running=bool(dom.isActive()))
+    if result.moves:
+        result.warnings += _guest_fstab(dom, live, result, agent_timeout)
+    if warn is not None:
+        for warning in result.warnings:
+            warn(warning)
     if dry_run:
         return outcome
     if result.changed:
@@ -99,30 +127,63 @@ def fix_live(
                 subject=name,
             )
     if outcome.running:
-        live = parse_domain_xml(fetch_domain_xml(dom), subject=name)
+        running = parse_domain_xml(fetch_domain_xml(dom), subject=name)
         outcome.pending = pending_restart(
-            live, parse_domain_xml(fetch_domain_xml(dom, inactive=True), subject=name)
+            running, parse_domain_xml(fetch_domain_xml(dom, inactive=True), subject=name)
         )
         if restart and outcome.pending:
-            power_cycle(dom, name, restart_timeout)
+            outcome.forced = power_cycle(dom, name, restart_timeout, force=force, progress=progress)
             outcome.restarted = True
             outcome.pending = []
     return outcome
 
 
-def power_cycle(dom: Any, name: str, timeout: float) -> None:
-    """Shut down (guest agent first, then ACPI) and start again; never forces power off."""
+def _guest_fstab(dom: Any, live: Domain, result: FixResult, timeout: float) -> list[str]:
+    """Warnings from the guest's /etc/fstab (guest-exec), or why it could not be read."""
+    guest = live.guest
+    if guest is None or not guest.agent:
+        why = guest.reason if guest is not None and guest.reason else "no guest agent"
+        return [f"could not read the guest's /etc/fstab ({why}): check it for such names"]
+    if guest.is_windows:
+        return []
+    try:
+        status = LibvirtAgent(dom).run("cat", ["/etc/fstab"], timeout)
+    except (AgentUnavailable, AgentCommandFailed) as exc:
+        return [f"could not read the guest's /etc/fstab: {exc.one_line()}"]
+    if status.exitcode != 0:
+        return ["the guest has no readable /etc/fstab: check its mounts for such names"]
+    found = fstab_warnings(status.out_data.decode("utf-8", "replace"), result.moves)
+    return found or ["the guest's /etc/fstab names none of the moved disks by device"]
+
+
+def power_cycle(
+    dom: Any, name: str, timeout: float, *, force: bool = False, progress: Progress | None = None
+) -> bool:
+    """Shut down (guest agent first, then ACPI) and start again; True when it was forced.
+
+    Without ``force`` a domain still running at the timeout is left running and this
+    raises; with it the domain is destroyed (powered off, as pulling the plug).
+    """
     libvirt = libvirt_module()
     flags = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+    start = time.monotonic()
     _libvirt_call(name, "shutdown failed", dom.shutdownFlags, flags)
-    deadline = time.monotonic() + timeout
+    forced = False
     while dom.isActive():
-        if time.monotonic() >= deadline:
-            raise EnvironmentProblem(
-                f"did not shut down within {timeout:g} s (neither the guest agent nor ACPI "
-                "powered it off); it is still running with the old configuration, and the "
-                "fixed definition is saved",
-                subject=name,
-            )
+        waited = time.monotonic() - start
+        if progress is not None:
+            progress(name, waited, timeout)
+        if waited >= timeout:
+            if not force:
+                raise EnvironmentProblem(
+                    f"did not shut down within {timeout:g} s (neither the guest agent nor ACPI"
+                    " powered it off); it is still running with the old configuration, and the"
+                    " fixed definition is saved; --force destroys it after the timeout",
+                    subject=name,
+                )
+            _libvirt_call(name, "destroy failed", dom.destroy)
+            forced = True
+            break
         time.sleep(0.2)
     _libvirt_call(name, "start failed", dom.create)
+    return forced

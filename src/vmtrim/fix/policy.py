@@ -99,6 +99,15 @@ class Remaining:
         }
 
 
+@dataclass(frozen=True)
+class BusMove:
+    """A disk that ``--bus scsi`` moved: its old name and bus, its new name."""
+
+    old: str
+    new: str
+    old_bus: str | None
+
+
 @dataclass
 class FixResult:
     """The outcome of one fix: ``new_text`` equals ``original`` when nothing had to change."""
@@ -112,6 +121,7 @@ class FixResult:
     fixed: list[str] = field(default_factory=list)  # disks that were changed
     remaining: list[Remaining] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the change does to the guest
+    moves: list[BusMove] = field(default_factory=list)  # disks --bus scsi moved
     # The edits that made new_text, as (start, end, replacement) in the original; None
     # when the fixer does not keep them (the diff then compares the whole texts).
     edits: list[tuple[int, int, str]] | None = None
@@ -244,6 +254,46 @@ def _with_newline(lines: list[str]) -> list[str]:
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
     return lines
+
+
+def bus_move_warnings(moves: list[BusMove]) -> list[str]:
+    """What moving disks to virtio-scsi does to the guest, said before it happens."""
+    if not moves:
+        return []
+    what = ", ".join(f"{m.old} ({m.old_bus or '?'}) -> {m.new}" for m in moves)
+    warnings = [
+        f"--bus scsi changes the guest's hardware: {what} on virtio-scsi. The guest sees a"
+        " new driver (Linux virtio_scsi, Windows vioscsi) and new device names (its own"
+        " /dev/sdX order need not follow libvirt's target names)",
+        "a Windows guest without the vioscsi driver (virtio-win) will not boot from a disk"
+        " moved to virtio-scsi: install the driver before the restart",
+    ]
+    names = sorted({f"/dev/{m.old}" for m in moves if m.old[:2] in ("vd", "hd")})
+    if names:
+        warnings.append(
+            f"lines in the guest's /etc/fstab (and crypttab, the boot loader) that name"
+            f" {', '.join(names)} or /dev/disk/by-path break: use UUID= or LABEL= first"
+        )
+    return warnings
+
+
+def fstab_warnings(fstab: str, moves: list[BusMove]) -> list[str]:
+    """The guest's /etc/fstab lines that name a device the move renames."""
+    virtio = any((m.old_bus or "") == "virtio" or m.old.startswith("vd") for m in moves)
+    prefixes = ["/dev/disk/by-path/"]
+    prefixes += [f"/dev/{m.old}" for m in moves if m.old[:2] in ("vd", "hd")]
+    if virtio:  # udev's by-id names carry the bus: virtio-SERIAL becomes scsi-0QEMU_...
+        prefixes.append("/dev/disk/by-id/virtio-")
+    found = []
+    for number, line in enumerate(fstab.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if any(fields[0].startswith(prefix) for prefix in prefixes):
+            found.append(f"the guest's /etc/fstab line {number} mounts {fields[0]}: {line.strip()}")
+    if found:
+        found.append("change those lines to UUID= or LABEL= before the restart")
+    return found
 
 
 def disk_name(disk: Disk) -> str:

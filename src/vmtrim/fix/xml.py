@@ -30,18 +30,20 @@ from vmtrim._util.domxml import DiskElement, disks
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.fix.policy import (
+    BusMove,
     Change,
     FixOptions,
     FixResult,
     Remaining,
     Skip,
+    bus_move_warnings,
     disk_name,
     leave_alone,
     move_to_scsi,
     remaining_after,
 )
 from vmtrim.fix.xmledit import XmlEditor
-from vmtrim.model import Disk, DiskReport, Locator, StorageKind, XmlDisk
+from vmtrim.model import Disk, DiskReport, Domain, Locator, StorageKind, XmlDisk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 VIRTIO_SCSI = "virtio-scsi"
@@ -58,12 +60,17 @@ def fix_domain_xml(
     subject: str = "<xml>",
     probes: HostProbes | None = None,
     read_images: bool = True,
+    live: Domain | None = None,
 ) -> FixResult:
-    """Fix one libvirt domain XML document. Raises only :class:`BadInput` on bad input."""
+    """Fix one libvirt domain XML document. Raises only :class:`BadInput` on bad input.
+
+    ``live`` is the running domain's model (:func:`vmtrim.sources.libvirt_live.live_domain`):
+    its versions and guest-agent facts go into both audits, before and after the fix.
+    """
     options = options or FixOptions()
     options.check(subject, command_line=False)
     probes = probes or HostProbes()
-    domain = parse_domain_xml(xml_text, subject)
+    domain = _with_live(parse_domain_xml(xml_text, subject), live)
     editor = XmlEditor(xml_text, subject)
     root = editor.root
     if root.tag == "domstatus":  # libvirt's status file: the domain is inside
@@ -79,17 +86,44 @@ def fix_domain_xml(
     result.edits = editor.edits()
     editor.check()
     result.changes = fixer.changes
-    result.remaining = _audit_again(result, fixer, subject, probes, read_images)
+    result.warnings = bus_move_warnings(fixer.moves)
+    result.moves = fixer.moves
+    result.remaining = _audit_again(result, fixer, subject, probes, read_images, live)
     return result
 
 
+def _with_live(domain: Domain, live: Domain | None) -> Domain:
+    """The definition's model with the running domain's versions and guest facts.
+
+    A disk's guest filesystems follow its source: ``--bus scsi`` renames the target.
+    """
+    if live is None:
+        return domain
+    domain.qemu_version, domain.libvirt_version = live.qemu_version, live.libvirt_version
+    domain.guest = live.guest
+    by_source = {d.source: d.guest_filesystems for d in live.disks if d.source}
+    by_target = {d.target: d.guest_filesystems for d in live.disks if d.target}
+    for disk in domain.disks:
+        if disk.source in by_source:
+            disk.guest_filesystems = by_source[disk.source]
+        elif disk.target in by_target:
+            disk.guest_filesystems = by_target[disk.target]
+    return domain
+
+
 def _audit_again(
-    result: FixResult, fixer: _XmlFixer, subject: str, probes: HostProbes, read_images: bool
+    result: FixResult,
+    fixer: _XmlFixer,
+    subject: str,
+    probes: HostProbes,
+    read_images: bool,
+    live: Domain | None,
 ) -> list[Remaining]:
     if not result.changed:
         reports = fixer.reports
     else:
-        reports = audit_domain(parse_domain_xml(result.new_text, subject), probes, read_images)
+        fixed = _with_live(parse_domain_xml(result.new_text, subject), live)
+        reports = audit_domain(fixed, probes, read_images)
     return remaining_after(
         (report, disk_name(report.disk))
         for report in reports
@@ -105,6 +139,7 @@ class _XmlFixer:
     changes: list[Change] = field(default_factory=list)
     reports: list[DiskReport] = field(default_factory=list)
     touched: set[Locator] = field(default_factory=set)  # locators of fixed or already-fine disks
+    moves: list[BusMove] = field(default_factory=list)
     _controller: str | None = None
 
     def __post_init__(self) -> None:
@@ -193,6 +228,7 @@ class _XmlFixer:
         old_bus = xml.target_bus
         xml.target_bus = "scsi"
         self.changes.append(Change(new_dev, "bus", old_bus, "scsi"))
+        self.moves.append(BusMove(old_dev, new_dev, old_bus))
         drive = (
             (DiskElement.address_type, "drive"),
             (DiskElement.address_controller, controller),
