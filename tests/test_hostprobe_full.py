@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from files_support import fill, run, small_tmpfs, vmtrim
-from vmtrim.audit.hostprobe import HostProbes, punch_hole_probe
+from vmtrim.audit.hostprobe import HostProbes, block_device_probe, punch_hole_probe
 from vmtrim.facts import NOTES
 from vmtrim.model import Verdict
 
@@ -127,3 +127,15 @@ def test_a_remote_live_audit_blames_the_host_not_the_flag(
     report_domains([domain], probe=False, remote_uri="qemu+ssh://kvm7.example/system", as_json=True)
     assert "--no-probe" in host_layer(json.loads(capsys.readouterr().out))["reason"]
     assert not os.listdir(tmp_path)
+
+
+def test_a_device_without_discard_carries_the_sticky_note(ramfs: Path) -> None:
+    backing = ramfs / "lo.img"
+    backing.write_bytes(b"\0" * (1 << 20))
+    device = run("losetup", "--find", "--show", str(backing))
+    try:
+        probe = block_device_probe(device)
+    finally:
+        run("losetup", "-d", device)
+    assert probe.verdict is Verdict.BLOCK
+    assert NOTES["punch_hole_sticky"] in probe.notes

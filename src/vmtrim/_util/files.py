@@ -164,9 +164,9 @@ def _link_refused(subject: str) -> BadInput:
 def read_input(path: str, *, limit: int = MAX_INPUT_BYTES) -> bytes:
     """Read a regular file (or stdin for ``-``), at most ``limit`` bytes; else BadInput.
 
-    A FIFO, device, directory or socket is refused without being read (a FIFO is
-    never opened for long enough to block); a file or stream over ``limit`` is refused
-    once one byte past it has been read. Symbolic links are followed: reading through
+    A FIFO, device, directory or socket is refused before it is opened (so a FIFO
+    cannot block and a device's open has no side effects); a file or stream over
+    ``limit`` is refused once one byte past it has been read. Symbolic links are followed: reading through
     one changes nothing.
     """
     if path == "-":

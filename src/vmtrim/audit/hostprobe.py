@@ -10,10 +10,12 @@ path that is missing or unreadable, or a filesystem that is full: that is an
 ``unknown`` answer ("could not probe: no space"), and the audit goes on. A full disk is
 exactly when people run this tool.
 
-A filesystem that cannot punch holes carries the ``punch_hole_sticky`` note
-(:data:`vmtrim.facts.NOTES`): QEMU's file driver clears ``has_discard`` on the first
-``ENOTSUP`` (block/file-posix.c, ``handle_aiocb_discard``) and stops trying for that
-open file, so even after the filesystem is fixed, QEMU must reopen the image.
+A filesystem that cannot punch holes, or a device without discard, carries the
+``punch_hole_sticky`` note (:data:`vmtrim.facts.NOTES`) in :attr:`Probe.notes` and in
+its fix: QEMU's file-posix driver clears ``has_discard`` on the first ``ENOTSUP``
+(block/file-posix.c, ``handle_aiocb_discard``, for fallocate and BLKDISCARD alike) and
+never tries again for that open file, so after the storage is fixed QEMU must reopen
+the image (restart the guest) before discards free anything.
 
 :class:`HostProbes` knows why it does not probe (``off_reason``): the user's
 ``--no-probe``, or disks that live on a remote libvirt host, whose paths name files
@@ -145,10 +147,13 @@ def block_device_probe(path: str) -> Probe:
             continue
         if value > 0:
             return Probe(Verdict.PASS, f"{path} supports discard (discard_max_bytes={value})")
+        sticky = NOTES["punch_hole_sticky"]  # BLKDISCARD's ENOTSUP is just as sticky
         return Probe(
             Verdict.BLOCK,
             f"{path} does not support discard (discard_max_bytes=0)",
-            "put the disk on a device or LV that supports discard (thin LV, SSD)",
+            "put the disk on a device or LV that supports discard (thin LV, SSD), then"
+            f" restart the guest's QEMU: {sticky.message}",
+            (sticky,),
         )
     return Probe(Verdict.UNKNOWN, f"{path}: no queue/discard_max_bytes in {sysdir}")
 
