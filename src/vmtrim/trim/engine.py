@@ -317,10 +317,10 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
         result = TrimResult(
             domain=target.name,
             status=SKIPPED,
-            reason=f"{target.name}: did not finish within --timeout {options.timeout:g} s",
+            reason=f"did not finish within --timeout {options.timeout:g} s",
         )
     if result.status == TRIMMED and shortfall(result):
-        _diagnose(result, target, deadline)
+        _diagnose(result, target, deadline + GRACE, pending)
     if not pending:
         # A connection an abandoned thread is still inside must not be closed under it;
         # the process exit reclaims it.
@@ -348,20 +348,26 @@ def _guarded(
     return result
 
 
-def _diagnose(result: TrimResult, target: Target, deadline: float) -> None:
+def _diagnose(result: TrimResult, target: Target, deadline: float, pending: set[str]) -> None:
     """The host got back far less than the guest trimmed: which layer dropped it?
 
-    The audit runs after the trim, in the time left (at least a few seconds: the
-    trim's result is already in hand and must not be lost to a slow audit).
+    The audit runs after the trim, in what is left of the target's --timeout; the
+    trim's result stands whatever the audit does.
     """
     said = (
         f"the host got back {_human(result.reclaimed_bytes)} of the"
         f" {_human(result.guest_trimmed_bytes)} the guest trimmed"
     )
+
+    def audit() -> list[Blocker]:
+        try:
+            return target.blockers()
+        finally:
+            pending.discard("audit")  # done: its connection may be closed
+
+    pending.add("audit")
     try:
-        blockers = call_with_deadline(
-            target.blockers, max(5.0, deadline - time.monotonic()), "audit"
-        )
+        blockers = call_with_deadline(audit, deadline - time.monotonic(), "audit")
     except Exception as exc:  # the trim result stands; say why there is no verdict
         text = exc.one_line() if isinstance(exc, VmtrimError) else f"{type(exc).__name__}: {exc}"
         result.reason = f"{said}; the audit could not tell why: {text}"
@@ -412,9 +418,7 @@ def _trim_into(
             pending.discard("agent")
 
     try:
-        result.paths = call_with_deadline(
-            trim_in_guest, deadline - agent_start, f"{target.name}: guest agent"
-        )
+        result.paths = call_with_deadline(trim_in_guest, deadline - agent_start, "guest agent")
     finally:
         result.agent_seconds = time.monotonic() - agent_start
     after = _measure_all(target, disks)
