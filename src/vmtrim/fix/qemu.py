@@ -330,7 +330,7 @@ class _QemuFixer:
         index = self.editor.new_index()
         names: dict[Locator, str] = {}
         for name, (word, group) in self.where.items():
-            at = index[word] if group is None else self.editor.inserted_at(word, group)
+            at = index[word] if group is None else self.editor.inserted_at(word, group, index)
             names[ArgvOption(at)] = name
         return names
 

@@ -166,6 +166,7 @@ class ParsedCommandLine:
     globals: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     domain: Domain | None = None
+    _lookup: _Index | None = field(default=None, repr=False, compare=False)
 
     @property
     def argv(self) -> list[str]:
@@ -179,19 +180,35 @@ class ParsedCommandLine:
 
     def option_at(self, locator: ArgvOption) -> Option | None:
         """The option whose last word is ``argv[locator.index]``."""
-        return self._by_last().get(locator.index)
+        return self._index().by_last.get(locator.index)
 
     def drive_for(self, option: Option) -> DriveSpec | None:
-        return next((d for d in self.drives if d.option == option), None)
+        return self._index().drives.get(option)
 
     def device_for(self, option: Option) -> OptionSpec | None:
-        return next((d for d in self.devices if d.option == option), None)
+        return self._index().devices.get(option)
 
     def drive_by_id(self, ident: str) -> DriveSpec | None:
-        return next((d for d in self.drives if d.opts.get("id") == ident), None)
+        return self._index().drive_ids.get(ident)
 
     def blockdev(self, node_name: str) -> OptionSpec | None:
-        return next((b for b in self.blockdevs if b.spec.get("node-name") == node_name), None)
+        return self._index().nodes.get(node_name)
+
+    def _index(self) -> _Index:
+        # Built once, after parsing: lookups stay O(1) on a 10,000-drive line.
+        if self._lookup is None:
+            self._lookup = _Index(
+                by_last={option.last: option for option in self.options},
+                drives={drive.option: drive for drive in self.drives},
+                devices={device.option: device for device in self.devices},
+                drive_ids={str(d.opts["id"]): d for d in reversed(self.drives) if "id" in d.opts},
+                nodes={
+                    str(b.spec["node-name"]): b
+                    for b in reversed(self.blockdevs)
+                    if isinstance(b.spec.get("node-name"), str)
+                },
+            )
+        return self._lookup
 
     def ids(self) -> set[str]:
         """Every id and node name the line uses (a new one must differ from all)."""
@@ -205,12 +222,14 @@ class ParsedCommandLine:
                 taken.update(re.findall(r"(?:^|,)id=([^,]+)", self.argv[option.value_index]))
         return taken
 
-    def _by_last(self) -> dict[int, Option]:
-        cached: dict[int, Option] | None = getattr(self, "_last_cache", None)
-        if cached is None:
-            cached = {option.last: option for option in self.options}
-            self._last_cache = cached
-        return cached
+
+@dataclass(frozen=True)
+class _Index:
+    by_last: dict[int, Option]
+    drives: dict[Option, DriveSpec]
+    devices: dict[Option, OptionSpec]
+    drive_ids: dict[str, DriveSpec]
+    nodes: dict[str, OptionSpec]
 
 
 def read_args_file(path: str) -> Domain:
@@ -420,14 +439,16 @@ def _name_drives(parsed: ParsedCommandLine) -> None:
     Checked against ``query-block`` of QEMU 7.2 on pc and q35.
     """
     taken: dict[str, set[tuple[int, int]]] = {}
+    cursors: dict[str, tuple[int, int]] = {}  # the first slot from bus 0 that may be free
     for drive in parsed.drives:
         interface = drive.interface
         per_bus = _UNITS_PER_BUS.get(interface, 0)
         if interface == "ide" and parsed.q35:
             per_bus = 1
-        bus, unit = _slot(drive, per_bus, taken.setdefault(interface, set()), parsed.subject)
+        used = taken.setdefault(interface, set())
+        bus, unit = _slot(drive, per_bus, used, cursors.get(interface, (0, 0)), parsed.subject)
         drive.bus, drive.unit = bus, unit
-        taken[interface].add((bus, unit))
+        used.add((bus, unit))
         if "id" in drive.opts:
             drive.name = str(drive.opts["id"])
         elif per_bus:
@@ -435,10 +456,23 @@ def _name_drives(parsed: ParsedCommandLine) -> None:
             drive.name = f"{interface}{bus}{media}{unit}"
         else:
             drive.name = f"{interface}{unit}"
+        cursor = cursors.get(interface, (0, 0))
+        while cursor in used:  # slots are only ever taken, so the cursor only moves on
+            cursor = _next_slot(cursor, per_bus)
+        cursors[interface] = cursor
+
+
+def _next_slot(slot: tuple[int, int], per_bus: int) -> tuple[int, int]:
+    bus, unit = slot[0], slot[1] + 1
+    return (bus + 1, 0) if per_bus and unit >= per_bus else (bus, unit)
 
 
 def _slot(
-    drive: DriveSpec, per_bus: int, taken: set[tuple[int, int]], subject: str
+    drive: DriveSpec,
+    per_bus: int,
+    taken: set[tuple[int, int]],
+    cursor: tuple[int, int],
+    subject: str,
 ) -> tuple[int, int]:
     opts = drive.opts
     try:
@@ -450,11 +484,11 @@ def _slot(
     if index is not None:
         bus, unit = (index // per_bus, index % per_bus) if per_bus else (0, index)
     if unit is None:
-        unit = 0
-        while (bus, unit) in taken:
-            unit += 1
-            if per_bus and unit >= per_bus:
-                bus, unit = bus + 1, 0
+        # The first free unit counting from (bus, 0); from bus 0, the cursor is that slot.
+        slot = cursor if bus == 0 else (bus, 0)
+        while slot in taken:
+            slot = _next_slot(slot, per_bus)
+        bus, unit = slot
     if (bus, unit) in taken:
         raise BadInput(
             f"two drives on if={shown(drive.interface)} bus={bus} unit={unit} (QEMU refuses this)",

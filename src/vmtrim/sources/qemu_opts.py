@@ -350,9 +350,9 @@ class LineEditor:
             at += 1 + len(self._inserted(index))
         return where
 
-    def inserted_at(self, index: int, group: int) -> int:
+    def inserted_at(self, index: int, group: int, new_index: list[int] | None = None) -> int:
         """Where the last word of insert group ``group`` after word ``index`` stands."""
-        base = -1 if index < 0 else self.new_index()[index]
+        base = -1 if index < 0 else (new_index or self.new_index())[index]
         groups = self.inserts[index]
         return base + sum(len(g) for g in groups[: group + 1])
 
