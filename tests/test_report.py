@@ -15,7 +15,9 @@ records it ``blocked``). Two runs of a policy fill the history. Then:
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -369,3 +371,6 @@ def test_report_opens_offline_in_chromium_with_the_history(
     wasters = elements(tree, '//table[@id="wasters"]/tbody/tr')
     assert len(wasters) == 2
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # VMTRIM_REPORT_PNG=docs/report.png keeps the screenshot of this real run for the README.
+    if os.environ.get("VMTRIM_REPORT_PNG"):
+        shutil.copyfile(shot, os.environ["VMTRIM_REPORT_PNG"])

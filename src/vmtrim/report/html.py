@@ -80,19 +80,30 @@ def _svg_open(chart_id: str) -> str:
     )
 
 
-def line_chart(series: Sequence[tuple[float, int, int, int]], chart_id: str) -> str:
-    """Allocated (line) and guest-used (dashed) over time, trims marked with a tick."""
+def line_chart(
+    series: Sequence[tuple[float, int, int, int]],
+    chart_id: str,
+    before: Sequence[int] | None = None,
+) -> str:
+    """Allocated (line) and guest-used (dashed) over time, trims marked with a tick.
+
+    With ``before`` (each point's allocation before its trims) the line drops at each
+    trim from before to after, so the space that came back is visible as a step.
+    """
     if not series:
         return f'<p id="{_e(chart_id)}" class="empty">No results in this period.</p>'
     t0, t1 = series[0][0], series[-1][0]
-    top = max(max(a, u) for _, a, u, _ in series) or 1
+    before = list(before) if before is not None else [a for _, a, _, _ in series]
+    top = max(max(a, u, b) for (_, a, u, _), b in zip(series, before, strict=True)) or 1
     sx, _ = _scale(t0, t1, WIDTH, PAD)
     sy = (HEIGHT - 2 * PAD) / top
 
     def xy(t: float, v: int) -> str:
         return f"{PAD + (t - t0) * sx:.1f},{HEIGHT - PAD - v * sy:.1f}"
 
-    allocated = " ".join(xy(t, a) for t, a, _, _ in series)
+    allocated = " ".join(
+        f"{xy(t, b)} {xy(t, a)}" for (t, a, _, _), b in zip(series, before, strict=True)
+    )
     used = " ".join(xy(t, u) for t, _, u, _ in series)
     points = "".join(
         f'<circle class="point" r="3" cx="{xy(t, a).split(",")[0]}" cy="{xy(t, a).split(",")[1]}"'
@@ -202,6 +213,7 @@ def render_report(history: History, since: float | None = None, now: float | Non
     runs = run_points(history, since)
     summary = summarise(states, runs)
     fleet = [(r.started, r.allocated, r.guest_used, r.reclaimed) for r in runs]
+    before = [r.allocated_before for r in runs]
     by_domain = domain_series(history, since, now)
     wasters = sorted(states, key=lambda s: -(s.reclaimable or 0))
     blocked = [s for s in states if s.verdict == "block"]
@@ -253,7 +265,7 @@ reclaimed bytes are what the host measured.</p>
 <p class="legend"><span style="color:#c0392b">— allocated on the host</span>
 <span style="color:#2471a3">- - used in the guests</span>
 <span style="color:#27ae60">| a trim that gave space back</span></p>
-{line_chart(fleet, "fleet-chart")}
+{line_chart(fleet, "fleet-chart", before)}
 <h2>Reclaimed per run</h2>
 {bar_chart(fleet, "reclaimed-chart")}
 <h2>Top wasters</h2>

@@ -125,9 +125,10 @@ class RunPoint:
 
     run_id: int
     started: float
-    allocated: int
+    allocated: int  # after the run's trims (before, for disks it did not trim)
     guest_used: int
     reclaimed: int
+    allocated_before: int  # before the run's trims
 
 
 def _since(kinds: Sequence[str], since: float | None) -> tuple[str, list[object]]:
@@ -147,7 +148,8 @@ def run_points(
     sql = (
         "SELECT r.run_id, MIN(r.started),"
         " COALESCE(SUM(COALESCE(d.allocated_after, d.allocated_before)), 0),"
-        " COALESCE(SUM(d.guest_used), 0), COALESCE(SUM(MAX(d.reclaimed, 0)), 0)"
+        " COALESCE(SUM(d.guest_used), 0), COALESCE(SUM(MAX(d.reclaimed, 0)), 0),"
+        " COALESCE(SUM(COALESCE(d.allocated_before, d.allocated_after)), 0)"
         " FROM domain_results r JOIN runs ON runs.id = r.run_id"
         " JOIN disk_results d ON d.result_id = r.id"
         f" WHERE {where} GROUP BY r.run_id ORDER BY MIN(r.started), r.run_id"
