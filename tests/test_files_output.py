@@ -16,6 +16,7 @@ import pytest
 
 from files_support import NOBODY, as_nobody, one_line, vmtrim
 from fix_support import materialize
+from vmtrim._util.files import MAX_INPUT_BYTES
 
 VICTIM_TEXT = b"root:x:0:0:root:/root:/bin/bash\n"
 
@@ -198,3 +199,15 @@ def test_hard_link_is_refused_unless_forced_and_then_broken(dom_xml: Path, tmp_p
     assert b"discard='unmap'" in dom_xml.read_bytes()
     assert other.read_bytes() == original  # the link is broken, as documented
     assert dom_xml.stat().st_ino != other.stat().st_ino
+
+
+def test_an_image_given_as_output_by_mistake_is_left_alone(dom_xml: Path, tmp_path: Path) -> None:
+    """An existing -o target bigger than any domain XML is not replaced (nor read whole)."""
+    image = tmp_path / "disk.raw"
+    with image.open("wb") as f:
+        f.truncate(MAX_INPUT_BYTES + 1)
+    before = snapshot(tmp_path)
+    result = vmtrim("fix", "--no-probe", "--xml", str(dom_xml), "-o", str(image))
+    assert result.returncode == 2, result.stderr
+    assert one_line(result, image).startswith("larger than")
+    assert snapshot(tmp_path) == before

@@ -117,6 +117,12 @@ def _read_capped(read: Callable[[int], bytes], limit: int, subject: str) -> byte
         chunks.append(chunk)
 
 
+def _read_regular(fd: int, st: os.stat_result, limit: int, subject: str) -> bytes:
+    if st.st_size > limit:  # refused without reading; /proc files say 0 and are capped below
+        raise _too_big(limit, subject)
+    return _read_capped(functools.partial(os.read, fd), limit, subject)
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -166,8 +172,8 @@ def read_input(path: str, *, limit: int = MAX_INPUT_BYTES) -> bytes:
 
     A FIFO, device, directory or socket is refused before it is opened (so a FIFO
     cannot block and a device's open has no side effects); a file or stream over
-    ``limit`` is refused once one byte past it has been read. Symbolic links are followed: reading through
-    one changes nothing.
+    ``limit`` is refused once one byte past it has been read. Symbolic links are
+    followed: reading through one changes nothing.
     """
     if path == "-":
         stream = sys.stdin.buffer if sys.stdin is not None else None
@@ -181,9 +187,7 @@ def read_input(path: str, *, limit: int = MAX_INPUT_BYTES) -> bytes:
     except FileNotFoundError as exc:
         raise BadInput("no such file", subject=path) from exc
     try:
-        if st.st_size > limit:
-            raise _too_big(limit, path)
-        return _read_capped(functools.partial(os.read, fd), limit, path)
+        return _read_regular(fd, st, limit, path)
     finally:
         os.close(fd)
 
@@ -384,11 +388,7 @@ def _open_for_update(
                 except FileNotFoundError:
                     os.close(fd)
                     continue
-            data = (
-                _read_capped(functools.partial(os.read, fd), MAX_INPUT_BYTES, subject)
-                if read
-                else None
-            )
+            data = _read_regular(fd, st, MAX_INPUT_BYTES, subject) if read else None
         except BaseException:
             os.close(fd)
             raise
