@@ -440,28 +440,6 @@ def test_cli_json_documents(images: dict[str, Path]) -> None:
     assert ours == theirs and len(ours) > 2
 
 
-def test_info_json_imports_neither_rich_nor_lxml(images: dict[str, Path]) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "vmtrim",
-            "image",
-            "info",
-            "--json",
-            str(images["snapshots"]),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
-    assert "numpy" in modules
-    assert not {m for m in modules if m.split(".")[0] in ("rich", "lxml")}
-
-
 def test_cli_scan_zeros(tmp_path: Path) -> None:
     img = create(tmp_path / "z.qcow2", 4 * MiB)
     qemu_io(img, "write -P 0 0 128k", "write -P 1 1M 64k")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import qemu_img
+from helpers import du_bytes, qemu_img
 from image_support import MiB, create, qemu_io
 from vmtrim.image.info import ImageInfo, inspect
 
@@ -45,13 +45,13 @@ def host_fs(
 
 
 def du(path: Path) -> int:
-    """What ``du -B1`` says, after the filesystem has allocated delayed writes."""
+    """What ``du -B1`` says, once the filesystem has allocated delayed writes."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        return os.fstat(fd).st_blocks * 512
     finally:
         os.close(fd)
+    return du_bytes(path)
 
 
 def discard_all(img: Path, size: int) -> None:

@@ -133,104 +133,86 @@ def _with_progress(label: str, work: Any) -> ImageInfo:
     return result
 
 
-def _render_info(top: ImageInfo) -> None:
-    from rich.table import Table
+def _info_rows(layer: ImageInfo) -> list[tuple[str, str]]:
+    """(what, value) lines of one layer, in the order an admin reads them."""
+    from vmtrim.output import human_bytes
 
-    from vmtrim.output import console, human_bytes
+    rows: list[tuple[str, str]] = []
 
-    con = console()
-    for depth, layer in enumerate(top.chain()):
-        table = Table(
-            title=f"{layer.path}" + (f" (backing depth {depth})" if depth else ""),
-            show_header=False,
-            title_justify="left",
+    def row(name: str, value: Any, *, size: bool = False) -> None:
+        if value is not None:
+            rows.append((name, f"{human_bytes(value)} ({value} B)" if size else str(value)))
+
+    g, h, r = layer.guest, layer.host, layer.reclaim
+    row("format", layer.format)
+    row("virtual size", layer.virtual_size, size=True)
+    row("file size (ls)", layer.file_size, size=True)
+    row("allocated (du)", layer.allocated_bytes, size=True)
+    if layer.format == "qcow2":
+        row("cluster size", layer.cluster_size, size=True)
+        row("compat / refcount bits", f"{layer.compat} / {layer.refcount_bits}")
+        on = [k for k, v in layer.features.items() if v is True]
+        row("features", ", ".join(on) or "none")
+        row("compression", layer.features["compression_type"])
+        if layer.features.get("external_data_file"):
+            row("external data file", layer.features["external_data_file"])
+        row("snapshots", layer.snapshot_count)
+        if layer.backing_file:
+            fmt = f" ({layer.backing_format})" if layer.backing_format else ""
+            row("backing file", f"{layer.backing_file} -> {layer.backing_path}{fmt}")
+        row("allocated / total clusters", f"{layer.allocated_clusters} / {layer.total_clusters}")
+        row("fragmented clusters", layer.fragmented_clusters)
+        stored = human_bytes(g.compressed_bytes)
+        row("compressed clusters", f"{layer.compressed_clusters} ({stored} stored)")
+        if layer.leaks or layer.corruptions:
+            row("qemu-img check: leaks / corruptions", f"{layer.leaks} / {layer.corruptions}")
+    row("guest: data", g.data_bytes, size=True)
+    row("guest: zero", g.zero_bytes, size=True)
+    if layer.format == "qcow2":
+        unalloc = human_bytes(g.unallocated_bytes)
+        row("guest: unallocated (from backing)", f"{unalloc} in {g.unallocated_ranges} ranges")
+        if g.data_subclusters is not None:
+            row(
+                "guest: data / zero / unallocated subclusters",
+                f"{g.data_subclusters} / {g.zero_subclusters} / {g.unallocated_subclusters}",
+            )
+        row("host: clusters in use", f"{h.clusters_in_use} ({human_bytes(h.bytes_in_use)})")
+        row(
+            "host: shared clusters (refcount >= 2)",
+            f"{h.shared_clusters} ({human_bytes(h.shared_bytes)})",
         )
-        table.add_column("what", style="bold")
-        table.add_column("value")
+        row("host: leaked clusters", f"{h.leaked_clusters} ({human_bytes(h.leaked_bytes)})")
+        row("host: metadata", h.metadata_bytes, size=True)
+        row("host: image end offset", h.image_end_offset, size=True)
+    row("host: punched holes", h.punched_hole_bytes, size=True)
+    if h.unwritten_bytes:
+        row("host: unwritten (fallocated, stored)", h.unwritten_bytes, size=True)
+    row("reclaim: most a full guest trim frees", r.max_trim_bytes, size=True)
+    if r.max_trim_note:
+        row("  why", r.max_trim_note)
+    row("reclaim: wasted now", r.wasted_bytes, size=True)
+    if layer.format == "qcow2":
+        row("  leaks", r.leaked_bytes, size=True)
+        row("  tail past image end", r.tail_bytes, size=True)
+    row("  all-zero data (--scan-zeros)", r.zero_data_bytes, size=True)
+    return rows
 
-        def row(name: str, value: Any, *, size: bool = False, _t: Table = table) -> None:
-            if value is None:
-                return
-            _t.add_row(name, f"{human_bytes(value)} ({value} B)" if size else str(value))
 
-        row("format", layer.format)
-        row("virtual size", layer.virtual_size, size=True)
-        row("file size (ls)", layer.file_size, size=True)
-        row("allocated (du)", layer.allocated_bytes, size=True)
-        if layer.format == "qcow2":
-            row("cluster size", layer.cluster_size, size=True)
-            row("compat / refcount bits", f"{layer.compat} / {layer.refcount_bits}")
-            on = [k for k, v in layer.features.items() if v is True]
-            row("features", ", ".join(on) or "none")
-            row("compression", layer.features["compression_type"])
-            if layer.features.get("external_data_file"):
-                row("external data file", layer.features["external_data_file"])
-            row("snapshots", layer.snapshot_count)
-            if layer.backing_file:
-                row(
-                    "backing file",
-                    f"{layer.backing_file} -> {layer.backing_path}"
-                    + (f" ({layer.backing_format})" if layer.backing_format else ""),
-                )
-            table.add_section()
-            row(
-                "allocated / total clusters", f"{layer.allocated_clusters} / {layer.total_clusters}"
-            )
-            row("fragmented clusters", layer.fragmented_clusters)
-            if layer.leaks or layer.corruptions:
-                row("qemu-img check: leaks / corruptions", f"{layer.leaks} / {layer.corruptions}")
-            row(
-                "compressed clusters",
-                f"{layer.compressed_clusters} ({human_bytes(layer.guest.compressed_bytes)} stored)",
-            )
-        g, h, r = layer.guest, layer.host, layer.reclaim
-        table.add_section()
-        row("guest: data", g.data_bytes, size=True)
-        row("guest: zero", g.zero_bytes, size=True)
-        if layer.format == "qcow2":
-            row(
-                "guest: unallocated (from backing)",
-                f"{human_bytes(g.unallocated_bytes)} in {g.unallocated_ranges} ranges",
-            )
-            if g.data_subclusters is not None:
-                row(
-                    "guest: data / zero / unallocated subclusters",
-                    f"{g.data_subclusters} / {g.zero_subclusters} / {g.unallocated_subclusters}",
-                )
-            table.add_section()
-            row("host: clusters in use", f"{h.clusters_in_use} ({human_bytes(h.bytes_in_use)})")
-            row(
-                "host: shared clusters (refcount >= 2)",
-                f"{h.shared_clusters} ({human_bytes(h.shared_bytes)})",
-            )
-            row("host: leaked clusters", f"{h.leaked_clusters} ({human_bytes(h.leaked_bytes)})")
-            row("host: metadata", h.metadata_bytes, size=True)
-            row("host: image end offset", h.image_end_offset, size=True)
-        row("host: punched holes", h.punched_hole_bytes, size=True)
-        if h.unwritten_bytes:
-            row("host: unwritten (fallocated, stored)", h.unwritten_bytes, size=True)
-        table.add_section()
-        row("reclaim: most a full guest trim frees", r.max_trim_bytes, size=True)
-        if r.max_trim_note:
-            row("  why", r.max_trim_note)
-        row("reclaim: wasted now", r.wasted_bytes, size=True)
-        if layer.format == "qcow2":
-            row("  leaks", r.leaked_bytes, size=True)
-            row("  tail past image end", r.tail_bytes, size=True)
-        row("  all-zero data (--scan-zeros)", r.zero_data_bytes, size=True)
-        con.print(table)
+def _render_info(top: ImageInfo) -> None:
+    from vmtrim.output import Column, render_table
+
+    columns = [Column("what"), Column("value", shorten="middle", min_width=20)]
+    for depth, layer in enumerate(top.chain()):
+        title = layer.path + (f" (backing depth {depth})" if depth else "")
+        render_table(columns, _info_rows(layer), title=title, show_header=False)
 
 
 def _render_map(path: str, ext: Extents) -> None:
     """Like qemu-img map's human format: only ranges that hold data, where they live."""
-    from rich.table import Table
+    from vmtrim.output import Column, human_bytes, print_line, render_table
 
-    from vmtrim.output import console, human_bytes
-
-    table = Table(title=f"{path}: data extents", title_justify="left")
-    for name in ("Offset", "Length", "Mapped to", "File"):
-        table.add_column(name, justify="left" if name == "File" else "right")
     totals = {"data": 0, "zero": 0, "unallocated": 0}
+    rows: list[list[str | None]] = []
     for row in ext.rows():
         length = int(row["length"])
         if not row["present"]:
@@ -241,15 +223,20 @@ def _render_map(path: str, ext: Extents) -> None:
             totals["data"] += length
         if row["data"] and not row["zero"]:
             offset = row.get("offset")
-            table.add_row(
-                f"{row['start']:#x}",
-                f"{length:#x}",
-                f"{offset:#x}" if offset is not None else "compressed",
-                ext.files[int(row["depth"])] if ext.files else "",
+            rows.append(
+                [
+                    f"{row['start']:#x}",
+                    f"{length:#x}",
+                    f"{offset:#x}" if offset is not None else "compressed",
+                    ext.files[int(row["depth"])] if ext.files else "",
+                ]
             )
-    con = console()
-    con.print(table)
-    con.print(
-        ", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
-        + f" in {len(ext)} extents"
-    )
+    columns = [
+        Column("Offset", justify="right"),
+        Column("Length", justify="right"),
+        Column("Mapped to", justify="right"),
+        Column("File", shorten="middle"),
+    ]
+    render_table(columns, rows, title=f"{path}: data extents")
+    summary = ", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
+    print_line(f"{summary} in {len(ext)} extents")

@@ -1,0 +1,112 @@
+"""`vmtrim image info|map` human tables: the shared style, fitted on a terminal, whole when
+piped, hostile file names escaped; and the modules `image info` loads."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from helpers import qemu_img
+from image_support import create, qemu_io
+from test_cli_audit_table import read_pty
+
+VMTRIM = [sys.executable, "-m", "vmtrim"]
+
+
+@pytest.fixture(scope="module")
+def long_named(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / ("deep-directory-name-" * 4).rstrip("-")
+    d.mkdir()
+    base = create(d / "base-of-the-chain.qcow2", "4M")
+    qemu_io(base, "write -P 1 0 64k", "write -P 2 1M 64k")
+    top = d / "top-layer-with-a-long-name.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "4M")
+    qemu_io(top, "write -P 3 2M 64k")
+    return top
+
+
+def _on_pty(args: list[str], columns: int) -> str:
+    """Run with stdout on a pseudo-terminal of ``columns`` columns; return what it showed."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["NO_COLOR"] = "1"
+    proc = subprocess.Popen(args, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    shown = read_pty(master)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    return shown.decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("command", ["info", "map"])
+def test_tables_fit_an_80_column_terminal(long_named: Path, command: str) -> None:
+    shown = _on_pty([*VMTRIM, "image", command, str(long_named)], 80)
+    lines = shown.splitlines()
+    assert lines and all(len(line) <= 80 for line in lines), shown
+    if command == "map":
+        # paths are shortened in the middle: where it is, and the file's own name
+        rows = [line for line in lines if line.lstrip().startswith("0x")]
+        assert rows and all("…" in row and row.endswith(".qcow2") for row in rows)
+
+
+@pytest.mark.parametrize("command", ["info", "map"])
+def test_piped_tables_are_one_whole_line_per_row(long_named: Path, command: str) -> None:
+    out = subprocess.run(
+        [*VMTRIM, "image", command, str(long_named)], check=True, capture_output=True, text=True
+    ).stdout
+    assert "…" not in out
+    if command == "map":
+        rows = [line for line in out.splitlines() if line.lstrip().startswith("0x")]
+        theirs = qemu_img("map", long_named).stdout.splitlines()[1:]
+        assert len(rows) == len(theirs) == 3
+        assert {row.split()[-1] for row in rows} == {line.split()[-1] for line in theirs}
+    else:
+        assert f"{long_named.parent}/base-of-the-chain.qcow2 (backing depth 1)" in out
+
+
+def test_control_characters_in_names_are_escaped(tmp_path: Path) -> None:
+    evil = tmp_path / "x\x1b[2J\x1b[Hforged\rrow.qcow2"
+    create(evil, "1M")
+    for args in (["info"], ["map"]):
+        piped = subprocess.run(
+            [*VMTRIM, "image", *args, str(evil)], check=True, capture_output=True, text=True
+        ).stdout
+        shown = _on_pty([*VMTRIM, "image", *args, str(evil)], 200)
+        for out in (piped, shown.replace("\n", "")):
+            assert "\x1b" not in out and "\r" not in out
+            assert "\\x1b[2J" in out
+
+
+FORBIDDEN = ("lxml", "rich", "libvirt", "libvirtmod", "qemu", "click_extra", "pygments", "yaml")
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_image_info_json_imports_only_what_it_needs(tmp_path: Path, fmt: str) -> None:
+    img = create(tmp_path / f"disk.{fmt}", "4M", fmt)
+    proc = subprocess.run(
+        [*VMTRIM[:1], "-X", "importtime", *VMTRIM[1:], "image", "info", "--json", str(img)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    modules = {
+        line.split("|")[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "imported package" not in line
+    }
+    tops = {m.split(".")[0] for m in modules}
+    assert not tops & set(FORBIDDEN), sorted(tops & set(FORBIDDEN))
+    ours = {m for m in modules if m.startswith("vmtrim.")}
+    allowed = ("vmtrim.cli", "vmtrim.errors", "vmtrim._util", "vmtrim.image", "vmtrim.output")
+    assert all(m.startswith(allowed) for m in ours), sorted(ours)
+    # the audit, trim and fix machinery stay out of a read-only image command
+    assert not {m for m in ours if m.startswith(("vmtrim.audit", "vmtrim.channels"))}
