@@ -177,15 +177,25 @@ def guest_facts(agent: LibvirtAgent, domain: Domain, live_xml: str, timeout: flo
             disk.guest_filesystems = by_target.get(disk.target, [])
 
 
-_COMPARED = ("discard", "detect_zeroes", "bus", "source", "format")
+_COMPARED = ("target", "discard", "detect_zeroes", "bus", "source", "format")
 
 
 def pending_restart(live: Domain, inactive: Domain) -> list[str]:
-    """What the persistent definition changes about the running domain's disks."""
-    defined = {d.target: d for d in inactive.disks if d.target}
+    """What the persistent definition changes about the running domain's disks.
+
+    A disk is the same disk by its target, or by its source when the definition renamed
+    it (``fix --bus scsi`` turns vda into sda).
+    """
+    by_target = {d.target: d for d in inactive.disks if d.target}
+    by_source = {d.source: d for d in inactive.disks if d.source}
+    live_targets = {d.target for d in live.disks}
     notes = []
     for disk in live.disks:
-        other = defined.get(disk.target) if disk.target else None
+        other = by_target.get(disk.target) if disk.target else None
+        if other is None and disk.source:
+            other = by_source.get(disk.source)
+            if other is not None and other.target in live_targets:
+                other = None  # that definition disk is another running disk
         if other is None:
             continue
         diffs = [

@@ -1,0 +1,172 @@
+"""`vmtrim fix -c` on a running lab guest under the real libvirtd (TCG).
+
+The guest runs qemu-ga, has /dev/vda (virtio-blk on machine pc-i440fx-3.1, which
+turns virtio-blk discard off) mounted on /mnt without discard, and its init does
+not handle the ACPI power button. So `fix -c --bus scsi` must move vda, read the
+guest through its agent as `audit -c` does, and name the /etc/fstab line that
+mounts /dev/vda; and `--restart` must wait for a guest that ignores ACPI (once its
+agent is gone), then with `--force` destroy and start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from lxml import etree
+
+from test_live_guest_buses import make_image
+from vmtrim.channels.libvirt import LibvirtAgent
+from vmtrim.errors import AgentUnavailable, GuestFailed
+from vmtrim.lab import ensure_appliance
+from vmtrim.vm.guest import ControlChannel, DiskSpec, GuestSpec, RunPaths, serial_tail
+from vmtrim.vm.libvirt import lab_domain_xml
+
+pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
+
+URI = "qemu:///system"
+FSTAB = "/dev/vda /mnt ext4 defaults 0 0\nUUID=0bad-cafe /srv ext4 defaults 0 2\n"
+
+
+@dataclass
+class Guest:
+    name: str
+    workdir: Path
+    dom: Any
+
+    def run(self, script: str) -> str:
+        status = LibvirtAgent(self.dom).run("/bin/sh", ["-c", script], 30)
+        assert status.exitcode == 0, status.err_data
+        return status.out_data.decode()
+
+
+@pytest.fixture(scope="module")
+def guest(libvirtd: str) -> Iterator[Guest]:
+    conn = libvirt.open(libvirtd)
+    appliance = ensure_appliance()
+    workdir = Path(tempfile.mkdtemp(prefix="vmtrim-fixg-"))
+    workdir.chmod(0o755)
+    name = f"vmtrim-fixg-{os.getpid()}"
+    disk = workdir / "vda.qcow2"
+    make_image(disk, "vda")
+    spec = GuestSpec(
+        appliance,
+        scenario={"mode": "agent", "agent": "1", "size": "1"},
+        disk=DiskSpec(disk, "qcow2", "virtio-blk", "ignore"),
+        agent=True,
+        machine="pc-i440fx-3.1",
+        memory_mib=256,
+    )
+    root = etree.fromstring(
+        lab_domain_xml(spec, name, RunPaths(workdir), spec.kernel(), appliance.initrd).encode()
+    )
+    # QEMU runs as root: the appliance stays where it is, under /root.
+    etree.SubElement(root, "seclabel", type="static", model="dac", relabel="no").append(
+        etree.fromstring("<label>+0:+0</label>")
+    )
+    dom = conn.defineXML(etree.tostring(root, encoding="unicode"))
+    ctl: ControlChannel | None = None
+    try:
+        dom.create()
+
+        def failure(what: str) -> GuestFailed:
+            tail = serial_tail(RunPaths(workdir).serial)
+            return GuestFailed(f"{what}; serial log: {tail}", subject=name)
+
+        ctl = ControlChannel.connect(
+            RunPaths(workdir).ctl, timeout=120, alive=dom.isActive, failure=failure
+        )
+        ctl.expect("ready", 240)
+        yield Guest(name, workdir, dom)
+    finally:
+        if ctl is not None:
+            ctl.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefine()
+        shutil.rmtree(workdir, ignore_errors=True)
+        conn.close()
+
+
+def vmtrim(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmtrim", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def defined(guest: Guest, *, inactive: bool = True) -> etree._Element:
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+    return etree.fromstring(guest.dom.XMLDesc(flags).encode())
+
+
+def test_dry_run_reads_the_agent_and_names_the_fstab_line(guest: Guest) -> None:
+    guest.run(f"printf '{FSTAB}' >/etc/fstab")
+    before = etree.tostring(defined(guest))
+    result = vmtrim("fix", "-c", URI, guest.name, "--bus", "scsi", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    [doc] = json.loads(result.stdout)["domains"]
+    moved = {c["old"]: c["new"] for c in doc["changes"] if c["setting"] == "target"}
+    assert list(moved) == ["vda"]
+    fstab = [w for w in doc["warnings"] if "/etc/fstab line" in w]
+    assert len(fstab) == 1
+    assert "line 1 mounts /dev/vda" in fstab[0] and "UUID" not in fstab[0]
+    guest_fs = [r for r in doc["remaining"] if r["layer"] == "guest_fs"]
+    # from the agent, on the moved disk: /mnt is mounted without discard
+    assert [(r["disk"], r["verdict"]) for r in guest_fs] == [(moved["vda"], "block")]
+    assert "/mnt (ext4) is mounted without discard" in guest_fs[0]["reason"]
+    assert etree.tostring(defined(guest)) == before  # --dry-run changed nothing
+    human = vmtrim("fix", "-c", URI, guest.name, "--bus", "scsi", "--dry-run")
+    assert "no guest information" not in human.stderr
+    assert "! warning: the guest's /etc/fstab line 1 mounts /dev/vda" in human.stderr
+
+
+def test_restart_waits_for_a_guest_that_ignores_acpi_then_force_destroys(guest: Guest) -> None:
+    # Without its agent the guest can only be asked through ACPI, which its init ignores.
+    agent = LibvirtAgent(guest.dom)
+    agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", "sleep 1; killall qemu-ga"]}, 30)
+    deadline = time.monotonic() + 60
+    with contextlib.suppress(AgentUnavailable):
+        while time.monotonic() < deadline:
+            agent.execute("guest-ping", None, 5)
+            time.sleep(0.5)
+    with pytest.raises(AgentUnavailable):
+        agent.execute("guest-ping", None, 5)
+    waited = vmtrim(
+        "fix", "-c", URI, guest.name, "--bus", "scsi", "--restart", "--restart-timeout", "3"
+    )
+    assert waited.returncode == 3, waited.stderr
+    assert "did not shut down within 3 s" in waited.stderr and "--force" in waited.stderr
+    assert guest.dom.isActive()
+    # The definition is fixed; the running domain still has the old disk.
+    [disk] = defined(guest).iterfind("devices/disk")
+    assert disk.find("target").get("bus") == "scsi"  # type: ignore[union-attr]
+    [live] = defined(guest, inactive=False).iterfind("devices/disk")
+    assert live.find("target").get("bus") == "virtio"  # type: ignore[union-attr]
+    forced = vmtrim(
+        "fix", "-c", URI, guest.name, "--restart", "--restart-timeout", "3", "--force", "--json"
+    )
+    assert forced.returncode == 0, forced.stderr
+    [doc] = json.loads(forced.stdout)["domains"]
+    assert (doc["restarted"], doc["forced"], doc["pending_restart"]) == (True, True, [])
+    assert guest.dom.isActive()
+    [live] = defined(guest, inactive=False).iterfind("devices/disk")
+    assert live.find("target").get("bus") == "scsi"  # type: ignore[union-attr]
+    assert live.find("driver").get("discard") == "unmap"  # type: ignore[union-attr]
