@@ -11,6 +11,7 @@ The real lab guest beside such an agent is in test_trim_hostile.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -305,3 +306,54 @@ def test_an_agent_that_never_answers_is_unavailable_in_time() -> None:
         with pytest.raises(AgentUnavailable), SyncGuestAgent(str(server.path), timeout=2):
             pass
         assert time.monotonic() - start < 2 + 2
+
+
+def exec_agent(out: bytes, exitcode: int) -> Handler:
+    """A qemu-ga whose guest-exec'd program runs for two polls, then prints ``out``."""
+    polls: list[int] = []
+
+    def fstrim(message: dict[str, Any]) -> bytes | None:
+        return None
+
+    base = agent(fstrim)
+
+    def handle(message: dict[str, Any]) -> bytes | None:
+        command = message.get("execute")
+        if command == "guest-exec":
+            return reply(message, b'{"pid": 4242}')
+        if command == "guest-exec-status":
+            polls.append(1)
+            if len(polls) < 3:
+                return reply(message, b'{"exited": false}')
+            status = {
+                "exited": True,
+                "exitcode": exitcode,
+                "out-data": base64.b64encode(out).decode(),
+            }
+            return reply(message, json.dumps(status).encode())
+        return base(message)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("out", "exitcode", "status", "says"),
+    [
+        (b"/mnt: 123 MiB (128974848 bytes) trimmed\n", 0, "trimmed", None),
+        (b"/mnt: " + b"9" * 5000 + b" bytes trimmed\n", 0, "failed", "out of range"),
+        (b"/mnt: 99999999999999999999 bytes trimmed\n", 0, "failed", "out of range"),
+        (b"", 2**40, "failed", "exitcode"),
+    ],
+)
+def test_mountpoint_output_and_exit_code_are_range_checked(
+    out: bytes, exitcode: int, status: str, says: str | None
+) -> None:
+    with fake(exec_agent(out, exitcode)) as server:
+        result = vmtrim("trim", "--qga", str(server.path), "--mountpoint", "/mnt", "--json")
+    [dom] = json.loads(result.stdout)["domains"]
+    assert (dom["status"], result.returncode) == (status, 0 if status == "trimmed" else 1)
+    if says is None:
+        assert dom["paths"][0]["trimmed"] == 128974848  # what the guest printed, parsed
+    else:
+        assert says in dom["reason"]
+    assert server.commands.count("guest-exec-status") >= 3  # polled until it exited

@@ -257,7 +257,10 @@ class Target(Protocol):
         ...
 
 
-_FSTRIM_BYTES = re.compile(r"\((\d+) bytes\)|(\d+) bytes trimmed")
+# The guest prints these digits: at most 19 (int64), and not the tail of a longer run.
+_FSTRIM_BYTES = re.compile(r"\((\d{1,19}) bytes\)|(?<!\d)(\d{1,19}) bytes trimmed")
+_INT64_MAX = 2**63 - 1
+_TOO_LONG = re.compile(r"\d{20,} bytes")
 
 
 def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> FstrimPath:
@@ -281,6 +284,11 @@ def fstrim_one(agent: Agent, mountpoint: str, minimum: int, timeout: float) -> F
         return FstrimPath(mountpoint, minimum=minimum, error=out.strip() or "fstrim failed")
     match = _FSTRIM_BYTES.search(out)
     trimmed = int(match.group(1) or match.group(2)) if match else None
+    if (trimmed is not None and trimmed > _INT64_MAX) or _TOO_LONG.search(out):
+        raise AgentCommandFailed(
+            f"fstrim in the guest printed a byte count out of range for {mountpoint!r:.80}",
+            command="guest-exec",
+        )
     return FstrimPath(mountpoint, trimmed=trimmed, minimum=minimum)
 
 
