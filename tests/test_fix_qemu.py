@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fix_support import AUDIT_DATA, args_files, materialize
+from helpers import vmtrim
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
@@ -210,3 +211,19 @@ def test_fix_raises_only_bad_input_and_is_idempotent(parts: list[str], options: 
         return
     second = fix(first.new_text, options)
     assert second.new_text == first.new_text
+
+
+def test_unknown_option_is_a_warning_and_the_rest_is_fixed(tmp_path: Path) -> None:
+    """Proxmox-style -id and a made-up option: named on stderr, the disk still fixed."""
+    path = tmp_path / "pve.args"
+    path.write_text(
+        "/usr/bin/kvm -id 100 -x-vendor-knob 7 -machine pc-q35-7.2 \\\n"
+        "  -drive file=/i/a.raw,if=none,id=drive-scsi0,format=raw \\\n"
+        "  -device virtio-scsi-pci,id=hba -device scsi-hd,bus=hba.0,drive=drive-scsi0,id=scsi0\n"
+    )
+    done = vmtrim("fix", "--qemu-args", str(path), "--no-probe", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "-x-vendor-knob" in done.stderr and "'-id'" not in done.stderr
+    assert "+  -drive file=/i/a.raw,if=none,id=drive-scsi0,format=raw,discard=unmap \\" in (
+        done.stdout.splitlines()
+    )

@@ -32,10 +32,12 @@ from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
 from vmtrim.fix.policy import (
+    BusMove,
     Change,
     FixOptions,
     FixResult,
     Skip,
+    bus_move_warnings,
     disk_name,
     leave_alone,
     move_to_scsi,
@@ -94,6 +96,7 @@ class _QemuFixer:
     ids: set[str] = field(default_factory=set)
     # disk name -> where its option ends: ("word", original index) or ("insert", word, group)
     where: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    moves: list[BusMove] = field(default_factory=list)  # disks put on virtio-scsi
     _scsi_bus: str | None = None
 
     def __post_init__(self) -> None:
@@ -149,12 +152,15 @@ class _QemuFixer:
                 # which x86 machine types refuse ("does not support if=scsi").
                 scsi = self.fix.bus == "scsi" or drive.interface == "scsi"
                 self._modernize(option, drive, name, scsi=scsi)
+                if scsi and disk.bus != "scsi":
+                    self.moves.append(BusMove(name, name, disk.bus))
         else:
             device = self.parsed.device_for(option)
             if device is not None:
                 self._fix_blockdev_chain(device, name)
                 if move:
                     self._device_to_scsi(option, device, name)
+                    self.moves.append(BusMove(name, name, disk.bus))
         (result.fixed if len(self.changes) > before else result.already).append(name)
 
     # -- -drive --------------------------------------------------------------------
@@ -365,7 +371,13 @@ def fix_qemu_args(
     for report in reports:
         fixer.fix_disk(report, result)
     result.new_text = fixer.editor.render(subject)
+    result.edits = fixer.editor.edits()  # the diff shows these, each on its own lines
     result.changes = fixer.changes
+    result.moves = fixer.moves
+    result.warnings = [
+        *(note for note in parsed.domain.notes if note.startswith("unknown QEMU option")),
+        *bus_move_warnings(fixer.moves),
+    ]
     if result.changed:
         fixed = parse_command_line(result.new_text, subject).domain
         assert fixed is not None

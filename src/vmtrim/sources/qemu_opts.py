@@ -366,10 +366,10 @@ class LineEditor:
             out.extend(self._inserted(index))
         return out
 
-    def render(self, subject: str = "<args>") -> str:
-        """The edited text; it splits back into exactly :meth:`argv` (checked)."""
+    def edits(self) -> list[tuple[int, int, str]]:
+        """The text edits, as ``(start, end, replacement)`` in the original, in order."""
         line = self.line
-        edits: list[tuple[int, int, str]] = []  # (start, end, new text), in order
+        edits: list[tuple[int, int, str]] = []
         for index, value in self.values.items():
             word = line.words[index]
             if value != word.value:
@@ -377,16 +377,21 @@ class LineEditor:
         for index, groups in self.inserts.items():
             edits.append(self._insert_edit(index, groups))
         edits.sort(key=lambda edit: (edit[0], edit[1]))
+        return edits
+
+    def render(self, subject: str = "<args>") -> str:
+        """The edited text; it splits back into exactly :meth:`argv` (checked)."""
+        text = self.line.text
         out, pos = [], 0
-        for start, end, new in edits:
-            out.append(line.text[pos:start])
+        for start, end, new in self.edits():
+            out.append(text[pos:start])
             out.append(new)
             pos = end
-        out.append(line.text[pos:])
-        text = "".join(out)
-        if split_words(text, subject).argv != self.argv():
+        out.append(text[pos:])
+        result = "".join(out)
+        if split_words(result, subject).argv != self.argv():
             raise AssertionError(f"{subject}: the edited command line does not read back")
-        return text
+        return result
 
     def _insert_edit(self, index: int, groups: list[list[str]]) -> tuple[int, int, str]:
         line, words = self.line, self.line.words
