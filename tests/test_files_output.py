@@ -72,6 +72,31 @@ def test_link_planted_by_nobody_in_a_sticky_dir_is_refused(dom_xml: Path, tmp_pa
         shutil.rmtree(sticky)
 
 
+def test_directory_link_planted_by_nobody_in_a_sticky_dir_is_refused(
+    dom_xml: Path, tmp_path: Path
+) -> None:
+    """`fix -o /tmp/x/etc/passwd` where nobody made /tmp/x/etc a link to the real /etc."""
+    victim_dir = tmp_path / "etc"
+    victim_dir.mkdir()
+    (victim_dir / "passwd").write_bytes(VICTIM_TEXT)
+    sticky = Path(tempfile.mkdtemp(prefix="vmtrim-sticky-", dir="/tmp"))
+    try:
+        os.chmod(sticky, 0o1777)
+        as_nobody("ln", "-s", str(victim_dir), str(sticky / "etc"))
+        (sticky / "mine").symlink_to(victim_dir)  # root's own link there is fine
+        before = snapshot(victim_dir, sticky)
+        out = sticky / "etc" / "passwd"
+        result = vmtrim("fix", "--no-probe", "--xml", str(dom_xml), "-o", str(out))
+        assert result.returncode == 2, result.stderr
+        assert str(sticky / "etc") in one_line(result, out)
+        assert snapshot(victim_dir, sticky) == before
+        ok = vmtrim("fix", "--no-probe", "--xml", str(dom_xml), "-o", str(sticky / "mine/new.xml"))
+        assert ok.returncode == 0, ok.stderr
+        assert b"discard='unmap'" in (victim_dir / "new.xml").read_bytes()
+    finally:
+        shutil.rmtree(sticky)
+
+
 def test_in_place_through_a_link_is_refused(dom_xml: Path, tmp_path: Path) -> None:
     link = tmp_path / "link.xml"
     link.symlink_to(dom_xml)

@@ -17,7 +17,10 @@ either the old file or the new one. The rules, each a refusal with one line:
 
 - the final path component must not be a symbolic link (``lstat``, then ``O_NOFOLLOW``):
   vmtrim never resolves a link itself, so a link that another user planted in a sticky
-  directory such as ``/tmp`` cannot redirect root's write to a file elsewhere;
+  directory such as ``/tmp`` cannot redirect root's write to a file elsewhere. Links
+  among the directories are followed (``/var/run`` style), except one that another
+  user owns in a sticky world-writable directory (the kernel's ``protected_symlinks``
+  rule, which some hosts turn off);
 - an existing file must be a regular file (not a directory, FIFO, device or socket);
 - unless ``force=True`` (``--force``): it must be writable by its owner (a read-only
   mode says "do not change me"), and it must have a single hard link. A replacement is
@@ -358,9 +361,35 @@ class FileUpdate:
             )
 
 
+def _check_parent_links(path: Path, subject: str) -> None:
+    """Refuse a directory link that another user owns in a sticky world-writable directory.
+
+    The kernel's fs.protected_symlinks rule, applied here because it is off on some
+    hosts: root must not follow ``/tmp/x`` to ``/etc`` because user nobody made ``x``.
+    """
+    current = Path(path.anchor) if path.is_absolute() else Path()
+    for part in path.parent.parts[1 if path.is_absolute() else 0 :]:
+        holder, current = current, current / part
+        try:
+            link = os.lstat(current)
+            if not stat.S_ISLNK(link.st_mode):
+                continue
+            where = os.stat(holder)
+        except OSError:
+            return  # a missing or unreadable directory fails later, with its own error
+        shared = where.st_mode & stat.S_ISVTX and where.st_mode & stat.S_IWOTH
+        if shared and link.st_uid not in (os.geteuid(), where.st_uid):
+            raise BadInput(
+                f"goes through {current}, a symbolic link that user {link.st_uid} owns in"
+                f" the shared directory {holder}; give the real path",
+                subject=subject,
+            )
+
+
 def _open_for_update(
     path: Path, subject: str, *, force: bool, lock: bool, read: bool
 ) -> FileUpdate | None:
+    _check_parent_links(path, subject)
     for _ in range(10):
         try:
             fd, st = _open_regular(
