@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+from helpers import vmtrim
 from test_live_guest_buses import make_image
 from vmtrim.channels.libvirt import LibvirtAgent
 from vmtrim.errors import AgentUnavailable, GuestFailed
@@ -100,16 +99,6 @@ def guest(libvirtd: str) -> Iterator[Guest]:
             dom.undefine()
         shutil.rmtree(workdir, ignore_errors=True)
         conn.close()
-
-
-def vmtrim(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def defined(guest: Guest, *, inactive: bool = True) -> etree._Element:
