@@ -582,3 +582,45 @@ def test_slow_qmp_is_bounded_by_timeout_for_the_whole_call() -> None:
         f"vmtrim: {server.path}: QMP did not answer every query within 2 s\n"
     )
     assert elapsed < 2 + 8  # python start-up is the rest; per call it was 200 x 5 x 0.1 s
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=40).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(
+                st.tuples(
+                    st.integers(0, n - 1),
+                    st.integers(0, n - 1),
+                    st.sampled_from(["file", "backing"]),
+                ),
+                max_size=4 * n,
+            ),
+        )
+    )
+)
+def test_any_block_graph_gives_a_tree_no_bigger_than_its_edges(
+    graph: tuple[int, list[tuple[int, int, str]]],
+) -> None:
+    """Loops, shared children, self-edges: each node is expanded once, so the tree the
+    audit walks has at most one node per edge (plus the top)."""
+    n, edges = graph
+    raw = looped_graph(n)
+    raw["x-debug-query-block-graph"]["edges"] = [
+        {"parent": p, "child": c, "name": role} for p, c, role in edges
+    ]
+    live = parse_live(
+        {
+            "version": raw["query-version"],
+            "block": raw["query-block"],
+            "nodes": raw["query-named-block-nodes"],
+            "graph": raw["x-debug-query-block-graph"],
+        }
+    )
+    [device] = live.devices
+
+    def size(node: Any) -> int:
+        return 0 if node is None else 1 + size(node.file) + size(node.backing)
+
+    assert size(device.top) <= len(edges) + 1
