@@ -37,6 +37,7 @@ from vmtrim.image.qcow2 import (
     ZERO_ALLOC,
     ZERO_PLAIN,
     Qcow2Reader,
+    unique,
 )
 from vmtrim.image.scan import Scan, scan
 
@@ -183,7 +184,7 @@ def raw_runs(fd: int) -> tuple[int, Runs]:
     virtual = -(-size // 512) * 512
     ds, de = extents_fd(fd, size)
     # [size, virtual) is past EOF: file-posix reports it as a hole
-    bounds = np.unique(np.concatenate(([0, virtual], ds, de)))
+    bounds = unique(np.concatenate(([0, virtual], ds, de)).astype(np.int64))
     starts = bounds[:-1]
     is_data = np.zeros(len(starts), dtype=bool)
     if len(ds):

@@ -29,6 +29,7 @@ from vmtrim.image.qcow2 import (
     ZERO_PLAIN,
     Qcow2Reader,
     cluster_types,
+    unique,
 )
 
 I64 = npt.NDArray[np.int64]
@@ -304,7 +305,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     res.corruptions += _copied_mismatches(ondisk_all, copied, cb)
     if exclusive_candidates:
         # unique: two entries naming one cluster (a corrupt image) free it once
-        cand = np.unique(np.concatenate(exclusive_candidates))
+        cand = unique(np.concatenate(exclusive_candidates))
         ci = cand >> cb
         inside = ci < len(ondisk_all)
         ok = np.zeros(len(cand), dtype=bool)
@@ -390,5 +391,5 @@ def _compare(
     res.image_end_offset = (highest + 1) * cs
     res.clusters_in_use = int((ondisk > 0).sum())
     res.shared_clusters = int((ondisk >= 2).sum())
-    res.metadata_clusters = len(np.unique(np.concatenate((m_cl, rb))))
+    res.metadata_clusters = len(unique(np.concatenate((m_cl, rb))))
     _detect_prealloc(reader, res)
