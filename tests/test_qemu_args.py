@@ -453,3 +453,18 @@ def test_absurdly_deep_node_graphs_are_bad_input(form: str) -> None:
     argv += ["-device", "virtio-blk-pci,drive=top"]
     with pytest.raises(BadInput, match="nested more than"):
         parse_qemu_command(argv)
+
+
+def test_wrappers_comments_and_shell_syntax() -> None:
+    """Proxmox's `taskset --cpu-list --all-tasks 0-3 /usr/bin/kvm ...`, a trailing comment."""
+    domain = parse_qemu_command(
+        "taskset --cpu-list --all-tasks 0-3 /usr/bin/kvm -id 100 -M pc-q35-7.2 # pinned\n"
+        "  -drive file=/i/a.raw,if=virtio,format=raw\n"
+    )
+    assert domain.machine == "pc-q35-7.2" and [d.ident for d in domain.disks] == ["virtio0"]
+    for text in ("qemu-system-x86_64 -m 1g > log", "qemu-system-x86_64 -m $MEM", "qemu; rm x"):
+        with pytest.raises(BadInput, match="cannot split the command line: shell"):
+            parse_qemu_command(text)
+    # A '#' or '$' inside a word, and anything quoted, is only text.
+    domain = parse_qemu_command("qemu-system-x86_64 -name 'a;b|c' -append x#y$ -m 1")
+    assert domain.name == "a;b|c"

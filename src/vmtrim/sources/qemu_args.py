@@ -275,6 +275,8 @@ def parse_command_line(data: bytes | str | list[str], subject: str = "<args>") -
         QEMU, or an option QEMU understands is malformed.
     """
     if isinstance(data, list):
+        if not data:
+            raise BadInput("empty command line", subject=subject)
         data = "\0".join(data) + "\0"
     parsed = ParsedCommandLine(split_words(data, subject), subject)
     _read_options(parsed)
