@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -138,11 +141,19 @@ def test_restart_waits_for_a_guest_that_ignores_acpi_then_force_destroys(guest: 
             time.sleep(0.5)
     with pytest.raises(AgentUnavailable):
         agent.execute("guest-ping", None, 5)
-    waited = vmtrim(
-        "fix", "-c", URI, guest.name, "--bus", "scsi", "--restart", "--restart-timeout", "3"
+    # On a terminal (script(1) gives it one) the wait shows a status line.
+    command = [sys.executable, "-m", "vmtrim", "fix", "-c", URI, guest.name, "--bus", "scsi"]
+    command += ["--restart", "--restart-timeout", "3"]
+    waited = subprocess.run(
+        ["script", "-q", "-e", "-c", shlex.join(command), "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    assert waited.returncode == 3, waited.stderr
-    assert "did not shut down within 3 s" in waited.stderr and "--force" in waited.stderr
+    assert waited.returncode == 3, waited.stdout
+    assert "waiting for the shutdown (guest agent, then ACPI)" in waited.stdout
+    assert "did not shut down within 3 s" in waited.stdout and "--force" in waited.stdout
     assert guest.dom.isActive()
     # The definition is fixed; the running domain still has the old disk.
     [disk] = defined(guest).iterfind("devices/disk")
@@ -153,6 +164,7 @@ def test_restart_waits_for_a_guest_that_ignores_acpi_then_force_destroys(guest: 
         "fix", "-c", URI, guest.name, "--restart", "--restart-timeout", "3", "--force", "--json"
     )
     assert forced.returncode == 0, forced.stderr
+    assert "waiting for the shutdown" not in forced.stderr  # not a terminal: no status line
     [doc] = json.loads(forced.stdout)["domains"]
     assert (doc["restarted"], doc["forced"], doc["pending_restart"]) == (True, True, [])
     assert guest.dom.isActive()
