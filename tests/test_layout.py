@@ -31,6 +31,7 @@ RANK = {
     "fix": 7,
     "trim": 7,
     "verify": 7,
+    "sparsify": 8,
     "run": 8,
     "cli": 9,
 }

@@ -11,6 +11,7 @@
           +-- GuestFailed       a throwaway guest failed to boot, panicked or reported an error
           +-- HistoryUnavailable  the history database is corrupt, locked or unwritable
           +-- LockHeld          another ``vmtrim run`` holds the run lock
+          +-- ImageInUse        a process (QEMU's image lock) or a running domain uses an image
 
 Callers sort failures by class, never by message text: a trim whose agent is
 unavailable is *skipped*, one whose agent answered with an error *failed*.
@@ -102,3 +103,7 @@ class LockHeld(EnvironmentProblem):
     def __init__(self, message: str, subject: str | None = None, *, pid: int | None = None):
         super().__init__(message, subject)
         self.pid = pid
+
+
+class ImageInUse(EnvironmentProblem):
+    """Another process holds QEMU's image lock on the image, or a running domain uses it."""

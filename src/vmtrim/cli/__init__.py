@@ -51,6 +51,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "image": ("vmtrim.cli.image:image", "Read qcow2 and raw allocation without QEMU."),
     "lab": ("vmtrim.cli.lab:lab", "Build the lab guest that verify and the tests boot."),
+    "sparsify": (
+        "vmtrim.cli.sparsify:sparsify",
+        "Give a shut-off image's free space back, in place, through the lab guest.",
+    ),
+    "compact": ("vmtrim.cli.compact:compact", "Rewrite a shut-off image so that ls -l shrinks."),
 }
 
 
