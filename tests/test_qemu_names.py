@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fix_support import AUDIT_DATA, DATA, materialize
 from helpers import vmtrim
+from test_fix_qemu import _OPTIONS as MIXED_OPTIONS
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
@@ -143,3 +144,15 @@ def test_names_are_the_names_qemu_gives(
         return
     assert ours == expected
     check(" ".join(argv))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(MIXED_OPTIONS), max_size=7))
+def test_names_agree_on_mixed_command_lines(parts: list[str]) -> None:
+    """-drive, -device, -blockdev, shorthands and bare images together (library only)."""
+    text = " ".join(["qemu-system-x86_64", *parts])
+    try:
+        parse_qemu_command(text)
+    except BadInput:
+        return
+    check(text)
