@@ -103,7 +103,9 @@ def run(
         with _progress(total) as advance:
             for outcome in execute(plans, policy, dry_run=dry_run):
                 if recorder is not None:
+                    began = time.monotonic()
                     recorder.record(outcome.record)
+                    outcome.record_seconds = time.monotonic() - began
                 outcomes.append(outcome)
                 advance(outcome)
     # Shown in start order (spread offset, then name), whatever order they finished in.

@@ -74,6 +74,8 @@ CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
     help="With --qga: the QMP socket, for disks and unmap counters.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.trim/1 JSON document.")
+@click.option("--no-history", is_flag=True, help="Do not record this trim in the history.")
+@click.option("--db", "history_db", metavar="FILE", help="The history database to record in.")
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
 def trim(
     uri: str | None,
@@ -86,6 +88,8 @@ def trim(
     qmp: str | None,
     as_json: bool,
     domains: tuple[str, ...],
+    no_history: bool = False,
+    history_db: str | None = None,
 ) -> int:
     """Trim guests through the guest agent and measure what the host got back.
 
@@ -148,6 +152,10 @@ def trim(
         print_json(SCHEMA, body)
     else:
         render(results, shut_off)
+    if not no_history:  # history (vmtrim.run.record): exit 3 if it could not be recorded
+        from vmtrim.run.record import record_trim
+
+        return record_trim(results, history_db, None if qga else uri) or exit_code(results)
     return exit_code(results)
 
 

@@ -88,6 +88,8 @@ if TYPE_CHECKING:
 @click.option("--modules", type=click.Path(path_type=Path), help="Its modules directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--png", type=click.Path(path_type=Path), help="Write a chart of the results.")
+@click.option("--no-history", is_flag=True, help="Do not record the cells in the history.")
+@click.option("--db", "history_db", metavar="FILE", help="The history database to record in.")
 @click.pass_context
 def verify(
     ctx: click.Context,
@@ -107,6 +109,8 @@ def verify(
     modules: Path | None,
     as_json: bool,
     png: Path | None,
+    no_history: bool = False,
+    history_db: str | None = None,
 ) -> int:
     """Boot a throwaway guest, write and delete data, and measure the host image shrink.
 
@@ -168,6 +172,11 @@ def verify(
         print_json("vmtrim.verify/1", {"host": host, "cells": [r.to_json() for r in results]})
     else:
         _render(results, host)
+    if not no_history:  # history (vmtrim.run.record): a verify run, apart from the fleet
+        from vmtrim.run.record import record_verify
+
+        if record_verify(results, history_db) is not None and not any(r.error for r in results):
+            return 3
     failed = [r for r in results if r.error]
     if failed:
         for r in failed:

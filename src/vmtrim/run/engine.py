@@ -67,6 +67,8 @@ class Outcome:
     record: DomainRecord
     offset: float = 0.0  # seconds after the run's start it was due (spread)
     paths: list[FstrimPath] = field(default_factory=list)
+    record_seconds: float | None = None  # writing it to the history took this long
+    survey_seconds: float | None = None  # of ``seconds``, waiting for the survey's agent calls
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
@@ -79,12 +81,18 @@ class Outcome:
             "blocking_layer": r.blocking_layer,
             "offset": round(self.offset, 3),
             "seconds": round(r.seconds, 3),
-            "agent_seconds": None if r.agent_seconds is None else round(r.agent_seconds, 3),
+            "agent_seconds": _round(r.agent_seconds),
+            "survey_seconds": _round(self.survey_seconds),
+            "record_seconds": _round(self.record_seconds),
             "guest_trimmed": r.guest_trimmed,
             "reclaimed": r.reclaimed,
             "paths": [p.to_json() for p in self.paths],
             "disks": [{**vars(d), "reclaimed": d.reclaimed} for d in r.disks],
         }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Survey:
     reports: list[DiskReport]
     filesystems: list[FsInfo] | None  # None: no guest agent answer
     fs_targets: dict[str, set[str]]  # guest fs name -> host disk targets it sits on
+    agent_seconds: float = 0.0  # waiting for the agent's fsinfo (and osinfo)
 
     @property
     def windows(self) -> bool:
@@ -128,9 +137,11 @@ def survey(conn: Connection, dom: Any, probes: HostProbes, timeout: float) -> Su
     domain.qemu_version, domain.libvirt_version = _dotted(hv), _dotted(lib)
     filesystems: list[FsInfo] | None = None
     fs_targets: dict[str, set[str]] = {}
+    waited = 0.0
     if not _active(dom):
         domain.guest = GuestInfo(agent=False, reason=NOT_RUNNING)
     else:
+        asked = time.monotonic()
         try:
             filesystems = call_with_deadline(
                 lambda: _guest(LibvirtAgent(dom), domain, timeout), timeout, "guest agent"
@@ -139,7 +150,10 @@ def survey(conn: Connection, dom: Any, probes: HostProbes, timeout: float) -> Su
             domain.guest = GuestInfo(agent=False, reason=f"no answer from the guest agent: {exc}")
         else:
             fs_targets = _map_filesystems(domain, filesystems, xml)
-    return Survey(domain, audit_domain(domain, probes), filesystems, fs_targets)
+        waited = time.monotonic() - asked
+    survey = Survey(domain, audit_domain(domain, probes), filesystems, fs_targets)
+    survey.agent_seconds = waited if filesystems is not None else 0.0
+    return survey
 
 
 def _dotted(text: str | None) -> tuple[int, ...] | None:
@@ -155,15 +169,29 @@ def _active(dom: Any) -> bool:
         return False
 
 
+_WINDOWS_FS = ("ntfs", "refs")
+
+
 def _guest(agent: LibvirtAgent, domain: Domain, timeout: float) -> list[FsInfo]:
+    """guest-get-fsinfo, and guest-get-osinfo only where the audit needs the kernel.
+
+    The kernel version decides only virtio-blk's guest-driver layer; Windows (for its
+    longer timeout) shows in the filesystem types. Under TCG each agent round trip is
+    5-20 ms of guest time, so a SCSI/SATA guest is asked once, not twice.
+    """
     deadline = time.monotonic() + timeout
-    osinfo = agent.execute("guest-get-osinfo", None, deadline - time.monotonic())
-    osinfo = osinfo if isinstance(osinfo, dict) else {}
-    domain.guest = GuestInfo(
-        os_id=osinfo.get("id") or ("linux" if osinfo.get("kernel-release") else None),
-        kernel_release=osinfo.get("kernel-release"),
-    )
-    return parse_fsinfo(agent.execute("guest-get-fsinfo", None, deadline - time.monotonic()))
+    filesystems = parse_fsinfo(agent.execute("guest-get-fsinfo", None, timeout))
+    if any(disk.bus == "virtio" for disk in domain.disks):
+        osinfo = agent.execute("guest-get-osinfo", None, deadline - time.monotonic())
+        osinfo = osinfo if isinstance(osinfo, dict) else {}
+        domain.guest = GuestInfo(
+            os_id=osinfo.get("id") or ("linux" if osinfo.get("kernel-release") else None),
+            kernel_release=osinfo.get("kernel-release"),
+        )
+    else:
+        windows = any(fs.type.lower() in _WINDOWS_FS for fs in filesystems)
+        domain.guest = GuestInfo(os_id="mswindows" if windows else None)
+    return filesystems
 
 
 def _map_filesystems(domain: Domain, filesystems: list[FsInfo], xml: str) -> dict[str, set[str]]:
@@ -328,6 +356,7 @@ def process(
     try:
         record.uuid = str(dom.UUIDString())
         s = survey(conn, dom, probes, min(SURVEY_TIMEOUT, policy.timeout))
+        outcome.survey_seconds = s.agent_seconds
         _decide(conn, dom, policy, s, outcome, dry_run, start)
     except VmtrimError as exc:
         record.status, record.reason = "failed", exc.one_line()

@@ -120,7 +120,13 @@ def trim_record(result: TrimResult, uri: str | None = None) -> DomainRecord:
 def record_trim(
     results: Sequence[TrimResult], db: str | Path | None = None, uri: str | None = None
 ) -> int | None:
-    """Record a ``vmtrim trim``; None when recorded, else the exit code (3) after saying so."""
+    """Record a ``vmtrim trim``; None when recorded, else the exit code (3) after saying so.
+
+    ``uri`` is the -c option (resolved here as the trim resolved it), None for --qga.
+    """
+    from vmtrim.channels.libvirt import resolve_uri
+
+    uri = resolve_uri(uri) if uri is not None else None
     recorder = Recorder(db, "trim", trigger="command line")
     for result in results:
         recorder.record(trim_record(result, uri))
