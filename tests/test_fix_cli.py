@@ -230,3 +230,22 @@ def test_hostile_names_after_in_place_print_escaped(tmp_path: Path) -> None:
     assert "[bold]sda\\u202e\\x9b31m" in result.stderr
     assert "\u202e" not in result.stderr and "\x9b" not in result.stderr
     assert "discard='unmap'" in path.read_text()
+
+
+WINDOWS_METADATA = """  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://microsoft.com/win/2k22"/>
+    </libosinfo:libosinfo>
+  </metadata>
+"""
+
+
+def test_guest_advice_follows_the_os_the_definition_names(tmp_path: Path) -> None:
+    """virt-install records the OS: a Windows guest is not told about fstrim.timer."""
+    path = tmp_path / "dom.xml"
+    text = materialize("design-scsi-nodriver.xml", tmp_path, images=False)
+    path.write_text(text.replace("  <memory", WINDOWS_METADATA + "  <memory", 1))
+    result = vmtrim("fix", "--xml", str(path), "--dry-run", "--no-probe")
+    [guest] = [line for line in result.stderr.splitlines() if "at guest_fs" in line]
+    assert "Windows trims by itself" in guest and "Optimize-Volume" in guest
+    assert "fstrim" not in guest

@@ -394,6 +394,7 @@ class Domain:
     libvirt_version: Version | None = None
     guest: GuestInfo | None = None
     notes: list[str] = field(default_factory=list)  # things skipped while reading the input
+    os_hint: str | None = None  # the OS the definition names (libosinfo metadata): "mswindows"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,11 @@ _LINUX_FIX = (
     "in the guest: mount with `-o discard`, or enable periodic trims"
     " (`systemctl enable --now fstrim.timer`)"
 )
-# When the guest's OS is not known (no agent), the advice covers both.
+_WINDOWS_FIX = (
+    "in the guest: nothing to enable, Windows trims by itself"
+    " (`Optimize-Volume -DriveLetter C -ReTrim` trims now)"
+)
+# When the guest's OS is not known (no agent, no libosinfo metadata), the advice covers both.
 _GUEST_FIX = (
     "in the guest: Linux: mount with `-o discard`, or enable periodic trims"
     " (`systemctl enable --now fstrim.timer`); Windows trims by itself"
@@ -156,10 +160,10 @@ class _DiskAudit:
                 kind,
                 Verdict.UNKNOWN,
                 "no guest information (audit the live domain with a guest agent to check mounts)",
-                _GUEST_FIX,
+                self._guest_fix(),
             )
         if guest is not None and not guest.agent:
-            return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", _GUEST_FIX)
+            return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", self._guest_fix())
         if guest is not None and guest.is_windows:
             return Layer(kind, Verdict.PASS, GUEST_FS["ntfs"].needs)
         if not filesystems:
@@ -215,6 +219,13 @@ class _DiskAudit:
                     )
                 )
         return _worst(results)
+
+    def _guest_fix(self) -> str:
+        """What to do in a guest vmtrim could not ask: for its OS, when the definition says."""
+        hint = self.domain.os_hint
+        if hint == "mswindows":
+            return _WINDOWS_FIX
+        return _LINUX_FIX if hint == "linux" else _GUEST_FIX
 
     # ------------------------------------------------------------ guest driver
 

@@ -105,6 +105,7 @@ class _DomainReader:
             origin=Origin.LIBVIRT_XML,
             machine=os_type.get("machine") if os_type is not None else None,
             arch=os_type.get("arch") if os_type is not None else None,
+            os_hint=_os_hint(self.root),
         )
         for index, element in enumerate(self.root.iterfind("devices/disk"), start=1):
             domain.disks.append(self.disk(element, index))
@@ -248,6 +249,18 @@ class _DomainReader:
             shareable=element.find("shareable") is not None,
             locator=XmlHostdev(index),
         )
+
+
+_LIBOSINFO = "{http://libosinfo.org/xmlns/libvirt/domain/1.0}"
+
+
+def _os_hint(root: etree._Element) -> str | None:
+    """The guest OS virt-install recorded (``<libosinfo:os id='http://microsoft.com/win/10'/>``)."""
+    found = root.find(f"metadata/{_LIBOSINFO}libosinfo/{_LIBOSINFO}os")
+    os_id = found.get("id", "") if found is not None else ""
+    if "microsoft.com/win" in os_id:
+        return "mswindows"
+    return "linux" if os_id else None
 
 
 def _device_type(value: str) -> DeviceType:
