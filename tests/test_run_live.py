@@ -88,6 +88,15 @@ def rows(db: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+def recorded_so_far(db: Path) -> int:
+    if not db.exists():  # sqlite3.connect would create it under the run's feet
+        return 0
+    try:
+        return int(rows(db, "SELECT COUNT(*) FROM domain_results")[0][0])
+    except sqlite3.OperationalError:  # not created yet: the run is still creating the schema
+        return 0
+
+
 def test_dry_run_then_two_runs(guests: dict[str, LabDomain], tmp_path: Path) -> None:
     good, blocked, noagent = guests["good"], guests["blocked"], guests["noagent"]
     policy = write_policy(tmp_path / "policy.toml", "good", "blocked", "noagent", parallel=3)
@@ -209,7 +218,7 @@ def test_the_lock_and_a_kill_mid_domain(guests: dict[str, LabDomain], tmp_path: 
         # Wait until the three guests before zhung are recorded: it is now inside zhung.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and first.poll() is None:
-            if db.exists() and rows(db, "SELECT COUNT(*) FROM domain_results")[0][0] == 3:
+            if recorded_so_far(db) == 3:
                 break
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read() if first.stderr else ""
@@ -248,3 +257,26 @@ def test_the_lock_and_a_kill_mid_domain(guests: dict[str, LabDomain], tmp_path: 
     )
     assert [d for d, _ in last] == sorted(f"{PREFIX}{t}" for t in guests)
     assert dict(last)[hung.name] == "skipped"
+
+
+def test_vmtrim_trim_records_unless_no_history(
+    guests: dict[str, LabDomain], tmp_path: Path
+) -> None:
+    good, noagent = guests["good"], guests["noagent"]
+    db = tmp_path / "history.db"
+    trim = vmtrim("trim", "-c", "qemu:///system", "--db", str(db), good.name, noagent.name)
+    assert trim.returncode == 1, trim.stderr  # noagent is skipped
+    recorded = rows(
+        db,
+        "SELECT runs.kind, r.domain, r.status, d.allocated_after FROM runs"
+        " JOIN domain_results r ON r.run_id = runs.id"
+        " LEFT JOIN disk_results d ON d.result_id = r.id ORDER BY r.domain",
+    )
+    assert [(k, d, s) for k, d, s, _ in recorded] == [
+        ("trim", good.name, "trimmed"),
+        ("trim", noagent.name, "skipped"),
+    ]
+    assert recorded[0][3] == du_bytes(good.image)
+    quiet = vmtrim("trim", "-c", "qemu:///system", "--db", str(db), "--no-history", good.name)
+    assert quiet.returncode == 0, quiet.stderr
+    assert rows(db, "SELECT COUNT(*) FROM runs") == [(1,)]
