@@ -188,7 +188,10 @@ class _DiskAudit:
                 )
                 continue
             off = options is not None and "nodiscard" in options
-            if options is not None and "discard" in options and rule.mount_option:
+            online = rule.mount_option or bool(
+                rule.mount_option_since and kernel and kernel >= rule.mount_option_since
+            )
+            if options is not None and "discard" in options and online:
                 results.append(Layer(kind, Verdict.PASS, f"{where} is mounted with discard"))
             elif not off and rule.default_since and kernel and kernel >= rule.default_since:
                 results.append(
