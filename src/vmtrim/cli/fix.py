@@ -4,14 +4,16 @@ Output modes: the new text on stdout (default), ``--dry-run`` (a unified diff,
 nothing written), ``-o FILE`` (written atomically; an existing FILE is backed up
 first), ``--in-place`` (a 0600 timestamped backup beside the file, then an atomic
 replace). A summary of the changes and the disks left alone goes to stderr, or
-everything into one ``vmtrim.fix/1`` document with ``--json``.
+everything into one ``vmtrim.fix/1`` document with ``--json``. What a change does to
+the guest (``--bus scsi``: new driver and device names) is printed before the change
+is written, and is the document's ``warnings`` list.
 
 Exit codes: 0 changed, or nothing to change ("already enabled"; also when the only
 disks are cdroms, luns, read-only or shared disks, which fix leaves alone on
 purpose); 1 a writable disk still blocks discard at the configuration and fix could
 not change it (for example virtio-blk on a machine type before 4.0 without
 ``--bus scsi``; the other disks are still fixed and written); 2 bad input or usage;
-3 environment (a write failed).
+3 environment (a write failed; ``--restart`` timed out without ``--force``).
 """
 
 from __future__ import annotations
