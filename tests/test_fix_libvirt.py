@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from lxml import etree
 
 from fix_support import materialize
+from helpers import vmtrim
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.fix.policy import FixOptions
 from vmtrim.fix.xml import fix_domain_xml
@@ -82,3 +84,28 @@ def test_libvirt_defines_fixed_xml(
 def _target(disk: etree._Element) -> str | None:
     target = disk.find("target")
     return None if target is None else target.get("dev")
+
+
+def test_fix_c_on_a_stopped_domain_says_what_it_could_not_ask(
+    libvirtd: str, tmp_path: Path
+) -> None:
+    text = materialize("old-virtio.xml", tmp_path)
+    domain = f"vmtrim-fix-{uuid.uuid4().hex[:8]}"
+    text = text.replace("<name>fix-old-virtio</name>", f"<name>{domain}</name>")
+    path = tmp_path / "domain.xml"
+    path.write_text(text)
+    defined = virsh(libvirtd, "define", str(path))
+    assert defined.returncode == 0, defined.stderr
+    try:
+        result = vmtrim("fix", "-c", libvirtd, domain, "--bus", "scsi", "--dry-run", "--json")
+        assert result.returncode == 0, result.stderr
+        [doc] = json.loads(result.stdout)["domains"]
+        assert any("could not read the guest's /etc/fstab" in w for w in doc["warnings"])
+        assert any("vioscsi" in w for w in doc["warnings"])
+        guest = {r["reason"] for r in doc["remaining"] if r["layer"] == "guest_fs"}
+        assert guest == {"the domain is not running: no guest agent to ask"}
+        # libvirt 9.0 has every <driver> attribute the fix writes: no version finding
+        assert not any("libvirt" in r["reason"] for r in doc["remaining"])
+    finally:
+        undefined = virsh(libvirtd, "undefine", domain)
+        assert undefined.returncode == 0, undefined.stderr
