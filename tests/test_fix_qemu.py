@@ -145,6 +145,11 @@ def test_idempotent_and_audit_agrees(name: str, tmp_path: Path) -> None:
         # Every disk that still blocks at the configuration is one fix said it left alone.
         assert len(blocking) <= len([s for s in first.skipped if s.blocking]), (name, options)
         assert len(names) + len(skipped) >= len([r for r in reports if not r.exempt])
+        # A disk fix changed or found fine passes at the configuration layers afterwards.
+        still = {r.disk for r in first.remaining if r.layer in ("device", "block_node")
+                 and r.verdict == "block"}  # fmt: skip
+        assert not still & names, (name, options, still)
+        assert not names & skipped  # one disk, one outcome
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,10 @@ def tokenize(data: bytes | str, subject: str = "<args>") -> list[str]:
 
 @dataclass(frozen=True)
 class Option:
-    """One option: ``-name value`` or a flag (``value_index`` None), by argv index."""
+    """One option: ``-name value`` or a flag (``value_index`` None), by argv index.
+
+    ``name`` is without dashes; ``""`` for a bare image argument (its one word is both).
+    """
 
     name: str
     index: int  # the option word
