@@ -4,8 +4,3 @@ The package is a library first; :mod:`vmtrim.cli` is a thin layer over it.
 """
 
 __version__ = "0.1.0"
-
-import logging as _logging
-
-# Library users see nothing unless they configure logging; `vmtrim --debug` does.
-_logging.getLogger("vmtrim").addHandler(_logging.NullHandler())

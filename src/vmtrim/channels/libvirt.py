@@ -9,7 +9,6 @@ turn the exceptions into :mod:`vmtrim.errors` with the URI or domain as subject.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -22,6 +21,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+from vmtrim._util.log import get_logger
 from vmtrim.channels.qmp import (
     ExecStatus,
     FstrimResult,
@@ -38,7 +38,7 @@ INSTALL_HINT = "install vmtrim[libvirt] (pip install 'vmtrim[libvirt]')"
 _UUID = re.compile(r"^[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}$", re.IGNORECASE)
 
 _modules: dict[str, ModuleType] = {}
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _import(name: str) -> ModuleType:

@@ -36,7 +36,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import random
 import time
 from collections.abc import Coroutine
@@ -48,10 +47,11 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.message import Message
 
+from vmtrim._util.log import get_logger
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 S = TypeVar("S", bound="_Session")
 
 # --- results ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ The results come back as :class:`~vmtrim.history.store.DomainRecord`, ready to r
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from vmtrim._util.deadline import call_with_deadline
+from vmtrim._util.log import get_logger
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.channels.libvirt import (
@@ -52,7 +52,7 @@ from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.trim.engine import NOT_RUNNING, TrimOptions, TrimResult, trim_target
 from vmtrim.trim.libvirt import LibvirtTarget, measurable
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SCHEMA = "vmtrim.run/1"
 SKIP_LAYERS = (LayerKind.DEVICE, LayerKind.BLOCK_NODE, LayerKind.HOST_STORAGE)

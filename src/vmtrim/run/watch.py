@@ -25,7 +25,6 @@ every attempt and every reconnect is logged (events while disconnected are lost)
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmtrim._util.log import get_logger
 from vmtrim.channels.libvirt import Connection, error_text, libvirt_module, open_connection
 from vmtrim.errors import EnvironmentProblem, LockHeld
 from vmtrim.run.policy import Policy
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0

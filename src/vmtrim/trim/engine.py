@@ -31,7 +31,6 @@ trimmed, a configuration layer dropped it), ``skipped``, ``failed``.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from vmtrim._util.deadline import call_with_deadline
+from vmtrim._util.log import get_logger
 from vmtrim.channels.qmp import ExecStatus, FstrimPath, FstrimResult
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable, VmtrimError
 from vmtrim.model import DiskReport, LayerKind, Verdict
@@ -65,7 +65,7 @@ NOTHING_TO_TRIM = 1024 * 1024
 SHORTFALL_RATIO = 0.1
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
