@@ -16,7 +16,7 @@ model's vocabularies (:mod:`vmtrim.model` ``Bus``, ``Discard``, ``Format``) narr
 
 from __future__ import annotations
 
-from typing import Protocol, overload
+from typing import Protocol, Self, overload
 
 from lxml import etree
 
@@ -123,7 +123,7 @@ class Element:
         self.edit: Edit = edit or TreeEdit()
 
     @classmethod
-    def new(cls, parent: etree._Element, **attributes: str) -> Element:
+    def new(cls, parent: etree._Element, **attributes: str) -> Self:
         """A new element at the end of ``parent`` (XML vmtrim builds itself)."""
         return cls(etree.SubElement(parent, cls.TAG, attributes))
 
