@@ -108,3 +108,13 @@ def test_nul_separated_input_stays_nul_separated(name: str, tmp_path: Path) -> N
     assert "\n" not in result.new_text and result.new_text.endswith("\0")
     old_words, new_words = set(argv), set(tokenize(result.new_text))
     assert len(old_words - new_words) <= len(result.changes)
+
+
+def test_diff_applies_to_a_file_without_a_final_newline(tmp_path: Path) -> None:
+    text = materialize("legacy-mixed.args", tmp_path, images=False).rstrip("\n")
+    original = tmp_path / "input.args"
+    original.write_text(text)
+    result = fix(text, FixOptions(modernize=True))
+    assert not result.new_text.endswith("\n")  # -o writes no newline the user did not have
+    assert "\\ No newline at end of file" in result.diff
+    assert patched(original, result.diff, tmp_path) == result.new_text

@@ -134,7 +134,7 @@ class FixResult:
     def diff(self) -> str:
         """A unified diff from the original to the new text ('' when unchanged)."""
         old = self.original.splitlines(keepends=True)
-        new = _with_newline(self.new_text.splitlines(keepends=True))
+        new = self.new_text.splitlines(keepends=True)
         if self.edits is None:
             matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
         else:
@@ -236,11 +236,18 @@ def unified_diff(
         out.append(f"@@ -{old_range} +{new_range} @@\n")
         for tag, i1, i2, j1, j2 in group:
             if tag == "equal":
-                out += [" " + line for line in old[i1:i2]]
+                out += [_marked(" ", line) for line in old[i1:i2]]
                 continue
-            out += ["-" + line for line in old[i1:i2]]
-            out += ["+" + line for line in new[j1:j2]]
+            out += [_marked("-", line) for line in old[i1:i2]]
+            out += [_marked("+", line) for line in new[j1:j2]]
     return "".join(out)
+
+
+def _marked(prefix: str, line: str) -> str:
+    # A last line without a newline gets diff's marker, or patch calls the diff malformed.
+    return (
+        prefix + line if line.endswith("\n") else f"{prefix}{line}\n\\ No newline at end of file\n"
+    )
 
 
 def _range(start: int, stop: int) -> str:
