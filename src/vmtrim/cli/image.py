@@ -14,6 +14,7 @@ import click
 if TYPE_CHECKING:
     from vmtrim.image.info import ImageInfo
     from vmtrim.image.map import Extents
+    from vmtrim.image.pool import PoolEntry
 
 FORMATS = click.Choice(["qcow2", "raw"])
 
@@ -24,8 +25,14 @@ def image() -> None:
 
 
 @image.command("info")
-@click.argument("path", type=click.Path(dir_okay=True, readable=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.image/1 JSON document.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False, path_type=str))
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one vmtrim.image/1 JSON document (several images or a directory: one "
+    "vmtrim.image-pool/1 document listing one vmtrim.image/1 document per image).",
+)
 @click.option(
     "--scan-zeros", is_flag=True, help="Also read every data cluster to find all-zero ones (slow)."
 )
@@ -33,10 +40,22 @@ def image() -> None:
     "-f", "--format", "fmt", type=FORMATS, default=None, help="Image format (default: probe)."
 )
 @click.option("--no-backing", is_flag=True, help="Do not follow the backing chain.")
-def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing: bool) -> int:
-    """Header, guest, host and reclaim figures of IMAGE and its backing chain."""
+def info(
+    paths: tuple[str, ...], as_json: bool, scan_zeros: bool, fmt: str | None, no_backing: bool
+) -> int:
+    """Header, guest, host and reclaim figures of IMAGE and its backing chain.
+
+    With several images, or a directory such as a libvirt pool (the files directly in
+    it), one table of every image, most reclaimable first; an image that cannot be read
+    is a row with its error, and the exit code is then 2.
+    """
+    import os
+
+    if len(paths) > 1 or os.path.isdir(paths[0]):
+        return _pool(paths, as_json, fmt)
     from vmtrim.image.info import SCHEMA, inspect
 
+    path = paths[0]
     if scan_zeros:
         result = _with_progress(
             "scanning for zero clusters",
@@ -53,6 +72,20 @@ def info(path: str, as_json: bool, scan_zeros: bool, fmt: str | None, no_backing
     else:
         _render_info(result)
     return 0
+
+
+def _pool(paths: tuple[str, ...], as_json: bool, fmt: str | None) -> int:
+    from vmtrim.errors import EXIT_BAD_INPUT, EXIT_OK
+    from vmtrim.image.pool import POOL_SCHEMA, scan_pool
+
+    entries = scan_pool(paths, fmt)
+    if as_json:
+        from vmtrim.output import print_json
+
+        print_json(POOL_SCHEMA, {"images": [e.to_json() for e in entries]})
+    else:
+        _render_pool(entries)
+    return EXIT_BAD_INPUT if any(e.error for e in entries) else EXIT_OK
 
 
 @image.command("map")
@@ -240,3 +273,71 @@ def _render_map(path: str, ext: Extents) -> None:
     render_table(columns, rows, title=f"{path}: data extents")
     summary = ", ".join(f"{name} {human_bytes(n)}" for name, n in totals.items())
     print_line(f"{summary} in {len(ext)} extents")
+
+
+def _render_pool(entries: list[PoolEntry]) -> None:
+    """One row per image, most reclaimable first; failures are rows with their error."""
+    from vmtrim.output import Column, Row, Styled, human_bytes, render_table
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else human_bytes(n)
+
+    columns = [
+        Column("image", shorten="middle", min_width=16),
+        Column("reclaimable", justify="right"),
+        Column("virtual", justify="right", priority=3),
+        Column("allocated", justify="right"),
+        Column("data", justify="right", priority=2),
+        Column("zero", justify="right", priority=4),
+        Column("unallocated", justify="right", priority=4),
+        Column("leaked", justify="right", priority=1),
+        Column("snapshots only", justify="right", priority=2),
+        Column("fragmented", justify="right", priority=3),
+        Column("end offset", justify="right", priority=2),
+        Column("measure", justify="right", priority=3),
+    ]
+    rows: list[Row] = []
+    failed = 0
+    for e in entries:
+        i = e.info
+        if i is None:
+            failed += 1
+            rows.append(
+                Row(
+                    [e.path, Styled("error", "red"), *["-"] * (len(columns) - 2)],
+                    details=[e.error],
+                )
+            )
+            continue
+        frag = "-"
+        if i.allocated_clusters:
+            frag = f"{100 * (i.fragmented_clusters or 0) / i.allocated_clusters:.1f}%"
+        end: str | Styled = size(i.image_end_offset)
+        if i.image_end_offset and i.measure_required and i.image_end_offset > i.measure_required:
+            end = Styled(f"{end} !", "yellow")  # grown past what a copy would need
+        rows.append(
+            Row(
+                [
+                    e.path,
+                    size(i.reclaim.max_trim_bytes),
+                    size(i.virtual_size),
+                    size(i.allocated_bytes),
+                    size(i.guest.data_bytes),
+                    size(i.guest.zero_bytes),
+                    size(i.guest.unallocated_bytes) if i.format == "qcow2" else "-",
+                    size(i.host.leaked_bytes),
+                    size(i.reclaim.snapshot_only_bytes),
+                    frag,
+                    end,
+                    size(i.measure_required),
+                ],
+                details=[f"{i.corruptions} corruptions (qemu-img check)"] if i.corruptions else [],
+            )
+        )
+    notes = [
+        "reclaimable: what discarding every guest disk would give back (du); end offset "
+        "'!': past what qemu-img measure says a copy needs",
+    ]
+    if failed:
+        notes.append(f"{failed} of {len(entries)} images could not be read")
+    render_table(columns, rows, title=f"{len(entries)} images", notes=notes)

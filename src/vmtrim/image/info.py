@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmtrim.errors import ImageError
-from vmtrim.image.allocation import Coverage, stored_extents
+from vmtrim.image.allocation import Coverage, extents_fd, stored_extents
 from vmtrim.image.files import open_readonly
 from vmtrim.image.qcow2 import (
     COMPAT_LAZY_REFCOUNTS,
@@ -83,6 +83,7 @@ class ReclaimView:
     leaked_bytes: int = 0
     tail_bytes: int = 0
     zero_data_bytes: int | None = None  # only with scan_zeros
+    snapshot_only_bytes: int = 0  # stored clusters only internal snapshots hold
 
 
 @dataclass
@@ -108,6 +109,9 @@ class ImageInfo:
     fragmented_clusters: int | None = None
     compressed_clusters: int | None = None
     image_end_offset: int | None = None
+    # `qemu-img measure -O qcow2` with this image's cluster size and refcount width
+    # (64 KiB and 16 for raw); None when a backing file holds part of the data
+    measure_required: int | None = None
     leaks: int | None = None
     corruptions: int | None = None
     guest: GuestView = field(default_factory=GuestView)
@@ -268,6 +272,10 @@ def _inspect_raw(path: str, scan_zeros: bool, progress: Progress | None) -> Imag
         info.host.punched_hole_bytes = size - data
         info.host.unwritten_bytes = unwritten
         info.reclaim.max_trim_bytes = data
+        seek_starts, seek_ends = extents_fd(fd, size)
+        info.measure_required = measure_required(
+            info.virtual_size, 65536, 4, False, _clusters_touched(seek_starts, seek_ends, 65536)
+        )
         if scan_zeros:
             blocks = zero_blocks(fd, cov.starts, cov.ends - cov.starts, 4096, progress)
             zero = int(cov.within(blocks, np.full(len(blocks), 4096, np.int64)).sum())
@@ -369,6 +377,12 @@ def _inspect_qcow2(
     if h.data_file is not None:
         r.max_trim_note = "guest data lives in the external data file"
     r.leaked_bytes = hv.leaked_bytes
+    held = s.snapshot_only * cs
+    r.snapshot_only_bytes = int(cov.within(held, np.full(len(held), cs, np.int64)).sum())
+    if not h.backing_file:
+        info.measure_required = measure_required(
+            h.size, cs, h.refcount_order, h.extended_l2, s.data_guest_clusters
+        )
     end = min(s.image_end_offset, size)
     r.tail_bytes = cov.total - int(cov.upto(np.array([end], np.int64))[0])
     r.wasted_bytes = r.leaked_bytes + r.tail_bytes
@@ -380,6 +394,48 @@ def _inspect_qcow2(
         r.zero_data_bytes = int(cov.within(blocks, np.full(len(blocks), cs, np.int64)).sum())
         r.wasted_bytes += r.zero_data_bytes
     return info
+
+
+def _clusters_touched(starts: Any, ends: Any, cs: int) -> int:
+    """Distinct ``cs``-sized clusters the [start, end) extents touch."""
+    first = np.asarray(starts, np.int64) // cs
+    last = (np.asarray(ends, np.int64) - 1) // cs
+    total = int((last - first + 1).sum())
+    # an extent ending in the cluster the next one starts in counts it once
+    shared = int((first[1:] == last[:-1]).sum()) if len(first) > 1 else 0
+    return total - shared
+
+
+def _refcount_metadata(clusters: int, cs: int, refcount_order: int) -> int:
+    """qcow2_refcount_metadata_size: refcount blocks and table for ``clusters``, themselves
+    included (the fixed point QEMU iterates to)."""
+    per_table_cluster = cs // 8
+    per_block = cs * 8 // (1 << refcount_order)
+    table = blocks = 0
+    n = -1
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cs
+
+
+def measure_required(
+    virtual: int, cs: int, refcount_order: int, extended_l2: bool, data_clusters: int
+) -> int:
+    """What ``qemu-img measure -O qcow2`` prints as required (block/qcow2.c qcow2_measure):
+    the metadata of a fully allocated image, minus its data, plus the data clusters."""
+    aligned = -(-virtual // cs) * cs  # qcow2_measure rounds the size up to a cluster
+    l2e = 16 if extended_l2 else 8
+    meta = cs  # header
+    nl2e = -(-(aligned // cs) // (cs // l2e)) * (cs // l2e)
+    meta += nl2e * l2e
+    nl1e = -(-(nl2e * l2e // cs) // (cs // 8)) * (cs // 8)
+    meta += nl1e * 8
+    meta += _refcount_metadata((meta + aligned) // cs, cs, refcount_order)
+    return meta + data_clusters * cs
 
 
 def _unallocated_ranges(reader: Qcow2Reader, s: Scan) -> int:

@@ -70,6 +70,10 @@ class Scan:
     exclusive_data_host: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     # host clusters a discard of the whole guest disk would free (refcount drops to 0)
     trim_freed: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    # host clusters only internal snapshots hold (deleting them all would free these)
+    snapshot_only: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    # guest clusters that hold data (not zero, not unallocated), as qemu-img measure counts
+    data_guest_clusters: int = 0
     units: Units | None = None
 
 
@@ -156,6 +160,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     meta = _Refs(cb, file_len)
     data = _Refs(cb, file_len)
     discarded = _Refs(cb, file_len)  # what a full guest discard would unreference
+    held = _Refs(cb, file_len)  # what only snapshots reference
     meta.one(0, cs)
     l2n = h.l2_entries
     data_file = h.data_file is not None
@@ -272,6 +277,9 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
             host = np.where(has, host2, -1).reshape(-1)
             w_units = np.repeat(w_act, SUBCLUSTERS)
         counts += np.bincount(kinds, weights=w_units.astype(np.float64), minlength=8)[:8]
+        has_data = (kinds == NORMAL) | (kinds == COMPRESSED)
+        per_cluster = 1 if bitmaps is None else SUBCLUSTERS
+        res.data_guest_clusters += len(unique(uindex[has_data] // per_cluster))
         if want_units:
             keep = kinds != UNALLOCATED_PLAIN
             unit_parts.append((uindex[keep], kinds[keep], host[keep]))
@@ -289,7 +297,15 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
     snap_w = _lookup(all_off, all_n, snap_only)
     # label each table by its position in snap_only, to find its weight
     for pos, entry, ent, bitmaps in reader.l2_tables(np.arange(len(snap_only)), snap_only):
-        table_refs(ent, bitmaps, snap_w[pos][entry // l2n])
+        ctype, offset, c_off, c_len = table_refs(ent, bitmaps, snap_w[pos][entry // l2n])
+        with_host = (ctype == NORMAL) | (ctype == ZERO_ALLOC)
+        if not data_file:
+            held.add(offset[with_host], cs)
+            held.add(c_off.astype(np.int64), c_len.astype(np.int64))
+    held.add(snap_only, cs)
+    for l1_at, l1_len in snap_groups:
+        held.one(l1_at, l1_len * 8)
+    held.one(h.snapshots_offset, reader.snapshots_size)
     if h.version >= 3:
         # QEMU's snapshot table check: v3 entries carry at least vm_state_size and disk_size
         res.corruptions += sum(1 for s in reader.snapshots if s.extra_data_size < 16)
@@ -312,12 +328,24 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         ok[inside] = ondisk_all[ci[inside]] == 1
         res.exclusive_data_host = cand[ok]
     d_cl, d_w = discarded.arrays()
+    res.snapshot_only = _minus(
+        unique(held.arrays()[0]), unique(np.concatenate((d_cl, act_off >> cb)))
+    )
     if len(d_cl):
         gone = _counts(d_cl, d_w, max(len(ondisk_all), int(d_cl.max()) + 1))[: len(ondisk_all)]
         res.trim_freed = np.flatnonzero((ondisk_all > 0) & (ondisk_all <= gone))
 
     res.units = _units(h.extended_l2, cs, unit_parts) if want_units else None
     return res
+
+
+def _minus(a: I64, b: I64) -> I64:
+    """Sorted unique ``a`` without what sorted unique ``b`` holds."""
+    if not len(b):
+        return a
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    out: I64 = a[b[at] != a]
+    return out
 
 
 def _copied_mismatches(
