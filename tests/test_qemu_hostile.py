@@ -157,6 +157,11 @@ def test_nesting_is_bounded(value: str) -> None:
         parse_command_line(["qemu-system-x86_64", "-blockdev", value])
 
 
+def test_huge_json_integer_is_bad_input() -> None:
+    with pytest.raises(BadInput, match="invalid JSON"):
+        parse_command_line(["qemu-system-x86_64", "-blockdev", '{"size":' + "9" * 5000 + "}"])
+
+
 def test_control_characters_never_reach_the_terminal(tmp_path: Path) -> None:
     evil = "\x1b[2J\x1b[31mforged\u202e"
     path = tmp_path / "evil.args"
