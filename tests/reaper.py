@@ -7,7 +7,8 @@ then sees the PID alive and waits ~30 s in every destroy and capability probe
 PR_SET_CHILD_SUBREAPER those orphans are reparented to this process instead,
 which reaps them. On SIGTERM it stops both daemons and exits.
 
-Usage: python reaper.py   (prints "virtlogd=PID libvirtd=PID" once both are up)
+Usage: python reaper.py [LIBVIRTD-ARGS...]   (prints "virtlogd=PID libvirtd=PID" once both
+are up; any arguments go to libvirtd, e.g. ``--listen`` for tests/fleet_hosts.py)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> int:
     deadline = time.monotonic() + 20
     while not os.path.exists(VIRTLOGD_SOCKET) and time.monotonic() < deadline:
         time.sleep(0.05)
-    daemons[spawn(["libvirtd"])] = "libvirtd"
+    daemons[spawn(["libvirtd", *sys.argv[1:]])] = "libvirtd"
     print(" ".join(f"{name}={pid}" for pid, name in daemons.items()), flush=True)
 
     while daemons:

@@ -33,6 +33,7 @@ RANK = {
     "verify": 7,
     "sparsify": 8,
     "run": 8,
+    "fleet": 8,
     "cli": 9,
 }
 # The package root re-exports nothing from below; __main__ only starts the CLI.

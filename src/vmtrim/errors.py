@@ -12,6 +12,7 @@
           +-- HistoryUnavailable  the history database is corrupt, locked or unwritable
           +-- LockHeld          another ``vmtrim run`` holds the run lock
           +-- ImageInUse        a process (QEMU's image lock) or a running domain uses an image
+          +-- HostUnreachable   one host of a fleet: no connection, refused, timed out, dropped
 
 Callers sort failures by class, never by message text: a trim whose agent is
 unavailable is *skipped*, one whose agent answered with an error *failed*.
@@ -107,3 +108,8 @@ class LockHeld(EnvironmentProblem):
 
 class ImageInUse(EnvironmentProblem):
     """Another process holds QEMU's image lock on the image, or a running domain uses it."""
+
+
+class HostUnreachable(EnvironmentProblem):
+    """One libvirt host of a fleet could not be reached, refused us, did not answer within
+    ``--connect-timeout``, or dropped the connection; the other hosts carry on."""

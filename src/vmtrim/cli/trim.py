@@ -27,7 +27,30 @@ CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 
 @click.command("trim")
 @click.option(
-    "-c", "--connect", "uri", metavar="URI", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI)."
+    "-c",
+    "--connect",
+    "uris",
+    metavar="URI",
+    multiple=True,
+    help="libvirt URI (default: $LIBVIRT_DEFAULT_URI); repeat it for several hosts.",
+)
+# --- fleet (vmtrim.fleet): many hosts at once ---
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
+@click.option(
+    "--hosts-parallel",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    metavar="N",
+    help="Work on N hosts at once (--parallel is per host).",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    metavar="S",
+    help="A host that does not answer within S seconds (or stops answering) has failed.",
 )
 @click.option(
     "--all",
@@ -78,7 +101,7 @@ CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 @click.option("--db", "history_db", metavar="FILE", help="The history database to record in.")
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
 def trim(
-    uri: str | None,
+    uris: tuple[str, ...],
     every: bool,
     minimum: int,
     mountpoint: str | None,
@@ -90,6 +113,9 @@ def trim(
     domains: tuple[str, ...],
     no_history: bool = False,
     history_db: str | None = None,
+    hosts_file: str | None = None,
+    hosts_parallel: int = 8,
+    connect_timeout: float = 15.0,
 ) -> int:
     """Trim guests through the guest agent and measure what the host got back.
 
@@ -112,6 +138,24 @@ def trim(
     options = TrimOptions(
         minimum=minimum, mountpoint=mountpoint, timeout=timeout, parallel=parallel
     )
+    if hosts_file or len(uris) > 1:  # many hosts: vmtrim.fleet (exit 3 if a host failed)
+        if qga or qmp:
+            raise BadInput("--qga/--qmp talk to one QEMU: give no -c or --hosts", subject="--qga")
+        from vmtrim.fleet.hosts import host_list
+        from vmtrim.fleet.trim import trim_fleet
+
+        record = None if no_history else _recorder(history_db)
+        return trim_fleet(
+            host_list(uris, hosts_file),
+            domains=domains,
+            every=every,
+            options=options,
+            hosts_parallel=hosts_parallel,
+            connect_timeout=connect_timeout,
+            as_json=as_json,
+            record=record,
+        )
+    uri = uris[0] if uris else None
     shut_off: list[str] = []
     with ExitStack() as stack:
         if qga or qmp:
@@ -157,6 +201,13 @@ def trim(
 
         return record_trim(results, history_db, None if qga else uri) or exit_code(results)
     return exit_code(results)
+
+
+def _recorder(db: str | None) -> Callable[[Sequence[TrimResult], str], int | None]:
+    """The fleet records each host's trims as a trim run of that host's URI."""
+    from vmtrim.run.record import record_trim
+
+    return lambda results, uri: record_trim(results, db, uri)
 
 
 def exit_code(results: Sequence[TrimResult]) -> int:
