@@ -15,37 +15,26 @@ libvirtd is shared, and other guests on it are not ours to trim.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
+import lab_domains
 from helpers import du_bytes, vmtrim
+from lab_domains import OURS
 from test_live_libvirt import Lab, LabDomain
-from vmtrim.lab import Appliance
+
+lab = lab_domains.lab  # the shared module-scoped fixture: this module's guests
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 MiB = 1024 * 1024
-PREFIX = f"vmtrim-live-{os.getpid()}-"
-
-
-@pytest.fixture(scope="module")
-def lab(libvirtd: str, appliance: Appliance) -> Iterator[Lab]:
-    conn = libvirt.open(libvirtd)
-    labs = Lab(conn, appliance)
-    try:
-        yield labs
-    finally:
-        labs.cleanup()
-        conn.close()
+PREFIX = OURS
 
 
 @pytest.fixture(scope="module")

@@ -9,38 +9,28 @@ guests: other guests on the shared libvirtd see events too, and are not ours.
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
+import lab_domains
 from helpers import du_bytes
+from lab_domains import OURS
 from test_live_libvirt import Lab
-from vmtrim.lab import Appliance
 from vmtrim.run.watch import describe_block_job, describe_lifecycle
+
+lab = lab_domains.lab  # the shared module-scoped fixture: this module's guests
 
 MiB = 1024 * 1024
 SETTLE = 2
-
-
-@pytest.fixture(scope="module")
-def lab(libvirtd: str, appliance: Appliance) -> Iterator[Lab]:
-    conn = libvirt.open(libvirtd)
-    labs = Lab(conn, appliance)
-    try:
-        yield labs
-    finally:
-        labs.cleanup()
-        conn.close()
 
 
 def read_line(stream: Any, seconds: float) -> str:
@@ -54,7 +44,7 @@ def test_blockcopy_is_followed_by_a_recorded_trim(lab: Lab, tmp_path: Path) -> N
     guest = lab.start("watch", write_mib=64)
     guest.until_deleted()
     policy = tmp_path / "policy.toml"
-    policy.write_text(f'include = ["vmtrim-live-{os.getpid()}-*"]\nsettle = {SETTLE}\n')
+    policy.write_text(f'include = ["{OURS}*"]\nsettle = {SETTLE}\n')
     db = tmp_path / "history.db"
     watcher = subprocess.Popen(
         [

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from vmtrim.cli.run_policy import db_option
 from vmtrim.errors import EXIT_OK, BadInput
 
 if TYPE_CHECKING:
@@ -33,12 +34,7 @@ SPARK_POINTS = 24
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.history/1 JSON document.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one line per domain.")
 @click.option("--verify", "verify_cells", is_flag=True, help="Show verify cells, not domains.")
-@click.option(
-    "--db",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="FILE",
-    help="The history database (default: /var/lib/vmtrim/history.db, or $XDG_STATE_HOME).",
-)
+@db_option
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
 def history(
     since: str | None,

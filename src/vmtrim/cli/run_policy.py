@@ -29,30 +29,37 @@ _FINDINGS = ("failed", "blocked", "no_effect")
 _NOT_FINDINGS = ("the maintenance window", "the run was stopped")
 
 
-@click.command("run")
-@click.option(
+FILE = click.Path(path_type=Path, dir_okay=False)
+# Shared by run, watch, history and schedule: the same option, the same help.
+policy_option = click.option(
     "--policy",
     "policy_file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     metavar="FILE",
     help="The policy (default: /etc/vmtrim/policy.toml, or $XDG_CONFIG_HOME/vmtrim/ when "
     "not root; absent means every default).",
 )
-@click.option("--dry-run", is_flag=True, help="Survey and plan only: trim and record nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.run/1 JSON document.")
-@click.option(
+db_option = click.option(
     "--db",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     metavar="FILE",
     help="The history database (default: /var/lib/vmtrim/history.db, or $XDG_STATE_HOME).",
 )
-@click.option(
+lock_option = click.option(
     "--lock",
     "lock_file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     metavar="FILE",
     help="The run lock (default: /run/vmtrim/run.lock, or $XDG_RUNTIME_DIR).",
 )
+
+
+@click.command("run")
+@policy_option
+@click.option("--dry-run", is_flag=True, help="Survey and plan only: trim and record nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.run/1 JSON document.")
+@db_option
+@lock_option
 def run(
     policy_file: Path | None,
     dry_run: bool,

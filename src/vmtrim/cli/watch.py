@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from vmtrim.cli.run_policy import db_option, lock_option, policy_option
 from vmtrim.errors import EXIT_OK
 
 SCHEMA = "vmtrim.watch/1"
@@ -30,15 +31,9 @@ SCHEMA = "vmtrim.watch/1"
     multiple=True,
     help="libvirt URI to watch (default: the policy's connect list).",
 )
-@click.option(
-    "--policy",
-    "policy_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="FILE",
-    help="The policy: include/exclude, settle, timeout, minimum (default as for run).",
-)
-@click.option("--db", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE")
-@click.option("--lock", "lock_file", type=click.Path(path_type=Path, dir_okay=False))
+@policy_option
+@db_option
+@lock_option
 @click.option("--json", "as_json", is_flag=True, help="One vmtrim.watch/1 JSON line per trim.")
 def watch(
     uris: tuple[str, ...],

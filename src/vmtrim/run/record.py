@@ -127,9 +127,14 @@ def record_trim(
     from vmtrim.channels.libvirt import resolve_uri
 
     uri = resolve_uri(uri) if uri is not None else None
-    recorder = Recorder(db, "trim", trigger="command line")
-    for result in results:
-        recorder.record(trim_record(result, uri))
+    return record_all(db, "trim", [trim_record(result, uri) for result in results])
+
+
+def record_all(db: str | Path | None, kind: str, records: Sequence[DomainRecord]) -> int | None:
+    """One run of ``kind`` with ``records``; None when recorded, else 3 after saying so."""
+    recorder = Recorder(db, kind, trigger="command line")
+    for record in records:
+        recorder.record(record)
     recorder.finish()
     return recorder.report()
 
@@ -169,8 +174,4 @@ def verify_record(cell: CellResult) -> DomainRecord:
 
 def record_verify(cells: Sequence[CellResult], db: str | Path | None = None) -> int | None:
     """Record ``vmtrim verify`` cells as one verify run, apart from the fleet's domains."""
-    recorder = Recorder(db, "verify", trigger="command line")
-    for cell in cells:
-        recorder.record(verify_record(cell))
-    recorder.finish()
-    return recorder.report()
+    return record_all(db, "verify", [verify_record(cell) for cell in cells])
