@@ -15,7 +15,9 @@ Version = tuple[int, ...]
 
 QEMU = "qemu-system-x86_64"
 _LEADING = re.compile(r"\s*v?(\d+(?:\.\d+)*)")
-_MACHINE = re.compile(r"-(\d+\.\d+(?:\.\d+)?)$")
+# Proxmox appends its own revision (pc-q35-8.1+pve0, pve-qemu "Allow version code in
+# machine type"); the upstream version in front of it is what the compat rules follow.
+_MACHINE = re.compile(r"-(\d+\.\d+(?:\.\d+)?)(?:\+pve\d+)?$")
 _QEMU_BANNER = re.compile(r"QEMU emulator version (\d+(?:\.\d+)*)")
 
 
