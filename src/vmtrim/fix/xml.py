@@ -21,6 +21,7 @@ and the source of what still does not pass (guest, host storage).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -141,6 +142,10 @@ class _XmlFixer:
     touched: set[Locator] = field(default_factory=set)  # locators of fixed or already-fine disks
     moves: list[BusMove] = field(default_factory=list)
     _controller: str | None = None
+    _slot_map: dict[etree._Element, list[tuple[int, int]]] | None = None
+    _units: dict[int, Counter[int]] = field(default_factory=dict)  # controller -> unit uses
+    _cursor: dict[int, int] = field(default_factory=dict)  # units below it are all taken
+    _target_cursor: int = 0
 
     def __post_init__(self) -> None:
         self.devices = self.root.find("devices")
@@ -276,19 +281,19 @@ class _XmlFixer:
         self._controller = index
         return index
 
-    def _scsi_slots(self, exclude: etree._Element | None = None) -> Iterator[tuple[int, int]]:
+    def _scsi_slots(self) -> Iterator[tuple[int, int]]:
         """(controller, unit) of every SCSI disk and hostdev at bus 0 target 0, implicit too."""
+        for slots in self._slots().values():
+            yield from slots
+
+    def _slots(self) -> dict[etree._Element, list[tuple[int, int]]]:
+        """Each SCSI disk's and hostdev's slots, read once and kept up to date by moves."""
+        if self._slot_map is not None:
+            return self._slot_map
+        self._slot_map = {}
         for xml in self.disks:
-            if xml.element is exclude or xml.target_bus != "scsi":
-                continue
-            if xml.address_type == "drive":
-                if (xml.address_bus or "0") == "0" and (xml.address_target or "0") == "0":
-                    yield _int(xml.address_controller), _int(xml.address_unit)
-            elif xml.find("address") is None:
-                index = disk_index(xml.target_dev or "")
-                if index is not None:
-                    for per in _IMPLICIT_UNITS_PER_CONTROLLER:
-                        yield index // per, index % per
+            if xml.target_bus == "scsi":
+                self._slot_map[xml.element] = list(_disk_slots(xml))
         for element in self.root.iterfind("devices/hostdev[@type='scsi']"):
             address = element.find("address")
             if (
@@ -297,17 +302,56 @@ class _XmlFixer:
                 and address.get("bus", "0") == "0"
                 and address.get("target", "0") == "0"
             ):
-                yield _int(address.get("controller")), _int(address.get("unit"))
+                slot = (_int(address.get("controller")), _int(address.get("unit")))
+                self._slot_map[element] = [slot]
+        for slots in self._slot_map.values():
+            for controller, unit in slots:
+                self._units.setdefault(controller, Counter())[unit] += 1
+        return self._slot_map
 
     def _free_unit(self, controller: str, exclude: etree._Element) -> int:
-        used = {unit for ctl, unit in self._scsi_slots(exclude) if ctl == _int(controller)}
-        return next(unit for unit in range(len(used) + 1) if unit not in used)
+        """The lowest unit on ``controller`` that no other disk uses.
+
+        Counted, with a cursor below which every unit is taken: a scan of every disk per
+        moved disk made ``--all-disks`` on 2,000 disks take half a minute.
+        """
+        slots = self._slots()
+        ctl = _int(controller)
+        used = self._units.setdefault(ctl, Counter())
+        cursor = self._cursor.get(ctl, 0)
+        while used[cursor] > 0:
+            cursor += 1
+        self._cursor[ctl] = cursor
+        # Below the cursor only a unit the disk itself holds alone can be free for it.
+        mine = Counter(u for c, u in slots.get(exclude, []) if c == ctl)
+        own = [u for u, times in mine.items() if used[u] == times and u < cursor]
+        unit = min([*own, cursor])
+        for old_ctl, old_unit in slots.get(exclude, []):
+            count = self._units[old_ctl]
+            count[old_unit] -= 1
+            if count[old_unit] == 0 and old_unit < self._cursor.get(old_ctl, 0):
+                self._cursor[old_ctl] = old_unit
+        slots[exclude] = [(ctl, unit)]
+        used[unit] += 1
+        return unit
 
     def _free_target(self) -> str:
-        index = 0
-        while (name := "sd" + index_to_letters(index)) in self.targets:
-            index += 1
+        # Names only ever get taken (a renamed disk gave up a vdX/hdX name), so the search
+        # goes on from where it stopped.
+        while (name := "sd" + index_to_letters(self._target_cursor)) in self.targets:
+            self._target_cursor += 1
         return name
+
+
+def _disk_slots(xml: DiskElement) -> Iterator[tuple[int, int]]:
+    if xml.address_type == "drive":
+        if (xml.address_bus or "0") == "0" and (xml.address_target or "0") == "0":
+            yield _int(xml.address_controller), _int(xml.address_unit)
+    elif xml.find("address") is None:
+        index = disk_index(xml.target_dev or "")
+        if index is not None:
+            for per in _IMPLICIT_UNITS_PER_CONTROLLER:
+                yield index // per, index % per
 
 
 def _describe(address: etree._Element) -> str:
