@@ -73,9 +73,28 @@ _SEVERITY_MARK = {
 @click.option(
     "-c",
     "--connect",
-    "uri",
+    "uris",
     metavar="URI",
-    help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).",
+    multiple=True,
+    help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
+)
+# --- fleet (vmtrim.fleet): many hosts at once ---
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
+@click.option(
+    "--hosts-parallel",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    metavar="N",
+    help="Audit N hosts at once.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    metavar="S",
+    help="A host that does not answer within S seconds (or stops answering) has failed.",
 )
 @click.option("--all", "every", is_flag=True, help="With -c: every domain.")
 @click.option(
@@ -93,11 +112,14 @@ def audit(
     pids: tuple[int, ...],
     no_probe: bool,
     as_json: bool,
-    uri: str | None = None,
+    uris: tuple[str, ...] = (),
     every: bool = False,
     timeout: float = 10.0,
     names: tuple[str, ...] = (),
     qmp_sockets: tuple[str, ...] = (),
+    hosts_file: str | None = None,
+    hosts_parallel: int = 8,
+    connect_timeout: float = 15.0,
 ) -> int:
     """Trace every disk's discard path layer by layer and say what blocks it.
 
@@ -114,6 +136,23 @@ def audit(
     from vmtrim.sources.libvirt_xml import parse_domain_file
     from vmtrim.sources.qemu_args import read_args_file, read_pid
 
+    if hosts_file or len(uris) > 1:  # many hosts: vmtrim.fleet (exit 3 if a host failed)
+        if xml_files or args_files or pids or qmp_sockets:
+            raise click.UsageError("--hosts/-c cannot be mixed with --xml/--qemu-args/--pid/--qmp")
+        from vmtrim.fleet.audit import audit_fleet
+        from vmtrim.fleet.hosts import host_list
+
+        return audit_fleet(
+            host_list(uris, hosts_file),
+            names=names,
+            every=every,
+            timeout=timeout,
+            probe=not no_probe,
+            hosts_parallel=hosts_parallel,
+            connect_timeout=connect_timeout,
+            as_json=as_json,
+        )
+    uri = uris[0] if uris else None
     if uri or every or names:  # live libvirt domains (vmtrim.sources.libvirt_live)
         if xml_files or args_files or pids or qmp_sockets:
             raise click.UsageError(

@@ -1,0 +1,193 @@
+"""``vmtrim trim`` over five libvirt hosts: three live ones over three real transports, two dead.
+
+The hosts are independent libvirtd instances (tests/fleet_hosts.py: each in its own mount
+namespace, with its own sockets, state, definitions and logs), each running one lab guest
+that wrote and deleted WRITE_MIB MiB on an ext4 mounted without discard, so only the
+host-driven trim gives the space back. They are reached as a user would reach them:
+
+* ``a``: the unix socket (``qemu:///system?socket=...``), measured with ``du``;
+* ``b``: ``qemu+tcp://127.0.0.1:PORT/system`` (loopback only, auth none: tests only);
+* ``c``: ``qemu+ssh://root@127.0.0.1:PORT/system?socket=...`` through our own sshd and a
+  key made here;
+* a TCP port where nothing listens;
+* ``d``: a libvirtd that is SIGSTOPped: the kernel still accepts the TCP connection, and
+  then nothing answers.
+
+Every daemon is stopped by the PID this module started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from fleet_hosts import FleetHost, SshServer, free_port, start_host, start_sshd
+from helpers import du_bytes, vmtrim
+from test_live_libvirt import Lab, LabDomain
+from vmtrim.lab import Appliance
+
+pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
+MiB = 1024 * 1024
+WRITE_MIB = 32
+# Short enough to keep the test quick; the default is 15 s.
+CONNECT_TIMEOUT = 8.0
+
+
+@dataclass
+class Live:
+    host: FleetHost
+    uri: str  # how vmtrim reaches it
+    conn: Any  # the host's own admin connection (its unix socket)
+    lab: Lab
+    guest: LabDomain
+
+    def own_allocation(self) -> int:
+        """The host's own figure for the guest's disk: libvirt's on its local socket."""
+        return int(self.conn.lookupByName(self.guest.name).blockInfo("sda")[1])
+
+
+@dataclass
+class Fleet:
+    live: list[Live]
+    stopped: FleetHost
+    refused_uri: str
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    server = start_sshd()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(appliance: Appliance, sshd: SshServer) -> Iterator[Fleet]:
+    hosts: list[FleetHost] = []
+    live: list[Live] = []
+    try:
+        a = start_host("a")
+        hosts.append(a)
+        b = start_host("b", tcp_port=free_port())
+        hosts.append(b)
+        c = start_host("c")
+        hosts.append(c)
+        d = start_host("d", tcp_port=free_port())
+        hosts.append(d)
+        for host, uri in ((a, a.local_uri), (b, b.tcp_uri), (c, sshd.libvirt_uri(c))):
+            conn = libvirt.open(host.local_uri)
+            lab = Lab(conn, appliance)
+            live.append(Live(host, uri, conn, lab, lab.start(host.name, write_mib=WRITE_MIB)))
+        for one in live:  # the three boot together; each waits for its own guest
+            one.guest.until_deleted()
+        yield Fleet(live, d, f"qemu+tcp://127.0.0.1:{free_port()}/system")
+    finally:
+        for one in live:
+            one.lab.cleanup()
+            one.conn.close()
+        for host in hosts:
+            host.stop()
+
+
+def test_trim_five_hosts_three_reclaim_two_fail_on_their_own(fleet: Fleet, tmp_path: Path) -> None:
+    stopped = fleet.stopped
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(
+        "# the fleet\n"
+        + "".join(f"{one.uri}\n" for one in fleet.live)
+        + f"{fleet.refused_uri}   # nothing listens here\n\n{stopped.tcp_uri}\n"
+    )
+    before = {
+        one.host.name: (du_bytes(one.guest.image), one.own_allocation()) for one in fleet.live
+    }
+    for one in fleet.live:
+        assert before[one.host.name][0] >= WRITE_MIB * MiB  # the deleted data is still there
+    os.kill(stopped.pid("libvirtd"), signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        result = vmtrim(
+            "trim",
+            "--hosts",
+            str(hosts_file),
+            "--all",
+            "--json",
+            "--no-history",
+            "--connect-timeout",
+            str(CONNECT_TIMEOUT),
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(stopped.pid("libvirtd"), signal.SIGCONT)
+    assert result.returncode == 3, result.stderr  # a host failed
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "vmtrim.trim/1"
+    hosts = {h["host"]: h for h in doc["hosts"]}
+    assert list(hosts) == [*(one.uri for one in fleet.live), fleet.refused_uri, stopped.tcp_uri]
+
+    for one in fleet.live:
+        host = hosts[one.uri]
+        assert (host["status"], host["reason"]) == ("ok", None)
+        [dom] = [d for d in doc["domains"] if d["host"] == one.uri]
+        assert (dom["domain"], dom["status"]) == (one.guest.name, "trimmed"), dom["reason"]
+        [disk] = dom["disks"]
+        # vmtrim's figures are the host's own: du on the local socket's host, libvirt's
+        # allocation (the host's, asked on its own socket) on the remote transports.
+        du_before, own_before = before[one.host.name]
+        if one.uri == one.host.local_uri:
+            assert disk["measured_by"] == "du"
+            assert (disk["allocated_before"], disk["allocated_after"]) == (
+                du_before,
+                du_bytes(one.guest.image),
+            )
+        else:
+            assert disk["measured_by"] == "blockInfo"
+            assert (disk["allocated_before"], disk["allocated_after"]) == (
+                own_before,
+                one.own_allocation(),
+            )
+        assert disk["reclaimed_bytes"] >= 0.99 * WRITE_MIB * MiB
+        assert du_before - du_bytes(one.guest.image) >= 0.99 * WRITE_MIB * MiB
+        assert host["reclaimed_bytes"] == disk["reclaimed_bytes"]
+
+    refused, hung = hosts[fleet.refused_uri], hosts[stopped.tcp_uri]
+    assert refused["status"] == "failed" and "Connection refused" in refused["reason"]
+    assert hung["status"] == "failed"
+    assert f"no answer within --connect-timeout {CONNECT_TIMEOUT:g} s" in hung["reason"]
+    for dead in (refused, hung):
+        assert dead["seconds"] <= CONNECT_TIMEOUT + 5
+        assert dead["domains"] == 0
+    assert doc["fleet"]["failed_hosts"] == 2 and doc["fleet"]["trimmed"] == 3
+    assert doc["fleet"]["reclaimed_bytes"] == sum(h["reclaimed_bytes"] for h in doc["hosts"])
+    # In parallel: the slowest live host, or the dead host's timeout, plus the CLI's own
+    # start-up (python, imports, libvirt's first connection: up to ~5 s on this loaded
+    # 2-core machine), not the sum of the hosts.
+    slowest = max(hosts[one.uri]["seconds"] for one in fleet.live)
+    assert elapsed <= max(slowest, CONNECT_TIMEOUT) + CONNECT_TIMEOUT, (elapsed, slowest)
+
+
+def test_human_output_groups_by_host_with_a_fleet_total(fleet: Fleet) -> None:
+    a, b = fleet.live[0], fleet.live[1]
+    result = vmtrim(
+        "trim", "-c", a.uri, "-c", b.uri, "-c", fleet.refused_uri, "--all", "--no-history"
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines]
+    # One line per domain (piped: whole values), the host first, in the hosts' order.
+    mine = [r for r in rows if r and r[0] in (a.uri, b.uri, fleet.refused_uri)]
+    assert [r[0] for r in mine] == [a.uri, b.uri, fleet.refused_uri]
+    assert mine[0][1:3] == [a.guest.name, "trimmed"]
+    assert mine[1][1:3] == [b.guest.name, "trimmed"]
+    assert mine[2][2] == "failed"
+    assert any("host failed:" in line and "Connection refused" in line for line in lines)
+    assert lines[-1].startswith("fleet: 3 host(s), 1 failed; 2 domain(s), 2 trimmed;")
