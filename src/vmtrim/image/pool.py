@@ -57,13 +57,26 @@ def pool_paths(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def scan_pool(paths: Iterable[str], fmt: str | None = None) -> list[PoolEntry]:
-    """Every image, most reclaimable first; images that failed last, by name."""
-    entries = []
-    for path in pool_paths(paths):
-        try:
-            entries.append(PoolEntry(path, info=inspect(path, follow_backing=False, fmt=fmt)))
-        except ImageError as exc:
-            entries.append(PoolEntry(path, error=" ".join(exc.message.split())))
+def _one(path: str, fmt: str | None) -> PoolEntry:
+    try:
+        return PoolEntry(path, info=inspect(path, follow_backing=False, fmt=fmt))
+    except ImageError as exc:
+        return PoolEntry(path, error=" ".join(exc.message.split()))
+
+
+def scan_pool(
+    paths: Iterable[str], fmt: str | None = None, workers: int | None = None
+) -> list[PoolEntry]:
+    """Every image, most reclaimable first; images that failed last, by name.
+
+    Images are read by a few threads: the table scans are numpy loops that release
+    the GIL, so a pool uses every core while memory stays one image per thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = pool_paths(paths)
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        entries = list(ex.map(lambda p: _one(p, fmt), files))
     entries.sort(key=lambda e: (-e.reclaimable, e.path))
     return entries
