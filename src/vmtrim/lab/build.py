@@ -47,6 +47,7 @@ from vmtrim.lab.modules import (
     FS_GROUPS,
     OPTIONAL,
     REQUIRED,
+    SPARSIFY_GROUPS,
     ModuleTree,
     grouped_load_order,
     install_module,
@@ -55,6 +56,30 @@ from vmtrim.lab.modules import (
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
 BUILD_FORMAT = 4
 KEEP_BUILDS = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An appliance with another /init, more host tools and more module groups.
+
+    The plain lab appliance is variant "lab"; its key and contents do not depend on
+    the others, so a variant never makes the tests' appliance rebuild.
+    """
+
+    name: str
+    init: str  # file in vmtrim.lab that becomes /init
+    tools: tuple[str, ...] = ()  # host binaries copied to /usr/sbin with their libraries
+    groups: dict[str, tuple[str, ...]] | None = None  # None: FS_GROUPS
+
+
+VARIANTS = {
+    "lab": Variant("lab", "init.sh"),
+    # vmtrim sparsify: real blkid (partitions, swap UUID/label), lvm, xfs_logprint
+    # (is the log clean?), and every filesystem's module group.
+    "sparsify": Variant(
+        "sparsify", "sparsify.sh", ("blkid", "lvm", "xfs_logprint"), SPARSIFY_GROUPS
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +111,8 @@ def cache_root() -> Path:
     return Path(base) / "vmtrim"
 
 
-def init_script() -> bytes:
-    return resources.files("vmtrim.lab").joinpath("init.sh").read_bytes()
+def init_script(name: str = "init.sh") -> bytes:
+    return resources.files("vmtrim.lab").joinpath(name).read_bytes()
 
 
 def find_tool(name: str, candidates: tuple[str, ...] = ()) -> Path:
@@ -125,18 +150,27 @@ class _Inputs:
     ga_libs: list[tuple[Path, Path]]
     busybox_libs: list[tuple[Path, Path]]
     init: bytes
+    variant: Variant = VARIANTS["lab"]
+    tools: tuple[Path, ...] = ()
+    tool_libs: tuple[tuple[Path, Path], ...] = ()
 
 
-def _gather(cache: Path, kernel: Path | None, modules: Path | None) -> _Inputs:
+def _gather(
+    cache: Path, kernel: Path | None, modules: Path | None, variant: Variant = VARIANTS["lab"]
+) -> _Inputs:
     busybox = find_tool("busybox", ("/bin/busybox", "/usr/bin/busybox"))
     qemu_ga = find_tool("qemu-ga", ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga"))
+    tools = tuple(find_tool(t, (f"/usr/sbin/{t}", f"/sbin/{t}")) for t in variant.tools)
     return _Inputs(
         kernel=locate_kernel(cache, kernel, modules),
         busybox=busybox,
         qemu_ga=qemu_ga,
         ga_libs=shared_libraries(qemu_ga),
         busybox_libs=shared_libraries(busybox),
-        init=init_script(),
+        init=init_script(variant.init),
+        variant=variant,
+        tools=tools,
+        tool_libs=tuple(lib for t in tools for lib in shared_libraries(t)),
     )
 
 
@@ -153,7 +187,7 @@ def _key(inputs: _Inputs) -> str:
         h.update(b"tree\n")
         sha256_file(kin.image, h)
         tree = ModuleTree.load(kin.modules)
-        for _, rel in grouped_load_order(tree):
+        for _, rel in grouped_load_order(tree, inputs.variant.groups):
             h.update(rel.encode())
             sha256_file(kin.modules / rel, h)
     for path in (inputs.busybox, inputs.qemu_ga):
@@ -161,6 +195,12 @@ def _key(inputs: _Inputs) -> str:
     for _, real in sorted(set(inputs.ga_libs + inputs.busybox_libs)):
         sha256_file(real, h)
     h.update(inputs.init)
+    if inputs.variant.name != "lab":  # the lab appliance's key stays what it always was
+        h.update(repr((inputs.variant, inputs.variant.groups)).encode())
+        for path in inputs.tools:
+            sha256_file(path, h)
+        for _, real in sorted(set(inputs.tool_libs)):
+            sha256_file(real, h)
     return h.hexdigest()[:20]
 
 
@@ -194,11 +234,12 @@ def ensure_appliance(
     *,
     rebuild: bool = False,
     cache: Path | None = None,
+    variant: str = "lab",
 ) -> Appliance:
     """Return the cached appliance for the current inputs, building it if needed."""
     cache = cache or cache_root()
     with _locked(cache):
-        inputs = _gather(cache, kernel, modules)
+        inputs = _gather(cache, kernel, modules, VARIANTS[variant])
         key = _key(inputs)
         target = cache / "lab" / key
         manifest = None if rebuild else _read_manifest(target)
@@ -228,7 +269,7 @@ def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
         shutil.copyfile(unpacked.image, out / "vmlinuz")
         boot = "pvh" if extract_pvh_kernel(unpacked.image, out / "vmlinux") else "bzimage"
         tree = ModuleTree.load(unpacked.modules)
-        order = grouped_load_order(tree)
+        order = grouped_load_order(tree, inputs.variant.groups)
         root = work / "root"
         loaded = _assemble_root(root, inputs, tree, order)
         remove_unpacked(work)
@@ -274,8 +315,10 @@ def _assemble_root(
         if applet != "busybox" and "/" not in applet:
             (root / "bin" / applet).symlink_to("busybox")
     _copy_into(root, Path("/usr/sbin/qemu-ga"), inputs.qemu_ga)
-    for wanted, real in inputs.ga_libs + inputs.busybox_libs:
+    for wanted, real in inputs.ga_libs + inputs.busybox_libs + list(inputs.tool_libs):
         _copy_into(root, wanted, real)
+    for tool in inputs.tools:
+        _copy_into(root, Path("/usr/sbin") / tool.name, tool)
     (root / "init").write_bytes(inputs.init)
     (root / "init").chmod(0o755)
     # One "group path" line per module; init.sh loads "base" and its filesystem's group.

@@ -31,6 +31,15 @@ OPTIONAL = ("crc32c_generic",)
 # Other filesystems, loaded only by a guest that mounts them: btrfs pulls in raid6_pq,
 # whose start-up benchmark alone takes seconds under TCG.
 FS_GROUPS = ("xfs", "btrfs")
+# The sparsify appliance (vmtrim.lab.build VARIANTS) also mounts vfat and NTFS, and
+# activates LVM volumes: group -> the modules (and their dependencies) it loads.
+SPARSIFY_GROUPS: dict[str, tuple[str, ...]] = {
+    "xfs": ("xfs",),
+    "btrfs": ("btrfs",),
+    "vfat": ("vfat", "nls_cp437", "nls_ascii", "nls_utf8"),
+    "dm": ("dm_mod", "dm_thin_pool"),
+    "ntfs3": ("ntfs3",),
+}
 
 
 def module_name(path: str) -> str:
@@ -126,13 +135,15 @@ class ModuleTree:
         return order
 
 
-def grouped_load_order(tree: ModuleTree) -> list[tuple[str, str]]:
+def grouped_load_order(
+    tree: ModuleTree, groups: dict[str, tuple[str, ...]] | None = None
+) -> list[tuple[str, str]]:
     """(group, module path) in load order: group "base" first, then one group per filesystem."""
     base = tree.load_order(REQUIRED, OPTIONAL)
     out = [("base", path) for path in base]
-    for fs in FS_GROUPS:
+    for fs, names in (groups or {fs: (fs,) for fs in FS_GROUPS}).items():
         seen = set(base)
-        out += [(fs, path) for path in tree.load_order((), (fs,)) if path not in seen]
+        out += [(fs, path) for path in tree.load_order((), names) if path not in seen]
     return out
 
 
