@@ -7,7 +7,9 @@ libvirt's default event loop running in a thread of its own):
   or not): the new image holds every block the old one had, freed ones included;
 - a migration into this host finished (``RESUMED`` / ``MIGRATED``): the copy
   arrived with the guest's freed blocks too;
-- a domain started, restored, or reverted to a snapshot.
+- a domain started, restored, or reverted to a snapshot: its guest agent is not up
+  yet, so the wait starts when the agent connects (``AGENT_LIFECYCLE`` connected,
+  within ten minutes; a domain without an agent is let be, there is nothing to ask).
 
 Each event (for a domain the policy selects) waits ``settle`` seconds (the policy's
 ``settle``; a new event for the same domain restarts the wait and adds its reason),
@@ -42,6 +44,7 @@ log = get_logger(__name__)
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 KEEPALIVE = (5, 3)  # seconds between probes, probes missed before the link is dead
+AGENT_WAIT = 600.0  # a started domain whose agent has not connected by then is let be
 
 _loop_started = False
 _loop_lock = threading.Lock()
@@ -138,6 +141,8 @@ class Watcher:
         self.stop = threading.Event()
         self.wake = threading.Condition()
         self.pending: dict[tuple[str, str], Pending] = {}
+        # Started or restored domains waiting for their agent: key -> (since, reason).
+        self.starting: dict[tuple[str, str], tuple[float, str]] = {}
 
     # --- the event thread ---------------------------------------------------------------
 
@@ -155,6 +160,25 @@ class Watcher:
             self.wake.notify()
         self.say(f"{name}: {reason}; trim in {self.policy.settle:g} s")
 
+    def _started(self, link: Link, dom: Any, reason: str) -> None:
+        """A booting guest's agent is not up yet: wait for it, then settle, then trim."""
+        name = str(dom.name())
+        if not self.policy.selects(name):
+            return
+        now = time.monotonic()
+        with self.wake:
+            for key, (since, _) in list(self.starting.items()):
+                if now - since > AGENT_WAIT:
+                    del self.starting[key]
+            self.starting[(link.uri, str(dom.UUIDString()))] = (now, reason)
+        self.say(f"{name}: {reason}; trim once its guest agent connects")
+
+    def _agent(self, link: Link, dom: Any) -> None:
+        with self.wake:
+            waiting = self.starting.pop((link.uri, str(dom.UUIDString())), None)
+        if waiting is not None and time.monotonic() - waiting[0] <= AGENT_WAIT:
+            self._event(link, dom, f"{waiting[1]}; guest agent connected")
+
     def _register(self, link: Link) -> None:
         libvirt = libvirt_module()
         assert link.conn is not None
@@ -162,8 +186,14 @@ class Watcher:
 
         def lifecycle(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
             reason = describe_lifecycle(libvirt, event, detail)
-            if reason:
+            if reason and event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+                self._started(link, dom, reason)
+            elif reason:
                 self._event(link, dom, reason)
+
+        def agent(_c: Any, dom: Any, state: int, _reason: int, _o: Any) -> None:
+            if state == libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED:
+                self._agent(link, dom)
 
         def block_job(_c: Any, dom: Any, disk: str, kind: int, status: int, _o: Any) -> None:
             reason = describe_block_job(libvirt, disk, kind, status)
@@ -190,6 +220,9 @@ class Watcher:
             raw.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, block_job, None
             ),
+            raw.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, agent, None
+            ),
         ]
 
     # --- connections ----------------------------------------------------------------------
@@ -201,7 +234,7 @@ class Watcher:
             link.dropped = None
             self._register(link)
         except (EnvironmentProblem, Exception) as exc:
-            text = exc.one_line() if isinstance(exc, EnvironmentProblem) else error_text(exc)
+            text = exc.message if isinstance(exc, EnvironmentProblem) else error_text(exc)
             self._drop(link)
             link.next_try = time.monotonic() + link.backoff
             self.say(f"{link.uri}: cannot connect: {text}; next try in {link.backoff:g} s")
