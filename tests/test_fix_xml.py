@@ -303,9 +303,12 @@ def test_fix_raises_only_bad_input_and_is_idempotent(
     [FixOptions(), FixOptions(bus="scsi", all_disks=True, detect_zeroes="unmap")],
     ids=["discard", "all-disks"],
 )
-def test_dry_run_diff_applies_with_patch(name: str, options: FixOptions, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ending", ["\n", ""], ids=["newline", "no-newline"])
+def test_dry_run_diff_applies_with_patch(
+    name: str, options: FixOptions, ending: str, tmp_path: Path
+) -> None:
     """The diff built from the editor's edits is one patch(1) applies to give the fix."""
-    text = materialize(name, tmp_path, images=False)
+    text = materialize(name, tmp_path, images=False).rstrip("\n") + ending
     result = fix_domain_xml(text, options, probes=HostProbes(local=False), read_images=False)
     target = tmp_path / "domain.xml"
     target.write_text(text)
@@ -335,3 +338,11 @@ def test_diff_of_many_disks_has_a_line_per_change(tmp_path: Path) -> None:
     added = [line for line in lines if line.startswith("+") and not line.startswith("+++")]
     assert removed == ["-      <driver name='qemu' type='raw'/>"] * len(names)
     assert added == ["+      <driver name='qemu' type='raw' discard='unmap'/>"] * len(names)
+
+
+def test_diff_of_a_file_without_a_final_newline_leaves_its_last_line(tmp_path: Path) -> None:
+    text = materialize("design-scsi-nodriver.xml", tmp_path, images=False).rstrip("\n")
+    result = fix_domain_xml(text, probes=HostProbes(local=False), read_images=False)
+    assert not result.new_text.endswith("\n")
+    changed = [line for line in result.diff.splitlines() if line[:1] in "+-"]
+    assert changed[2:] == ["+      <driver name='qemu' type='raw' discard='unmap'/>"]

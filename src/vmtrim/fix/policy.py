@@ -204,8 +204,6 @@ def _edit_opcodes(original: str, old: list[str], edits: list[tuple[int, int, str
             cursor = end
         text.append(original[cursor : starts[last + 1]])
         region_new = "".join(text).splitlines(keepends=True)
-        if last + 1 == len(old):
-            region_new = _with_newline(region_new)
         matcher = difflib.SequenceMatcher(None, old[first : last + 1], region_new, autojunk=False)
         for tag, i1, i2, j1, j2 in matcher.get_opcodes():
             opcodes.append((tag, first + i1, first + i2, b + j1, b + j2))
@@ -255,12 +253,6 @@ def _range(start: int, stop: int) -> str:
     if length == 1:
         return str(start + 1)
     return f"{start if length == 0 else start + 1},{length}"
-
-
-def _with_newline(lines: list[str]) -> list[str]:
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    return lines
 
 
 def bus_move_warnings(moves: list[BusMove]) -> list[str]:
