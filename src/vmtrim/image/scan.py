@@ -228,6 +228,8 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         if bitmaps is not None:
             invalid = (reader.unit_kinds(ent, bitmaps) == INVALID).any(axis=1)
             res.corruptions += int(w_all[invalid].sum())
+        if not check:  # the map needs no reference counts
+            return ctype, offset, c_off, c_len
         if not data_file:
             data.add(offset[with_host], cs, w_all[with_host])
         data.add(c_off.astype(np.int64), c_len.astype(np.int64), w_all[comp])
@@ -257,7 +259,7 @@ def scan(reader: Qcow2Reader, *, want_units: bool = False, check: bool = True) -
         copied.append(
             (offset[with_host], (ent[with_host] >> np.uint64(63)) != 0, w_act[with_host], data_file)
         )
-        if not data_file:
+        if check and not data_file:
             # qcow2 discard frees normal, zero-allocated and compressed clusters alike
             discarded.add(offset[with_host], cs, w_act[with_host])
             discarded.add(c_off.astype(np.int64), c_len.astype(np.int64), w_act[comp])
