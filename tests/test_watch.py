@@ -8,12 +8,16 @@ guests: other guests on the shared libvirtd see events too, and are not ours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +176,97 @@ def test_which_events_mean_a_trim() -> None:
     assert describe_block_job(libvirt, "vda", commit, ready) is None
     pull = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
     assert describe_block_job(libvirt, "vda", pull, libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED) is None
+
+
+class Proxy:
+    """A unix-socket relay to libvirtd's socket that the test can cut and restore.
+
+    The watch connects through it, so dropping the link hurts no one else using the
+    shared libvirtd: the daemon and the client are real, only the wire is ours.
+    """
+
+    def __init__(self, path: Path, target: str = "/var/run/libvirt/libvirt-sock") -> None:
+        self.path, self.target = path, target
+        self.sockets: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.path.unlink(missing_ok=True)
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.sockets.clear()
+
+
+def wait_for(stream: Any, text: str, seconds: float) -> list[str]:
+    """Lines of ``stream`` up to and including the first that contains ``text``."""
+    seen: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = read_line(stream, max(0.1, deadline - time.monotonic()))
+        if line:
+            seen.append(line)
+            if text in line:
+                return seen
+    raise AssertionError(f"no {text!r} in {seen}")
+
+
+@pytest.mark.libvirt
+def test_a_dropped_connection_is_retried_and_each_reconnect_logged(
+    libvirtd: str, tmp_path: Path
+) -> None:
+    proxy = Proxy(tmp_path / "libvirt-sock")
+    proxy.start()
+    uri = f"qemu+unix:///system?socket={proxy.path}"
+    policy = tmp_path / "policy.toml"
+    policy.write_text('include = ["nothing-here-*"]\n')
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "vmtrim", "watch", "-c", uri, "--policy", str(policy)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stderr is not None
+        wait_for(watcher.stderr, f"watching {uri}", 60)
+        proxy.stop()  # libvirtd is fine; the link to it is gone
+        lost = wait_for(watcher.stderr, "next try in 2 s", 60)
+        assert any(f"{uri}: connection lost" in line for line in lost), lost
+        assert any("cannot connect" in line and "next try in 1 s" in line for line in lost)
+        proxy.start()
+        back = wait_for(watcher.stderr, "reconnected after", 60)
+        assert f"vmtrim: watch: {uri}: reconnected after" in back[-1]
+    finally:
+        proxy.stop()
+        stop_watch(watcher)
