@@ -150,3 +150,22 @@ def test_history_draws_allocation_on_a_terminal_only(tmp_path: Path) -> None:
     assert "allocation" in text
     # before/after of each run: high, low, lower-high, low, highest, low.
     assert "▆▁▄▁█▁" in text
+
+
+def test_a_domain_due_after_the_window_closed_is_left_untouched() -> None:
+    from datetime import datetime, timedelta
+
+    from vmtrim.channels.libvirt import connection
+    from vmtrim.run.engine import execute, plan, spread_offset
+    from vmtrim.run.policy import parse_policy
+
+    later = datetime.now() + timedelta(hours=2)
+    window = f"{later:%H}:00-{later + timedelta(hours=1):%H}:00"
+    closed = parse_policy(f'include = ["test"]\nspread = 0.5\nwindow = "{window}"')
+    with connection(TEST_URI) as conn:
+        [outcome] = list(execute([plan(conn, closed, "kvm1")], closed))
+    assert outcome.record.status == "skipped"
+    assert outcome.record.reason == f"the maintenance window {closed.window} closed"
+    assert outcome.record.disks == []  # nothing was read or measured
+    assert outcome.offset == spread_offset("kvm1", "test", 0.5)
+    assert 0 <= outcome.offset < 0.5
