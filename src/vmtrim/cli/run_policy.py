@@ -216,6 +216,8 @@ def _print(
         print_line(message)
         return
     _table(outcomes, dry_run)
+    if dry_run and not window_open(policy):
+        print_line(f"outside the maintenance window {policy.window}: a run now would trim nothing")
 
 
 def _table(outcomes: list[Outcome], dry_run: bool) -> None:
