@@ -400,6 +400,9 @@ def _decide(
         options = TrimOptions(minimum=policy.minimum, timeout=left)
         trim = trim_target(LibvirtTarget(conn, dom), options)
         record.status, record.reason = trim.status, trim.reason
+        blockers = getattr(trim, "blockers", None)  # no_effect: the layer the audit names
+        if blockers:
+            record.blocking_layer = blockers[0].layer
         record.agent_seconds = trim.agent_seconds
         record.guest_trimmed = trim.guest_trimmed_bytes if trim.paths else None
         outcome.paths = trim.paths
