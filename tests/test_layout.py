@@ -27,6 +27,7 @@ RANK = {
     "report": 4,
     "sources": 5,
     "vm": 5,
+    "storage": 5,
     "audit": 6,
     "fix": 7,
     "trim": 7,

@@ -20,6 +20,12 @@ the image (restart the guest) before discards free anything.
 :class:`HostProbes` knows why it does not probe (``off_reason``): the user's
 ``--no-probe``, or disks that live on a remote libvirt host, whose paths name files
 there and not here.
+
+Beyond the punch-hole probe, the facts of the storage come from :mod:`vmtrim.storage`
+through one :class:`~vmtrim.storage.runner.Runner` (this host by default): the mount's
+filesystem type and options (NFS version, overlayfs, tmpfs, btrfs nodatacow and
+compression), and for a block device its layers (a loop device's backing file, which is
+then probed as a file; device-mapper thin, crypt, linear and striped; md raid).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from pathlib import Path
 
 from vmtrim.facts import NOTES, PROTOCOLS, Note
 from vmtrim.model import Verdict
+from vmtrim.storage.block import Layer, Stack, ThinPool, block_stack
+from vmtrim.storage.files import FileFacts, file_facts
+from vmtrim.storage.runner import LocalRunner, Runner
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -49,6 +58,10 @@ class Probe:
     reason: str
     fix: str | None = None
     notes: tuple[Note, ...] = ()
+    #: the storage layers under the disk, top first (a loop device, then its file's mount)
+    layers: tuple[Layer, ...] = ()
+    #: the dm-thin pool under the disk, if any (for pool-level reclaim)
+    pool: ThinPool | None = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -182,6 +195,8 @@ class HostProbes:
 
     local: bool = True
     off_reason: str = "host probes are off"
+    #: where the storage tools and sysfs are read (the punch-hole probe is always local)
+    runner: Runner = field(default_factory=LocalRunner)
     _punch_cache: dict[int, Probe] = field(default_factory=dict)
 
     @classmethod
@@ -219,12 +234,70 @@ class HostProbes:
         if cached is None:
             cached = punch_hole_probe(directory)
             self._punch_cache[st.st_dev] = cached
-        return cached
+        target = path if os.path.exists(path) else directory
+        return _with_facts(cached, file_facts(self.runner, target, st.st_dev))
 
     def block(self, path: str) -> Probe:
         if not self.local:
             return Probe(Verdict.UNKNOWN, self.off_reason)
-        return block_device_probe(path)
+        stack = block_stack(self.runner, path)
+        if all(layer.kind == "disk" for layer in stack.layers):
+            # a plain disk or partition: the sysfs probe (it finds a partition's queue)
+            return block_device_probe(path)
+        return self._stack_probe(stack)
+
+    def _stack_probe(self, stack: Stack) -> Probe:
+        layers = list(stack.layers)
+        below: Probe | None = None
+        if stack.backing_file is not None:
+            below = self.file(stack.backing_file)  # a loop device: its file decides
+            layers.append(Layer(stack.backing_file, "file", below.verdict, below.reason))
+        verdict = Verdict.worst(layer.verdict for layer in layers)
+        reason = "; ".join(layer.reason for layer in layers)
+        blocking = next((layer for layer in layers if layer.verdict is Verdict.BLOCK), None)
+        fix, notes = None, () if below is None else below.notes
+        if blocking is not None:
+            fix = _layer_fix(blocking, stack.pool)
+            if blocking.kind == "file" and below is not None:
+                fix = below.fix
+            elif "discard_max_bytes=0" in blocking.reason:
+                sticky = NOTES["punch_hole_sticky"]
+                fix, notes = f"{fix}: {sticky.message}", (sticky,)
+        return Probe(verdict, reason, fix, tuple(notes), tuple(layers), stack.pool)
 
     def network(self, protocol: str | None) -> Probe:
         return protocol_probe(protocol)
+
+
+def _with_facts(probe: Probe, facts: FileFacts) -> Probe:
+    """The punch-hole answer with the mount's facts; NFS < 4.2 blocks even unprobed."""
+    if facts.mount is None or not (facts.facts or facts.blocks):
+        return probe
+    verdict, reason, fix, notes = probe.verdict, probe.reason, probe.fix, probe.notes
+    if facts.blocks is not None and verdict is Verdict.UNKNOWN:
+        sticky = NOTES["punch_hole_sticky"]
+        verdict, reason = Verdict.BLOCK, f"{facts.blocks} ({reason})"
+        fix = f"mount the export with -o vers=4.2, then restart the guest's QEMU: {sticky.message}"
+        notes = (sticky,)
+    elif facts.facts:
+        reason = f"{reason} ({'; '.join(facts.facts)})"
+    layer = Layer(
+        facts.mount.mountpoint,
+        "file",
+        verdict,
+        reason,
+        {"fstype": facts.mount.fstype, "facts": list(facts.facts)},
+    )
+    return Probe(verdict, reason, fix, notes, (layer,), probe.pool)
+
+
+def _layer_fix(layer: Layer, pool: ThinPool | None) -> str:
+    if layer.kind == "dm-thin" and pool is not None:
+        # lvmthin(7) "Discard": switching from ignore needs the pool inactive
+        return (
+            f"lvchange --discards passdown {pool.name} (deactivate the pool first when"
+            " its mode is ignore, lvmthin(7))"
+        )
+    if layer.kind == "dm-crypt":
+        return "cryptsetup refresh --allow-discards (add --persistent for LUKS2), cryptsetup(8)"
+    return f"put the disk on a device that supports discard ({layer.name} does not)"
