@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,3 +193,84 @@ def test_human_output_groups_by_host_with_a_fleet_total(fleet: Fleet) -> None:
     assert mine[2][2] == "failed"
     assert any("host failed:" in line and "Connection refused" in line for line in lines)
     assert lines[-1].startswith("fleet: 3 host(s), 1 failed; 2 domain(s), 2 trimmed;")
+
+
+def test_audit_over_hosts_blames_only_the_dead_one(fleet: Fleet, sshd: SshServer) -> None:
+    a, c = fleet.live[0], fleet.live[2]
+    uris = ("-c", a.uri, "-c", c.uri, "-c", fleet.refused_uri)
+    result = vmtrim("audit", *uris, "--all", "--json", "--connect-timeout", str(CONNECT_TIMEOUT))
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "vmtrim.audit/1"
+    by_host = {h["host"]: h for h in doc["hosts"]}
+    assert [by_host[u]["status"] for u in (a.uri, c.uri, fleet.refused_uri)] == [
+        "ok",
+        "ok",
+        "failed",
+    ]
+    for one in (a, c):
+        [disk] = [d for d in doc["disks"] if d["host"] == one.uri]
+        assert (disk["domain"], disk["target"]) == (one.guest.name, "sda")
+        assert (disk["source"], disk["discard"]) == (str(one.guest.image), "unmap")
+        # Each host answers for itself: its own libvirtd's version.
+        assert by_host[one.uri]["libvirt_version"] == "9.0.0"
+    assert "Connection refused" in by_host[fleet.refused_uri]["reason"]
+    assert doc["fleet"]["disks"] == 2 and doc["fleet"]["failed_hosts"] == 1
+
+
+def test_host_that_hangs_mid_run_is_dropped_by_keepalive(fleet: Fleet) -> None:
+    """Last in the module: it leaves host b's guest with an fstrim that never ends.
+
+    ``--mountpoint /mnt`` runs the guest's ``fstrim`` through guest-exec; on b it is
+    replaced by a script that sleeps, so vmtrim keeps polling guest-exec-status
+    (``--timeout`` is long), as it would for a guest whose trim takes an hour. Then b's
+    libvirtd is stopped under the open connections. libvirt's keepalive closes them
+    within about --connect-timeout, so b is reported failed long before --timeout,
+    and host a is trimmed as usual.
+    """
+    a, b = fleet.live[0], fleet.live[1]
+    b.guest.agent(
+        {
+            "execute": "guest-exec",
+            "arguments": {
+                "path": "/bin/sh",
+                "arg": [
+                    "-c",
+                    "rm /bin/fstrim && printf '#!/bin/sh\\nexec sleep 900\\n' >"
+                    " /bin/fstrim && chmod 755 /bin/fstrim",
+                ],
+            },
+        }
+    )
+    pid = b.host.pid("libvirtd")
+    timeout = 120
+    args = ["trim", "-c", a.uri, "-c", b.uri, "--all", "--json", "--no-history"]
+    args += ["--mountpoint", "/mnt", "--timeout", str(timeout)]
+    args += ["--connect-timeout", str(CONNECT_TIMEOUT)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmtrim", *args], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        # By then vmtrim is polling b's guest (its start-up and connection take a few
+        # seconds on this loaded machine; the poll would go on for --timeout).
+        time.sleep(CONNECT_TIMEOUT)
+        assert process.poll() is None
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, _ = process.communicate(timeout=timeout)
+        noticed = time.monotonic() - stopped_at
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    doc = json.loads(out)
+    assert process.returncode == 3, doc
+    hosts = {h["host"]: h for h in doc["hosts"]}
+    assert hosts[a.uri]["status"] == "ok"
+    assert hosts[b.uri]["status"] == "failed"
+    assert "connection" in hosts[b.uri]["reason"]
+    # Keepalive: KEEPALIVE_COUNT probes CONNECT_TIMEOUT/3 apart, then the CLI's exit.
+    assert noticed <= CONNECT_TIMEOUT + 5, noticed
+    [dom] = [d for d in doc["domains"] if d["host"] == b.uri]
+    assert dom["status"] in ("failed", "skipped") and dom["seconds"] < timeout
