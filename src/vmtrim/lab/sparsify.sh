@@ -123,7 +123,7 @@ probe() { # TYPE UUID LABEL PTTYPE of a device, from util-linux blkid's low-leve
         case "$key" in
         TYPE) TYPE=$value ;;
         UUID) UUID=$value ;;
-        LABEL) LABEL=$value ;;
+        LABEL) LABEL=$(printf '%s' "$value" | sed 's/\\\(.\)/\1/g') ;; # export escapes spaces
         PTTYPE) PTTYPE=$value ;;
         esac
     done </tmp/probe

@@ -127,6 +127,17 @@ def _read_only(argv: list[str]) -> list[str]:
     return out
 
 
+def _die_with_us(argv: list[str]) -> list[str]:
+    """QEMU under ``setpriv --pdeathsig KILL``: if vmtrim is killed, so is its QEMU.
+
+    Otherwise a SIGKILLed vmtrim would leave the appliance blocked on a control port
+    nobody reads, holding the image's lock. A killed QEMU leaves a qcow2 consistent
+    (leaked clusters at most): what it wrote is in the host's page cache, in order.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+
+
 def _next_status(ctl: ControlChannel, timeout: float) -> dict[str, str]:
     # ControlChannel.expect waits for one named step; here every step matters, in order.
     deadline = time.monotonic() + timeout
@@ -187,7 +198,10 @@ def run_appliance(
     try:
         step("booting the appliance")
         with DirectGuest(
-            spec, workdir, subject=str(path), rewrite_argv=None if writes else _read_only
+            spec,
+            workdir,
+            subject=str(path),
+            rewrite_argv=lambda argv: _die_with_us(argv if writes else _read_only(argv)),
         ) as guest:
             ctl = guest.ctl
             ready = ctl.expect("ready", boot_timeout)
