@@ -246,7 +246,7 @@ def ensure_appliance(
         built = manifest is None
         if manifest is None:
             manifest = _build(inputs, key, target)
-            _prune(cache / "lab", keep=target)
+            _prune(cache / "lab", keep=target, variant=inputs.variant.name)
         return Appliance(
             kernel=target / str(manifest["kernel_file"]),
             initrd=target / "initrd.img",
@@ -284,6 +284,7 @@ def _build(inputs: _Inputs, key: str, target: Path) -> dict[str, Any]:
             "busybox": str(inputs.busybox),
             "qemu_ga": str(inputs.qemu_ga),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"variant": inputs.variant.name} if inputs.variant.name != "lab" else {}),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():
@@ -354,10 +355,19 @@ def _write_cpio(root: Path, dest: Path) -> None:
         )
 
 
-def _prune(lab: Path, keep: Path) -> None:
-    """Keep the newest few appliances; older keys belong to inputs that changed."""
+def _prune(lab: Path, keep: Path, variant: str = "lab") -> None:
+    """Keep the newest few appliances of a variant; older keys belong to inputs that changed.
+
+    Per variant, so that building one never removes the other while it may be booting.
+    """
     builds = sorted(
-        (p for p in lab.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        (
+            p
+            for p in lab.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and (_read_manifest(p) or {}).get("variant", "lab") == variant
+        ),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
