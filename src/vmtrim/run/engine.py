@@ -49,7 +49,14 @@ from vmtrim.model import DiskReport, Domain, GuestFilesystem, GuestInfo, LayerKi
 from vmtrim.run.policy import Policy
 from vmtrim.sources.libvirt_live import disk_addresses, match_guest_disk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
-from vmtrim.trim.engine import NOT_RUNNING, TrimOptions, TrimResult, trim_target
+from vmtrim.trim.engine import (
+    NOT_RUNNING,
+    Blocker,
+    TrimOptions,
+    TrimResult,
+    blocking_layers,
+    trim_target,
+)
 from vmtrim.trim.libvirt import LibvirtTarget, measurable
 
 log = get_logger(__name__)
@@ -253,6 +260,18 @@ def _blocking(report: DiskReport) -> tuple[str, str] | None:
 # --- one domain -----------------------------------------------------------------------
 
 
+class SurveyedTarget(LibvirtTarget):
+    """The trim target of a surveyed domain: when the trim engine asks which layer
+    dropped the discards (a shortfall), the survey's audit answers; no second audit."""
+
+    def __init__(self, conn: Connection, dom: Any, reports: list[DiskReport]) -> None:
+        super().__init__(conn, dom)
+        self.reports = reports
+
+    def blockers(self) -> list[Blocker]:
+        return blocking_layers(self.reports, f"vmtrim fix -c {self.conn.uri} {self.name}")
+
+
 def _targets(s: Survey) -> list[DiskReport]:
     return [r for r in s.reports if not r.exempt and measurable(r.disk)]
 
@@ -398,7 +417,7 @@ def _decide(
         timeout = policy.timeout_windows if s.windows else policy.timeout
         left = max(1.0, timeout - (time.monotonic() - start))
         options = TrimOptions(minimum=policy.minimum, timeout=left)
-        trim = trim_target(LibvirtTarget(conn, dom), options)
+        trim = trim_target(SurveyedTarget(conn, dom, s.reports), options)
         record.status, record.reason = trim.status, trim.reason
         blockers = getattr(trim, "blockers", None)  # no_effect: the layer the audit names
         if blockers:
