@@ -169,3 +169,27 @@ def test_a_domain_due_after_the_window_closed_is_left_untouched() -> None:
     assert outcome.record.disks == []  # nothing was read or measured
     assert outcome.offset == spread_offset("kvm1", "test", 0.5)
     assert 0 <= outcome.offset < 0.5
+
+
+def test_history_since_an_age_or_a_date(tmp_path: Path) -> None:
+    import time
+
+    db = tmp_path / "history.db"
+    now = time.time()
+    with History.open(db) as history:
+        for age_days, name in ((40, "old"), (2, "new")):
+            run_id = history.begin_run("run", started=now - age_days * 86400)
+            history.record(run_id, DomainRecord(name, "trimmed", started=now - age_days * 86400))
+    recent = json.loads(vmtrim("history", "--db", str(db), "--json", "--since", "30d").stdout)
+    assert recent["schema"] == "vmtrim.history/1"
+    assert [d["domain"] for d in recent["domains"]] == ["new"]
+    every = json.loads(vmtrim("history", "--db", str(db), "--json", "--since", "2000-01-01").stdout)
+    assert [d["domain"] for d in every["domains"]] == ["new", "old"]
+    bad = vmtrim("history", "--db", str(db), "--since", "last tuesday")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        "vmtrim: --since last tuesday: not an age (30d, 12h) or a date (2026-11-01)"
+    ]
+    missing = vmtrim("history", "--db", str(tmp_path / "none.db"), "--json")
+    assert missing.returncode == 0 and json.loads(missing.stdout)["domains"] == []
+    assert not (tmp_path / "none.db").exists()  # reading never creates the database
