@@ -44,7 +44,11 @@ def history(
     db: Path | None,
     domains: tuple[str, ...],
 ) -> int:
-    """Per domain: runs, total and last reclaimed, last status, allocation over time."""
+    """Per domain: runs, total and last reclaimed, last status, allocation over time.
+
+    \b
+    Exit: 0, 2 bad input, 3 the database is corrupt, locked or from a newer vmtrim.
+    """
     from vmtrim.history.query import domain_summaries
     from vmtrim.history.store import FLEET_KINDS, History, default_db_path
 
