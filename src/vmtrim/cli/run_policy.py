@@ -105,15 +105,10 @@ def run(
             recorder = Recorder(db, "run", policy_hash=policy.hash, trigger="policy")
             stack.callback(recorder.finish)
         plans = []
-        # fleet: every host opened at once, each within the connect timeout, kept alive
-        from vmtrim.fleet.hosts import connect_all
-
-        for uri, opened in connect_all(policy.connect):
+        for uri in policy.connect:
             try:
-                if isinstance(opened, EnvironmentProblem):
-                    raise opened
-                stack.callback(opened.close)
-                plans.append(plan(opened, policy, host))
+                conn = stack.enter_context(_connection(uri))
+                plans.append(plan(conn, policy, host))
             except EnvironmentProblem as exc:
                 problems.append(exc)
                 click.echo(f"vmtrim: {exc.one_line()}", err=True)
@@ -128,8 +123,7 @@ def run(
                 advance(outcome)
     # Shown in start order (spread offset, then name), whatever order they finished in.
     outcomes.sort(key=lambda o: (o.offset, o.record.domain))
-    failed = [{"host": p.subject, "reason": p.message} for p in problems]  # fleet
-    _print(as_json, policy, host, started, outcomes, dry_run, recorder, failed_hosts=failed)
+    _print(as_json, policy, host, started, outcomes, dry_run, recorder)
     code = EXIT_OK
     if any(_finding(o) for o in outcomes):
         code = EXIT_FINDINGS
@@ -199,7 +193,6 @@ def _print(
     recorder: Any,
     *,
     message: str | None = None,
-    failed_hosts: list[dict[str, str | None]] | None = None,
 ) -> None:
     from vmtrim.run.engine import SCHEMA, window_open
 
@@ -220,7 +213,6 @@ def _print(
                 "db": recorder.path if recorder is not None else None,
                 "run_id": recorder.run_id if recorder is not None else None,
                 "domains": [o.to_json() for o in outcomes],
-                "failed_hosts": failed_hosts or [],  # the policy's connect URIs that failed
             },
         )
         return
