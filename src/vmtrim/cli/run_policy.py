@@ -105,10 +105,15 @@ def run(
             recorder = Recorder(db, "run", policy_hash=policy.hash, trigger="policy")
             stack.callback(recorder.finish)
         plans = []
-        for uri in policy.connect:
+        # fleet: every host opened at once, each within the connect timeout, kept alive
+        from vmtrim.fleet.hosts import connect_all
+
+        for _uri, opened in connect_all(policy.connect):
             try:
-                conn = stack.enter_context(_connection(uri))
-                plans.append(plan(conn, policy, host))
+                if isinstance(opened, EnvironmentProblem):
+                    raise opened
+                stack.callback(opened.close)
+                plans.append(plan(opened, policy, host))
             except EnvironmentProblem as exc:
                 problems.append(exc)
                 click.echo(f"vmtrim: {exc.one_line()}", err=True)
@@ -123,7 +128,8 @@ def run(
                 advance(outcome)
     # Shown in start order (spread offset, then name), whatever order they finished in.
     outcomes.sort(key=lambda o: (o.offset, o.record.domain))
-    _print(as_json, policy, host, started, outcomes, dry_run, recorder)
+    failed = [{"host": p.subject, "reason": p.message} for p in problems]  # fleet
+    _print(as_json, policy, host, started, outcomes, dry_run, recorder, failed_hosts=failed)
     code = EXIT_OK
     if any(_finding(o) for o in outcomes):
         code = EXIT_FINDINGS
@@ -132,12 +138,6 @@ def run(
     if recorder is not None and recorder.report() is not None:
         code = EXIT_ENVIRONMENT
     return code
-
-
-def _connection(uri: str) -> Any:
-    from vmtrim.channels.libvirt import connection
-
-    return connection(uri)
 
 
 def _finding(outcome: Outcome) -> bool:
@@ -193,6 +193,7 @@ def _print(
     recorder: Any,
     *,
     message: str | None = None,
+    failed_hosts: list[dict[str, str | None]] | None = None,
 ) -> None:
     from vmtrim.run.engine import SCHEMA, window_open
 
@@ -213,6 +214,7 @@ def _print(
                 "db": recorder.path if recorder is not None else None,
                 "run_id": recorder.run_id if recorder is not None else None,
                 "domains": [o.to_json() for o in outcomes],
+                "failed_hosts": failed_hosts or [],  # the policy's connect URIs that failed
             },
         )
         return

@@ -228,3 +228,22 @@ def choose_domains(
             seen.add(str(dom.UUIDString()))
             chosen.append(dom)
     return chosen, missing
+
+
+def connect_all(
+    uris: Sequence[str], timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> list[tuple[str, Connection | HostUnreachable]]:
+    """Open every host at once (each within ``timeout``, with keepalive): (uri, connection
+    or why not), in the given order. For callers that then work on the connections
+    themselves (``vmtrim run``): a dead host costs ``timeout`` once, not once per host."""
+    if not uris:
+        return []
+
+    def one(uri: str) -> Connection | HostUnreachable:
+        try:
+            return connect_host(uri, timeout)
+        except HostUnreachable as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(uris), thread_name_prefix="vmtrim-connect") as pool:
+        return list(zip(uris, pool.map(one, uris), strict=True))

@@ -12,6 +12,7 @@ when a domain was not trimmed, else 0.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,11 +169,13 @@ def trim_fleet(
                     host.record_error = record(host.results, conn.uri)
             return host
 
+        start = time.monotonic()
         runs = fleet.run(work)
+        seconds = time.monotonic() - start
     if as_json:
         from vmtrim.output import print_json
 
-        print_json(SCHEMA, fleet_json(runs, every))
+        print_json(SCHEMA, fleet_json(runs, every, seconds))
     else:
         render(runs)
     return exit_code(runs)
@@ -197,7 +200,9 @@ def _reclaimed(results: Sequence[TrimResult]) -> int:
     return sum(r.reclaimed_bytes or 0 for r in results)
 
 
-def fleet_json(runs: Sequence[HostRun[HostTrim]], every: bool) -> dict[str, Any]:
+def fleet_json(
+    runs: Sequence[HostRun[HostTrim]], every: bool, seconds: float | None = None
+) -> dict[str, Any]:
     """The vmtrim.trim/1 document with a ``host`` on every domain, ``hosts`` and ``fleet``."""
     hosts, domains = [], []
     for run in runs:
@@ -226,6 +231,7 @@ def fleet_json(runs: Sequence[HostRun[HostTrim]], every: bool) -> dict[str, Any]
             "domains": len(every_result),
             "trimmed": sum(1 for r in every_result if r.status == TRIMMED),
             "reclaimed_bytes": _reclaimed(every_result),
+            "seconds": None if seconds is None else round(seconds, 3),  # all hosts, wall
         },
     }
     if missing:
