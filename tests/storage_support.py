@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +55,76 @@ def filesystem(fstype: str, where: Path, *options: str, size_mib: int = 320) -> 
     run(*MKFS[fstype], str(image))
     with loop_device(image) as device, mounted(device, where / "mnt", *options) as mnt:
         yield mnt
+
+
+# --- a lab guest with lvm2, dm-thin and the guest agent ---------------------------------
+
+#: PID 1 of the storage guest: the sparsify appliance's modules (base + dm) and qemu-ga,
+#: then nothing: every step is a guest-exec from the test, through vmtrim's Runner.
+STORAGE_INIT = """#!/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /run/lvm /run/lock/lvm /tmp /mnt
+while read -r group m; do
+    case "$group" in base | dm) insmod "/lib/modules/$m" 2>/dev/null ;; esac
+done </etc/vmtrim/modules
+for f in /sys/class/virtio-ports/*/name; do
+    [ "$(cat "$f")" = org.qemu.guest_agent.0 ] && d=${f%/name} && GA=/dev/${d##*/}
+done
+qemu-ga -m virtio-serial -p "$GA" -d
+echo "VMTRIM step=ready"
+while :; do sleep 60; done
+"""
+
+# No udev in the guest: libdevmapper makes the /dev nodes itself; no thin_check there.
+LVM_CONF = """activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+devices { obtain_device_list_from_udev = 0 }
+global { use_lvmlockd = 0 thin_check_executable = "" }
+"""
+
+GUEST_TOOLS = ("dmsetup", "mke2fs")
+LVM_NAMES = ("lvs", "pvcreate", "vgcreate", "lvcreate", "lvchange")
+
+
+def storage_initrd(base: Path, work: Path) -> Path:
+    """``base`` (the sparsify appliance's initrd) with an overlay archive appended: the
+    kernel unpacks concatenated newc archives in order, later files replacing earlier
+    (Documentation/driver-api/early-userspace/buffer-format.rst)."""
+    from vmtrim.lab.build import find_tool, shared_libraries
+
+    root = work / "overlay"
+    (root / "usr" / "sbin").mkdir(parents=True)
+    (root / "etc" / "lvm").mkdir(parents=True)
+    (root / "vmtrim-storage-init").write_text(STORAGE_INIT)
+    (root / "vmtrim-storage-init").chmod(0o755)
+    (root / "etc" / "lvm" / "lvm.conf").write_text(LVM_CONF)
+    for name in GUEST_TOOLS:
+        tool = find_tool(name, (f"/usr/sbin/{name}", f"/sbin/{name}"))
+        shutil.copy2(tool, root / "usr" / "sbin" / name)
+        for wanted, real in shared_libraries(tool):
+            dest = root / wanted.relative_to("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(real, dest)
+    (root / "usr" / "sbin" / "mkfs.ext4").symlink_to("mke2fs")
+    for name in LVM_NAMES:  # lvm dispatches on its argv[0]
+        (root / "usr" / "sbin" / name).symlink_to("lvm")
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    overlay = work / "overlay.cpio"
+    with overlay.open("wb") as out:
+        subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc"],
+            cwd=root,
+            input=("\n".join(names) + "\n").encode(),
+            stdout=out,
+            check=True,
+        )
+    combined = work / "initrd.img"
+    with combined.open("wb") as out:
+        for part in (base, overlay):
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, out)
+    return combined

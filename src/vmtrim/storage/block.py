@@ -46,6 +46,8 @@ class ThinPool:
     data_percent: float | None
     metadata_percent: float | None
     passdown_active: bool | None = None  # status: the kernel may have turned passdown off
+    used_bytes: int | None = None  # dmsetup status: used data chunks x chunk size
+    total_bytes: int | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -186,6 +188,8 @@ def _pool_facts(
             data,
             meta,
             st.discard_passdown if st else None,
+            st.used_data * tables[0].block_bytes if st else None,
+            st.total_data * tables[0].block_bytes if st else None,
         ),
         None,
     )
