@@ -254,7 +254,8 @@ class HostProbes:
             layers.append(Layer(stack.backing_file, "file", below.verdict, below.reason))
         verdict = Verdict.worst(layer.verdict for layer in layers)
         reason = "; ".join(layer.reason for layer in layers)
-        blocking = next((layer for layer in layers if layer.verdict is Verdict.BLOCK), None)
+        # the deepest blocking layer is the cause (a loop device blocks when its file does)
+        blocking = next((la for la in reversed(layers) if la.verdict is Verdict.BLOCK), None)
         fix, notes = None, () if below is None else below.notes
         if blocking is not None:
             fix = _layer_fix(blocking, stack.pool)
