@@ -15,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,3 +195,32 @@ def _make_lvm(dev: str, junk_mib: int, disk: Disk) -> None:
         sh("mkfs.ext4", "-q", "-L", "lv data", lv)
         with mounted(lv) as mnt:
             _fill(mnt, "lvm", junk_mib, disk, "vmtrimvg/data")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def qemu_holding(image: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real QEMU (paused, -S) with ``image`` as its disk, once it holds QEMU's image lock."""
+    from vmtrim.sparsify.inuse import qemu_lock_holder
+
+    qemu = ["qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg"]
+    proc = subprocess.Popen(
+        [*qemu, "-drive", f"file={image},format=qcow2,if=virtio"], stdin=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while qemu_lock_holder(image) is None:
+            assert proc.poll() is None, "QEMU exited"
+            assert time.monotonic() < deadline, "QEMU never locked the image"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -9,7 +9,6 @@ leaves no temporary file behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -22,16 +21,9 @@ from pathlib import Path
 import pytest
 
 from helpers import qemu_img, vmtrim
+from sparsify_support import qemu_holding, sha256
 
 MiB = 1024 * 1024
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def qemu_io(image: Path, *commands: str) -> None:
@@ -122,37 +114,8 @@ def test_snapshots_refused_unless_dropped(tmp_path: Path) -> None:
 
 @pytest.fixture
 def running_qemu(overlay: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A real QEMU (paused, -S) with the image as its disk: it holds QEMU's image lock."""
-    proc = subprocess.Popen(
-        [
-            "qemu-system-x86_64",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "tcg",
-            "-drive",
-            f"file={overlay},format=qcow2,if=virtio",
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        # Running once qemu-img can no longer open the image for writing.
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                ["qemu-io", "-c", "quit", str(overlay)], capture_output=True, text=True
-            )
-            if probe.returncode != 0:
-                break
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)
+    with qemu_holding(overlay) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_in_use_refused(overlay: Path, running_qemu: subprocess.Popen[bytes]) -> None:

@@ -9,7 +9,6 @@ touched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,17 +22,9 @@ from pathlib import Path
 import pytest
 
 from helpers import du_bytes, qemu_img, vmtrim
-from sparsify_support import LAYOUT, Disk, MiB, make_gpt_disk
+from sparsify_support import LAYOUT, Disk, MiB, make_gpt_disk, qemu_holding, sha256
 from vmtrim.sparsify.engine import checksums
 from vmtrim.sparsify.inuse import qemu_lock_holder
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check(image: Path) -> str:
@@ -142,29 +133,8 @@ def test_second_run_costs_at_most_the_mounts_metadata(disk: Disk, sparsified: ob
 
 @pytest.fixture
 def running_qemu(pristine: Path) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [
-            "qemu-system-x86_64",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "tcg",
-            "-drive",
-            f"file={pristine},format=qcow2,if=virtio",
-        ],
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while qemu_lock_holder(pristine) is None and time.monotonic() < deadline:
-            assert proc.poll() is None
-            time.sleep(0.1)
+    with qemu_holding(pristine) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_in_use_refused(pristine: Path, running_qemu: subprocess.Popen[bytes]) -> None:
