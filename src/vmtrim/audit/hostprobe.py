@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import os
 import stat
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from vmtrim.facts import NOTES, PROTOCOLS, Note
 from vmtrim.model import Verdict
+from vmtrim.storage import rbd, zfs
 from vmtrim.storage.block import Layer, Stack, ThinPool, block_stack
 from vmtrim.storage.files import FileFacts, file_facts
 from vmtrim.storage.runner import LocalRunner, Runner
@@ -243,7 +245,7 @@ class HostProbes:
         stack = block_stack(self.runner, path)
         if all(layer.kind == "disk" for layer in stack.layers):
             # a plain disk or partition: the sysfs probe (it finds a partition's queue)
-            return block_device_probe(path)
+            return self._zvol(path, block_device_probe(path))
         return self._stack_probe(stack)
 
     def _stack_probe(self, stack: Stack) -> Probe:
@@ -266,8 +268,60 @@ class HostProbes:
                 fix, notes = f"{fix}: {sticky.message}", (sticky,)
         return Probe(verdict, reason, fix, tuple(notes), tuple(layers), stack.pool)
 
-    def network(self, protocol: str | None) -> Probe:
-        return protocol_probe(protocol)
+    def network(self, protocol: str | None, source: str | None = None) -> Probe:
+        probe = protocol_probe(protocol)
+        if protocol != "rbd" or not source or (name := rbd.image_of(source)) is None:
+            return probe
+        if not self.local:  # rbd info would ask this host's cluster, not the disk's
+            image = rbd.default_image(name)
+        else:
+            out = self.runner.run(rbd.rbd_argv(name), timeout=20.0)
+            image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(
+                name
+            )
+        note = Note("rbd_objects", image.describe(), "FIELD.md [H2]; Linux 0c93e1b7a26b")
+        return dataclasses.replace(probe, notes=(*probe.notes, note))
+
+    def _zvol(self, path: str, probe: Probe) -> Probe:
+        dataset = zfs.dataset_of(path)
+        if dataset is None:
+            return probe
+        got = self.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
+        pool = self.runner.run(zfs.zpool_argv(dataset.split("/", 1)[0]), timeout=20.0)
+        vol = zfs.parse_zvol(dataset, got.stdout, pool.stdout) if got.ok else None
+        if vol is None:
+            why = got.why() if not got.ok else "zfs get said nothing about it"
+            return dataclasses.replace(probe, reason=f"{probe.reason}; zvol {dataset}: {why}")
+        facts = [f"zvol {dataset}"]
+        if vol.volblocksize:
+            facts.append(f"volblocksize {vol.volblocksize >> 10} KiB")
+        if vol.compression:
+            facts.append(f"compression={vol.compression}")
+        if vol.autotrim:
+            facts.append(f"pool autotrim={vol.autotrim}")
+        notes = list(probe.notes)
+        if vol.thin is False:
+            notes.append(
+                Note(
+                    "zvol_refreservation",
+                    f"zvol {dataset} is not thin: refreservation={vol.refreservation} keeps"
+                    " that space reserved in the pool however much the guest frees"
+                    " (zfs set refreservation=none, or create zvols with -s)",
+                    "zfsprops(7) refreservation; FIELD.md [P4]",
+                )
+            )
+        if vol.autotrim == "off":
+            notes.append(
+                Note(
+                    "zpool_autotrim_off",
+                    f"pool {dataset.split('/', 1)[0]} has autotrim=off: space freed in the pool"
+                    " is not trimmed on its own devices until zpool trim runs",
+                    "zpoolprops(7) autotrim",
+                )
+            )
+        return dataclasses.replace(
+            probe, reason=f"{probe.reason} ({', '.join(facts)})", notes=tuple(notes)
+        )
 
 
 def _with_facts(probe: Probe, facts: FileFacts) -> Probe:
