@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from helpers import du_bytes, vmtrim
 from sparsify_support import MiB, loop, mounted, sh
+from vmtrim.history.store import History
 
 # name -> (start MiB, size MiB) as sfdisk lays them out below
 PARTS = {"ext4": (1, 128), "xfs": (129, 300), "luks": (429, 40), "ext2": (471, 64)}
@@ -78,10 +80,12 @@ def mbr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image
 
 
-def test_dirty_and_encrypted_left_alone_byte_for_byte(mbr: Path) -> None:
+def test_dirty_and_encrypted_left_alone_byte_for_byte(mbr: Path, tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    History.open(db).close()  # the run is recorded because the database exists
     before = {name: region_sha(mbr, name) for name in ("ext4", "luks")}
     du_before = du_bytes(mbr)
-    done = vmtrim("sparsify", "--json", str(mbr))
+    done = vmtrim("sparsify", "--json", str(mbr), env={**os.environ, "VMTRIM_HISTORY_DB": str(db)})
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     trimmed = {fs["device"]: fs["type"] for fs in doc["filesystems"]}
@@ -92,3 +96,9 @@ def test_dirty_and_encrypted_left_alone_byte_for_byte(mbr: Path) -> None:
     assert left["sda4"]["type"] == "extended"
     assert {name: region_sha(mbr, name) for name in ("ext4", "luks")} == before
     assert du_before - du_bytes(mbr) >= 2 * 18 * MiB  # most of xfs's and ext2's 20 MiB
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT runs.kind, r.domain, d.allocated_before, d.allocated_after FROM runs"
+            " JOIN domain_results r ON r.run_id = runs.id JOIN disk_results d ON d.result_id = r.id"
+        ).fetchall()
+    assert rows == [("sparsify", str(mbr), du_before, du_bytes(mbr))]

@@ -29,7 +29,7 @@ def sparsify(image: Path, dry_run: bool, zeros: bool, uri: str | None, as_json: 
     left alone, with the reason. Backing files are opened read-only. An image in use
     (QEMU's image lock, or a running libvirt domain) is refused with exit 3.
     """
-    from vmtrim.output import print_json, progress_console
+    from vmtrim.output import print_json, print_note, progress_console
     from vmtrim.sparsify.engine import SCHEMA
     from vmtrim.sparsify.engine import sparsify as run_sparsify
     from vmtrim.vm.guest import cleanup_on_signals
@@ -42,6 +42,13 @@ def sparsify(image: Path, dry_run: bool, zeros: bool, uri: str | None, as_json: 
             uri=uri,
             on_step=lambda text: status.update(f"sparsify {image}: {text}"),
         )
+    from vmtrim.errors import HistoryUnavailable
+    from vmtrim.sparsify.engine import record_history
+
+    try:
+        record_history(result)
+    except HistoryUnavailable as exc:  # the image is sparsified all the same: say so, go on
+        print_note(f"not recorded: {exc.one_line()}", err=True)
     if as_json:
         print_json(SCHEMA, result.to_json())
     else:

@@ -104,7 +104,7 @@ from vmtrim import __version__
 from vmtrim.errors import HistoryUnavailable
 
 SCHEMA_VERSION = 2
-KINDS = ("run", "trim", "verify", "watch")
+KINDS = ("run", "trim", "verify", "watch", "sparsify")
 FLEET_KINDS = ("run", "trim", "watch")
 STATUSES = ("trimmed", "no_effect", "skipped", "blocked", "failed")
 BUSY_TIMEOUT_MS = 5000

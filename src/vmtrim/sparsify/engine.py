@@ -304,3 +304,41 @@ def checksums(path: Path) -> dict[str, dict[str, str]]:
     result = SparsifyResult(str(path), fmt, backing, virtual, True, allocated_bytes(path))
     run_appliance(path.absolute(), fmt, result, action="checksum")
     return result.checksums
+
+
+def record_history(result: SparsifyResult, db: Path | None = None) -> Path | None:
+    """Store the run as kind "sparsify" when the history database exists; its path or None.
+
+    The image path stands in the domain column (a shut-off image may belong to no
+    domain libvirt knows). A database that cannot be written raises HistoryUnavailable.
+    """
+    from vmtrim.history.store import DiskRecord, DomainRecord, History, default_db_path
+
+    where = db or default_db_path()
+    if result.dry_run or result.allocated_after is None or not where.exists():
+        return None
+    failed = [fs for fs in result.filesystems if fs.action == "failed"]
+    record = DomainRecord(
+        domain=result.path,
+        status="failed" if failed else "trimmed",
+        reason="; ".join(f"{fs.device}: {fs.error}" for fs in failed) or None,
+        seconds=result.seconds,
+        guest_trimmed=sum(fs.fitrim_bytes or 0 for fs in result.filesystems),
+        disks=[
+            DiskRecord(
+                target=Path(result.path).name,
+                source=result.path,
+                virtual_size=result.virtual_size,
+                allocated_before=result.allocated_before,
+                allocated_after=result.allocated_after,
+                guest_trimmed=sum(fs.fitrim_bytes or 0 for fs in result.filesystems),
+                verdict="failed" if failed else "trimmed",
+                measured_by="du",
+            )
+        ],
+    )
+    with History.open(where, create=False) as history:
+        run_id = history.begin_run("sparsify", trigger="cli")
+        history.record(run_id, record)
+        history.end_run(run_id)
+    return where
