@@ -20,7 +20,6 @@ and after, threads); the process adds Python start-up and the host connections.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import subprocess
 import sys
@@ -34,8 +33,8 @@ import libvirt
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from fleet_hosts import FleetHost, free_port, start_host  # noqa: E402
-from test_live_libvirt import Lab, LabDomain  # noqa: E402  (the tests' lab domains)
+from fleet_hosts import FleetHost, free_port, refill, start_host  # noqa: E402
+from test_live_libvirt import Lab  # noqa: E402  (the tests' lab domains)
 from vmtrim.lab import ensure_appliance  # noqa: E402
 
 HOSTS = 3
@@ -43,27 +42,6 @@ GUESTS = 3  # per host
 WRITE_MIB = 128
 DISK_MIB = 320
 MiB = 1024 * 1024
-
-
-def refill(guest: LabDomain) -> None:
-    """Write WRITE_MIB MiB in the guest and delete them again: freed, not yet trimmed."""
-    script = (
-        f"dd if=/dev/urandom of=/mnt/refill bs=1M count={WRITE_MIB} 2>/dev/null"
-        " && sync && rm /mnt/refill && sync"
-    )
-    started = guest.agent(
-        {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = guest.agent({"execute": "guest-exec-status", "arguments": {"pid": started["pid"]}})
-        if status.get("exited"):
-            if status.get("exitcode") != 0:
-                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
-                raise RuntimeError(f"{guest.name}: refill failed: {err}")
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{guest.name}: refill did not finish")
 
 
 def trim(uris: list[str], hosts_parallel: int) -> tuple[float, dict[str, Any]]:
@@ -135,7 +113,7 @@ def main() -> None:
             for setting in (1, HOSTS):
                 if results[1] or results[HOSTS]:  # the first round uses the boot's data
                     with ThreadPoolExecutor(len(guests)) as pool:
-                        list(pool.map(refill, guests))
+                        list(pool.map(lambda g: refill(g, WRITE_MIB), guests))
                 wall, doc = trim(uris, setting)
                 results[setting].append(
                     summary(f"round {n + 1}, --hosts-parallel {setting}", wall, doc)

@@ -19,6 +19,7 @@ client key made here, for ``qemu+ssh://`` and Ansible's ssh connection.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -30,8 +31,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services import Daemons, libvirtd_answers
+
+if TYPE_CHECKING:
+    from test_live_libvirt import LabDomain
 
 REAPER = Path(__file__).with_name("reaper.py")
 # What each namespace gets of its own (bind mounts of ROOT/<name>).
@@ -205,3 +210,25 @@ def start_sshd(timeout: float = 20.0) -> SshServer:
             server.stop()
             raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port}")
         time.sleep(0.1)
+
+
+def refill(guest: LabDomain, mib: int) -> None:
+    """Write ``mib`` MiB in a lab guest's /mnt and delete them again (through guest-exec):
+    freed in the guest, still allocated on the host until the next trim."""
+    script = (
+        f"dd if=/dev/urandom of=/mnt/refill bs=1M count={mib} 2>/dev/null"
+        " && sync && rm /mnt/refill && sync"
+    )
+    started = guest.agent(
+        {"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}}
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = guest.agent({"execute": "guest-exec-status", "arguments": {"pid": started["pid"]}})
+        if status.get("exited"):
+            if status.get("exitcode") != 0:
+                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                raise RuntimeError(f"{guest.name}: refill failed: {err}")
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{guest.name}: refill did not finish")

@@ -22,7 +22,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from fleet_hosts import FleetHost, SshServer, start_host, start_sshd
+from fleet_hosts import FleetHost, SshServer, refill, start_host, start_sshd
 from helpers import du_bytes
 from test_live_libvirt import Lab, LabDomain
 from vmtrim.lab import Appliance
@@ -238,3 +238,33 @@ def test_fail_on_blocked_fails_the_task_never_does_not(setup: Setup) -> None:
         if code:
             assert "fail_on=blocked" in result.stdout
             assert f"domain {setup.bad.name}: discard is blocked" in result.stdout
+
+
+def adhoc(setup: Setup, module: str, args: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """``ansible local -m MODULE -a JSON``: the module's result (after ``local | ... =>``)."""
+    result = setup.ansible(
+        "ansible", "-i", str(setup.inventory), "local", "-m", module, "-a", json.dumps(args), *extra
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dict(json.loads(result.stdout.split("=>", 1)[1]))
+
+
+def test_trim_module_check_mode_trims_nothing_then_changed_by_what_came_back(
+    setup: Setup,
+) -> None:
+    good = setup.good
+    refill(good, WRITE_MIB)  # freed again in the guest; the host still holds it
+    args = {"connect": [setup.host.local_uri], "domains": [good.name], "history": False}
+    before = du_bytes(good.image)
+    checked = adhoc(setup, "vmtrim.kvm.vmtrim_trim", args, "--check")
+    assert checked["changed"] is False and checked["document"]["schema"] == "vmtrim.audit/1"
+    assert du_bytes(good.image) == before
+    trimmed = adhoc(setup, "vmtrim.kvm.vmtrim_trim", args)
+    [dom] = trimmed["document"]["domains"]
+    assert trimmed["document"]["schema"] == "vmtrim.trim/1" and dom["status"] == "trimmed"
+    assert trimmed["reclaimed_bytes"] == before - du_bytes(good.image)
+    assert trimmed["reclaimed_bytes"] >= 0.99 * WRITE_MIB * MiB
+    assert trimmed["changed"] is True
+    again = adhoc(setup, "vmtrim.kvm.vmtrim_trim", args)  # nothing left to give back
+    assert again["reclaimed_bytes"] < MiB
+    assert again["changed"] is (again["reclaimed_bytes"] > 0)

@@ -218,6 +218,35 @@ def test_audit_over_hosts_blames_only_the_dead_one(fleet: Fleet, sshd: SshServer
     assert doc["fleet"]["disks"] == 2 and doc["fleet"]["failed_hosts"] == 1
 
 
+def test_run_policy_over_hosts_dead_ones_cost_one_timeout(fleet: Fleet, tmp_path: Path) -> None:
+    """``vmtrim run`` with the policy's connect list: the dead hosts are opened at the
+    same time as the live one, so they cost one --connect-timeout (the default, 15 s),
+    not one each; the JSON names them and why; exit 3."""
+    a, stopped = fleet.live[0], fleet.stopped
+    policy = tmp_path / "policy.toml"
+    uris = [a.uri, fleet.refused_uri, stopped.tcp_uri]
+    policy.write_text(f'connect = {json.dumps(uris)}\ninclude = ["{a.guest.name}"]\n')
+    args = ["run", "--policy", str(policy), "--json"]
+    args += ["--db", str(tmp_path / "history.db"), "--lock", str(tmp_path / "run.lock")]
+    os.kill(stopped.pid("libvirtd"), signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        result = vmtrim(*args)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(stopped.pid("libvirtd"), signal.SIGCONT)
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    failed = {h["host"]: h["reason"] for h in doc["failed_hosts"]}
+    assert list(failed) == [fleet.refused_uri, stopped.tcp_uri]
+    assert "Connection refused" in failed[fleet.refused_uri]
+    assert "no answer within --connect-timeout 15 s" in failed[stopped.tcp_uri]
+    [dom] = doc["domains"]
+    assert (dom["domain"], dom["uri"], dom["status"]) == (a.guest.name, a.uri, "trimmed")
+    # One timeout (15 s), not two, plus the run itself and the CLI's start-up (a few s).
+    assert elapsed < 2 * 15, elapsed
+
+
 def test_host_that_hangs_mid_run_is_dropped_by_keepalive(fleet: Fleet) -> None:
     """Last in the module: it leaves host b's guest with an fstrim that never ends.
 

@@ -71,6 +71,15 @@ def run_vmtrim(argv: List[str]) -> Tuple[int, Optional[Dict[str, Any]], str]:
     return code, doc, err.getvalue().strip()
 
 
+def start(argument_spec: Dict[str, Any]) -> Any:
+    """The AnsibleModule (check mode supported by every vmtrim module), or None after
+    fail_json when vmtrim cannot be imported by this interpreter."""
+    from ansible.module_utils.basic import AnsibleModule
+
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    return None if vmtrim_missing(module) else module
+
+
 def vmtrim_missing(module: Any) -> bool:
     try:
         import vmtrim  # noqa: F401

@@ -18,27 +18,9 @@ description:
   - Every layer of each disk's discard path (guest filesystem, guest driver, QEMU device, QEMU
     block nodes, host storage) gets a verdict, a reason and a fix.
   - Read-only. C(changed) is always false, in check mode too.
+extends_documentation_fragment:
+  - vmtrim.kvm.hosts
 options:
-  connect:
-    description:
-      - libvirt URIs to audit. One URI audits that host; several (or O(hosts_file)) audit them
-        all at once, each failure kept to its own host.
-      - Empty means C($LIBVIRT_DEFAULT_URI), else libvirt's default (C(qemu:///system) as root).
-    type: list
-    elements: str
-    default: []
-    aliases: [uri]
-  hosts_file:
-    description: A file on the managed host with one libvirt URI per line (C(#) comments).
-    type: path
-  hosts_parallel:
-    description: With several hosts, how many are audited at once.
-    type: int
-    default: 8
-  connect_timeout:
-    description: With several hosts, seconds after which a host that does not answer has failed.
-    type: float
-    default: 15.0
   domains:
     description: Domain names, UUIDs or IDs. Empty means every domain (C(--all)).
     type: list
@@ -140,8 +122,6 @@ stderr:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     CONNECTION_OPTIONS,
     FAIL_ON,
@@ -149,7 +129,7 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     finish,
     label,
     selection_args,
-    vmtrim_missing,
+    start,
 )
 
 
@@ -173,17 +153,16 @@ def fixable(doc):
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=dict(
+    module = start(
+        dict(
             CONNECTION_OPTIONS,
             domains={"type": "list", "elements": "str", "default": []},
             timeout={"type": "float", "default": 10.0},
             probe={"type": "bool", "default": True},
             fail_on={"type": "str", "choices": FAIL_ON, "default": "never"},
-        ),
-        supports_check_mode=True,
+        )
     )
-    if vmtrim_missing(module):
+    if module is None:
         return
     params = module.params
     argv = ["audit", *connection_args(params), *selection_args(params), "--json"]

@@ -124,14 +124,12 @@ stderr:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     FAIL_ON,
     domains_of,
     finish,
     label,
-    vmtrim_missing,
+    start,
 )
 
 
@@ -148,8 +146,8 @@ def blocked(doc):
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec={
+    module = start(
+        {
             "connect": {"type": "str", "aliases": ["uri"]},
             "domains": {"type": "list", "elements": "str", "required": True},
             "restart": {"type": "bool", "default": False},
@@ -159,10 +157,9 @@ def main():
             "bus": {"type": "str", "choices": ["scsi"]},
             "probe": {"type": "bool", "default": True},
             "fail_on": {"type": "str", "choices": FAIL_ON, "default": "never"},
-        },
-        supports_check_mode=True,
+        }
     )
-    if vmtrim_missing(module):
+    if module is None:
         return
     params = module.params
     argv = ["fix", *(["-c", params["connect"]] if params["connect"] else [])]

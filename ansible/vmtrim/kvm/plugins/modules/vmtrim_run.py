@@ -102,8 +102,6 @@ stderr:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     BLOCKED_STATUSES,
     FAIL_ON,
@@ -111,21 +109,20 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     finish,
     reclaimed,
     statuses,
-    vmtrim_missing,
+    start,
 )
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec={
+    module = start(
+        {
             "policy": {"type": "path"},
             "db": {"type": "path"},
             "lock": {"type": "path"},
             "fail_on": {"type": "str", "choices": FAIL_ON, "default": "never"},
-        },
-        supports_check_mode=True,
+        }
     )
-    if vmtrim_missing(module):
+    if module is None:
         return
     params = module.params
     argv = ["run", "--json"] + (["--dry-run"] if module.check_mode else [])

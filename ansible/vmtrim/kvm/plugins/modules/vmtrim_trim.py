@@ -20,26 +20,9 @@ description:
   - C(changed) is true only when the host got space back (reclaimed bytes > 0).
   - In check mode nothing is trimmed (vmtrim trim has no dry run); the task runs
     C(vmtrim audit) on the same domains instead and returns that document.
+extends_documentation_fragment:
+  - vmtrim.kvm.hosts
 options:
-  connect:
-    description:
-      - libvirt URIs. Several (or O(hosts_file)) are trimmed at once, each failure kept to its own host.
-      - Empty means C($LIBVIRT_DEFAULT_URI), else libvirt's default.
-    type: list
-    elements: str
-    default: []
-    aliases: [uri]
-  hosts_file:
-    description: A file on the managed host with one libvirt URI per line (C(#) comments).
-    type: path
-  hosts_parallel:
-    description: With several hosts, how many are trimmed at once.
-    type: int
-    default: 8
-  connect_timeout:
-    description: With several hosts, seconds after which a host that does not answer has failed.
-    type: float
-    default: 15.0
   domains:
     description: Domain names, UUIDs or IDs. Empty means every running domain (C(--all)).
     type: list
@@ -153,8 +136,6 @@ stderr:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     BLOCKED_STATUSES,
     CONNECTION_OPTIONS,
@@ -165,13 +146,13 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     reclaimed,
     selection_args,
     statuses,
-    vmtrim_missing,
+    start,
 )
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec=dict(
+    module = start(
+        dict(
             CONNECTION_OPTIONS,
             domains={"type": "list", "elements": "str", "default": []},
             minimum={"type": "int", "default": 0},
@@ -181,10 +162,9 @@ def main():
             history={"type": "bool", "default": True},
             db={"type": "path"},
             fail_on={"type": "str", "choices": FAIL_ON, "default": "never"},
-        ),
-        supports_check_mode=True,
+        )
     )
-    if vmtrim_missing(module):
+    if module is None:
         return
     params = module.params
     where = [*connection_args(params), *selection_args(params)]
