@@ -59,8 +59,9 @@ def recorded(lab: Lab, libvirtd: str, tmp_path_factory: pytest.TempPathFactory) 
     policy = root / "policy.toml"
     policy.write_text(
         f'connect = ["{libvirtd}"]\ninclude = ["{good.name}", "{blocked.name}"]\n'
-        "minimum = 0\ntimeout = 120\n"
+        f'minimum = 0\ntimeout = 120\ntextfile = "{root / "collector"}"\n'
     )
+    (root / "collector").mkdir()
     db = root / "history.db"
     docs = []
     for _ in range(2):
@@ -136,6 +137,9 @@ def test_promtool_accepts_metrics_and_textfile(recorded: dict[str, Any]) -> None
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert sorted(p.name for p in textdir.iterdir()) == ["vmtrim.prom"]  # no temp file left
+    # vmtrim run wrote the policy's textfile after its last run, from the same history.
+    ran = (recorded["root"] / "collector" / "vmtrim.prom").read_text()
+    assert samples(ran) == samples(prom)
 
 
 def test_metric_values_are_the_history(recorded: dict[str, Any]) -> None:

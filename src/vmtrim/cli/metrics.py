@@ -39,7 +39,10 @@ def metrics(textfile: Path | None, db: Path | None) -> int:
         sys.stdout.buffer.write(render(db))
         sys.stdout.flush()
         return EXIT_OK
-    if not textfile.is_dir():
-        raise BadInput("not a directory (give node_exporter's textfile directory)", str(textfile))
+    if not textfile.is_dir() and textfile.suffix != ".prom":
+        raise BadInput(
+            "not a directory or a .prom file (give node_exporter's textfile directory)",
+            str(textfile),
+        )
     write_textfile(textfile, db)
     return EXIT_OK

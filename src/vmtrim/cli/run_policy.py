@@ -99,10 +99,12 @@ def run(
     problems: list[EnvironmentProblem] = []
     outcomes: list[Outcome] = []
     recorder: Recorder | None = None
+    recorded_in: str | None = None
     with ExitStack() as stack:
         if not dry_run:
             stack.enter_context(run_lock(lock_file))
             recorder = Recorder(db, "run", policy_hash=policy.hash, trigger="policy")
+            recorded_in = recorder.path  # for the metrics textfile, after finish() closes it
             stack.callback(recorder.finish)
         plans = []
         # fleet: every host opened at once, each within the connect timeout, kept alive
@@ -131,6 +133,14 @@ def run(
     failed = [{"host": p.subject, "reason": p.message} for p in problems]  # fleet
     _print(as_json, policy, host, started, outcomes, dry_run, recorder, failed_hosts=failed)
     code = EXIT_OK
+    if policy.textfile and recorded_in is not None:
+        from vmtrim.report.metrics import write_textfile
+
+        try:  # the run is recorded already; a metrics file that cannot be written is exit 3
+            write_textfile(policy.textfile, recorded_in)
+        except EnvironmentProblem as exc:
+            click.echo(f"vmtrim: {exc.one_line()}", err=True)
+            code = EXIT_ENVIRONMENT
     if any(_finding(o) for o in outcomes):
         code = EXIT_FINDINGS
     if problems:

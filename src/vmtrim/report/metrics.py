@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vmtrim._util.files import atomic_write
-from vmtrim.errors import HistoryUnavailable
+from vmtrim.errors import EnvironmentProblem, HistoryUnavailable
 from vmtrim.history.store import History, default_db_path
 from vmtrim.report.state import disk_states, last_runs, trim_counts
 
@@ -146,8 +146,17 @@ def render(path: str | os.PathLike[str] | None) -> bytes:
     return generate_latest(registry_for(path))
 
 
-def write_textfile(directory: str | os.PathLike[str], db: str | os.PathLike[str] | None) -> Path:
-    """Write ``DIR/vmtrim.prom`` atomically for node_exporter's textfile collector."""
-    target = Path(directory) / TEXTFILE_NAME
-    atomic_write(target, render(db), new_file_mode=0o644)
+def write_textfile(where: str | os.PathLike[str], db: str | os.PathLike[str] | None) -> Path:
+    """Write the metrics atomically for node_exporter's textfile collector.
+
+    ``where`` is the collector's directory (the file is ``DIR/vmtrim.prom``) or a path
+    ending in ``.prom``. Raises EnvironmentProblem when it cannot be written.
+    """
+    target = Path(where)
+    if target.suffix != ".prom":
+        target = target / TEXTFILE_NAME
+    try:
+        atomic_write(target, render(db), new_file_mode=0o644)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot write the metrics: {exc.strerror}", str(target)) from exc
     return target
