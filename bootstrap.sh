@@ -16,7 +16,7 @@ PACKAGES="python3 python3-venv python3-dev gcc pkg-config
   qemu-system-x86 qemu-utils qemu-guest-agent busybox-static kmod cpio
   e2fsprogs xfsprogs btrfs-progs util-linux procps
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libxml2-utils"
-TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch man-db groff-base"
+TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch man-db groff-base sqlite3 systemd"
 
 install() {
     if [ "$(id -u)" != 0 ]; then
