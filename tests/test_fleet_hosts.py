@@ -118,3 +118,26 @@ def test_named_domain_is_looked_for_on_every_host() -> None:
     )
     assert result.returncode == 1
     assert json.loads(result.stdout)["not_found"] == ["nosuch"]
+
+
+def test_fix_dry_run_on_every_host_that_has_the_domain() -> None:
+    refused = f"qemu+tcp://127.0.0.1:{free_port()}/system"
+    result = vmtrim("fix", "-c", TEST_URI, "-c", refused, "test", "--dry-run", "--json")
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    [dom] = doc["domains"]
+    assert (dom["host"], dom["domain"], dom["mode"], dom["defined"]) == (
+        TEST_URI,
+        "test",
+        "dry-run",
+        False,
+    )
+    assert "+      <driver name='qemu' type='raw' discard='unmap'/>" in dom["diff"]
+    assert [(h["host"], h["status"]) for h in doc["hosts"]] == [
+        (TEST_URI, "ok"),
+        (refused, "failed"),
+    ]
+    human = vmtrim("fix", "-c", TEST_URI, "-c", refused, "test", "--dry-run")
+    assert human.returncode == 3
+    assert "discard='unmap'" in human.stdout
+    assert human.stdout.splitlines()[-1] == "fleet: 2 host(s), 1 failed; 1 domain(s), 0 defined"

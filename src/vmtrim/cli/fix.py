@@ -57,9 +57,28 @@ if TYPE_CHECKING:
 @click.option(
     "-c",
     "--connect",
-    "uri",
+    "uris",
     metavar="URI",
-    help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI).",
+    multiple=True,
+    help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
+)
+# --- fleet (vmtrim.fleet): many hosts at once ---
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
+@click.option(
+    "--hosts-parallel",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    metavar="N",
+    help="Fix on N hosts at once.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    metavar="S",
+    help="A host that does not answer within S seconds (or stops answering) has failed.",
 )
 @click.option(
     "--restart", is_flag=True, help="With -c: power-cycle a running domain so the fix takes effect."
@@ -86,12 +105,34 @@ def fix(
     force: bool,
     no_probe: bool,
     as_json: bool,
-    uri: str | None = None,
+    uris: tuple[str, ...] = (),
     restart: bool = False,
     restart_timeout: float = 120.0,
     names: tuple[str, ...] = (),
+    hosts_file: str | None = None,
+    hosts_parallel: int = 8,
+    connect_timeout: float = 15.0,
 ) -> int:
     """Rewrite libvirt XML or a QEMU command line so discard passes."""
+    if hosts_file or len(uris) > 1:  # many hosts: vmtrim.fleet (exit 3 if a host failed)
+        if xml_file or args_file or output or in_place or modernize or not names:
+            raise click.UsageError("--hosts/-c URI -c URI need DOMAIN names, and no files")
+        from vmtrim.fleet.fix import fix_fleet
+        from vmtrim.fleet.hosts import host_list
+
+        return fix_fleet(
+            host_list(uris, hosts_file),
+            names,
+            FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks),
+            dry_run=dry_run,
+            restart=restart,
+            restart_timeout=restart_timeout,
+            force=force,
+            hosts_parallel=hosts_parallel,
+            connect_timeout=connect_timeout,
+            as_json=as_json,
+        )
+    uri = uris[0] if uris else None
     if uri or names:
         if xml_file or args_file or output or in_place or modernize:
             raise click.UsageError(
