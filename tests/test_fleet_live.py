@@ -8,7 +8,8 @@ host-driven trim gives the space back. They are reached as a user would reach th
 * ``a``: the unix socket (``qemu:///system?socket=...``), measured with ``du``;
 * ``b``: ``qemu+tcp://127.0.0.1:PORT/system`` (loopback only, auth none: tests only);
 * ``c``: ``qemu+ssh://root@127.0.0.1:PORT/system?socket=...`` through our own sshd and a
-  key made here;
+  key made here; its guest's disk is a volume of a dir storage pool
+  (``<disk type='volume'>``), measured through the storage-volume API;
 * a TCP port where nothing listens;
 * ``d``: a libvirtd that is SIGSTOPped: the kernel still accepts the TCP connection, and
   then nothing answers.
@@ -23,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import pytest
 
 from fleet_hosts import FleetHost, SshServer, free_port, start_host, start_sshd
 from helpers import du_bytes, vmtrim
-from test_live_libvirt import Lab, LabDomain
+from test_live_libvirt import Lab, LabDomain, domain_xml, make_image
 from vmtrim.lab import Appliance
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
@@ -52,9 +54,49 @@ class Live:
     lab: Lab
     guest: LabDomain
 
+    pool: str | None = None  # the guest's disk is this pool's volume disk.qcow2
+
     def own_allocation(self) -> int:
-        """The host's own figure for the guest's disk: libvirt's on its local socket."""
+        """The host's own figure for the guest's disk, asked on its local socket: the
+        storage pool's for a volume, else the domain's block info."""
+        if self.pool is not None:
+            vol = self.conn.storagePoolLookupByName(self.pool).storageVolLookupByName("disk.qcow2")
+            return int(vol.info()[2])
         return int(self.conn.lookupByName(self.guest.name).blockInfo("sda")[1])
+
+    @property
+    def measured_by(self) -> str:
+        if self.uri == self.host.local_uri:
+            return "du"
+        return "storageVolume" if self.pool else "blockInfo"
+
+    @property
+    def source(self) -> str:
+        return f"{self.pool}/disk.qcow2" if self.pool else str(self.guest.image)
+
+
+def start_volume_guest(lab: Lab, tag: str) -> tuple[LabDomain, str]:
+    """A lab guest whose disk is ``<disk type='volume'>`` in a dir pool of its own,
+    defined as Lab.start does it (and cleaned up by lab.cleanup)."""
+    name = f"vmtrim-live-{os.getpid()}-{tag}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"vl-{tag}-"))
+    workdir.chmod(0o755)
+    make_image(workdir / "disk.qcow2", 128)
+    pool = f"vmtrim-{tag}"
+    lab.conn.storagePoolCreateXML(  # transient: it goes with the daemon
+        f"<pool type='dir'><name>{pool}</name><target><path>{workdir}</path></target></pool>", 0
+    )
+    xml = domain_xml(name, workdir, lab.appliance, discard=True, agent=True, write_mib=WRITE_MIB)
+    disk = f"<source file='{workdir}/disk.qcow2'/>"
+    assert xml.count(disk) == 1
+    xml = xml.replace(disk, f"<source pool='{pool}' volume='disk.qcow2'/>").replace(
+        "<disk type='file' device='disk'>", "<disk type='volume' device='disk'>"
+    )
+    guest = LabDomain(name, workdir, lab.conn.defineXML(xml), WRITE_MIB)
+    lab.domains.append(guest)
+    guest.dom.create()
+    guest.connect()
+    return guest, pool
 
 
 @dataclass
@@ -89,7 +131,11 @@ def fleet(appliance: Appliance, sshd: SshServer) -> Iterator[Fleet]:
         for host, uri in ((a, a.local_uri), (b, b.tcp_uri), (c, sshd.libvirt_uri(c))):
             conn = libvirt.open(host.local_uri)
             lab = Lab(conn, appliance)
-            live.append(Live(host, uri, conn, lab, lab.start(host.name, write_mib=WRITE_MIB)))
+            if host is c:  # over SSH, a pool volume: measured by the storage-volume API
+                guest, pool = start_volume_guest(lab, host.name)
+                live.append(Live(host, uri, conn, lab, guest, pool))
+            else:
+                live.append(Live(host, uri, conn, lab, lab.start(host.name, write_mib=WRITE_MIB)))
         for one in live:  # the three boot together; each waits for its own guest
             one.guest.until_deleted()
         yield Fleet(live, d, f"qemu+tcp://127.0.0.1:{free_port()}/system")
@@ -142,17 +188,17 @@ def test_trim_five_hosts_three_reclaim_two_fail_on_their_own(fleet: Fleet, tmp_p
         [dom] = [d for d in doc["domains"] if d["host"] == one.uri]
         assert (dom["domain"], dom["status"]) == (one.guest.name, "trimmed"), dom["reason"]
         [disk] = dom["disks"]
-        # vmtrim's figures are the host's own: du on the local socket's host, libvirt's
-        # allocation (the host's, asked on its own socket) on the remote transports.
+        # vmtrim's figures are the host's own: du on the local socket's host; on the
+        # remote transports libvirt's (the host's, asked on its own socket): the pool's
+        # for a volume, the domain's block info otherwise.
         du_before, own_before = before[one.host.name]
-        if one.uri == one.host.local_uri:
-            assert disk["measured_by"] == "du"
+        assert (disk["source"], disk["measured_by"]) == (one.source, one.measured_by)
+        if one.measured_by == "du":
             assert (disk["allocated_before"], disk["allocated_after"]) == (
                 du_before,
                 du_bytes(one.guest.image),
             )
         else:
-            assert disk["measured_by"] == "blockInfo"
             assert (disk["allocated_before"], disk["allocated_after"]) == (
                 own_before,
                 one.own_allocation(),
@@ -211,7 +257,7 @@ def test_audit_over_hosts_blames_only_the_dead_one(fleet: Fleet, sshd: SshServer
     for one in (a, c):
         [disk] = [d for d in doc["disks"] if d["host"] == one.uri]
         assert (disk["domain"], disk["target"]) == (one.guest.name, "sda")
-        assert (disk["source"], disk["discard"]) == (str(one.guest.image), "unmap")
+        assert (disk["source"], disk["discard"]) == (one.source, "unmap")
         # Each host answers for itself: its own libvirtd's version.
         assert by_host[one.uri]["libvirt_version"] == "9.0.0"
     assert "Connection refused" in by_host[fleet.refused_uri]["reason"]
