@@ -38,7 +38,9 @@ from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab.kernel import (
     KernelInput,
     extract_pvh_kernel,
+    file_stamp,
     locate_kernel,
+    memo,
     remove_unpacked,
     sha256_file,
     unpack,
@@ -142,6 +144,23 @@ def shared_libraries(binary: Path) -> list[tuple[Path, Path]]:
     return libs
 
 
+def _libraries(binary: Path, store: Path) -> list[tuple[Path, Path]]:
+    """shared_libraries, remembered while the binary is unchanged and every link still
+    resolves to the file remembered."""
+    stamp = file_stamp(binary)
+    if stamp is None:
+        return shared_libraries(binary)
+    pairs = memo(
+        store,
+        f"ldd:{stamp}",
+        lambda: [[str(a), str(b)] for a, b in shared_libraries(binary)],
+    )
+    libs = [(Path(a), Path(b)) for a, b in pairs]
+    if all(wanted.resolve() == real and real.is_file() for wanted, real in libs):
+        return libs
+    return shared_libraries(binary)  # a library was upgraded under the same name
+
+
 @dataclass(frozen=True)
 class _Inputs:
     kernel: KernelInput
@@ -165,12 +184,12 @@ def _gather(
         kernel=locate_kernel(cache, kernel, modules),
         busybox=busybox,
         qemu_ga=qemu_ga,
-        ga_libs=shared_libraries(qemu_ga),
-        busybox_libs=shared_libraries(busybox),
+        ga_libs=_libraries(qemu_ga, cache / "kernels"),
+        busybox_libs=_libraries(busybox, cache / "kernels"),
         init=init_script(variant.init),
         variant=variant,
         tools=tools,
-        tool_libs=tuple(lib for t in tools for lib in shared_libraries(t)),
+        tool_libs=tuple(lib for t in tools for lib in _libraries(t, cache / "kernels")),
     )
 
 

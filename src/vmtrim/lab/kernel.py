@@ -17,12 +17,15 @@ boot with it; the generic flavour (linux-image-amd64) has every driver as a modu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmtrim._util.proc import run_tool
 from vmtrim.errors import BadInput, EnvironmentProblem
@@ -99,10 +102,59 @@ def _apt_candidate() -> tuple[str, str] | None:
     return package, version.group(1)
 
 
+# apt-cache answers from the package lists: their stamp says when an answer may change.
+APT_CACHE_FILES = ("/var/lib/apt/lists", "/etc/apt/sources.list.d")
+
+
+def file_stamp(*paths: str | Path) -> str | None:
+    """mtime and size of each path, as one string; None if one is missing."""
+    parts = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        parts.append(f"{path}:{st.st_mtime_ns}:{st.st_size}")
+    return "|".join(parts)
+
+
+def memo(store: Path, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered in ``store/inputs-memo.json`` under ``key``.
+
+    Every lab boot asks the same questions (apt-cache for the kernel, ldd for each tool):
+    seven subprocesses, 1-4 s under TCG load. A key carries the stamp of what its answer
+    depends on, so a changed input is a new key.
+    """
+    path = store / "inputs-memo.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    if key in data:
+        return data[key]
+    value = compute()
+    data[key] = value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dict(list(data.items())[-64:])))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a memo is only a shortcut
+    return value
+
+
 def debian_kernel_deb(store: Path) -> Path:
     """The cached kernel .deb, downloaded with ``apt-get download`` on first use."""
     store.mkdir(parents=True, exist_ok=True)
-    candidate = _apt_candidate()
+    stamp = file_stamp(*APT_CACHE_FILES)
+    if stamp is None:
+        candidate = _apt_candidate()
+    else:
+        found = memo(store, f"apt:{META_PACKAGE}:{stamp}", lambda: _apt_candidate())
+        candidate = (str(found[0]), str(found[1])) if found else None
     cached = sorted(store.glob("linux-image-*.deb"), key=lambda p: p.stat().st_mtime)
     if candidate is None:
         if cached:  # offline, or apt lists gone: the kernel we already have still works
