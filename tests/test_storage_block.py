@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from storage_support import loop_device, mounted, run
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.facts import NOTES
 from vmtrim.model import LayerKind, Verdict
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.storage import dm
@@ -79,6 +80,21 @@ def test_a_loop_device_over_ramfs_blocks_at_both_layers(tmp_path: Path) -> None:
     assert loop.verdict is Verdict.BLOCK and "discard_max_bytes=0" in loop.reason
     assert file.verdict is Verdict.BLOCK and f"ramfs at {mnt} cannot punch holes" in file.reason
     assert probe.fix is not None and "restart the guest's QEMU" in probe.fix
+
+
+def test_the_host_layers_notes_are_the_disks_findings(tmp_path: Path) -> None:
+    with mounted("vmtrim-test-ramfs", tmp_path / "ramfs", fstype="ramfs") as mnt:
+        backing = mnt / "backing.raw"
+        backing.write_bytes(b"\0" * MiB)
+        with loop_device(backing) as device:
+            (report,) = audit_domain(parse_domain_xml(block_xml(device)), HostProbes())
+    sticky = NOTES["punch_hole_sticky"]
+    assert any(
+        f.layer is LayerKind.HOST_STORAGE
+        and f.message == sticky.message
+        and f.source == sticky.source
+        for f in report.findings
+    )
 
 
 def test_not_a_block_device_is_unknown(tmp_path: Path) -> None:

@@ -184,6 +184,10 @@ def test_passdown_pool_gives_space_back_to_the_pool_and_the_host(
     assert host_after <= host_before - WRITE_MIB * MiB // 2, (host_before, host_after)
     probe = HostProbes(runner=runner).block("/dev/mapper/vg-tpd")
     assert probe.verdict is Verdict.PASS and "discards=passdown" in probe.reason
+    (chunk,) = [note for note in probe.notes if note.key == "thin_chunk"]
+    assert (
+        f"whole {int(lvs_plain(runner, 'vg/pd')['chunk_size']) >> 10} KiB chunks" in chunk.message
+    )
 
 
 def test_ignore_pool_keeps_its_chunks(guest: tuple[Runner, Path]) -> None:

@@ -134,8 +134,9 @@ def test_rbd_without_the_tool_uses_the_default_not_measured() -> None:
         f"object size {rbd.DEFAULT_OBJECT_SIZE >> 10} KiB (the default: not measured)"
         in note.message
     )
-    remote = HostProbes.remote("qemu+ssh://h/system").network("rbd", "rbd://m/p/i")
-    assert "not measured" in remote.notes[0].message
+    # --no-probe and a remote host ask no cluster and add nothing
+    assert HostProbes.remote("qemu+ssh://h/system").network("rbd", "rbd://m/p/i").notes == ()
+    assert HostProbes.no_probe().network("rbd", "rbd://m/p/i").notes == ()
 
 
 def test_rbd_source_names() -> None:

@@ -546,7 +546,7 @@ class _DiskAudit:
         elif disk.storage is StorageKind.BLOCK and disk.source:
             probe = self.probes.block(disk.source)
         elif disk.storage in (StorageKind.NETWORK, StorageKind.NVME, StorageKind.DIR):
-            probe = self.probes.network(disk.protocol)
+            probe = self.probes.network(disk.protocol, disk.source)
         elif disk.storage is StorageKind.VOLUME:
             probe = Probe(
                 Verdict.UNKNOWN,
@@ -562,6 +562,9 @@ class _DiskAudit:
                     "  ", " "
                 ),
             )
+        self.findings += [
+            Finding(Severity.WARNING, kind, n.message, None, n.source) for n in probe.notes
+        ]
         return Layer(kind, probe.verdict, probe.reason, probe.fix)
 
     # ------------------------------------------------------------ image facts

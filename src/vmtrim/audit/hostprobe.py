@@ -266,19 +266,20 @@ class HostProbes:
             elif "discard_max_bytes=0" in blocking.reason:
                 sticky = NOTES["punch_hole_sticky"]
                 fix, notes = f"{fix}: {sticky.message}", (sticky,)
+        if stack.pool is not None and stack.pool.discards != "ignore":
+            notes = (*notes, _chunk_note(stack.pool))
         return Probe(verdict, reason, fix, tuple(notes), tuple(layers), stack.pool)
 
     def network(self, protocol: str | None, source: str | None = None) -> Probe:
         probe = protocol_probe(protocol)
-        if protocol != "rbd" or not source or (name := rbd.image_of(source)) is None:
+        # --no-probe, or a remote host: rbd info would ask this host's cluster, not the disk's
+        if not self.local or protocol != "rbd" or not source:
             return probe
-        if not self.local:  # rbd info would ask this host's cluster, not the disk's
-            image = rbd.default_image(name)
-        else:
-            out = self.runner.run(rbd.rbd_argv(name), timeout=20.0)
-            image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(
-                name
-            )
+        name = rbd.image_of(source)
+        if name is None:
+            return probe
+        out = self.runner.run(rbd.rbd_argv(name), timeout=20.0)
+        image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(name)
         note = Note("rbd_objects", image.describe(), "FIELD.md [H2]; Linux 0c93e1b7a26b")
         return dataclasses.replace(probe, notes=(*probe.notes, note))
 
@@ -356,3 +357,13 @@ def _layer_fix(layer: Layer, pool: ThinPool | None) -> str:
     if layer.kind == "dm-crypt":
         return "cryptsetup refresh --allow-discards (add --persistent for LUKS2), cryptsetup(8)"
     return f"put the disk on a device that supports discard ({layer.name} does not)"
+
+
+def _chunk_note(pool: ThinPool) -> Note:
+    kib = pool.chunk_bytes >> 10
+    return Note(
+        "thin_chunk",
+        f"thin pool {pool.name} frees whole {kib} KiB chunks only: a discard smaller than a"
+        " chunk, or not aligned to one, frees nothing (prefer fstrim to online discard)",
+        "FIELD.md [H1][H5]: dm-thin ignores discards to partial chunks; lvmthin(7)",
+    )
