@@ -42,6 +42,8 @@ def complete_domains(
 
     try:
         uri = ctx.params.get("uri") or ctx.params.get("connect")
+        if not uri and ctx.params.get("uris"):  # -c given more than once (fleet): the first
+            uri = ctx.params["uris"][0]
         names = domain_names(uri if isinstance(uri, str) else None)
     except BaseException:  # a shell's TAB must never show a traceback
         return []
