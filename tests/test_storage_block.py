@@ -20,6 +20,7 @@ from vmtrim.model import LayerKind, Verdict
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.storage import dm
 from vmtrim.storage.block import block_stack
+from vmtrim.storage.pool import pool_under
 from vmtrim.storage.runner import LocalRunner, Output
 
 MiB = 1 << 20
@@ -95,6 +96,11 @@ def test_the_host_layers_notes_are_the_disks_findings(tmp_path: Path) -> None:
         and f.source == sticky.source
         for f in report.findings
     )
+
+
+def test_no_thin_pool_under_a_file_or_loop_here(ext4_loop: tuple[str, Path]) -> None:
+    device, backing = ext4_loop
+    assert pool_under(str(backing)) is None and pool_under(device) is None
 
 
 def test_not_a_block_device_is_unknown(tmp_path: Path) -> None:

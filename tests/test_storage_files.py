@@ -15,11 +15,13 @@ from helpers import qemu_img
 from storage_support import filesystem, mounted, run
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.channels.libvirt import LibvirtAgent
+from vmtrim.channels.qmp import SyncGuestAgent
 from vmtrim.model import LayerKind, Verdict
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.storage.files import file_facts, nfs_version, parse_lsattr
 from vmtrim.storage.mounts import mount_of, parse_line, parse_mountinfo
-from vmtrim.storage.runner import LocalRunner, Output
+from vmtrim.storage.runner import ExecCapable, LocalRunner, Output
 
 LOCAL = LocalRunner()
 
@@ -60,6 +62,11 @@ def test_local_runner_never_raises() -> None:
     hung = LOCAL.run(["sleep", "30"], timeout=0.5)
     assert not hung.ok and hung.why() == "sleep did not finish within 0.5 s"
     assert LOCAL.read("/nonexistent/vmtrim") is None
+
+
+def agents_are_exec_capable(a: LibvirtAgent, b: SyncGuestAgent) -> list[ExecCapable]:
+    """mypy checks that both agents fit AgentRunner (the guest test runs the direct one)."""
+    return [a, b]
 
 
 def test_local_runner_bounds_what_it_keeps() -> None:

@@ -24,7 +24,7 @@ from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab import ensure_appliance
 from vmtrim.model import Verdict
 from vmtrim.storage.block import block_stack
-from vmtrim.storage.pool import PoolUsage, pool_usage, reclaimed
+from vmtrim.storage.pool import PoolUsage, pool_under, pool_usage, reclaimed
 from vmtrim.storage.runner import AgentRunner, Runner
 from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
 
@@ -204,3 +204,13 @@ def test_ignore_pool_keeps_its_chunks(guest: tuple[Runner, Path]) -> None:
     probe = HostProbes(runner=runner).block("/dev/mapper/vg-tig")
     assert probe.verdict is Verdict.BLOCK and "ignores discards" in probe.reason
     assert probe.fix is not None and "lvchange --discards passdown vg/ig" in probe.fix
+
+
+def test_an_image_file_on_a_thin_volume_finds_its_pool(guest: tuple[Runner, Path]) -> None:
+    runner, _ = guest
+    sh(runner, "dd", "if=/dev/zero", "of=/mnt/pd/disk.raw", "bs=1M", "count=1")
+    # the mount's source, as the guest's own mount table says
+    source = sh(runner, "cat", "/proc/self/mounts").split("/mnt/pd ", 1)[0].split()[-1]
+    found = pool_under("/mnt/pd/disk.raw", runner)
+    assert found is not None and found == pool_usage(source, runner)
+    assert found.pool == "vg/pd" and found.discards == lvs_plain(runner, "vg/pd")["discards"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmtrim.storage.block import block_stack
+from vmtrim.storage.mounts import mount_of, parse_mountinfo
 from vmtrim.storage.runner import LocalRunner, Runner
 
 
@@ -49,6 +50,26 @@ def pool_usage(device: str, runner: Runner | None = None) -> PoolUsage | None:
         pool.used_bytes,
         pool.total_bytes,
     )
+
+
+def device_under(path: str, runner: Runner | None = None) -> str | None:
+    """The block device under ``path``: itself when it is one (``/dev/...``), else the
+    source of the mount holding the file (an image on ext4 on a thin LV)."""
+    runner = runner or LocalRunner()
+    if path.startswith("/dev/"):
+        return path
+    mount = mount_of(parse_mountinfo(runner.read("/proc/self/mountinfo") or ""), path, None)
+    if mount is None or not mount.source.startswith("/dev/"):
+        return None
+    return mount.source
+
+
+def pool_under(path: str, runner: Runner | None = None) -> PoolUsage | None:
+    """:func:`pool_usage` of the disk at ``path``, a block device or an image file: what
+    ``trim`` and ``run`` record before and after a trim."""
+    runner = runner or LocalRunner()
+    device = device_under(path, runner)
+    return None if device is None else pool_usage(device, runner)
 
 
 def reclaimed(before: PoolUsage | None, after: PoolUsage | None) -> int | None:
