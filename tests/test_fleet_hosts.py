@@ -141,3 +141,21 @@ def test_fix_dry_run_on_every_host_that_has_the_domain() -> None:
     assert human.returncode == 3
     assert "discard='unmap'" in human.stdout
     assert human.stdout.splitlines()[-1] == "fleet: 2 host(s), 1 failed; 1 domain(s), 0 defined"
+
+
+def test_run_takes_the_hosts_from_c_and_hosts_instead_of_the_policy(tmp_path: Path) -> None:
+    refused = f"qemu+tcp://127.0.0.1:{free_port()}/system"
+    policy = tmp_path / "policy.toml"
+    policy.write_text('connect = ["qemu+tcp://127.0.0.1:1/never-used"]\n')
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{refused}  # down\n")
+    result = vmtrim(
+        "run", "--policy", str(policy), "-c", TEST_URI, "--hosts", str(hosts), "--dry-run",
+        "--json", "--connect-timeout", "2",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["policy"]["connect"] == [TEST_URI, refused]
+    [failed] = doc["failed_hosts"]
+    assert failed["host"] == refused and "Connection refused" in failed["reason"]
+    assert [(d["uri"], d["domain"]) for d in doc["domains"]] == [(TEST_URI, "test")]

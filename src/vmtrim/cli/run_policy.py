@@ -60,12 +60,33 @@ lock_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.run/1 JSON document.")
 @db_option
 @lock_option
+# --- fleet (vmtrim.fleet): the hosts, instead of the policy's connect list ---
+@click.option(
+    "-c",
+    "--connect",
+    "uris",
+    metavar="URI",
+    multiple=True,
+    help="A libvirt URI to run on instead of the policy's connect list; repeat for hosts.",
+)
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    metavar="S",
+    help="A host that does not answer within S seconds (or stops answering) has failed.",
+)
 def run(
     policy_file: Path | None,
     dry_run: bool,
     as_json: bool,
     db: Path | None,
     lock_file: Path | None,
+    uris: tuple[str, ...] = (),
+    hosts_file: str | None = None,
+    connect_timeout: float = 15.0,
 ) -> int:
     """Trim every domain the policy selects, and record what the host got back.
 
@@ -87,6 +108,12 @@ def run(
     from vmtrim.run.record import Recorder
 
     policy = load_policy(policy_file)  # a bad policy stops here, exit 2, before anything runs
+    if uris or hosts_file:  # fleet: -c/--hosts replace the policy's connect list
+        from dataclasses import replace
+
+        from vmtrim.fleet.hosts import host_list
+
+        policy = replace(policy, connect=tuple(host_list(uris, hosts_file)))
     host = socket.gethostname()
     started = time.time()
     now = datetime.now()
@@ -110,7 +137,7 @@ def run(
         # fleet: every host opened at once, each within the connect timeout, kept alive
         from vmtrim.fleet.hosts import connect_all
 
-        for _uri, opened in connect_all(policy.connect):
+        for _uri, opened in connect_all(policy.connect, connect_timeout):
             try:
                 if isinstance(opened, EnvironmentProblem):
                     raise opened
