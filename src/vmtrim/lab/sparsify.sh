@@ -171,7 +171,7 @@ clean_or_reason() { # dev type -> prints a reason when it must be left alone
 }
 mount_opts() { # type -> mount -t TYPE -o OPTS
     case "$1" in
-    ext2 | ext3 | ext4) echo "ext4 noatime" ;;
+    ext2 | ext3 | ext4) echo "ext4 noatime,noinit_itable" ;; # no lazy inode-table zeroing
     xfs) echo "xfs noatime,nouuid" ;;
     btrfs) echo "btrfs noatime,nodiscard" ;;
     vfat) echo "vfat noatime" ;;
