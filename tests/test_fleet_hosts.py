@@ -159,3 +159,13 @@ def test_run_takes_the_hosts_from_c_and_hosts_instead_of_the_policy(tmp_path: Pa
     [failed] = doc["failed_hosts"]
     assert failed["host"] == refused and "Connection refused" in failed["reason"]
     assert [(d["uri"], d["domain"]) for d in doc["domains"]] == [(TEST_URI, "test")]
+
+
+def test_fleet_trim_records_each_reachable_host_in_the_history(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    refused = f"qemu+tcp://127.0.0.1:{free_port()}/system"
+    trim = vmtrim("trim", "-c", TEST_URI, "-c", refused, "--all", "--db", str(db), "--timeout", "2")
+    assert trim.returncode == 3, trim.stderr
+    history = json.loads(vmtrim("history", "--db", str(db), "--json").stdout)
+    [entry] = history["domains"]
+    assert (entry["domain"], entry["runs"], entry["last_kind"]) == ("test", 1, "trim")
