@@ -30,8 +30,8 @@ from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
 
 MiB = 1 << 20
 WRITE_MIB = 48
-# Two pools on the one PV: their discard modes are what is compared.
-POOLS = {"pd": "passdown", "ig": "ignore"}
+# Three pools on the one PV: their discard modes are what is compared.
+POOLS = {"pd": "passdown", "np": "nopassdown", "ig": "ignore"}
 
 
 def sh(runner: Runner, *argv: str, timeout: float = 120.0) -> str:
@@ -94,7 +94,7 @@ def build_pools(runner: Runner) -> None:
     sh(runner, "pvcreate", "-q", "/dev/vda")
     sh(runner, "vgcreate", "-q", "vg", "/dev/vda")
     for name, mode in POOLS.items():
-        sh(runner, "lvcreate", "-q", "--type", "thin-pool", "-L", "256m", "--chunksize", "64k",
+        sh(runner, "lvcreate", "-q", "--type", "thin-pool", "-L", "160m", "--chunksize", "64k",
            "--discards", mode, "-Zn", "-n", name, "vg")  # fmt: skip
         sh(
             runner,
@@ -188,6 +188,24 @@ def test_passdown_pool_gives_space_back_to_the_pool_and_the_host(
     assert (
         f"whole {int(lvs_plain(runner, 'vg/pd')['chunk_size']) >> 10} KiB chunks" in chunk.message
     )
+
+
+def test_nopassdown_pool_frees_chunks_but_the_host_keeps_the_space(
+    guest: tuple[Runner, Path],
+) -> None:
+    runner, backing = guest
+    before, after, said, (host_before, host_after) = fill_and_trim(runner, "np", backing)
+    print(
+        f"nopassdown: pool {before.used_bytes} -> {after.used_bytes} B,"
+        f" host {host_before} -> {host_after} B; {said.strip()}"
+    )
+    gave = reclaimed(before, after)
+    assert gave is not None and gave >= WRITE_MIB * MiB // 2, (before, after, said)
+    # the pool unmapped the chunks but sent no discard to its data device: the loop's
+    # backing file on this host keeps every byte
+    assert host_after >= host_before
+    probe = HostProbes(runner=runner).block("/dev/mapper/vg-tnp")
+    assert probe.verdict is Verdict.PASS and "not passed to the pool's data device" in probe.reason
 
 
 def test_ignore_pool_keeps_its_chunks(guest: tuple[Runner, Path]) -> None:
