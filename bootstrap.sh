@@ -16,7 +16,8 @@ PACKAGES="python3 python3-venv python3-dev gcc pkg-config
   qemu-system-x86 qemu-utils qemu-guest-agent busybox-static kmod cpio
   e2fsprogs xfsprogs btrfs-progs util-linux procps
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libxml2-utils"
-TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch man-db groff-base sqlite3 systemd"
+TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch man-db groff-base sqlite3 systemd
+  openssh-server openssh-client"
 
 install() {
     if [ "$(id -u)" != 0 ]; then
@@ -32,8 +33,14 @@ install() {
     # The tests' real parts beyond QEMU and libvirt: promtool and a Prometheus server
     # for the metrics, headless Chromium for the HTML report. Without recommends: they
     # would pull a desktop (and node-exporter, which wants systemd).
+    # Their postinst scripts must not start services (an sshd on port 22, a Prometheus
+    # on 9090): the tests start their own on loopback. policy-rc.d is Debian's switch.
+    POLICY=/usr/sbin/policy-rc.d
+    ours=""
+    if [ ! -e "$POLICY" ]; then printf '#!/bin/sh\nexit 101\n' >"$POLICY"; chmod 755 "$POLICY"; ours=1; fi
     # shellcheck disable=SC2086
     apt-get install -y --no-install-recommends $TEST_PACKAGES
+    if [ -n "$ours" ]; then rm -f "$POLICY"; fi
 
     # libvirtd started by hand (no systemd) needs these; see DESIGN.md.
     getent group kvm >/dev/null || groupadd -r kvm
