@@ -232,3 +232,19 @@ def test_an_image_file_on_a_thin_volume_finds_its_pool(guest: tuple[Runner, Path
     found = pool_under("/mnt/pd/disk.raw", runner)
     assert found is not None and found == pool_usage(source, runner)
     assert found.pool == "vg/pd" and found.discards == lvs_plain(runner, "vg/pd")["discards"]
+
+
+def test_a_linear_volume_is_followed_to_its_leg(guest: tuple[Runner, Path]) -> None:
+    runner, _ = guest
+    sh(runner, "lvcreate", "-q", "-L", "16m", "-n", "lin", "vg")
+    stack = block_stack(runner, "/dev/mapper/vg-lin")
+    # dmsetup's own table names the leg by MAJ:MIN; the guest's sysfs names that device
+    (leg,) = sh(runner, "dmsetup", "table", "vg-lin").split()[3:4]
+    uevent = sh(runner, "cat", f"/sys/dev/block/{leg}/uevent")
+    leg_name = next(x.split("=", 1)[1] for x in uevent.splitlines() if x.startswith("DEVNAME="))
+    assert [layer.kind for layer in stack.layers] == ["dm-linear", "disk"]
+    assert stack.layers[1].name == leg_name
+    for layer in stack.layers:
+        max_bytes = sh(runner, "cat", f"/sys/class/block/{layer.name}/queue/discard_max_bytes")
+        assert layer.verdict is (Verdict.PASS if int(max_bytes) > 0 else Verdict.BLOCK)
+        assert f"discard_max_bytes={max_bytes.strip()}" in layer.reason
