@@ -309,3 +309,28 @@ def test_huge_and_deep_inputs_are_bounded() -> None:
     assert dm.parse_lvs("[" * 100_000 + "]" * 100_000) == []
     assert dm.parse_lines("0 1 striped 99999999 8 " + "8:1 0 " * 5000)[0].args[0] == "99999999"
     assert len(dm.legs(line("0 1 striped 99999999 8 " + "8:1 0 " * 5000))) == 1024
+
+
+def test_dm_crypt_without_allow_discards_blocks_with_the_cryptsetup_fix(tmp_path: Path) -> None:
+    sysfs(
+        tmp_path,
+        {
+            "sys/dev/block/253:5/uevent": "MAJOR=253\nMINOR=5\nDEVNAME=dm-5",
+            "sys/class/block/dm-5/dm/name": "luks-root",
+            "sys/class/block/dm-5/dm/uuid": "CRYPT-LUKS2-0123-luks-root",
+            "sys/class/block/dm-5/queue/discard_max_bytes": "0",
+            "sys/dev/block/8:16/uevent": "MAJOR=8\nMINOR=16\nDEVNAME=sdb",
+            "sys/class/block/sdb/queue/discard_max_bytes": "2147450880",
+        },
+    )
+    stat = ("stat", "-L", "-c", "%t:%T", "/dev/mapper/luks-root")
+    closed = Sysfs(tmp_path, {stat: "fd:5\n", ("dmsetup", "table", "luks-root"): CRYPT_NO})
+    probe = HostProbes(runner=closed).block("/dev/mapper/luks-root")
+    assert probe.verdict is Verdict.BLOCK and "without allow_discards" in probe.reason
+    assert probe.fix is not None and "cryptsetup refresh --allow-discards" in probe.fix
+    allowed = Sysfs(tmp_path, {stat: "fd:5\n", ("dmsetup", "table", "luks-root"): CRYPT})
+    layers = block_stack(allowed, "/dev/mapper/luks-root").layers
+    assert [(la.kind, la.name, la.verdict) for la in layers] == [
+        ("dm-crypt", "dm-5", Verdict.PASS),
+        ("disk", "sdb", Verdict.PASS),
+    ]

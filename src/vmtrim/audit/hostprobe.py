@@ -44,7 +44,7 @@ from pathlib import Path
 from vmtrim.facts import NOTES, PROTOCOLS, Note
 from vmtrim.model import Verdict
 from vmtrim.storage import rbd, zfs
-from vmtrim.storage.block import Layer, Stack, ThinPool, block_stack
+from vmtrim.storage.block import Stack, StorageLayer, ThinPool, block_stack
 from vmtrim.storage.files import FileFacts, file_facts
 from vmtrim.storage.runner import LocalRunner, Runner
 
@@ -61,7 +61,7 @@ class Probe:
     fix: str | None = None
     notes: tuple[Note, ...] = ()
     #: the storage layers under the disk, top first (a loop device, then its file's mount)
-    layers: tuple[Layer, ...] = ()
+    layers: tuple[StorageLayer, ...] = ()
     #: the dm-thin pool under the disk, if any (for pool-level reclaim)
     pool: ThinPool | None = None
 
@@ -253,7 +253,7 @@ class HostProbes:
         below: Probe | None = None
         if stack.backing_file is not None:
             below = self.file(stack.backing_file)  # a loop device: its file decides
-            layers.append(Layer(stack.backing_file, "file", below.verdict, below.reason))
+            layers.append(StorageLayer(stack.backing_file, "file", below.verdict, below.reason))
         verdict = Verdict.worst(layer.verdict for layer in layers)
         reason = "; ".join(layer.reason for layer in layers)
         # the deepest blocking layer is the cause (a loop device blocks when its file does)
@@ -337,7 +337,7 @@ def _with_facts(probe: Probe, facts: FileFacts) -> Probe:
         notes = (sticky,)
     elif facts.facts:
         reason = f"{reason} ({'; '.join(facts.facts)})"
-    layer = Layer(
+    layer = StorageLayer(
         facts.mount.mountpoint,
         "file",
         verdict,
@@ -347,7 +347,7 @@ def _with_facts(probe: Probe, facts: FileFacts) -> Probe:
     return Probe(verdict, reason, fix, notes, (layer,), probe.pool)
 
 
-def _layer_fix(layer: Layer, pool: ThinPool | None) -> str:
+def _layer_fix(layer: StorageLayer, pool: ThinPool | None) -> str:
     if layer.kind == "dm-thin" and pool is not None:
         # lvmthin(7) "Discard": switching from ignore needs the pool inactive
         return (

@@ -64,7 +64,7 @@ class ThinPool:
 
 
 @dataclass(frozen=True)
-class Layer:
+class StorageLayer:
     """One layer of the stack under a disk."""
 
     name: str  # loop0, dm-3 (vg-thin), md0, or a file's mount
@@ -79,7 +79,7 @@ class Layer:
 class Stack:
     """The layers from the device the disk names down to what holds the data."""
 
-    layers: list[Layer] = field(default_factory=list)
+    layers: list[StorageLayer] = field(default_factory=list)
     backing_file: str | None = None  # a loop device's file, for the file probe
     pool: ThinPool | None = None
 
@@ -125,15 +125,17 @@ def _queue(runner: Runner, name: str) -> tuple[int | None, int | None]:
     )
 
 
-def _queue_layer(name: str, kind: str, max_bytes: int | None, gran: int | None, what: str) -> Layer:
+def _queue_layer(
+    name: str, kind: str, max_bytes: int | None, gran: int | None, what: str
+) -> StorageLayer:
     if max_bytes is None:
-        return Layer(name, kind, Verdict.UNKNOWN, f"{what}: no queue/discard_max_bytes")
+        return StorageLayer(name, kind, Verdict.UNKNOWN, f"{what}: no queue/discard_max_bytes")
     if max_bytes == 0:
-        return Layer(
+        return StorageLayer(
             name, kind, Verdict.BLOCK, f"{what} does not pass discards (discard_max_bytes=0)"
         )
     extra = f", granularity {_size(gran)}" if gran else ""
-    return Layer(
+    return StorageLayer(
         name,
         kind,
         Verdict.PASS,
@@ -195,71 +197,79 @@ def _pool_facts(
     )
 
 
-def _dm_layer(runner: Runner, name: str, stack: Stack, below: list[str]) -> Layer:
+def _thin_layer(
+    runner: Runner, name: str, label: str, target: dm.Target, stack: Stack, uuid: str, dm_name: str
+) -> StorageLayer:
+    """A thin volume: its pool's mode, chunk and usage decide (the pool is read too)."""
+    gran = _queue(runner, name)[1]
+    thin = dm.thin_table(target)
+    lvs, lv_name = _lv_of(runner, uuid, dm_name)
+    pool_name = None
+    number = dm.device_number(thin.pool_dev) if thin else None
+    if number is not None:
+        pool_kname = kernel_name(runner, *number)
+        if pool_kname:
+            pool_name = (runner.read(f"/sys/class/block/{pool_kname}/dm/name") or "").strip()
+    if not pool_name:
+        return StorageLayer(
+            name, "dm-thin", Verdict.UNKNOWN, f"{label}: thin volume, its pool not found"
+        )
+    pool, why = _pool_facts(runner, pool_name, lvs)
+    if pool is None:
+        return StorageLayer(
+            name, "dm-thin", Verdict.UNKNOWN, f"{label}: thin volume; pool {pool_name}: {why}"
+        )
+    stack.pool = pool
+    what = f"thin volume {lv_name or label} on {pool.describe()}"
+    facts: dict[str, object] = {
+        "pool": pool.name,
+        "discards": pool.discards,
+        "chunk_bytes": pool.chunk_bytes,
+        "data_percent": pool.data_percent,
+        "metadata_percent": pool.metadata_percent,
+    }
+    if pool.discards == "ignore":
+        return StorageLayer(
+            name,
+            "dm-thin",
+            Verdict.BLOCK,
+            f"{what}: the pool ignores discards, nothing is freed",
+            facts,
+            gran,
+        )
+    tail = (
+        "discards free pool chunks but are not passed to the pool's data device"
+        if pool.discards == "nopassdown"
+        else "discards free pool chunks and pass to its data device"
+    )
+    return StorageLayer(
+        name,
+        "dm-thin",
+        Verdict.PASS,
+        f"{what}: {tail}; a discard smaller than a chunk, or not aligned to one, frees nothing",
+        facts,
+        pool.chunk_bytes,
+    )
+
+
+def _dm_layer(runner: Runner, name: str, stack: Stack, below: list[str]) -> StorageLayer:
     dm_name = (runner.read(f"/sys/class/block/{name}/dm/name") or "").strip()[:128]
     uuid = (runner.read(f"/sys/class/block/{name}/dm/uuid") or "").strip()[:256]
     label = f"{name} ({dm_name})" if dm_name else name
     table = runner.run(["dmsetup", "table", dm_name or name], timeout=30.0)
     if not table.ok:
-        return Layer(name, "dm", Verdict.UNKNOWN, f"{label}: {table.why()}")
+        return StorageLayer(name, "dm", Verdict.UNKNOWN, f"{label}: {table.why()}")
     targets = dm.parse_lines(table.stdout)
     if not targets:
-        return Layer(name, "dm", Verdict.UNKNOWN, f"{label}: dmsetup table gave no line")
+        return StorageLayer(name, "dm", Verdict.UNKNOWN, f"{label}: dmsetup table gave no line")
     kinds = {t.target for t in targets}
-    max_bytes, gran = _queue(runner, name)
     if kinds == {"thin"}:
-        thin = dm.thin_table(targets[0])
-        lvs, lv_name = _lv_of(runner, uuid, dm_name)
-        pool_name = None
-        number = dm.device_number(thin.pool_dev) if thin else None
-        if number is not None:
-            pool_kname = kernel_name(runner, *number)
-            if pool_kname:
-                pool_name = (runner.read(f"/sys/class/block/{pool_kname}/dm/name") or "").strip()
-        if not pool_name:
-            return Layer(
-                name, "dm-thin", Verdict.UNKNOWN, f"{label}: thin volume, its pool not found"
-            )
-        pool, why = _pool_facts(runner, pool_name, lvs)
-        if pool is None:
-            return Layer(
-                name, "dm-thin", Verdict.UNKNOWN, f"{label}: thin volume; pool {pool_name}: {why}"
-            )
-        stack.pool = pool
-        what = f"thin volume {lv_name or label} on {pool.describe()}"
-        facts: dict[str, object] = {
-            "pool": pool.name,
-            "discards": pool.discards,
-            "chunk_bytes": pool.chunk_bytes,
-            "data_percent": pool.data_percent,
-            "metadata_percent": pool.metadata_percent,
-        }
-        if pool.discards == "ignore":
-            return Layer(
-                name,
-                "dm-thin",
-                Verdict.BLOCK,
-                f"{what}: the pool ignores discards, nothing is freed",
-                facts,
-                gran,
-            )
-        tail = (
-            "discards free pool chunks but are not passed to the pool's data device"
-            if pool.discards == "nopassdown"
-            else "discards free pool chunks and pass to its data device"
-        )
-        return Layer(
-            name,
-            "dm-thin",
-            Verdict.PASS,
-            f"{what}: {tail}; a discard smaller than a chunk, or not aligned to one, frees nothing",
-            facts,
-            pool.chunk_bytes,
-        )
+        return _thin_layer(runner, name, label, targets[0], stack, uuid, dm_name)
+    max_bytes, gran = _queue(runner, name)
     if kinds == {"crypt"}:
         allowed = dm.crypt_allows_discards(targets[0])
         if allowed is False:
-            return Layer(
+            return StorageLayer(
                 name,
                 "dm-crypt",
                 Verdict.BLOCK,
@@ -267,7 +277,7 @@ def _dm_layer(runner: Runner, name: str, stack: Stack, below: list[str]) -> Laye
                 {"allow_discards": False},
             )
         below += targets[0].args[3:4]  # crypt's DEVICE: the layer below
-        return Layer(
+        return StorageLayer(
             name,
             "dm-crypt",
             Verdict.PASS,
@@ -302,7 +312,9 @@ def block_stack(runner: Runner, path: str) -> Stack:
     name = device_name(runner, path)
     if name is None:
         stack.layers.append(
-            Layer(path, "disk", Verdict.UNKNOWN, f"{path}: not a block device on {runner.where}")
+            StorageLayer(
+                path, "disk", Verdict.UNKNOWN, f"{path}: not a block device on {runner.where}"
+            )
         )
         return stack
     todo, seen = [name], set[str]()
@@ -317,7 +329,7 @@ def block_stack(runner: Runner, path: str) -> Stack:
             layer = _queue_layer(name, "loop", max_bytes, gran, f"{name}")
             if backing:
                 stack.backing_file = backing[:4096]
-                layer = Layer(
+                layer = StorageLayer(
                     name,
                     "loop",
                     layer.verdict,
