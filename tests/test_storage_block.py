@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage_support import loop_device, mounted, run
+from storage_support import filesystem, loop_device, mounted, run
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.facts import NOTES
@@ -334,3 +334,15 @@ def test_dm_crypt_without_allow_discards_blocks_with_the_cryptsetup_fix(tmp_path
         ("dm-crypt", "dm-5", Verdict.PASS),
         ("disk", "sdb", Verdict.PASS),
     ]
+
+
+def test_an_image_on_a_filesystem_on_a_loop_device_shows_the_loop(tmp_path: Path) -> None:
+    with filesystem("xfs", tmp_path) as mnt:
+        image = mnt / "disk.raw"
+        image.touch()
+        device = run("findmnt", "-n", "-o", "SOURCE", "--target", str(mnt))
+        probe = HostProbes().file(str(image))
+    assert probe.verdict is Verdict.PASS and probe.reason.startswith(f"xfs at {mnt} punches holes")
+    assert f"under it: {Path(device).name} passes discards" in probe.reason
+    assert f"backed by {tmp_path / 'xfs.img'}" in probe.reason
+    assert [layer.kind for layer in probe.layers] == ["loop"] and probe.pool is None

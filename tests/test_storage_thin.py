@@ -24,6 +24,7 @@ from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab import ensure_appliance
 from vmtrim.model import Verdict
 from vmtrim.storage.block import block_stack
+from vmtrim.storage.files import file_facts
 from vmtrim.storage.pool import PoolUsage, pool_under, pool_usage, reclaimed
 from vmtrim.storage.runner import AgentRunner, Runner
 from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
@@ -248,3 +249,17 @@ def test_a_linear_volume_is_followed_to_its_leg(guest: tuple[Runner, Path]) -> N
         max_bytes = sh(runner, "cat", f"/sys/class/block/{layer.name}/queue/discard_max_bytes")
         assert layer.verdict is (Verdict.PASS if int(max_bytes) > 0 else Verdict.BLOCK)
         assert f"discard_max_bytes={max_bytes.strip()}" in layer.reason
+
+
+def test_a_filesystem_on_a_thin_volume_says_who_must_discard(guest: tuple[Runner, Path]) -> None:
+    runner, _ = guest
+    mount = file_facts(runner, "/mnt/pd").mount
+    assert mount is not None and mount.source == "/dev/mapper/vg-tpd"
+    under = HostProbes(runner=runner).filesystem_device(mount)
+    assert under.pool is not None and under.pool.name == "vg/pd"
+    (note,) = [n for n in under.notes if n.key == "thin_under_filesystem"]
+    # the guest's mount has no discard option (init mounted it plain): fstrim is the advice
+    assert (
+        "discard" not in sh(runner, "cat", "/proc/self/mounts").split("/mnt/pd ", 1)[1].split()[1]
+    )
+    assert "run fstrim on the host (fstrim /mnt/pd" in note.message

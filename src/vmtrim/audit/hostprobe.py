@@ -46,6 +46,7 @@ from vmtrim.model import Verdict
 from vmtrim.storage import rbd, zfs
 from vmtrim.storage.block import Stack, StorageLayer, ThinPool, block_stack
 from vmtrim.storage.files import FileFacts, file_facts
+from vmtrim.storage.mounts import Mount
 from vmtrim.storage.runner import LocalRunner, Runner
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -200,6 +201,7 @@ class HostProbes:
     #: where the storage tools and sysfs are read (the punch-hole probe is always local)
     runner: Runner = field(default_factory=LocalRunner)
     _punch_cache: dict[int, Probe] = field(default_factory=dict)
+    _device_cache: dict[str, Probe] = field(default_factory=dict)
 
     @classmethod
     def no_probe(cls) -> HostProbes:
@@ -237,7 +239,55 @@ class HostProbes:
             cached = punch_hole_probe(directory)
             self._punch_cache[st.st_dev] = cached
         target = path if os.path.exists(path) else directory
-        return _with_facts(cached, file_facts(self.runner, target, st.st_dev))
+        facts = file_facts(self.runner, target, st.st_dev)
+        probe = _with_facts(cached, facts)
+        if facts.mount is None or not facts.mount.source.startswith("/dev/"):
+            return probe
+        under = self.filesystem_device(facts.mount)
+        if not under.layers:
+            return probe
+        # the file's own verdict stands (QEMU punches the image); the device under the
+        # filesystem says whether the host's storage gets the blocks back in turn
+        return dataclasses.replace(
+            probe,
+            reason=f"{probe.reason}; under it: {under.reason}",
+            notes=(*probe.notes, *under.notes),
+            layers=(*probe.layers, *under.layers),
+            pool=under.pool,
+        )
+
+    def filesystem_device(self, mount: Mount) -> Probe:
+        """The layers under a host filesystem's device (loop, dm, md), once per device;
+        no layers for a plain disk. A thin pool there is a note: the blocks QEMU frees in
+        the image reach the pool only when that filesystem discards them."""
+        cached = self._device_cache.get(mount.source)
+        if cached is not None:
+            return cached
+        stack = block_stack(self.runner, mount.source)
+        if all(layer.kind == "disk" for layer in stack.layers):
+            cached = Probe(stack.verdict, stack.reason())
+        else:
+            notes: list[Note] = []
+            if stack.pool is not None:
+                how = (
+                    "it is mounted with discard"
+                    if mount.has("discard")
+                    else "it is not mounted with discard: run fstrim on the host"
+                    f" (fstrim {mount.mountpoint}, or fstrim.timer)"
+                )
+                notes.append(
+                    Note(
+                        "thin_under_filesystem",
+                        f"{mount.label} is on thin pool {stack.pool.name}: space freed in the"
+                        f" image returns to the pool only when {mount.fstype} discards it; {how}",
+                        "lvmthin(7) 'Thin pool discard'; FIELD.md [S6]",
+                    )
+                )
+            cached = Probe(
+                stack.verdict, stack.reason(), None, tuple(notes), tuple(stack.layers), stack.pool
+            )
+        self._device_cache[mount.source] = cached
+        return cached
 
     def block(self, path: str) -> Probe:
         if not self.local:
