@@ -133,7 +133,8 @@ def main() -> None:
             src = make_image(work, args.deleted_mib)
         copies = {name: work / f"{name}.qcow2" for name in ("vmtrim", "virt", "copy", "warm")}
         for path in copies.values():
-            shutil.copyfile(src, path)
+            # Sparse copies: shutil.copyfile would fill every hole of the qcow2 file.
+            sh("cp", "--sparse=always", src, path)
         ensure_appliance(variant="sparsify")  # built once, like libguestfs's cache below
         if not args.no_warmup:
             timed("virt-sparsify", "--quiet", "--in-place", copies["warm"], env=env)
