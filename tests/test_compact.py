@@ -211,3 +211,18 @@ def test_sigkill_mid_convert(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert leftovers(tmp_path) == []
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", reference, image)
+
+
+def test_running_libvirt_domain_refused(overlay: Path, tmp_path: Path) -> None:
+    """A running domain of libvirt's test driver has the image as its disk's backing file."""
+    node = tmp_path / "node.xml"
+    node.write_text(
+        "<node><domain type='test'><name>web1</name><memory>65536</memory>"
+        "<os><type>hvm</type></os><devices><disk type='file' device='disk'>"
+        "<source file='/elsewhere/web1.qcow2'/><target dev='vdb' bus='virtio'/>"
+        f"<backingStore type='file'><format type='qcow2'/><source file='{overlay}'/>"
+        "</backingStore></disk></devices></domain></node>"
+    )
+    refused = vmtrim("compact", "-c", f"test://{node}", str(overlay))
+    assert refused.returncode == 3, refused.stderr
+    assert "running libvirt domain web1" in refused.stderr and "vdb" in refused.stderr
