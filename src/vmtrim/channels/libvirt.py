@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vmtrim._util.log import get_logger
+from vmtrim._util.versions import Version, format_version, from_libvirt
 from vmtrim.channels.qmp import (
     ExecStatus,
     FstrimResult,
@@ -104,32 +105,32 @@ class Connection:
         return is_local_uri(self.uri)
 
     @cached_property
-    def _versions(self) -> tuple[str | None, str]:
+    def _versions(self) -> tuple[Version | None, Version]:
         libvirt = libvirt_module()
         try:
             hv = int(self.conn.getVersion()) if self.conn.getType() == "QEMU" else 0
         except libvirt.libvirtError:
             hv = 0
         lib = int(self.conn.getLibVersion())
-        return (dotted(hv) if hv else None), dotted(lib)
+        return (from_libvirt(hv) if hv else None), from_libvirt(lib)
 
-    def versions(self) -> tuple[str | None, str]:
-        """(QEMU version, libvirt version) as dotted strings, from the daemon itself.
+    def version_numbers(self) -> tuple[Version | None, Version]:
+        """(QEMU version, libvirt version), from the daemon itself.
 
         The first is None when the driver is not QEMU (the test driver says 0.0.2).
         Asked once per connection: libvirtd's getVersion takes seconds under load.
         """
         return self._versions
 
+    def versions(self) -> tuple[str | None, str]:
+        """:meth:`version_numbers` as dotted strings ("7.2.0"), for JSON and tables."""
+        hv, lib = self._versions
+        return (format_version(hv) if hv else None), format_version(lib)
+
     def close(self) -> None:
         # Closing a dead connection must not mask the real error.
         with suppress(Exception):
             self.conn.close()
-
-
-def dotted(version: int) -> str:
-    """libvirt's packed 1000000*major + 1000*minor + micro -> '9.0.0'."""
-    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
 
 
 def open_connection(uri: str | None) -> Connection:

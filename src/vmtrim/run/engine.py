@@ -140,8 +140,7 @@ def survey(conn: Connection, dom: Any, probes: HostProbes, timeout: float) -> Su
     name = str(dom.name())
     xml = fetch_domain_xml(dom)
     domain = parse_domain_xml(xml, subject=name)
-    hv, lib = conn.versions()
-    domain.qemu_version, domain.libvirt_version = _dotted(hv), _dotted(lib)
+    domain.qemu_version, domain.libvirt_version = conn.version_numbers()
     filesystems: list[FsInfo] | None = None
     fs_targets: dict[str, set[str]] = {}
     waited = 0.0
@@ -161,11 +160,6 @@ def survey(conn: Connection, dom: Any, probes: HostProbes, timeout: float) -> Su
     survey = Survey(domain, audit_domain(domain, probes), filesystems, fs_targets)
     survey.agent_seconds = waited if filesystems is not None else 0.0
     return survey
-
-
-def _dotted(text: str | None) -> tuple[int, ...] | None:
-    parts = (text or "").split(".")
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
 
 
 def _active(dom: Any) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 from vmtrim._util.deadline import call_with_deadline
 from vmtrim._util.domxml import DriveAddress, PciAddress, controllers, disks
-from vmtrim._util.versions import parse_version
 from vmtrim.channels.libvirt import (
     Connection,
     LibvirtAgent,
@@ -217,9 +216,7 @@ def live_domain(conn: Connection, dom: Any, timeout: float = 10.0) -> Domain:
     name = str(dom.name())
     xml = fetch_domain_xml(dom)
     domain = parse_domain_xml(xml, subject=name)
-    hv, lib = conn.versions()
-    domain.qemu_version = parse_version(hv)
-    domain.libvirt_version = parse_version(lib)
+    domain.qemu_version, domain.libvirt_version = conn.version_numbers()
     libvirt = libvirt_module()
     try:
         active = bool(dom.isActive())

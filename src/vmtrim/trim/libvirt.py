@@ -112,14 +112,6 @@ class LibvirtTarget:
         from vmtrim.audit.hostprobe import HostProbes
 
         domain = parse_domain_xml(fetch_domain_xml(self.dom), subject=self.name)
-        hv, lib = self.conn.versions()  # dotted, from the daemon: "7.2.0"
-        domain.qemu_version, domain.libvirt_version = _dotted(hv), _dotted(lib)
+        domain.qemu_version, domain.libvirt_version = self.conn.version_numbers()
         command = f"vmtrim fix -c {self.conn.uri} {self.name}"
         return blocking_layers(audit_domain(domain, HostProbes(local=self.conn.local)), command)
-
-
-def _dotted(text: str | None) -> tuple[int, int, int] | None:
-    parts = (text or "").split(".")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        return None
-    return int(parts[0]), int(parts[1]), int(parts[2])

@@ -207,7 +207,7 @@ def runner_qemu_version(settings: Settings) -> Version:
     from vmtrim.channels.libvirt import connection
 
     with connection(settings.connect) as conn:
-        return parse_version(conn.versions()[0]) or qemu_version()
+        return conn.version_numbers()[0] or qemu_version()
 
 
 def classify(ratio: float | None) -> str | None:
