@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmtrim.cli.options import hosts_options
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.model import DiskReport, Domain, Layer, LayerKind, Severity, Verdict
 
@@ -70,31 +71,9 @@ _SEVERITY_MARK = {
     help="Do not probe host filesystems/devices (the input is from another host).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.audit/1 JSON document.")
-@click.option(
-    "-c",
-    "--connect",
-    "uris",
-    metavar="URI",
-    multiple=True,
-    help="Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
-)
-# --- fleet (vmtrim.fleet): many hosts at once ---
-@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
-@click.option(
-    "--hosts-parallel",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    metavar="N",
-    help="Audit N hosts at once.",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=15.0,
-    show_default=True,
-    metavar="S",
-    help="A host that does not answer within S seconds (or stops answering) has failed.",
+@hosts_options(
+    "Audit live libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
+    "Audit N hosts at once.",
 )
 @click.option("--all", "every", is_flag=True, help="With -c: every domain.")
 @click.option(

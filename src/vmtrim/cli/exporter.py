@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from vmtrim.cli.metrics import DB_OPTION
+from vmtrim.cli.options import db_option
 from vmtrim.errors import EXIT_OK, BadInput
 
 DEFAULT_LISTEN = "127.0.0.1:9864"
@@ -36,7 +36,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @click.command("exporter")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="ADDR:PORT")
-@DB_OPTION
+@db_option
 def exporter(listen: str, db: Path | None) -> int:
     """Serve /metrics from the history database (Prometheus text format)."""
     from prometheus_client import start_http_server

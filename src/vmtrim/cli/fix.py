@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmtrim.cli.options import hosts_options
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.fix.policy import SCHEMA, FixOptions, FixResult
 
@@ -54,31 +55,9 @@ if TYPE_CHECKING:
 @click.option("--no-probe", is_flag=True,
               help="Do not probe host filesystems (the input is from another host).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.fix/1 JSON document.")
-@click.option(
-    "-c",
-    "--connect",
-    "uris",
-    metavar="URI",
-    multiple=True,
-    help="Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
-)
-# --- fleet (vmtrim.fleet): many hosts at once ---
-@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
-@click.option(
-    "--hosts-parallel",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    metavar="N",
-    help="Fix on N hosts at once.",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=15.0,
-    show_default=True,
-    metavar="S",
-    help="A host that does not answer within S seconds (or stops answering) has failed.",
+@hosts_options(
+    "Fix defined libvirt domains (default URI: $LIBVIRT_DEFAULT_URI); repeat for hosts.",
+    "Fix on N hosts at once.",
 )
 @click.option(
     "--restart", is_flag=True, help="With -c: power-cycle a running domain so the fix takes effect."

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from vmtrim.cli.run_policy import db_option
+from vmtrim.cli.options import db_option
 from vmtrim.errors import EXIT_OK, BadInput
 
 if TYPE_CHECKING:

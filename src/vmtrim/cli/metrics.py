@@ -13,14 +13,8 @@ from pathlib import Path
 
 import click
 
+from vmtrim.cli.options import db_option
 from vmtrim.errors import EXIT_OK, BadInput
-
-DB_OPTION = click.option(
-    "--db",
-    type=click.Path(path_type=Path, dir_okay=False),
-    metavar="FILE",
-    help="The history database (default: /var/lib/vmtrim/history.db, or $XDG_STATE_HOME).",
-)
 
 
 @click.command("metrics")
@@ -30,7 +24,7 @@ DB_OPTION = click.option(
     metavar="DIR",
     help="Write DIR/vmtrim.prom atomically (node_exporter's textfile collector).",
 )
-@DB_OPTION
+@db_option
 def metrics(textfile: Path | None, db: Path | None) -> int:
     """Prometheus metrics from the history database (never asks a guest)."""
     from vmtrim.report.metrics import render, write_textfile

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from vmtrim.cli.metrics import DB_OPTION
+from vmtrim.cli.options import db_option
 from vmtrim.errors import EXIT_OK
 
 
 @click.command("report")
-@DB_OPTION
+@db_option
 @click.option(
     "-o",
     "--output",

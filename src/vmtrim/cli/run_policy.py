@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmtrim.cli.options import db_option, hosts_options, lock_option, policy_option
 from vmtrim.errors import EXIT_ENVIRONMENT, EXIT_FINDINGS, EXIT_OK, EnvironmentProblem
 
 if TYPE_CHECKING:
@@ -29,54 +30,14 @@ _FINDINGS = ("failed", "blocked", "no_effect")
 _NOT_FINDINGS = ("the maintenance window", "the run was stopped")
 
 
-FILE = click.Path(path_type=Path, dir_okay=False)
-# Shared by run, watch, history and schedule: the same option, the same help.
-policy_option = click.option(
-    "--policy",
-    "policy_file",
-    type=FILE,
-    metavar="FILE",
-    help="The policy (default: /etc/vmtrim/policy.toml, or $XDG_CONFIG_HOME/vmtrim/ when "
-    "not root; absent means every default).",
-)
-db_option = click.option(
-    "--db",
-    type=FILE,
-    metavar="FILE",
-    help="The history database (default: /var/lib/vmtrim/history.db, or $XDG_STATE_HOME).",
-)
-lock_option = click.option(
-    "--lock",
-    "lock_file",
-    type=FILE,
-    metavar="FILE",
-    help="The run lock (default: /run/vmtrim/run.lock, or $XDG_RUNTIME_DIR).",
-)
-
-
 @click.command("run")
 @policy_option
 @click.option("--dry-run", is_flag=True, help="Survey and plan only: trim and record nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.run/1 JSON document.")
 @db_option
 @lock_option
-# --- fleet (vmtrim.fleet): the hosts, instead of the policy's connect list ---
-@click.option(
-    "-c",
-    "--connect",
-    "uris",
-    metavar="URI",
-    multiple=True,
-    help="A libvirt URI to run on instead of the policy's connect list; repeat for hosts.",
-)
-@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=15.0,
-    show_default=True,
-    metavar="S",
-    help="A host that does not answer within S seconds (or stops answering) has failed.",
+@hosts_options(  # fleet: the hosts, instead of the policy's connect list
+    "A libvirt URI to run on instead of the policy's connect list; repeat for hosts."
 )
 def run(
     policy_file: Path | None,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from vmtrim.cli.options import hosts_options
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
 from vmtrim.trim.engine import (
     SCHEMA,
@@ -26,31 +27,9 @@ CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 
 
 @click.command("trim")
-@click.option(
-    "-c",
-    "--connect",
-    "uris",
-    metavar="URI",
-    multiple=True,
-    help="libvirt URI (default: $LIBVIRT_DEFAULT_URI); repeat it for several hosts.",
-)
-# --- fleet (vmtrim.fleet): many hosts at once ---
-@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts: one URI per line, # comments.")
-@click.option(
-    "--hosts-parallel",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    metavar="N",
-    help="Work on N hosts at once (--parallel is per host).",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=15.0,
-    show_default=True,
-    metavar="S",
-    help="A host that does not answer within S seconds (or stops answering) has failed.",
+@hosts_options(
+    "libvirt URI (default: $LIBVIRT_DEFAULT_URI); repeat it for several hosts.",
+    "Work on N hosts at once (--parallel is per host).",
 )
 @click.option(
     "--all",

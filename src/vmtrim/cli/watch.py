@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from vmtrim.cli.run_policy import db_option, lock_option, policy_option
+from vmtrim.cli.options import db_option, lock_option, policy_option
 from vmtrim.errors import EXIT_OK
 
 SCHEMA = "vmtrim.watch/1"
