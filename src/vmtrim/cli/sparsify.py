@@ -93,6 +93,10 @@ def _render(result: object) -> None:
         title=f"{result.path} ({result.format})",
     )
     after = result.allocated_after
+    if result.dry_run:
+        print_line(f"host allocation: {human_bytes(result.allocated_before)}")
+        print_note("dry run: the image was attached read-only; nothing was changed")
+        return
     print_line(
         f"host allocation: {human_bytes(result.allocated_before)} -> {human_bytes(after)}"
         + (f" (freed {human_bytes(result.allocated_before - after)})" if after is not None else "")
@@ -102,5 +106,3 @@ def _render(result: object) -> None:
     if result.backing:
         print_note(f"backing file {result.backing} was opened read-only and is unchanged")
     print_note("fitrim says: an upper bound from FITRIM; host freed: du before and after")
-    if result.dry_run:
-        print_note("dry run: the image was attached read-only; nothing was changed")

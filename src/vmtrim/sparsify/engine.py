@@ -235,10 +235,12 @@ def run_appliance(
                     )
                     result.filesystems.append(current)
                     step(f"{current.device} ({current.type})")
-                    current.allocated_before = allocated_bytes(path)
+                    if writes:
+                        current.allocated_before = allocated_bytes(path)
                     ctl.go()
                 elif kind == "trimmed" and current is not None:
-                    current.allocated_after = allocated_bytes(path)
+                    if writes:
+                        current.allocated_after = allocated_bytes(path)
                     current.uuid_after = f.get("uuid") or None
                     if action == "trim":
                         current.fitrim_bytes = int(f.get("trimmed") or 0)
@@ -258,7 +260,7 @@ def run_appliance(
         shutil.rmtree(workdir, ignore_errors=True)
     for start, length in _gaps(parts, disk_size):
         result.left_alone.append(
-            LeftAlone(f"{start}+{length}", "gap", length, "space between partitions: left alone")
+            LeftAlone(f"gap@{start}", "gap", length, "space between partitions: left alone")
         )
 
 
