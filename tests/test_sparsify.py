@@ -192,6 +192,7 @@ def test_sigkill_keeps_image_and_files(
     done = vmtrim("sparsify", str(top))
     assert done.returncode == 0, done.stderr
     check(top)
+    assert sha256(base) == base_sum  # QEMU opened the backing file read-only
 
 
 def test_zeros_discards_all_zero_clusters(tmp_path: Path) -> None:
