@@ -17,7 +17,7 @@ PACKAGES="python3 python3-venv python3-dev gcc pkg-config
   e2fsprogs xfsprogs btrfs-progs util-linux procps
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libxml2-utils"
 TEST_PACKAGES="prometheus chromium fonts-dejavu-core patch man-db groff-base sqlite3 systemd
-  openssh-server openssh-client lvm2 dmsetup"
+  openssh-server openssh-client lvm2 dmsetup gdisk fdisk dosfstools mtools cryptsetup-bin"
 
 install() {
     if [ "$(id -u)" != 0 ]; then
