@@ -147,14 +147,14 @@ def _write_map_json(schema: str, path: str, ext: Extents, chunk: int = 50_000) -
 def _with_progress(label: str, work: Any) -> ImageInfo:
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from vmtrim.output import console
+    from vmtrim.output import progress_console
 
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
-        console=console(stderr=True),
+        console=progress_console(),  # stderr, or nowhere with --quiet
         transient=True,
     ) as bar:
         task = bar.add_task(label, total=None)
