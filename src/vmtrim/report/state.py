@@ -178,7 +178,10 @@ def domain_series(
         "SELECT r.domain, MAX(r.started),"
         " SUM(COALESCE(d.allocated_after, d.allocated_before)), SUM(MAX(d.reclaimed, 0)),"
         " CAST((r.started - ?) / ? AS INTEGER) AS bucket"
-        " FROM domain_results r JOIN runs ON runs.id = r.run_id"
+        # NOT INDEXED: reading the results in the order they were written (runs, not
+        # domains) and sorting the buckets is 4x faster than walking the domain index,
+        # whose every row is a random read into the table (1.4 s -> 0.34 s for a year).
+        " FROM domain_results r NOT INDEXED JOIN runs ON runs.id = r.run_id"
         " JOIN disk_results d ON d.result_id = r.id"
         f" WHERE {where} GROUP BY r.domain, bucket ORDER BY r.domain, bucket"
     )
