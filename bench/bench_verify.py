@@ -46,29 +46,20 @@ def run_vmtrim(*args: str) -> tuple[float, dict[str, Any], int]:
     return seconds, json.loads(done.stdout), done.returncode
 
 
+def bare_qemu(app: Appliance, tmp: str, scenario: str) -> list[str]:
+    """The hand recipe's QEMU: TCG, the lab's bzImage and initrd, serial to a file."""
+    return [
+        QEMU, "-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot", "-nodefaults",
+        "-serial", f"file:{tmp}/serial.log", "-kernel", str(app.bzimage),
+        "-initrd", str(app.initrd), "-append", f"console=ttyS0 panic=-1 quiet {scenario}",
+    ]  # fmt: skip
+
+
 def anchor_boot(app: Appliance) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         subprocess.run(
-            [
-                QEMU,
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                f"file:{tmp}/serial.log",
-                "-kernel",
-                str(app.bzimage),
-                "-initrd",
-                str(app.initrd),
-                "-append",
-                "console=ttyS0 panic=-1 quiet vmtrim.mode=probe",
-            ],
+            bare_qemu(app, tmp, "vmtrim.mode=probe"),
             check=True,
             timeout=300,
         )
@@ -86,23 +77,7 @@ def anchor_cell(app: Appliance, size_mib: int) -> tuple[float, int, int, int]:
         du0 = os.stat(image).st_blocks * 512
         qemu = subprocess.Popen(
             [
-                QEMU,
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                f"file:{tmp}/serial.log",
-                "-kernel",
-                str(app.bzimage),
-                "-initrd",
-                str(app.initrd),
-                "-append",
-                f"console=ttyS0 panic=-1 quiet vmtrim.mode=online vmtrim.size={size_mib}",
+                *bare_qemu(app, tmp, f"vmtrim.mode=online vmtrim.size={size_mib}"),
                 "-drive",
                 f"file={image},if=none,id=hd,discard=on,format=qcow2",
                 "-device",

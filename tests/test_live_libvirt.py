@@ -44,9 +44,24 @@ def make_image(path: Path, size_mib: int) -> None:
 
 
 def domain_xml(
-    name: str, workdir: Path, appliance: Appliance, *, discard: bool, agent: bool, write_mib: int
+    name: str,
+    workdir: Path,
+    appliance: Appliance,
+    *,
+    discard: bool,
+    agent: bool,
+    write_mib: int,
+    disk: str | None = None,
 ) -> str:
+    """A persistent lab domain; ``disk`` replaces the default qcow2 file disk (a <disk>)."""
     driver_discard = " discard='unmap'" if discard else ""
+    disk = disk or (
+        "<disk type='file' device='disk'>\n"
+        f"      <driver name='qemu' type='qcow2'{driver_discard}/>\n"
+        f"      <source file='{workdir}/disk.qcow2'/>\n"
+        "      <target dev='sda' bus='scsi'/>\n"
+        "    </disk>"
+    )
     cmdline = (
         f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.agent={int(agent)}"
         f" vmtrim.size={write_mib}"
@@ -70,11 +85,7 @@ def domain_xml(
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'{driver_discard}/>
-      <source file='{workdir}/disk.qcow2'/>
-      <target dev='sda' bus='scsi'/>
-    </disk>
+    {disk}
     <controller type='scsi' index='0' model='virtio-scsi'/>
     <serial type='file'><source path='{workdir}/serial.log'/><target port='0'/></serial>
     <channel type='unix'>

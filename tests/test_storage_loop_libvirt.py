@@ -22,6 +22,7 @@ import pytest
 
 from helpers import du_bytes, vmtrim
 from storage_support import loop_device
+from test_live_libvirt import domain_xml as lab_domain
 from vmtrim.channels.libvirt import LibvirtAgent
 from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance
@@ -33,37 +34,17 @@ WRITE_MIB = 64
 
 
 def domain_xml(name: str, work: Path, device: str, appliance: Appliance) -> str:
-    cmdline = (
-        f"console=ttyS0 panic=-1 quiet vmtrim.mode=agent vmtrim.agent=1 vmtrim.size={WRITE_MIB}"
+    """The live tests' lab domain, with the loop device as its raw block disk."""
+    disk = (
+        "<disk type='block' device='disk'>\n"
+        "      <driver name='qemu' type='raw' discard='unmap'/>\n"
+        f"      <source dev='{device}'/>\n"
+        "      <target dev='sda' bus='scsi'/>\n"
+        "    </disk>"
     )
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
-    <kernel>{appliance.kernel}</kernel>
-    <initrd>{appliance.initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices>
-    <disk type='block' device='disk'>
-      <driver name='qemu' type='raw' discard='unmap'/>
-      <source dev='{device}'/>
-      <target dev='sda' bus='scsi'/>
-    </disk>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-    <serial type='file'><source path='{work}/serial.log'/><target port='0'/></serial>
-    <channel type='unix'>
-      <source mode='bind' path='{work}/ctl.sock'/>
-      <target type='virtio' name='org.vmtrim.ctl'/>
-    </channel>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-  </devices>
-  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
-</domain>
-"""
+    return lab_domain(
+        name, work, appliance, discard=True, agent=True, write_mib=WRITE_MIB, disk=disk
+    )
 
 
 @dataclass
