@@ -304,6 +304,35 @@ class GuestFilesystem:
     mount_options: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True)
+class GuestQueue:
+    """What the guest kernel says about one disk's discard support (its sysfs ``queue/``).
+
+    Read in the guest through the agent (``guest-exec``); a field is None when the
+    guest has no such file. ``discard_max_bytes == 0`` proves that the guest driver or
+    bus passes no discard at all, whatever the configuration says.
+    """
+
+    device: str  # the guest's name for the disk: vda, sda
+    discard_granularity: int | None = None
+    discard_max_bytes: int | None = None
+    discard_zeroes_data: int | None = None
+    rotational: bool | None = None
+    alignment_offset: int | None = None  # of the partition that holds the filesystem
+    discard_alignment: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "discard_granularity": self.discard_granularity,
+            "discard_max_bytes": self.discard_max_bytes,
+            "discard_zeroes_data": self.discard_zeroes_data,
+            "rotational": self.rotational,
+            "alignment_offset": self.alignment_offset,
+            "discard_alignment": self.discard_alignment,
+        }
+
+
 @dataclass
 class GuestInfo:
     """Facts about the guest OS (from the guest agent, when there is one)."""
@@ -356,6 +385,7 @@ class Disk:
     locator: Locator | None = None  # where it was defined
     format_defaulted: bool = False  # no format given: libvirt and QEMU then use raw
     guest_filesystems: list[GuestFilesystem] | None = None
+    guest_queue: GuestQueue | None = None  # the guest's sysfs view of this disk
 
     @property
     def empty(self) -> bool:
