@@ -1,0 +1,333 @@
+"""The discard granularity at each layer of a disk, from the guest down to the host pool.
+
+A discard frees space at a layer only when it covers that layer's unit whole: a qcow2
+cluster, a dm-thin chunk, an RBD object, a zvol block. :func:`granularity_stack` lists,
+top first, what each layer's unit is:
+
+=========  ==================================================================
+layer      what
+=========  ==================================================================
+guest      the guest kernel's ``queue/discard_granularity`` (``Disk.guest_queue``)
+device     what the QEMU device tells the guest: its ``discard_granularity`` property,
+           else QEMU's default for that device model
+format     the qcow2 cluster (raw has no unit of its own and is left out)
+host       the host filesystem's block (statfs ``f_bsize``), or a host block device's
+           ``queue/discard_granularity`` (loop, dm, md, a disk)
+pool       a dm-thin chunk, an RBD object or krbd's ``alloc_size``, a zvol's
+           ``volblocksize``
+=========  ==================================================================
+
+``measured`` is True for a value read from the running system or from the disk's
+configuration (a property that is set), False for a documented default. ``coarser`` marks
+a layer whose unit is larger than the largest above it: discards the layers above send
+may be smaller than it, and those free nothing there (or only part).
+
+QEMU 7.2's defaults for what the guest is told (``discard_granularity`` is -1 unless set):
+
+- virtio-blk: the logical block size, 512 B (hw/block/virtio-blk.c
+  ``virtio_blk_update_config``: -1, or ``report-discard-granularity=off``, report
+  ``blk_size``);
+- scsi-hd: ``MAX(logical_block_size, DEFAULT_DISCARD_GRANULARITY)``, 4 KiB
+  (hw/scsi/scsi-disk.c ``scsi_realize``);
+- ide-hd: 512 B, and nothing else is allowed (hw/ide/qdev.c ``ide_dev_initfn``:
+  "discard_granularity must be 512 for ide");
+- nvme: ``MAX(logical_block_size, MIN_DISCARD_GRANULARITY)``, 4 KiB (hw/nvme/ns.c);
+- ``backend_defaults=on``: the backend's ``pdiscard_alignment`` (the qcow2 cluster)
+  instead (hw/block/block.c ``blkconf_blocksizes``); the default ``auto`` does not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from vmtrim.model import DeviceType, Disk, StorageKind
+from vmtrim.storage import rbd, zfs
+from vmtrim.storage.block import StorageLayer, block_stack
+from vmtrim.storage.mounts import mount_of, parse_mountinfo
+
+if TYPE_CHECKING:
+    from vmtrim.audit.hostprobe import HostProbes
+    from vmtrim.image.info import ImageInfo
+
+LayerName = Literal["guest", "device", "format", "host", "pool"]
+
+QCOW2_DEFAULT_CLUSTER = 64 << 10  # qemu-img create's default (docs/interop/qcow2.txt)
+_UNSET = (-1, 0xFFFFFFFF)  # QEMU's "not set" (-1 as uint32, as `-device X,help` shows it)
+_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+@dataclass(frozen=True)
+class LayerGranularity:
+    """One layer's discard unit (see the module doc for the layer names)."""
+
+    layer: LayerName
+    what: str  # "vda queue/discard_granularity", "qcow2 cluster", "ext4 block", ...
+    bytes: int | None  # None: not known
+    measured: bool  # read from the system or the configuration (True), a default (False)
+    coarser: bool = False  # larger than every layer above: smaller discards free nothing here
+    fixed: bool = False  # the value cannot be changed (IDE's 512 B)
+    source: str | None = None  # where the default comes from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "what": self.what,
+            "bytes": self.bytes,
+            "measured": self.measured,
+            "coarser": self.coarser,
+        }
+
+
+def parse_size(value: object) -> int | None:
+    """A QEMU size property (4096, "4096", "32K", "1M"); None when unset or not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if value in _UNSET or value < 0 else value
+    text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+    scale = _SUFFIX.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in _SUFFIX else text
+    if not digits.isdigit() or len(digits) > 20:
+        return None
+    number = int(digits) * scale
+    return None if number in _UNSET else number
+
+
+def size_text(n: int) -> str:
+    """65536 -> '64 KiB'; 512 -> '512 B'."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def granularity_stack(
+    disk: Disk, image: ImageInfo | None, host: HostProbes | None
+) -> list[LayerGranularity]:
+    """The discard unit of every layer of ``disk`` that vmtrim can tell, top first.
+
+    ``host`` reads the host's storage (statfs, sysfs, dmsetup, zfs, rbd) through its
+    runner; None or a probe that is off (``--no-probe``, a remote host) leaves the host
+    and pool layers out. Empty for a cdrom or an empty drive.
+    """
+    if disk.device is DeviceType.CDROM or disk.storage is StorageKind.NONE:
+        return []
+    layers: list[LayerGranularity] = []
+    queue = disk.guest_queue
+    if queue is not None and queue.discard_granularity is not None:
+        layers.append(
+            LayerGranularity(
+                "guest",
+                f"{queue.device} queue/discard_granularity",
+                queue.discard_granularity,
+                True,
+            )
+        )
+    device = _device_layer(disk, image)
+    if device is not None:
+        layers.append(device)
+    cluster = _format_layer(disk, image)
+    if cluster is not None:
+        layers.append(cluster)
+    if host is not None and host.local:
+        layers += _host_layers(disk, host)
+    return _mark_coarser(layers)
+
+
+def _mark_coarser(layers: list[LayerGranularity]) -> list[LayerGranularity]:
+    out: list[LayerGranularity] = []
+    above: int | None = None
+    for layer in layers:
+        coarser = layer.bytes is not None and above is not None and layer.bytes > above
+        out.append(
+            LayerGranularity(
+                layer.layer,
+                layer.what,
+                layer.bytes,
+                layer.measured,
+                coarser,
+                layer.fixed,
+                layer.source,
+            )
+        )
+        if layer.bytes is not None:
+            above = layer.bytes if above is None else max(above, layer.bytes)
+    return out
+
+
+def _device_layer(disk: Disk, image: ImageInfo | None) -> LayerGranularity | None:
+    name = disk.qemu_device
+    if name is None or name in ("scsi-block", "scsi-generic"):
+        return None  # passthrough: the host device's own limits reach the guest
+    props = disk.device_properties
+    what = f"{name} discard_granularity"
+    ide = name.startswith("ide-")
+    if "discard_granularity" in props:
+        value = parse_size(props["discard_granularity"])
+        if value is not None:
+            return LayerGranularity("device", what, value, True, fixed=ide)
+    logical = parse_size(props.get("logical_block_size")) or 512
+    backend = str(props.get("backend_defaults", "auto")).lower() == "on"
+    if backend and image is not None and image.format == "qcow2" and image.cluster_size:
+        return LayerGranularity(
+            "device",
+            f"{what} (backend_defaults=on: the qcow2 cluster)",
+            int(image.cluster_size),
+            True,
+            source="qemu hw/block/block.c blkconf_blocksizes (backend_defaults)",
+        )
+    if name.startswith("virtio-blk"):
+        return LayerGranularity(
+            "device",
+            f"{what} (QEMU's default: the logical block size)",
+            logical,
+            False,
+            source="qemu hw/block/virtio-blk.c virtio_blk_update_config",
+        )
+    if name in ("scsi-hd", "scsi-disk", "usb-storage", "usb-bot") or name.startswith("nvme"):
+        src = (
+            "qemu hw/nvme/ns.c (MIN_DISCARD_GRANULARITY)"
+            if name.startswith("nvme")
+            else "qemu hw/scsi/scsi-disk.c scsi_realize (DEFAULT_DISCARD_GRANULARITY)"
+        )
+        return LayerGranularity(
+            "device", f"{what} (QEMU's default)", max(logical, 4096), False, source=src
+        )
+    if ide:
+        return LayerGranularity(
+            "device",
+            f"{what} (IDE: always 512 B)",
+            512,
+            False,
+            fixed=True,
+            source="qemu hw/ide/qdev.c ide_dev_initfn",
+        )
+    return None
+
+
+def _format_layer(disk: Disk, image: ImageInfo | None) -> LayerGranularity | None:
+    if image is not None and image.format == "qcow2" and image.cluster_size:
+        return LayerGranularity("format", "qcow2 cluster", int(image.cluster_size), True)
+    if image is None and disk.format == "qcow2":
+        return LayerGranularity(
+            "format",
+            "qcow2 cluster (the default; the image was not read)",
+            QCOW2_DEFAULT_CLUSTER,
+            False,
+            source="docs/interop/qcow2.txt (cluster_bits default 16)",
+        )
+    return None
+
+
+def _host_layers(disk: Disk, host: HostProbes) -> list[LayerGranularity]:
+    source = disk.source
+    if not source:
+        return []
+    if disk.storage is StorageKind.FILE:
+        return _file_layers(source, host)
+    if disk.storage is StorageKind.BLOCK:
+        return _block_layers(source, host)
+    if disk.storage is StorageKind.NETWORK and disk.protocol == "rbd":
+        return _rbd_layers(source, host)
+    return []
+
+
+def _file_layers(path: str, host: HostProbes) -> list[LayerGranularity]:
+    target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        fs = os.statvfs(target)
+        st_dev = os.stat(target).st_dev
+    except OSError:
+        return []
+    mounts = parse_mountinfo(host.runner.read("/proc/self/mountinfo") or "")
+    mount = mount_of(mounts, os.path.realpath(target), st_dev)
+    fstype = mount.fstype if mount else "filesystem"
+    layers = [LayerGranularity("host", f"{fstype} block", int(fs.f_bsize), True)]
+    if mount is not None and mount.source.startswith("/dev/"):
+        probe = host.filesystem_device(mount)
+        layers += _storage_layers(probe.layers)
+    return layers
+
+
+def _block_layers(path: str, host: HostProbes) -> list[LayerGranularity]:
+    dataset = zfs.dataset_of(path)
+    if dataset is not None:
+        got = host.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
+        vol = zfs.parse_zvol(dataset, got.stdout) if got.ok else None
+        if vol is not None and vol.volblocksize:
+            return [
+                LayerGranularity("pool", f"zvol {dataset} volblocksize", vol.volblocksize, True)
+            ]
+    stack = block_stack(host.runner, path)
+    return _storage_layers(tuple(stack.layers))
+
+
+def _storage_layers(layers: tuple[StorageLayer, ...]) -> list[LayerGranularity]:
+    out: list[LayerGranularity] = []
+    for layer in layers:
+        if layer.kind == "file" or layer.granularity is None:
+            continue
+        if layer.kind == "dm-thin":
+            pool = layer.facts.get("pool", layer.name)
+            out.append(
+                LayerGranularity("pool", f"dm-thin chunk (pool {pool})", layer.granularity, True)
+            )
+        elif layer.name.startswith("rbd"):
+            out.append(
+                LayerGranularity(
+                    "pool",
+                    f"{layer.name} krbd alloc_size (discard_granularity)",
+                    layer.granularity,
+                    True,
+                )
+            )
+        else:
+            out.append(
+                LayerGranularity(
+                    "host", f"{layer.name} queue/discard_granularity", layer.granularity, True
+                )
+            )
+    return out
+
+
+def _rbd_layers(source: str, host: HostProbes) -> list[LayerGranularity]:
+    name = rbd.image_of(source)
+    if name is None:
+        return []
+    out = host.runner.run(rbd.rbd_argv(name), timeout=20.0)
+    image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(name)
+    what = f"RBD object ({name})" if image.measured else f"RBD object ({name}, the default)"
+    return [
+        LayerGranularity(
+            "pool",
+            what,
+            image.object_size,
+            image.measured,
+            source=None if image.measured else "rbd(8) --object-size (default 4 MiB)",
+        )
+    ]
+
+
+def suggested_device_granularity(layers: list[LayerGranularity]) -> int | None:
+    """The ``discard_granularity`` to give the device so the guest sends discards in the
+    unit the layers below free: the largest coarser unit below the device.
+
+    None when nothing is to change: no device layer, a device that cannot change it (IDE),
+    nothing below coarser than what the guest is told, or a unit that is not a power of
+    two (the Linux block layer rounds discards with power-of-two masks).
+    """
+    index = next((i for i, layer in enumerate(layers) if layer.layer == "device"), None)
+    if index is None or layers[index].fixed:
+        return None
+    above = [la.bytes for la in layers[: index + 1] if la.bytes is not None]
+    below = [la.bytes for la in layers[index + 1 :] if la.bytes is not None and la.coarser]
+    if not below:
+        return None
+    want = max(below)
+    if above and want <= max(above):
+        return None
+    if want & (want - 1):
+        return None
+    return want
