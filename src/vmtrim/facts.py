@@ -98,7 +98,105 @@ _FACT_ROWS = [
     Fact(
         "ide_trim", "ide-hd and AHCI advertise DSM TRIM", "qemu hw/ide/core.c (IDENTIFY word 169)"
     ),
+    # --- what the guest kernel reads (sysfs queue/), measured through the agent -------------
+    Fact(
+        "guest_discard_max",
+        "the guest's /sys/block/DEV/queue/discard_max_bytes is the largest discard its block"
+        " layer sends to the device; 0 means it sends none at all",
+        "Linux Documentation/ABI/stable/sysfs-block (queue/discard_max_bytes: 'A value of"
+        " 0 means that the device does not support discard functionality')",
+        checked="lab guest (Linux 6.1, QEMU 7.2, TCG), read through guest-exec:"
+        " scsi-hd 4096/1073741824, virtio-blk 512/2147483136, ide-hd 512/2147450880"
+        " (discard_granularity/discard_max_bytes, discard_zeroes_data 0, rotational 1);"
+        " virtio-blk discard=off, scsi-hd or ide-hd discard_granularity=0: 0/0 and fstrim"
+        " 'trim not supported'",
+    ),
+    Fact(
+        "scsi_dg0",
+        "scsi-hd with discard_granularity=0 clears LBPME (the TPE bit of READ CAPACITY(16))"
+        " and reports provisioning type 1 in VPD page 0xb2: Linux sd turns discard off"
+        " (discard_max_bytes 0)",
+        "qemu hw/scsi/scsi-disk.c (SAI_READ_CAPACITY_16: 'set TPE bit if the format supports"
+        " discard' only when conf.discard_granularity != 0; VPD 0xb2: discard_granularity ? 2 : 1)",
+        checked="lab guest, virtio-scsi + scsi-hd,discard_granularity=0 on QEMU 7.2, Linux 6.1:"
+        " discard_granularity 0, discard_max_bytes 0, guest-fstrim 'trim not supported',"
+        " the qcow2 stayed at 34611200 bytes (the default scsi-hd: 34611200 -> 1253376)",
+    ),
+    Fact(
+        "ide_dg0",
+        "ide-hd with discard_granularity=0 clears the DSM TRIM bit (IDENTIFY word 169):"
+        " libata turns discard off (discard_max_bytes 0); 0 and 512 are the only values allowed",
+        "qemu hw/ide/core.c (ide_identify: word 169 follows conf.discard_granularity);"
+        " hw/ide/qdev.c ('discard_granularity must be 512 for ide')",
+        checked="lab guest, pc + ide-hd,discard_granularity=0 on QEMU 7.2, Linux 6.1:"
+        " discard_max_bytes 0, guest-fstrim 'trim not supported', qcow2 unchanged at"
+        " 34611200 bytes (default ide-hd: 34611200 -> 1253376)",
+    ),
+    Fact(
+        "virtio_blk_dg0",
+        "virtio-blk with discard_granularity=0 still offers DISCARD: it reports"
+        " discard_sector_alignment 0, and Linux virtio_blk then uses the logical block size",
+        "qemu hw/block/virtio-blk.c virtio_blk_update_config (discard_sector_alignment ="
+        " discard_granularity >> 9); Linux drivers/block/virtio_blk.c (alignment 0 -> the"
+        " logical block size)",
+        checked="lab guest, virtio-blk-pci,discard_granularity=0 on QEMU 7.2, Linux 6.1:"
+        " discard_granularity 512, discard_max_bytes 2147483136, fstrim freed the qcow2"
+        " 34611200 -> 1253376 bytes, the same as without the property",
+    ),
+    # --- Windows guests (no Windows guest was booted here: sources only) ------------------
+    Fact(
+        "windows_ssd",
+        "Windows' Optimize Drives retrims a disk it sees as an SSD (or thin-provisioned);"
+        " a rotating 'Hard disk drive' is defragmented and gets no TRIM. QEMU reports"
+        " rotation_rate (1 = non-rotating) for scsi-hd and ide-hd; libvirt sets it with"
+        " <target rotation_rate='1'/> on SCSI, IDE and SATA disks",
+        "libvirt docs/formatdomain.rst (<target rotation_rate>, since 7.3.0); qemu"
+        " hw/scsi/scsi-disk.c (VPD 0xb1 rotation_rate), hw/ide/core.c (IDENTIFY word 217);"
+        " canonical/lxd #15518 (disks shown as HDD: Windows does not TRIM); virtio-win #666"
+        " (rotation_rate=1 workaround); Microsoft docs Optimize-Volume (-ReTrim, -SlabConsolidate)",
+        libvirt=(7, 3, 0),
+    ),
+    Fact(
+        "windows_viostor",
+        "viostor (virtio-blk) passes discard since virtio-win PR #399 (2019; issue #392:"
+        " before it, no trim at all); rotation_rate does not apply to virtio-blk (no such"
+        " QEMU property; Proxmox: SSD emulation is not supported on VirtIO Block)",
+        "virtio-win/kvm-guest-drivers-windows #392 and PR #399; pve-docs qm.adoc (Trim/Discard)",
+    ),
+    Fact(
+        "windows_vioscsi",
+        "vioscsi passes SCSI UNMAP and reports the provisioning type from the device's"
+        " discard_granularity (thin when it is not 0); on a thin disk that is not an SSD,"
+        " Optimize Drives also consolidates slabs, rewriting data",
+        "virtio-win/kvm-guest-drivers-windows #666, PRs #824 and #858, PR #927 (RH bz 2133261)",
+    ),
+    Fact(
+        "windows_retrim_2026",
+        "Windows 11 KB5089549 (12 May 2026) with virtio-win 0.1.285 or later: retrim on"
+        " vioscsi fails with Event 264 'Incorrect function (0x80070001)' until the device's"
+        " discard_granularity is 32 KiB or 64 KiB (64 KiB on 64 KiB qcow2 clusters);"
+        " 0.1.271 is the last release reported to work unchanged",
+        "virtio-win/kvm-guest-drivers-windows #1574 (users confirm <blockio"
+        " discard_granularity='32768'/> or 65536; Proxmox: -set"
+        " device.scsi0.discard_granularity=32K); comment in #1614",
+    ),
+    Fact(
+        "windows_fstrim",
+        "qemu-ga on Windows trims with defrag.exe /L per volume, ignores 'minimum' and returns"
+        " no trimmed byte counts: only the host's measured bytes say what came back",
+        "qemu qga/commands-win32.c qmp_guest_fstrim (commit eab5fd59); doutsis/vmbackup"
+        " CHANGELOG 0.5.2",
+    ),
+    Fact(
+        "windows_fstrim_timeout",
+        "guest-fstrim on Windows can run for many minutes (Windows Server 2022 took longer"
+        " than 360 s; Proxmox waits 10 minutes for it)",
+        "autotest/tp-qemu PR #3090; proxmox/qemu-server (guest-fstrim QMP timeout 10 min, 2022)",
+    ),
 ]
+
+#: Seconds a trim should wait for a Windows guest's guest-fstrim (Proxmox's 10 minutes).
+WINDOWS_FSTRIM_TIMEOUT = 600.0
 
 FACTS: dict[str, Fact] = {fact.key: fact for fact in _FACT_ROWS}
 
@@ -507,3 +605,155 @@ _GUEST_FS_ROWS = [
 ]
 
 GUEST_FS: dict[str, GuestFsRule] = {rule.fstype: rule for rule in _GUEST_FS_ROWS}
+
+
+# --- why the host got back less than the guest trimmed (trim --explain) ------------------
+
+
+@dataclass(frozen=True)
+class TrimCause:
+    """One reason a trim gives back less on the host than the guest reports.
+
+    ``key`` is the stable id ``trim --explain`` prints and callers branch on; the
+    evidence shown with it comes from the disk itself (its image header, the host probe).
+    """
+
+    key: str
+    summary: str
+    source: str
+
+
+_TRIM_CAUSE_ROWS = [
+    TrimCause(
+        "internal_snapshots",
+        "internal snapshots hold the clusters (refcount >= 2): a discard drops one reference"
+        " and frees nothing a snapshot shares",
+        "docs/interop/qcow2.txt (refcounts); qemu block/qcow2-refcount.c"
+        " qcow2_free_any_clusters (a cluster is freed only when its refcount reaches 0)",
+    ),
+    TrimCause(
+        "backing_chain",
+        "an overlay: the guest's discards reach the top image only (zero clusters there);"
+        " the data in its backing files never shrinks",
+        "qemu block/qcow2-cluster.c discard_in_l2_slice (with a backing file a discarded"
+        " cluster becomes a zero cluster)",
+    ),
+    TrimCause(
+        "discard_no_unref",
+        "discard-no-unref: qcow2 keeps the discarded clusters allocated (qemu-img map/check and"
+        " the image's cluster counts do not drop) while the file itself is punched: only the"
+        " host bytes (du) measure the reclaim",
+        "qapi/block-core.json BlockdevOptionsQcow2 discard-no-unref (since 8.1); libvirt 9.5.0"
+        " <driver discard_no_unref=...>; FIELD.md [Q3]",
+    ),
+    TrimCause(
+        "granularity",
+        "the qcow2 cluster is coarser than the discards the guest sends: a discard smaller"
+        " than a cluster, or not aligned to one, is dropped",
+        "qemu block/qcow2.c qcow2_co_pdiscard (-ENOTSUP for a partial cluster);"
+        " block/qcow2-cluster.c qcow2_cluster_discard",
+    ),
+    TrimCause(
+        "qcow2_compat_010",
+        "qcow2 compat=0.10 (version 2) has no zero clusters: with a backing file QEMU refuses"
+        " every discard, nothing is freed",
+        "qemu block/qcow2-cluster.c qcow2_cluster_discard (-ENOTSUP for qcow_version < 3 with a"
+        " backing file, QEMU 5.1); checked: qemu-io 7.2 discard of 8 MiB on such an overlay"
+        " left du at 8452 KiB, the same image without a backing file went to 260 KiB",
+    ),
+    TrimCause(
+        "host_fs_no_punch",
+        "the host filesystem under the image cannot punch holes: QEMU's discards free nothing"
+        " on the host",
+        "fallocate(2) FALLOC_FL_PUNCH_HOLE; qemu block/file-posix.c handle_aiocb_discard"
+        " (has_discard cleared on ENOTSUP); checked: ramfs here, qemu-io discard left du"
+        " unchanged",
+    ),
+    TrimCause(
+        "thin_pool_discards",
+        "the dm-thin pool under the disk does not pass discards on: ignore drops them,"
+        " nopassdown frees pool chunks but does not discard the pool's data device",
+        "Linux Documentation/admin-guide/device-mapper/thin-provisioning.rst"
+        " (ignore_discard, no_discard_passdown); lvmthin(7) 'Discard'",
+    ),
+    TrimCause(
+        "ext4_already_trimmed",
+        "ext4 trims only the block groups changed since the last trim in this mount: a second"
+        " fstrim with nothing freed in between reports 0",
+        "Linux fs/ext4/mballoc.c ext4_trim_all_free (skips a group with"
+        " EXT4_MB_GRP_WAS_TRIMMED, ext4.h EXT4_GROUP_INFO_WAS_TRIMMED_BIT; cleared when a"
+        " block of the group is freed); DESIGN.md: a second guest-fstrim reported 0",
+    ),
+]
+
+TRIM_CAUSES: dict[str, TrimCause] = {cause.key: cause for cause in _TRIM_CAUSE_ROWS}
+
+#: guest-fstrim on Windows returns no byte counts: only the host figure measures a trim.
+WINDOWS_NO_COUNTS = Fact(
+    "windows_fstrim_counts",
+    "Windows reports no byte counts; the host figure is the measurement",
+    "qga/qapi-schema.json GuestFilesystemTrimResult (trimmed and minimum are optional);"
+    " qga/commands-win32.c qmp_guest_fstrim (runs defrag.exe /L, sets path and error only);"
+    " FIELD.md [S1]",
+)
+
+#: How long a trim of a Windows guest (guest-get-osinfo id ``mswindows``) may take by
+#: default: its retrim (Optimize Drives, defrag /L) takes minutes.
+WINDOWS_TRIM_TIMEOUT = 600.0
+WINDOWS_TRIM_TIMEOUT_SOURCE = (
+    "FIELD.md [W6]: Windows Server 2022 guest-fstrim takes more than 360 s (tp-qemu PR #3090);"
+    " [P1]: Proxmox's guest-fstrim QMP timeout is 10 minutes"
+)
+
+
+# --- vmtrim fix: how a device property reaches QEMU (--discard-granularity, --ssd) -------
+
+_FIX_ROWS = [
+    Fact(
+        "libvirt_blockio_granularity",
+        "libvirt <blockio discard_granularity='N'/> on a <disk>: the device's"
+        " discard_granularity (a multiple of logical_block_size)",
+        "libvirt docs/formatdomain.rst (blockio discard_granularity); the patch by K. Hanicova"
+        " (libvir-list msg238920); tp-libvirt virtual_disks.discard_granularity"
+        " func_supported_since_libvirt_ver=(10, 0, 0)",
+        libvirt=(10, 0, 0),
+    ),
+    Fact(
+        "libvirt_qemu_override",
+        "libvirt <qemu:override><qemu:device alias=...><qemu:frontend><qemu:property .../>:"
+        " a property of the -device libvirt formats, found by the device's alias (user"
+        " aliases start with ua-); unsupported, the domain is tainted",
+        "libvirt docs/drvqemu.rst 'Overriding properties of QEMU devices' (since 8.2.0);"
+        " docs/formatdomain.rst 'Devices' (user aliases: ua- prefix)",
+        libvirt=(8, 2, 0),
+    ),
+    Fact(
+        "libvirt_qemu_set",
+        "<qemu:commandline> -set device.ALIAS.PROP=VALUE changes only a -device written as"
+        " key=value; once libvirt writes -device as JSON (QEMU 7.0 and later) QEMU answers"
+        " 'there is no device ALIAS defined', which is why <qemu:override> exists",
+        "libvirt docs/drvqemu.rst (qemu:commandline, since 0.8.3; qemu:override, 8.2.0);"
+        " virt-manager/virt-manager #599; AshleyYakeley/NixVirt #36 ('-set device.hostdev0...:"
+        " there is no device defined' on QEMU 7.0)",
+    ),
+    Fact(
+        "libvirt_rotation_rate",
+        "libvirt <target rotation_rate='N'/> on SCSI, IDE and SATA disks (1 = solid state)",
+        "libvirt docs/formatdomain.rst (<target> rotation_rate, since 7.3.0)",
+        libvirt=(7, 3, 0),
+    ),
+    Fact(
+        "device_granularity_limits",
+        "QEMU's discard_granularity is a uint32 size that must be a multiple of"
+        " logical_block_size; ide-hd takes only 512 (or 0); rotation_rate is a property of"
+        " scsi-hd and ide-hd only, not virtio-blk or nvme",
+        "qemu hw/block/block.c blkconf_blocksizes ('discard_granularity must be a multiple of"
+        " logical_block_size'); hw/ide/qdev.c ide_dev_initfn ('discard_granularity must be"
+        " 512 for ide')",
+        checked="QEMU 7.2.22 here: scsi-hd and virtio-blk-pci start with 512 B to 2 MiB,"
+        " refuse 3000 and 4294967296; ide-hd refuses 4096 and 65536; `-device X,help` lists"
+        " rotation_rate for scsi-hd, ide-hd and scsi-block only",
+    ),
+]
+
+FACTS.update({fact.key: fact for fact in _FIX_ROWS})

@@ -333,6 +333,9 @@ class GuestQueue:
         }
 
 
+FstrimScope = Literal["all", "fstab", "listed", "unknown"]
+
+
 @dataclass
 class GuestInfo:
     """Facts about the guest OS (from the guest agent, when there is one)."""
@@ -342,10 +345,33 @@ class GuestInfo:
     fstrim_timer: bool | None = None  # systemd fstrim.timer enabled?
     agent: bool = True
     reason: str | None = None  # why facts are missing (e.g. "agent not responding")
+    # What fstrim.service runs ("/sbin/fstrim --listed-in /etc/fstab:..."), and what that
+    # trims: "all" mounted filesystems, only those in "fstab", only the "listed" ones, or
+    # "unknown" (not fstrim itself); None when the service was not read.
+    fstrim_command: str | None = None
+    fstrim_scope: FstrimScope | None = None
+    fstrim_only: tuple[str, ...] = ()  # the mountpoints an "fstab" or "listed" scope trims
+    os_name: str | None = None  # guest-get-osinfo pretty-name ("Microsoft Windows 11 Pro")
+    drivers: tuple[tuple[str, str], ...] | None = None  # Windows guest-get-devices: name, version
 
     @property
     def kernel_version(self) -> Version | None:
         return parse_version(self.kernel_release)
+
+    def timer_covers(self, mountpoint: str) -> bool | None:
+        """Does the enabled fstrim.timer trim ``mountpoint``? None when not known."""
+        if not self.fstrim_timer:
+            return self.fstrim_timer
+        if self.fstrim_scope in ("fstab", "listed"):
+            return mountpoint in self.fstrim_only
+        return None if self.fstrim_scope == "unknown" else True
+
+    def driver_version(self, name: str) -> str | None:
+        """The version guest-get-devices reports for a Windows driver (viostor, vioscsi)."""
+        for driver, version in self.drivers or ():
+            if driver.lower() == name.lower():
+                return version
+        return None
 
     @property
     def is_windows(self) -> bool:

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING
 from vmtrim._util.versions import Version, format_version
 from vmtrim.audit.hostprobe import HostProbes, Probe
 from vmtrim.errors import VmtrimError
-from vmtrim.facts import BUSES, DEVICES, FACTS, FILTERS, FORMATS, GUEST_FS, NOTES, PROTOCOLS
+from vmtrim.facts import (
+    BUSES,
+    DEVICES,
+    FACTS,
+    FILTERS,
+    FORMATS,
+    GUEST_FS,
+    NOTES,
+    PROTOCOLS,
+    WINDOWS_FSTRIM_TIMEOUT,
+)
 from vmtrim.model import (
     BlockNode,
     DeviceType,
@@ -23,6 +33,7 @@ from vmtrim.model import (
     DiskReport,
     Domain,
     Finding,
+    GuestInfo,
     Layer,
     LayerKind,
     MachineType,
@@ -44,6 +55,8 @@ _WINDOWS_FIX = (
     "in the guest: nothing to enable, Windows trims by itself"
     " (`Optimize-Volume -DriveLetter C -ReTrim` trims now)"
 )
+_SSD_FIX = "vmtrim fix --ssd (sets <target rotation_rate='1'/>: the guest sees an SSD)"
+_GRANULARITY_FIX = "vmtrim fix --discard-granularity 64K"
 # When the guest's OS is not known (no agent, no libosinfo metadata), the advice covers both.
 _GUEST_FIX = (
     "in the guest: Linux: mount with `-o discard`, or enable periodic trims"
@@ -165,7 +178,7 @@ class _DiskAudit:
         if guest is not None and not guest.agent:
             return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", self._guest_fix())
         if guest is not None and guest.is_windows:
-            return Layer(kind, Verdict.PASS, GUEST_FS["ntfs"].needs)
+            return self._windows_fs(kind)
         if not filesystems:
             return Layer(
                 kind, Verdict.UNKNOWN, "the guest reports no mounted filesystem on this disk", None
@@ -177,6 +190,7 @@ class _DiskAudit:
             rule = GUEST_FS.get(fs.fstype)
             where = f"{fs.mountpoint} ({fs.fstype})"
             options = fs.mount_options
+            covers = guest.timer_covers(fs.mountpoint) if guest else timer
             if rule is None:
                 results.append(
                     Layer(
@@ -201,9 +215,26 @@ class _DiskAudit:
                         f"{where} discards by default on Linux {format_version(kernel)}",
                     )
                 )
-            elif timer and rule.fstrim:
-                results.append(Layer(kind, Verdict.PASS, f"{where}: fstrim.timer trims it"))
-            elif options is None or timer is None:
+            elif timer and rule.fstrim and covers:
+                scope = " (it is in /etc/fstab)" if guest and guest.fstrim_scope == "fstab" else ""
+                results.append(Layer(kind, Verdict.PASS, f"{where}: fstrim.timer trims it{scope}"))
+            elif timer and rule.fstrim and covers is False and guest is not None:
+                what = (
+                    "only the filesystems in /etc/fstab"
+                    if guest.fstrim_scope == "fstab"
+                    else "only " + ", ".join(guest.fstrim_only)
+                )
+                results.append(
+                    Layer(
+                        kind,
+                        Verdict.BLOCK,
+                        f"{where} is mounted without discard, and fstrim.timer skips it:"
+                        f" fstrim.service runs `{guest.fstrim_command}`, which trims {what}",
+                        f"in the guest: list {fs.mountpoint} in /etc/fstab, or mount it with"
+                        " `-o discard`",
+                    )
+                )
+            elif options is None or timer is None or covers is None:
                 results.append(
                     Layer(
                         kind,
@@ -223,6 +254,52 @@ class _DiskAudit:
                 )
         return _worst(results)
 
+    def _windows_fs(self, kind: LayerKind) -> Layer:
+        """Windows trims by itself, but only a disk it sees as an SSD or as thin-provisioned."""
+        disk = self.disk
+        for key, fix in (
+            ("windows_fstrim", None),
+            (
+                "windows_fstrim_timeout",
+                f"give Windows guests a longer trim timeout (vmtrim trim --timeout"
+                f" {WINDOWS_FSTRIM_TIMEOUT:g})",
+            ),
+        ):
+            fact = FACTS[key]
+            self.findings.append(Finding(Severity.INFO, kind, fact.summary, fix, fact.source))
+        ssd = FACTS["windows_ssd"]
+        if disk.bus == "virtio":
+            return Layer(
+                kind,
+                Verdict.PASS,
+                "Windows trims by itself; rotation_rate does not apply to virtio-blk:"
+                " viostor reports discard support itself",
+            )
+        rate = _size_value(disk.device_properties.get("rotation_rate"))
+        if rate == 1:
+            return Layer(kind, Verdict.PASS, "Windows sees an SSD (rotation_rate=1) and retrims it")
+        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        if disk.bus == "scsi" and granularity != 0:
+            self.findings.append(
+                Finding(
+                    Severity.WARNING,
+                    kind,
+                    "Windows sees a thin-provisioned disk, not an SSD (no rotation_rate=1):"
+                    " Optimize Drives retrims it but also consolidates slabs, rewriting"
+                    " data (virtio-win #666)",
+                    _SSD_FIX,
+                    f"{FACTS['windows_vioscsi'].source}; {ssd.source}",
+                )
+            )
+            return Layer(kind, Verdict.PASS, "Windows retrims a thin-provisioned SCSI disk")
+        return Layer(
+            kind,
+            Verdict.BLOCK,
+            f"Windows sees a hard disk drive (this {disk.bus or '?'} disk has no"
+            " rotation_rate=1): Optimize Drives defragments it and sends no TRIM",
+            _SSD_FIX,
+        )
+
     def _guest_fix(self) -> str:
         """What to do in a guest vmtrim could not ask: for its OS, when the definition says."""
         hint = self.domain.os_hint
@@ -235,6 +312,26 @@ class _DiskAudit:
     def guest_driver(self) -> Layer:
         kind = LayerKind.GUEST_DRIVER
         disk = self.disk
+        queue = disk.guest_queue
+        if queue is not None and queue.discard_max_bytes is not None:
+            # The guest kernel's own view: proof, whatever the configuration says.
+            read = f"the guest reads /sys/block/{queue.device}/queue/discard_max_bytes ="
+            if queue.discard_max_bytes == 0:
+                return Layer(
+                    kind,
+                    Verdict.BLOCK,
+                    f"{read} 0: the guest sends this disk no discard at all",
+                    "make the QEMU device offer discard (see the device layer: no"
+                    " discard=off, no discard_granularity=0 on scsi-hd or ide-hd, a machine"
+                    " type >= 4.0 for virtio-blk), or move the disk to virtio-scsi (bus='scsi')",
+                )
+            granularity = queue.discard_granularity
+            return Layer(
+                kind,
+                Verdict.PASS,
+                f"{read} {queue.discard_max_bytes}"
+                + (f" (discard_granularity {granularity})" if granularity is not None else ""),
+            )
         if disk.qemu_device in _PASSTHROUGH:
             return Layer(
                 kind,
@@ -251,6 +348,9 @@ class _DiskAudit:
             )
         if rule.bus == "virtio":
             return self._virtio_guest(kind, rule.reason)
+        guest = self.domain.guest
+        if guest is not None and guest.is_windows and rule.bus == "scsi":
+            return self._vioscsi(kind, guest)
         fix = None
         if rule.guest is not Verdict.PASS:
             fix = "move the disk to a virtio-scsi controller (bus='scsi')"
@@ -261,11 +361,14 @@ class _DiskAudit:
         guest = self.domain.guest
         kernel = guest.kernel_version if guest else None
         if guest is not None and guest.is_windows:
+            version = guest.driver_version("viostor")
             return Layer(
                 kind,
                 Verdict.UNKNOWN,
-                "Windows viostor: discard depends on the virtio-win driver version",
-                "update the virtio-win drivers",
+                f"Windows viostor{f' {version}' if version else ''}: it passes discard only"
+                " since virtio-win PR #399 (2019), and a Windows guest's own view cannot be"
+                " read",
+                "update the virtio-win drivers, or move the disk to virtio-scsi (vioscsi)",
             )
         if kernel is None:
             return Layer(
@@ -288,6 +391,38 @@ class _DiskAudit:
             f"guest Linux {format_version(kernel)} is older than"
             f" {format_version(need)}: virtio_blk sends no DISCARD",
             "move the disk to virtio-scsi (bus='scsi'), or upgrade the guest kernel",
+        )
+
+    def _vioscsi(self, kind: LayerKind, guest: GuestInfo) -> Layer:
+        """Windows on a SCSI controller: vioscsi on virtio-scsi, and the May 2026 regression."""
+        disk = self.disk
+        if disk.controller_model != "virtio-scsi":
+            return Layer(
+                kind,
+                Verdict.UNKNOWN,
+                f"Windows on a {disk.controller_model or '?'} SCSI controller: vmtrim knows"
+                " only vioscsi (virtio-scsi)",
+                "move the disk to a virtio-scsi controller",
+            )
+        version = guest.driver_version("vioscsi")
+        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        if granularity not in (32 << 10, 64 << 10):
+            fact = FACTS["windows_retrim_2026"]
+            shown = "not set" if granularity is None else f"{granularity} bytes"
+            self.findings.append(
+                Finding(
+                    Severity.WARNING,
+                    kind,
+                    f"Windows vioscsi{f' {version}' if version else ''} with"
+                    f" discard_granularity {shown}: {fact.summary}",
+                    _GRANULARITY_FIX,
+                    fact.source,
+                )
+            )
+        return Layer(
+            kind,
+            Verdict.PASS,
+            f"Windows vioscsi{f' {version}' if version else ''}: SCSI UNMAP (virtio-scsi)",
         )
 
     # ------------------------------------------------------------ QEMU device
@@ -314,12 +449,14 @@ class _DiskAudit:
             return Layer(
                 kind, Verdict.PASS, f"{name}: SCSI commands, UNMAP included, go to the host device"
             )
-        granularity = disk.device_properties.get("discard_granularity")
-        if granularity is not None and str(granularity) == "0":
+        # Measured: 0 hides discard from the guest on scsi-hd and ide-hd, not on virtio-blk.
+        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        if granularity == 0 and rule.bus in ("scsi", "ide"):
+            fact = FACTS["scsi_dg0" if rule.bus == "scsi" else "ide_dg0"]
             return Layer(
                 kind,
                 Verdict.BLOCK,
-                f"{name}: discard_granularity=0 turns discard off",
+                f"{name}: discard_granularity=0 turns discard off in the guest ({fact.summary})",
                 "remove discard_granularity=0 from the device",
             )
         if rule.bus == "virtio":
@@ -778,6 +915,18 @@ def _worst(layers: list[Layer]) -> Layer:
         if layer.verdict.rank > worst.verdict.rank:
             worst = layer
     return worst
+
+
+def _size_value(value: object) -> int | None:
+    """A device property's size as bytes: 65536, "65536", "64K" (QEMU's size suffixes)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower() if value is not None else ""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
+    digits = text[:-1] if scale > 1 else text
+    return int(digits) * scale if digits.isdigit() and len(digits) < 20 else None
 
 
 def _size(n: int) -> str:
