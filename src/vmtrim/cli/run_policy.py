@@ -57,11 +57,16 @@ def run(
     what is still reclaimable (allocation minus what the guest filesystems use).
     A domain blocked at a configuration or host layer is recorded, not trimmed.
 
+    A disk on an LVM thin pool has the pool's data usage before and after in its
+    record; a disk that got back clearly less than the guest trimmed on it has the
+    causes that apply (as trim --explain lists them).
+
     \b
-    Exit: 0 every domain trimmed (or not running, or outside the window),
+    Exit codes: 0 every domain trimmed (or not running, or outside the window),
     1 a domain was blocked, skipped for want of an agent, or failed, 2 a bad
     policy, 3 another run holds the lock, a connection failed, or the results
-    could not be recorded (they are printed all the same).
+    could not be recorded (they are printed all the same), 4 internal error,
+    130 interrupted, 141 stdout closed early.
     """
     from vmtrim.run.engine import execute, plan, window_open
     from vmtrim.run.lock import run_lock
@@ -226,6 +231,28 @@ def _print(
         print_line(f"outside the maintenance window {policy.window}: a run now would trim nothing")
 
 
+def disk_notes(d: DiskRecord) -> list[str]:
+    """A disk's thin pool before and after, and its --explain causes, one line each."""
+    import json
+
+    from vmtrim.output import human_bytes
+
+    lines = []
+    if d.pool:
+
+        def pct(value: float | None) -> str:
+            return "?" if value is None else f"{value:.2f} %"
+
+        lines.append(
+            f"{d.target}: thin pool {d.pool} (discards={d.pool_discards}): data"
+            f" {pct(d.pool_percent_before)} ({human_bytes(d.pool_used_before)}) ->"
+            f" {pct(d.pool_percent_after)} ({human_bytes(d.pool_used_after)})"
+        )
+    for cause in json.loads(d.causes) if d.causes else []:
+        lines.append(f"{d.target}: why: {cause['id']}: {cause['evidence']}")
+    return lines
+
+
 def _table(outcomes: list[Outcome], dry_run: bool) -> None:
     from vmtrim.output import Column, Row, Styled, human_bytes, render_table
 
@@ -257,6 +284,7 @@ def _table(outcomes: list[Outcome], dry_run: bool) -> None:
                             if d and d.reclaimable_note and r.status != "skipped"
                             else []
                         ),
+                        *(disk_notes(d) if d else []),
                     ],
                 )
             )

@@ -10,6 +10,7 @@ import click
 
 from vmtrim.cli.options import hosts_options
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
+from vmtrim.facts import WINDOWS_TRIM_TIMEOUT
 from vmtrim.trim.engine import (
     SCHEMA,
     TRIMMED,
@@ -22,8 +23,10 @@ from vmtrim.trim.engine import (
 
 if TYPE_CHECKING:
     from vmtrim.output import Cell
+    from vmtrim.storage.pool import PoolUsage
 
 CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
+DEFAULT_TIMEOUT = 60.0
 
 
 @click.command("trim")
@@ -61,10 +64,17 @@ CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
+    default=None,
     metavar="S",
-    help="Skip a domain whose whole trim (agent, QMP, measuring) is not done after S seconds.",
+    help="Skip a domain whose whole trim (agent, QMP, measuring) is not done after S"
+    f" seconds [default: {DEFAULT_TIMEOUT:g}; {WINDOWS_TRIM_TIMEOUT:g} for a guest whose"
+    " agent says Windows: its retrim takes minutes].",
+)
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="For each disk whose host figure fell clearly short of what the guest trimmed"
+    " on it, list the causes that apply (with a stable id and the evidence).",
 )
 @click.option(
     "--qga", "qga", metavar="SOCKET", help="QEMU without libvirt: the guest agent's unix socket."
@@ -85,7 +95,7 @@ def trim(
     minimum: int,
     mountpoint: str | None,
     parallel: int,
-    timeout: float,
+    timeout: float | None,
     qga: str | None,
     qmp: str | None,
     as_json: bool,
@@ -95,6 +105,7 @@ def trim(
     hosts_file: str | None = None,
     hosts_parallel: int = 8,
     connect_timeout: float = 15.0,
+    explain: bool = False,
 ) -> int:
     """Trim guests through the guest agent and measure what the host got back.
 
@@ -109,13 +120,27 @@ def trim(
       skipped    not running, no agent, or no answer within --timeout
       failed     the agent answered with an error or an unusable reply
     \b
-    Exit: 0 every selected domain trimmed, 1 a domain was no_effect, skipped
-    or failed (a named shut-off domain is skipped), 2 bad input, 3 connection
-    error. --all selects the running domains only, so shut-off ones do not
-    change the exit code.
+    A disk on an LVM thin pool shows the pool's data usage before and after.
+    Windows guests report no byte counts: the host figure is the measurement.
+    \b
+    Explain causes (--explain; ids for scripts): internal_snapshots,
+    backing_chain, discard_no_unref, granularity, qcow2_compat_010,
+    host_fs_no_punch, thin_pool_discards, ext4_already_trimmed.
+    \b
+    Exit codes: 0 every selected domain trimmed, 1 a domain was no_effect,
+    skipped or failed (a named shut-off domain is skipped), 2 bad input,
+    3 environment (connection, history), 4 internal error, 130 interrupted,
+    141 stdout closed early. --all selects the running domains only, so
+    shut-off ones do not change the exit code.
     """
     options = TrimOptions(
-        minimum=minimum, mountpoint=mountpoint, timeout=timeout, parallel=parallel
+        minimum=minimum,
+        mountpoint=mountpoint,
+        timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+        parallel=parallel,
+        explain=explain,
+        # an explicit --timeout is every guest's; the default is longer for Windows
+        timeout_windows=WINDOWS_TRIM_TIMEOUT if timeout is None else timeout,
     )
     if hosts_file or len(uris) > 1:  # many hosts: vmtrim.fleet (exit 3 if a host failed)
         if qga or qmp:
@@ -148,7 +173,7 @@ def trim(
             from vmtrim.trim.qemu import QemuTarget
 
             targets: Sequence[Target] = [
-                stack.enter_context(QemuTarget.open(qga, qmp, timeout=timeout))
+                stack.enter_context(QemuTarget.open(qga, qmp, timeout=options.timeout))
             ]
         else:
             from vmtrim.channels.libvirt import connection, select_domains
@@ -253,7 +278,7 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
                         human_bytes(d.allocated_before) if d else "-",
                         human_bytes(d.allocated_after) if d else "-",
                         human_bytes(d.reclaimed_bytes) if d else "-",
-                        human_bytes(r.guest_trimmed_bytes) if first and r.paths else "",
+                        _guest_says(r) if first else "",
                         f"{r.seconds:.2f}" if first else "",
                     ],
                     _details(r) if last else (),
@@ -268,6 +293,37 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
 
 
 _STYLE = {"trimmed": "green", "no_effect": "red", "skipped": "yellow", "failed": "red"}
+
+
+def _guest_says(r: TrimResult) -> str:
+    from vmtrim.output import human_bytes
+
+    if not r.paths:
+        return ""
+    return "-" if r.note else human_bytes(r.guest_trimmed_bytes)  # Windows: no count, not 0
+
+
+def _pool_line(d: DiskResult) -> str | None:
+    """``sdb: thin pool vg/pool: data 61.20 % (300 MiB) -> 40.10 % (196 MiB), got back 104 MiB``."""
+    from vmtrim.output import human_bytes
+
+    before, after = d.pool_before, d.pool_after
+    pool = before or after
+    if pool is None:
+        return None
+
+    def reading(u: PoolUsage | None) -> str:
+        if u is None:
+            return "?"
+        percent = "?" if u.data_percent is None else f"{u.data_percent:.2f} %"
+        return f"{percent} ({human_bytes(u.used_bytes)})"
+
+    back = d.pool_reclaimed
+    tail = f", got back {human_bytes(back)}" if back is not None else ""
+    return (
+        f"{d.target}: thin pool {pool.pool} (discards={pool.discards}): data"
+        f" {reading(before)} -> {reading(after)}{tail}"
+    )
 
 
 def _details(r: TrimResult) -> list[Cell]:
@@ -288,4 +344,27 @@ def _details(r: TrimResult) -> list[Cell]:
         lines.append(f"{r.status}: {r.reason}")
     errors = [f"{p.path}: {p.error}" for p in r.paths if p.error]
     lines += [e for e in errors if e not in (r.reason or "")]  # a failed domain's reason has them
+    lines += [line for line in map(_pool_line, r.disks) if line]
+    if r.explained:
+        lines += _explain_lines(r)
+    return lines
+
+
+def _explain_lines(r: TrimResult) -> list[Cell]:
+    """--explain: each disk's causes (id, evidence), or why there are none."""
+    from vmtrim.output import Styled, human_bytes
+
+    lines: list[Cell] = []
+    for d in r.disks:
+        if not d.causes:
+            continue
+        guest = f" of {human_bytes(d.guest_trimmed)} trimmed" if d.guest_trimmed else ""
+        lines.append(
+            Styled(f"why {d.target} got back {human_bytes(d.reclaimed_bytes)}{guest}:", "yellow")
+        )
+        lines += [f"  - {c.id}: {c.evidence}" for c in d.causes]
+    if r.explain_note:
+        lines.append(f"explain: {r.explain_note}")
+    elif not r.causes:
+        lines.append("explain: no disk fell short of what the guest trimmed on it")
     return lines

@@ -79,6 +79,16 @@ NULL means "not measured" or "not known", never 0::
       last_started  REAL
       last_result_id INTEGER the domain_results row of the latest result (status, reason...)
 
+    disk_results, version 3 adds (NULL in the rows written before):
+      pool              TEXT    the dm-thin pool under the disk (vg/lv), when there is one
+      pool_discards     TEXT    its discard mode: passdown | nopassdown | ignore
+      pool_used_before  INTEGER the pool's used data bytes before the trim (dmsetup status)
+      pool_used_after   INTEGER and after
+      pool_percent_before REAL  the pool's data_percent before the trim (lvs)
+      pool_percent_after REAL   and after
+      causes            TEXT    trim --explain's causes for this disk: a JSON array of
+                              {"id", "disk", "evidence", "facts"}; NULL: not explained
+
 Fleet views (``vmtrim history``, metrics, the report) read kinds run, trim and watch;
 verify cells are kept apart by ``runs.kind = 'verify'`` (``domain_totals.fleet = 0``).
 
@@ -103,7 +113,10 @@ from pathlib import Path
 from vmtrim import __version__
 from vmtrim.errors import HistoryUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: A reader (``create=False``) reads a database from this version on as it is: the later
+#: steps only add columns, which are NULL for the rows written before them.
+READABLE_FROM = 2
 KINDS = ("run", "trim", "verify", "watch", "sparsify")
 FLEET_KINDS = ("run", "trim", "watch")
 STATUSES = ("trimmed", "no_effect", "skipped", "blocked", "failed")
@@ -222,10 +235,21 @@ def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     return step
 
 
+_V3 = """
+ALTER TABLE disk_results ADD COLUMN pool TEXT;
+ALTER TABLE disk_results ADD COLUMN pool_discards TEXT;
+ALTER TABLE disk_results ADD COLUMN pool_used_before INTEGER;
+ALTER TABLE disk_results ADD COLUMN pool_used_after INTEGER;
+ALTER TABLE disk_results ADD COLUMN pool_percent_before REAL;
+ALTER TABLE disk_results ADD COLUMN pool_percent_after REAL;
+ALTER TABLE disk_results ADD COLUMN causes TEXT;
+"""
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _script(_V1),
     _script(_V2),
+    _script(_V3),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -251,12 +275,25 @@ class DiskRecord:
     blocking_reason: str | None = None
     measured_by: str | None = None
     error: str | None = None
+    pool: str | None = None
+    pool_discards: str | None = None
+    pool_used_before: int | None = None
+    pool_used_after: int | None = None
+    pool_percent_before: float | None = None
+    pool_percent_after: float | None = None
+    causes: str | None = None  # JSON array, as stored
 
     @property
     def reclaimed(self) -> int | None:
         if self.allocated_before is None or self.allocated_after is None:
             return None
         return self.allocated_before - self.allocated_after
+
+    @property
+    def pool_reclaimed(self) -> int | None:
+        if self.pool_used_before is None or self.pool_used_after is None:
+            return None
+        return self.pool_used_before - self.pool_used_after
 
 
 @dataclass
@@ -377,7 +414,7 @@ class History:
                 f"{SCHEMA_VERSION} (written by a newer vmtrim)",
                 subject=str(self.path),
             )
-        if version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION or (not create and version >= READABLE_FROM):
             return
         if not create:
             raise HistoryUnavailable(
@@ -468,8 +505,10 @@ class History:
             "INSERT INTO disk_results (result_id, target, source, virtual_size,"
             " allocated_before, allocated_after, reclaimed, guest_trimmed, guest_used,"
             " reclaimable_before, reclaimable_after, reclaimable_note, unmap_bytes,"
-            " unmap_operations, verdict, blocking_layer, blocking_reason, measured_by, error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " unmap_operations, verdict, blocking_layer, blocking_reason, measured_by, error,"
+            " pool, pool_discards, pool_used_before, pool_used_after, pool_percent_before,"
+            " pool_percent_after, causes)"
+            f" VALUES ({', '.join(['?'] * 26)})",
             [
                 (
                     result_id,
@@ -491,6 +530,13 @@ class History:
                     d.blocking_reason,
                     d.measured_by,
                     d.error,
+                    d.pool,
+                    d.pool_discards,
+                    d.pool_used_before,
+                    d.pool_used_after,
+                    d.pool_percent_before,
+                    d.pool_percent_after,
+                    d.causes,
                 )
                 for d in r.disks
             ],

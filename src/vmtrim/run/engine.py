@@ -23,6 +23,7 @@ The results come back as :class:`~vmtrim.history.store.DomainRecord`, ready to r
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,7 @@ from vmtrim.errors import AgentCommandFailed, AgentUnavailable, EnvironmentProbl
 from vmtrim.history.store import DiskRecord, DomainRecord
 from vmtrim.model import DiskReport, Domain, GuestFilesystem, GuestInfo, LayerKind, Verdict
 from vmtrim.run.policy import Policy
+from vmtrim.run.record import add_pool_and_causes
 from vmtrim.sources.libvirt_live import disk_addresses, match_guest_disk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.trim.engine import (
@@ -94,8 +96,16 @@ class Outcome:
             "guest_trimmed": r.guest_trimmed,
             "reclaimed": r.reclaimed,
             "paths": [p.to_json() for p in self.paths],
-            "disks": [{**vars(d), "reclaimed": d.reclaimed} for d in r.disks],
+            "disks": [_disk_json(d) for d in r.disks],
         }
+
+
+def _disk_json(d: DiskRecord) -> dict[str, Any]:
+    """A disk record as run's JSON: its columns, with the causes as a list, not JSON text."""
+    doc: dict[str, Any] = {**vars(d), "reclaimed": d.reclaimed}
+    doc["pool_reclaimed"] = d.pool_reclaimed
+    doc["causes"] = json.loads(d.causes) if d.causes else None
+    return doc
 
 
 def _round(value: float | None) -> float | None:
@@ -297,6 +307,7 @@ def _disk_records(s: Survey, dom: Any, trim: TrimResult | None) -> list[DiskReco
             disk.allocated_before, disk.allocated_after = m.allocated_before, m.allocated_after
             disk.measured_by, disk.error = m.measured_by, m.error
             disk.unmap_bytes, disk.unmap_operations = m.unmap_bytes, m.unmap_operations
+            add_pool_and_causes(disk, m)
         else:
             _measure_untrimmed(dom, report, disk)
         disk.virtual_size = _capacity(dom, target)
@@ -410,14 +421,16 @@ def _decide(
     else:
         timeout = policy.timeout_windows if s.windows else policy.timeout
         left = max(1.0, timeout - (time.monotonic() - start))
-        options = TrimOptions(minimum=policy.minimum, timeout=left)
+        # explain: the causes go into the record of each disk that fell short
+        os_id = guest.os_id or ("mswindows" if s.windows else None)
+        options = TrimOptions(minimum=policy.minimum, timeout=left, explain=True, os_id=os_id)
         trim = trim_target(SurveyedTarget(conn, dom, s.reports), options)
         record.status, record.reason = trim.status, trim.reason
         blockers = getattr(trim, "blockers", None)  # no_effect: the layer the audit names
         if blockers:
             record.blocking_layer = blockers[0].layer
         record.agent_seconds = trim.agent_seconds
-        record.guest_trimmed = trim.guest_trimmed_bytes if trim.paths else None
+        record.guest_trimmed = trim.guest_trimmed_bytes if trim.guest_counted else None
         outcome.paths = trim.paths
         if blocked and record.status == "trimmed":
             record.reason = "; ".join(

@@ -11,6 +11,7 @@ recorded and exits 3 (:meth:`Recorder.report`).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from vmtrim.errors import EXIT_ENVIRONMENT, HistoryUnavailable
 from vmtrim.history.store import DiskRecord, DomainRecord, History
 
 if TYPE_CHECKING:
-    from vmtrim.trim.engine import TrimResult
+    from vmtrim.trim.engine import DiskResult, TrimResult
     from vmtrim.verify.engine import CellResult
 
 
@@ -91,7 +92,7 @@ class Recorder:
 def trim_record(result: TrimResult, uri: str | None = None) -> DomainRecord:
     """A ``vmtrim trim`` result as a history record (no audit: verdicts stay unknown)."""
     blockers = getattr(result, "blockers", None) or []
-    return DomainRecord(
+    record = DomainRecord(
         domain=result.domain,
         status=result.status,
         reason=result.reason,
@@ -99,7 +100,7 @@ def trim_record(result: TrimResult, uri: str | None = None) -> DomainRecord:
         blocking_layer=blockers[0].layer if blockers else None,
         seconds=result.seconds,
         agent_seconds=result.agent_seconds,
-        guest_trimmed=result.guest_trimmed_bytes if result.paths else None,
+        guest_trimmed=result.guest_trimmed_bytes if result.guest_counted else None,
         disks=[
             DiskRecord(
                 target=d.target,
@@ -111,10 +112,34 @@ def trim_record(result: TrimResult, uri: str | None = None) -> DomainRecord:
                 measured_by=d.measured_by,
                 error=d.error,
                 blocking_layer=next((b.layer for b in blockers if b.disk == d.target), None),
+                guest_trimmed=d.guest_trimmed,
             )
             for d in result.disks
         ],
     )
+    for disk, measured in zip(record.disks, result.disks, strict=True):
+        add_pool_and_causes(disk, measured)
+    return record
+
+
+def add_pool_and_causes(disk: DiskRecord, measured: DiskResult) -> None:
+    """The trim's pool readings and --explain causes of one disk, into its record."""
+    pool = measured.pool_before or measured.pool_after
+    if pool is not None:
+        disk.pool, disk.pool_discards = pool.pool, pool.discards
+    if measured.pool_before is not None:
+        disk.pool_used_before = measured.pool_before.used_bytes
+        disk.pool_percent_before = measured.pool_before.data_percent
+    if measured.pool_after is not None:
+        disk.pool_used_after = measured.pool_after.used_bytes
+        disk.pool_percent_after = measured.pool_after.data_percent
+    if measured.causes is not None:
+        disk.causes = json.dumps(
+            [
+                {k: v for k, v in c.to_json().items() if k in ("id", "disk", "evidence", "facts")}
+                for c in measured.causes
+            ]
+        )
 
 
 def record_trim(

@@ -27,6 +27,15 @@ its own, so a hung agent call holds no resource another domain needs).
 
 Statuses: ``trimmed`` (the host measured the result), ``no_effect`` (the guest
 trimmed, a configuration layer dropped it), ``skipped``, ``failed``.
+
+With ``timeout_windows`` the engine first asks ``guest-get-osinfo``: a Windows guest
+(id ``mswindows``) gets that longer timeout (its retrim takes minutes), and its
+guest-fstrim has no byte counts (:data:`vmtrim.facts.WINDOWS_NO_COUNTS`): only the host
+figure counts, and nothing is compared with a guest figure that does not exist.
+
+Each disk's thin pool (``Target.pool_usage``) is read before and after the trim, beside
+the disk's own allocation. With ``explain`` the causes that apply to each disk that fell
+short are listed (:mod:`vmtrim.trim.explain`).
 """
 
 from __future__ import annotations
@@ -43,7 +52,18 @@ from vmtrim._util.deadline import call_with_deadline
 from vmtrim._util.log import get_logger
 from vmtrim.channels.qmp import ExecStatus, FstrimPath, FstrimResult
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable, VmtrimError
+from vmtrim.facts import WINDOWS_NO_COUNTS
 from vmtrim.model import DiskReport, LayerKind, Verdict
+from vmtrim.storage.pool import PoolUsage
+from vmtrim.storage.pool import reclaimed as pool_reclaimed
+from vmtrim.trim.explain import (
+    Cause,
+    Evidence,
+    already_trimmed,
+    disk_causes,
+    guest_by_disk,
+    paths_on,
+)
 
 SCHEMA = "vmtrim.trim/1"
 UPPER_BOUND_NOTE = (
@@ -74,6 +94,10 @@ class TrimOptions:
     mountpoint: str | None = None
     timeout: float = 60.0
     parallel: int = 1
+    explain: bool = False
+    #: the timeout of a guest whose guest-get-osinfo says Windows (None: do not ask)
+    timeout_windows: float | None = None
+    os_id: str | None = None  # already known (run's survey): not asked again
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,14 @@ class DiskResult:
     error: str | None = None
     unmap_bytes: int | None = None  # QMP query-blockstats delta, when a QMP socket is given
     unmap_operations: int | None = None
+    pool_before: PoolUsage | None = None  # the dm-thin pool under the disk, if any
+    pool_after: PoolUsage | None = None
+    guest_trimmed: int | None = None  # the guest's figure on this disk's filesystems (explain)
+    causes: list[Cause] | None = None  # None: not explained; []: explained, no known cause
+
+    @property
+    def pool_reclaimed(self) -> int | None:
+        return pool_reclaimed(self.pool_before, self.pool_after)
 
     @property
     def reclaimed_bytes(self) -> int | None:
@@ -117,7 +149,21 @@ class DiskResult:
         if self.unmap_bytes is not None:
             doc["unmap_bytes"] = self.unmap_bytes
             doc["unmap_operations"] = self.unmap_operations
+        if self.pool_before is not None or self.pool_after is not None:
+            doc["pool"] = pool_json(self.pool_before, self.pool_after)
+        if self.causes is not None:
+            doc["guest_trimmed"] = self.guest_trimmed
+            doc["causes"] = [c.to_json() for c in self.causes]
         return doc
+
+
+def pool_json(before: PoolUsage | None, after: PoolUsage | None) -> dict[str, Any]:
+    """A disk's pool readings in trim's JSON and run's history: both, and the difference."""
+    return {
+        "before": before.to_json() if before else None,
+        "after": after.to_json() if after else None,
+        "reclaimed_bytes": pool_reclaimed(before, after),
+    }
 
 
 @dataclass
@@ -130,10 +176,33 @@ class TrimResult:
     seconds: float = 0.0
     agent_seconds: float = 0.0  # time spent waiting for the guest's trim
     blockers: list[Blocker] = field(default_factory=list)  # why a no_effect trim had none
+    os_id: str | None = None  # guest-get-osinfo's id, when asked
+    explained: bool = False  # --explain ran: each disk's causes are in DiskResult.causes
+    explain_note: str | None = None  # why explain says nothing, when it does not
+
+    @property
+    def windows(self) -> bool:
+        return (self.os_id or "").lower() in ("mswindows", "windows")
+
+    @property
+    def guest_counted(self) -> bool:
+        """Did the guest give any byte count? Windows' guest-fstrim gives none."""
+        return any(p.trimmed is not None for p in self.paths)
 
     @property
     def guest_trimmed_bytes(self) -> int:
         return sum(p.trimmed or 0 for p in self.paths)
+
+    @property
+    def note(self) -> str | None:
+        """What to say instead of a guest figure that does not exist."""
+        if self.paths and not self.guest_counted and self.windows:
+            return WINDOWS_NO_COUNTS.summary
+        return None
+
+    @property
+    def causes(self) -> list[Cause]:
+        return [c for d in self.disks for c in d.causes or []]
 
     @property
     def reclaimed_bytes(self) -> int | None:
@@ -147,8 +216,14 @@ class TrimResult:
             "reason": self.reason,
             "paths": [p.to_json() for p in self.paths],
             "disks": [d.to_json() for d in self.disks],
-            "guest_trimmed_bytes": self.guest_trimmed_bytes,
+            # Windows: no byte counts at all, not 0 (the note says so)
+            "guest_trimmed_bytes": self.guest_trimmed_bytes if self.guest_counted else None,
             "reclaimed_bytes": self.reclaimed_bytes,
+            "os_id": self.os_id,
+            "note": self.note,
+            "explained": self.explained,
+            "explain_note": self.explain_note,
+            "causes": [c.to_json() for c in self.causes],
             "seconds": round(self.seconds, 3),
             "agent_seconds": round(self.agent_seconds, 3),
             "blockers": [
@@ -187,8 +262,14 @@ def shortfall(result: TrimResult) -> bool:
     A guest that reports about nothing had nothing left to trim; a host figure that
     could not be measured says nothing either way.
     """
-    guest, host = result.guest_trimmed_bytes, result.reclaimed_bytes
-    if guest < NOTHING_TO_TRIM or host is None:
+    if not result.guest_counted:  # Windows: there is no guest figure to compare with
+        return False
+    return falls_short(result.guest_trimmed_bytes, result.reclaimed_bytes)
+
+
+def falls_short(guest: int | None, host: int | None) -> bool:
+    """The guest trimmed something real and the host got back less than a tenth of it."""
+    if guest is None or guest < NOTHING_TO_TRIM or host is None:
         return False
     return host < SHORTFALL_RATIO * guest
 
@@ -252,6 +333,18 @@ class Target(Protocol):
         """What the audit's layers say drops discards; [] when nothing is known to."""
         ...
 
+    def os_id(self, timeout: float) -> str | None:
+        """guest-get-osinfo's ``id`` (``mswindows``, ``debian``...), None if it has none."""
+        ...
+
+    def pool_usage(self, disk: DiskRef) -> PoolUsage | None:
+        """The dm-thin pool under the disk now; None when there is none or it is unknown."""
+        ...
+
+    def evidence(self, timeout: float) -> Evidence:
+        """What ``--explain`` needs per disk (image, host storage, guest filesystems)."""
+        ...
+
     def close(self) -> None:
         """Release the target's own connections (called once its run is over)."""
         ...
@@ -308,16 +401,31 @@ def _measure_all(
     return out
 
 
+@dataclass
+class _Clock:
+    """A target's deadline: it moves once, when the guest turns out to be Windows."""
+
+    start: float
+    deadline: float
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
 def trim_target(target: Target, options: TrimOptions) -> TrimResult:
-    """Trim one target; never raises, never takes much longer than ``options.timeout``."""
+    """Trim one target; never raises, never takes much longer than its timeout
+    (``options.timeout``, or ``timeout_windows`` for a Windows guest)."""
     start = time.monotonic()
-    deadline = start + options.timeout
+    clock = _Clock(start, start + options.timeout)
+    # The outer bound is the longest the target may get; the agent's calls inside keep
+    # to clock.deadline, which is the short one unless the guest says it is Windows.
+    longest = max(options.timeout, options.timeout_windows or 0.0)
     pending: set[str] = set()  # calls still running in abandoned threads
     try:
         # The grace lets the agent's own deadline (the same instant) report first, with
         # its clearer reason; the run still ends within the documented bound.
         result = call_with_deadline(
-            lambda: _guarded(target, options, deadline, pending), options.timeout + GRACE, "trim"
+            lambda: _guarded(target, options, clock, pending), longest + GRACE, "trim"
         )
     except AgentUnavailable:
         # The abandoned run keeps its own TrimResult; this one is the caller's.
@@ -325,10 +433,12 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
         result = TrimResult(
             domain=target.name,
             status=SKIPPED,
-            reason=f"did not finish within --timeout {options.timeout:g} s",
+            reason=f"did not finish within --timeout {clock.deadline - start:g} s",
         )
     if result.status == TRIMMED and shortfall(result):
-        _diagnose(result, target, deadline + GRACE, pending)
+        _diagnose(result, target, clock.deadline + GRACE, pending)
+    if options.explain and result.status in (TRIMMED, NO_EFFECT):
+        _explain(result, target, clock.deadline + GRACE, pending)
     if not pending:
         # A connection an abandoned thread is still inside must not be closed under it;
         # the process exit reclaims it.
@@ -339,12 +449,10 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
     return result
 
 
-def _guarded(
-    target: Target, options: TrimOptions, deadline: float, pending: set[str]
-) -> TrimResult:
+def _guarded(target: Target, options: TrimOptions, clock: _Clock, pending: set[str]) -> TrimResult:
     result = TrimResult(domain=target.name)
     try:
-        _trim_into(result, target, options, deadline, pending)
+        _trim_into(result, target, options, clock, pending)
     except AgentUnavailable as exc:
         result.status, result.reason = SKIPPED, str(exc)
     except AgentCommandFailed as exc:
@@ -354,6 +462,23 @@ def _guarded(
     except Exception as exc:  # a vanished domain, a library bug: report, don't stop the run
         result.status, result.reason = FAILED, f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _bounded(what: str, call: Callable[[], T], deadline: float, pending: set[str]) -> T:
+    """``call`` within what is left of the target's time, marked pending while it runs."""
+
+    def run() -> T:
+        try:
+            return call()
+        finally:
+            pending.discard(what)  # done: its connection may be closed
+
+    pending.add(what)
+    return call_with_deadline(run, deadline - time.monotonic(), what)
+
+
+def _one_line(exc: Exception) -> str:
+    return exc.one_line() if isinstance(exc, VmtrimError) else f"{type(exc).__name__}: {exc}"
 
 
 def _diagnose(result: TrimResult, target: Target, deadline: float, pending: set[str]) -> None:
@@ -366,19 +491,10 @@ def _diagnose(result: TrimResult, target: Target, deadline: float, pending: set[
         f"the host got back {_human(result.reclaimed_bytes)} of the"
         f" {_human(result.guest_trimmed_bytes)} the guest trimmed"
     )
-
-    def audit() -> list[Blocker]:
-        try:
-            return target.blockers()
-        finally:
-            pending.discard("audit")  # done: its connection may be closed
-
-    pending.add("audit")
     try:
-        blockers = call_with_deadline(audit, deadline - time.monotonic(), "audit")
+        blockers = _bounded("audit", target.blockers, deadline, pending)
     except Exception as exc:  # the trim result stands; say why there is no verdict
-        text = exc.one_line() if isinstance(exc, VmtrimError) else f"{type(exc).__name__}: {exc}"
-        result.reason = f"{said}; the audit could not tell why: {text}"
+        result.reason = f"{said}; the audit could not tell why: {_one_line(exc)}"
         return
     if not blockers:
         result.reason = (
@@ -391,42 +507,110 @@ def _diagnose(result: TrimResult, target: Target, deadline: float, pending: set[
     result.reason = f"{said}: " + "; ".join(b.sentence() for b in blockers)
 
 
+def _explain(result: TrimResult, target: Target, deadline: float, pending: set[str]) -> None:
+    """--explain: the causes that apply to each disk that fell short (the trim stands)."""
+    result.explained = True
+    if result.paths and not result.guest_counted:
+        result.explain_note = (
+            f"{WINDOWS_NO_COUNTS.summary}: there is no guest figure to compare it with"
+        )
+        return
+    try:
+        evidence = _bounded(
+            "explain", lambda: target.evidence(deadline - time.monotonic()), deadline, pending
+        )
+    except Exception as exc:
+        result.explain_note = f"the causes could not be read: {_one_line(exc)}"
+        return
+    by_disk = guest_by_disk(result.paths, evidence.path_disks)
+    whole = shortfall(result)  # without a path-to-disk map, the domain's figures decide
+    for disk in result.disks:
+        facts = evidence.disks.get(disk.target)
+        disk.guest_trimmed = by_disk.get(disk.target)
+        short = (
+            falls_short(disk.guest_trimmed, disk.reclaimed_bytes)
+            if evidence.path_disks is not None
+            else whole
+        )
+        disk.causes = []
+        if facts is None:
+            continue
+        if short:
+            disk.causes += disk_causes(facts)
+        disk.causes += already_trimmed(facts, paths_on(disk.target, result.paths, evidence))
+    short = any(falls_short(d.guest_trimmed, d.reclaimed_bytes) for d in result.disks)
+    if (whole or short) and not result.causes:
+        result.explain_note = (
+            "no known cause applies: the space the guest trimmed may never have been"
+            " allocated on the host (a first fstrim reports all free space)"
+        )
+
+
 def _human(n: int | None) -> str:
     from vmtrim.output import human_bytes
 
     return human_bytes(n)
 
 
+def _os_id(target: Target, clock: _Clock, pending: set[str]) -> str | None:
+    """guest-get-osinfo's id; an agent that cannot say (an old qemu-ga) is not Windows."""
+    try:
+        return _bounded("osinfo", lambda: target.os_id(clock.left()), clock.deadline, pending)
+    except AgentCommandFailed:
+        return None
+
+
+def _pools(target: Target, disks: Sequence[DiskRef]) -> list[PoolUsage | None]:
+    out: list[PoolUsage | None] = []
+    for disk in disks:
+        try:
+            out.append(target.pool_usage(disk))
+        except Exception as exc:  # the pool is extra: it never fails the trim
+            log.debug("%s: pool of %s: %s", target.name, disk.target, exc)
+            out.append(None)
+    return out
+
+
 def _trim_into(
-    result: TrimResult, target: Target, options: TrimOptions, deadline: float, pending: set[str]
+    result: TrimResult, target: Target, options: TrimOptions, clock: _Clock, pending: set[str]
 ) -> None:
     reason = target.skip_reason()
     result.domain = target.name  # a QEMU target learns its -name from QMP here
     if reason:
         result.status, result.reason = SKIPPED, reason
         return
+    if options.os_id is not None:
+        result.os_id = options.os_id
+    elif options.timeout_windows is not None:
+        result.os_id = _os_id(target, clock, pending)
+    if result.windows and options.timeout_windows is not None:
+        clock.deadline = clock.start + options.timeout_windows
     disks = target.disks()
+    pools_before = _pools(target, disks)
     before = _measure_all(target, disks)
     counters_before = target.unmap_counters()
     result.disks = [
-        DiskResult(d.target, d.source, allocated_before=v, measured_by=how, error=err)
-        for d, (v, how, err) in zip(disks, before, strict=True)
+        DiskResult(
+            d.target, d.source, allocated_before=v, measured_by=how, error=err, pool_before=pool
+        )
+        for d, (v, how, err), pool in zip(disks, before, pools_before, strict=True)
     ]
     agent_start = time.monotonic()
 
     def trim_in_guest() -> list[FstrimPath]:
         pending.add("agent")
         try:
-            agent = target.agent(deadline - time.monotonic())
+            agent = target.agent(clock.left())
             if options.mountpoint:
-                left = deadline - time.monotonic()
-                return [fstrim_one(agent, options.mountpoint, options.minimum, left)]
-            return agent.fstrim(options.minimum, timeout=deadline - time.monotonic()).paths
+                return [fstrim_one(agent, options.mountpoint, options.minimum, clock.left())]
+            return agent.fstrim(options.minimum, timeout=clock.left()).paths
         finally:
             pending.discard("agent")
 
     try:
-        result.paths = call_with_deadline(trim_in_guest, deadline - agent_start, "guest agent")
+        result.paths = call_with_deadline(
+            trim_in_guest, clock.deadline - agent_start, "guest agent"
+        )
     finally:
         result.agent_seconds = time.monotonic() - agent_start
     after = _measure_all(target, disks)
@@ -434,6 +618,8 @@ def _trim_into(
         disk.allocated_after = value
         disk.measured_by = disk.measured_by or how
         disk.error = disk.error or err
+    for disk, pool in zip(result.disks, _pools(target, disks), strict=True):
+        disk.pool_after = pool
     counters_after = target.unmap_counters()
     if counters_before is not None and counters_after is not None:
         for ref, disk in zip(disks, result.disks, strict=True):
@@ -447,6 +633,8 @@ def _trim_into(
         result.reason = "; ".join(f"{p.path}: {p.error}" for p in errors)
     elif not result.paths:
         result.reason = "the guest has no filesystem that can be trimmed"
+    elif result.note:
+        result.reason = result.note
 
 
 def trim_all(

@@ -24,7 +24,9 @@ from vmtrim.errors import EnvironmentProblem
 from vmtrim.image.allocation import allocated_bytes
 from vmtrim.model import DeviceType, Disk, StorageKind
 from vmtrim.sources.libvirt_xml import parse_domain_xml
+from vmtrim.storage.pool import PoolUsage
 from vmtrim.trim.engine import NOT_RUNNING, Blocker, DiskRef, blocking_layers
+from vmtrim.trim.explain import Evidence
 
 
 def measurable(disk: Disk) -> bool:
@@ -115,3 +117,30 @@ class LibvirtTarget:
         domain.qemu_version, domain.libvirt_version = self.conn.version_numbers()
         command = f"vmtrim fix -c {self.conn.uri} {self.name}"
         return blocking_layers(audit_domain(domain, HostProbes(local=self.conn.local)), command)
+
+    def os_id(self, timeout: float) -> str | None:
+        osinfo = LibvirtAgent(self.dom).execute("guest-get-osinfo", None, timeout)
+        value = osinfo.get("id") if isinstance(osinfo, dict) else None
+        return value[:64] if isinstance(value, str) else None
+
+    def pool_usage(self, disk: DiskRef) -> PoolUsage | None:
+        """The thin pool under the disk's file or block device; on a local connection only
+        (a remote host's paths are not this host's)."""
+        from vmtrim.storage.pool import pool_under
+
+        path = disk.local_file or (disk.source if (disk.source or "").startswith("/dev/") else None)
+        if not self.conn.local or path is None:
+            return None
+        return pool_under(path)
+
+    def evidence(self, timeout: float) -> Evidence:
+        """The live XML's disks, the images' headers and host storage (local only), and
+        which guest filesystem sits on which disk (guest-get-fsinfo)."""
+        from vmtrim.trim.explain import domain_evidence
+
+        xml = fetch_domain_xml(self.dom)
+        domain = parse_domain_xml(xml, subject=self.name)
+        refs = {r.target: r for r in self.disks()}
+        return domain_evidence(
+            domain, refs, LibvirtAgent(self.dom), xml, timeout, local=self.conn.local
+        )

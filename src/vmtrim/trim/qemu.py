@@ -22,7 +22,9 @@ from vmtrim.channels.qmp import (
 )
 from vmtrim.errors import BadInput, EnvironmentProblem
 from vmtrim.image.allocation import allocated_bytes
+from vmtrim.storage.pool import PoolUsage
 from vmtrim.trim.engine import Blocker, DiskRef, blocking_layers
+from vmtrim.trim.explain import DiskFacts, Evidence, image_facts, punch_facts
 
 
 def _socket(path: str, option: str) -> str:
@@ -115,10 +117,33 @@ class QemuTarget:
         return allocated_bytes(disk.local_file), "du"
 
     def agent(self, timeout: float) -> SyncGuestAgent:
+        if self._session is not None:  # guest-get-osinfo opened it already
+            return self._session
         session = SyncGuestAgent(self.qga, timeout=timeout, subject=self.qga)
         session.__enter__()  # connect and guest-sync
         self._session = session
         return session
+
+    def os_id(self, timeout: float) -> str | None:
+        value = self.agent(timeout).get_osinfo().get("id")
+        return value[:64] if isinstance(value, str) else None
+
+    def pool_usage(self, disk: DiskRef) -> PoolUsage | None:
+        from vmtrim.storage.pool import pool_under
+
+        return pool_under(disk.local_file) if disk.local_file else None
+
+    def evidence(self, timeout: float) -> Evidence:
+        """The images' headers and their host filesystems; QMP's device names do not map
+        onto the guest's filesystems, so the domain's totals decide which disks fell short."""
+        evidence = Evidence()
+        for ref in self.disks():
+            facts = DiskFacts(ref.target)
+            if ref.local_file:
+                facts.image, facts.image_error = image_facts(ref.local_file)
+                facts.punch = punch_facts(ref.local_file)
+            evidence.disks[ref.target] = facts
+        return evidence
 
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
         return unmap_counters(self._qmp("query-blockstats"), self.qmp) if self.qmp else None

@@ -1,0 +1,346 @@
+"""``trim --explain``: why the host got back less than the guest says it trimmed.
+
+After a trim, for each disk whose host figure fell clearly short of what the guest
+trimmed on it (the guest's per-path figures put on disks with ``guest-get-fsinfo``),
+the causes that apply to that disk are listed, each with a stable id
+(:data:`vmtrim.facts.TRIM_CAUSES`) and the disk's own evidence:
+
+- the image header (read-only, header only): internal snapshots, a backing file,
+  compat=0.10, the cluster size against the guest's discard granularity;
+- the configuration: ``discard-no-unref`` (QEMU >= 8.1; the clusters stay allocated
+  while the file is punched, so only host bytes count);
+- the host: the punch-hole probe of the image's directory, and the dm-thin pool under
+  the disk (its discard mode);
+- the guest: a path that reported (about) nothing on ext4, which trims only the block
+  groups changed since its last trim in this mount.
+
+The guest granularity is the device's ``discard_granularity`` where it is configured,
+else the guest's sysfs when the model has it, else QEMU's default for SCSI and IDE
+disks (4 KiB, hw/block/block.c DEFAULT_DISCARD_GRANULARITY). Note: the audit's
+granularity stack (``vmtrim.audit.granularity``) is not in the tree yet; when it lands
+its ``coarser`` layers should replace :func:`_granularity`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from vmtrim.channels.qmp import FstrimPath
+from vmtrim.facts import TRIM_CAUSES
+from vmtrim.model import Disk, Domain, Verdict
+from vmtrim.output import human_bytes
+from vmtrim.storage.block import ThinPool
+
+if TYPE_CHECKING:
+    from vmtrim.image.info import ImageInfo
+    from vmtrim.trim.engine import DiskRef
+
+#: What the guest reports on a path below this is "nothing" (the engine's own bound).
+NOTHING = 1024 * 1024
+#: QEMU's default discard_granularity for devices that do not set one
+#: (hw/block/block.c DEFAULT_DISCARD_GRANULARITY, used by scsi-hd and ide-hd).
+DEFAULT_GUEST_GRANULARITY = 4096
+#: QEMU's default qcow2 cluster: the size every image has unless it was chosen.
+DEFAULT_CLUSTER = 65536
+_EXT4_DRIVER = ("ext4", "ext3", "ext2")  # all mounted by the ext4 driver on Linux >= 6.1
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One reason that applies to one disk, with what shows it."""
+
+    id: str  # a TRIM_CAUSES key: stable, callers branch on it
+    disk: str
+    evidence: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        return TRIM_CAUSES[self.id].summary
+
+    @property
+    def source(self) -> str:
+        return TRIM_CAUSES[self.id].source
+
+    def sentence(self) -> str:
+        return f"{self.disk}: {self.id}: {self.evidence}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "disk": self.disk,
+            "evidence": self.evidence,
+            "summary": self.summary,
+            "source": self.source,
+            "facts": self.facts,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Cause:
+        return cls(str(doc["id"]), str(doc["disk"]), str(doc["evidence"]), dict(doc["facts"]))
+
+
+@dataclass
+class DiskFacts:
+    """What explain knows about one disk, gathered after the trim (reads only)."""
+
+    target: str
+    image: ImageInfo | None = None  # the top image, header only, its chain linked
+    image_error: str | None = None
+    discard_no_unref: bool | None = None
+    guest_granularity: int | None = None
+    granularity_from: str = "QEMU's default"
+    punch: tuple[Verdict, str] | None = None  # the punch-hole probe of the image's directory
+    pool: ThinPool | None = None
+    filesystems: list[tuple[str, str]] = field(default_factory=list)  # (mountpoint, type)
+
+
+@dataclass
+class Evidence:
+    """A target's facts for explain: per disk, and which guest paths sit on which disks."""
+
+    disks: dict[str, DiskFacts] = field(default_factory=dict)
+    #: guest mountpoint -> the disk targets its filesystem sits on; None: not known
+    path_disks: dict[str, set[str]] | None = None
+
+
+def guest_granularity(disk: Disk | None) -> tuple[int, str]:
+    """(bytes, where from): the device property, the guest's sysfs, or QEMU's default."""
+    if disk is not None:
+        configured = disk.device_properties.get("discard_granularity")
+        if isinstance(configured, int) and configured > 0:
+            return configured, "the device's discard_granularity"
+        queue = disk.guest_queue
+        if queue is not None and queue.discard_granularity:
+            return queue.discard_granularity, "the guest's queue/discard_granularity"
+    return DEFAULT_GUEST_GRANULARITY, "QEMU's default discard_granularity"
+
+
+def image_facts(path: str) -> tuple[ImageInfo | None, str | None]:
+    """The image's header facts and backing chain (read-only), or why they cannot be read."""
+    from vmtrim.errors import VmtrimError
+    from vmtrim.image.info import inspect
+
+    try:
+        return inspect(path, header_only=True), None
+    except VmtrimError as exc:
+        return None, exc.one_line()
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror}"
+
+
+def punch_facts(path: str) -> tuple[Verdict, str]:
+    """The host probe's punch-hole verdict for the image's directory (a temporary file)."""
+    from vmtrim.audit.hostprobe import punch_hole_probe
+
+    probe = punch_hole_probe(os.path.dirname(os.path.abspath(path)) or "/")
+    return probe.verdict, probe.reason
+
+
+def disk_causes(facts: DiskFacts) -> list[Cause]:
+    """The configuration and storage causes that apply to one disk (no guest figures)."""
+    found: list[Cause] = []
+    t = facts.target
+
+    def add(key: str, evidence: str, **values: Any) -> None:
+        found.append(Cause(key, t, evidence, values))
+
+    image = facts.image
+    if image is not None and image.snapshot_count:
+        names = [str(s.get("name")) for s in image.snapshots][:5]
+        add(
+            "internal_snapshots",
+            f"{image.path} has {image.snapshot_count} internal snapshot(s)"
+            f" ({', '.join(names)}) in its qcow2 header: the clusters they share keep a"
+            " reference, a discard frees none of them",
+            snapshot_count=image.snapshot_count,
+            snapshots=names,
+        )
+    if image is not None and image.backing is not None:
+        chain: list[ImageInfo] = []
+        node: ImageInfo | None = image.backing
+        while node is not None:
+            chain.append(node)
+            node = node.backing
+        held = sum(layer.allocated_bytes for layer in chain)
+        add(
+            "backing_chain",
+            f"{image.path} is an overlay on {chain[0].path}"
+            f"{f' (and {len(chain) - 1} more)' if len(chain) > 1 else ''}: the"
+            f" {human_bytes(held)} allocated in the backing file(s) never shrink; the guest's"
+            " discards only write zero clusters in the overlay",
+            backing=[layer.path for layer in chain],
+            backing_allocated_bytes=held,
+        )
+    # Without a backing file a v2 image frees discarded clusters (measured): no cause then.
+    if image is not None and image.compat == "0.10" and image.backing is not None:
+        add(
+            "qcow2_compat_010",
+            f"{image.path} is qcow2 compat=0.10 with a backing file: QEMU refuses every"
+            " discard on it (no zero clusters); `qemu-img amend -o compat=1.1` fixes it",
+            compat="0.10",
+        )
+    if facts.discard_no_unref:
+        add(
+            "discard_no_unref",
+            "discard-no-unref is on: the clusters stay allocated in the qcow2 (its cluster"
+            " counts and a block device's allocation do not drop), only the file is punched;"
+            " count host bytes (du), not clusters",
+            discard_no_unref=True,
+        )
+    coarse = _granularity(facts)
+    if coarse is not None:
+        found.append(coarse)
+    if facts.punch is not None and facts.punch[0] is Verdict.BLOCK:
+        add("host_fs_no_punch", facts.punch[1])
+    pool = facts.pool
+    if pool is not None and pool.discards in ("ignore", "nopassdown"):
+        what = (
+            "drops every discard: nothing returns to the pool"
+            if pool.discards == "ignore"
+            else "frees pool chunks but does not pass the discards to its data device"
+        )
+        add(
+            "thin_pool_discards",
+            f"{pool.describe()} {what}",
+            pool=pool.name,
+            discards=pool.discards,
+            data_percent=pool.data_percent,
+        )
+    return found
+
+
+def _granularity(facts: DiskFacts) -> Cause | None:
+    """The cluster against what the guest sends. The default 64 KiB cluster is coarser than
+    the 4 KiB default too, but ext4's fstrim sends whole free extents, mostly far larger:
+    only a cluster above the default is named (the measured matrix is the granularity
+    engineer's; its ``coarser`` flags replace this once audit.granularity lands)."""
+    image = facts.image
+    if image is None or image.format != "qcow2" or not image.cluster_size:
+        return None
+    gran = facts.guest_granularity or DEFAULT_GUEST_GRANULARITY
+    if image.cluster_size <= max(gran, DEFAULT_CLUSTER):
+        return None
+    return Cause(
+        "granularity",
+        facts.target,
+        f"{image.path} has {human_bytes(image.cluster_size)} clusters, the guest may send"
+        f" discards of {human_bytes(gran)} ({facts.granularity_from}): each freed range"
+        " smaller than a cluster, or not aligned to one, is dropped; use a 64 KiB cluster, or"
+        " set the device's discard_granularity to the cluster size",
+        {"cluster_size": image.cluster_size, "guest_granularity": gran},
+    )
+
+
+def already_trimmed(facts: DiskFacts, paths: Iterable[FstrimPath]) -> list[Cause]:
+    """ext4 paths on this disk that reported (about) nothing: trimmed since mount."""
+    types = dict(facts.filesystems)
+    out = []
+    for path in paths:
+        fstype = types.get(path.path, "")
+        if path.trimmed is None or path.trimmed >= NOTHING or fstype not in _EXT4_DRIVER:
+            continue
+        out.append(
+            Cause(
+                "ext4_already_trimmed",
+                facts.target,
+                f"{path.path} ({fstype}) reported {human_bytes(path.trimmed)} trimmed: ext4"
+                " skips the block groups already trimmed since mount (nothing was freed in"
+                " them since); what the first trim freed is already on the host",
+                {"path": path.path, "trimmed": path.trimmed, "fstype": fstype},
+            )
+        )
+    return out
+
+
+def guest_by_disk(
+    paths: Sequence[FstrimPath], path_disks: dict[str, set[str]] | None
+) -> dict[str, int]:
+    """The guest's per-path figures on the disk each path's filesystem sits on (a path on
+    several disks cannot be split and counts for none)."""
+    out: dict[str, int] = {}
+    for path in paths:
+        targets = (path_disks or {}).get(path.path, set())
+        if path.trimmed is not None and len(targets) == 1:
+            [target] = targets
+            out[target] = out.get(target, 0) + path.trimmed
+    return out
+
+
+def paths_on(target: str, paths: Sequence[FstrimPath], evidence: Evidence) -> list[FstrimPath]:
+    if evidence.path_disks is None:
+        return list(paths)
+    return [p for p in paths if target in evidence.path_disks.get(p.path, set())]
+
+
+class _Agent(Protocol):
+    def execute(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any: ...
+
+
+def domain_evidence(
+    domain: Domain,
+    refs: dict[str, DiskRef],
+    agent: _Agent | None,
+    xml: str | None,
+    timeout: float,
+    *,
+    local: bool,
+) -> Evidence:
+    """Each measured disk's facts, and (with an agent and the domain XML) which guest
+    filesystem sits on which disk. Reads only; the host is probed on a local connection."""
+    evidence = Evidence()
+    by_target: dict[str, list[tuple[str, str]]] = {}
+    if agent is not None and xml is not None:
+        evidence.path_disks = _path_disks(agent, xml, timeout, by_target)
+    for disk in domain.disks:
+        target = disk.target or disk.ident
+        ref = refs.get(target)
+        if ref is None:
+            continue
+        facts = DiskFacts(target, filesystems=by_target.get(target, []))
+        facts.guest_granularity, facts.granularity_from = guest_granularity(disk)
+        node = disk.node
+        facts.discard_no_unref = node.discard_no_unref if node is not None else None
+        if ref.local_file and local:
+            facts.image, facts.image_error = image_facts(ref.local_file)
+            facts.punch = punch_facts(ref.local_file)
+        path = ref.local_file or (ref.source if (ref.source or "").startswith("/dev/") else None)
+        if local and path:
+            facts.pool = _pool(path)
+        evidence.disks[target] = facts
+    return evidence
+
+
+def _path_disks(
+    agent: _Agent, xml: str, timeout: float, by_target: dict[str, list[tuple[str, str]]]
+) -> dict[str, set[str]] | None:
+    from vmtrim.channels.qmp import parse_fsinfo
+    from vmtrim.errors import VmtrimError
+    from vmtrim.sources.libvirt_live import disk_addresses, match_guest_disk
+
+    try:
+        filesystems = parse_fsinfo(agent.execute("guest-get-fsinfo", None, timeout))
+    except VmtrimError:  # an agent without fsinfo: the domain's totals decide instead
+        return None
+    addresses = disk_addresses(xml)
+    out: dict[str, set[str]] = {}
+    for fs in filesystems:
+        targets = {t for t in (match_guest_disk(d, addresses) for d in fs.disks) if t}
+        out.setdefault(fs.mountpoint, set()).update(targets)
+        for target in targets:
+            by_target.setdefault(target, []).append((fs.mountpoint, fs.type))
+    return out
+
+
+def _pool(path: str) -> ThinPool | None:
+    """The thin pool under a disk's file or device, as the host probe reads it."""
+    from vmtrim.storage.block import block_stack
+    from vmtrim.storage.pool import device_under
+    from vmtrim.storage.runner import LocalRunner
+
+    runner = LocalRunner()
+    device = device_under(path, runner)
+    return None if device is None else block_stack(runner, device).pool
