@@ -1,5 +1,6 @@
 """`vmtrim image info|map` human tables: the shared style, fitted on a terminal, whole when
-piped, hostile file names escaped; and the modules `image info` loads."""
+piped, hostile file names escaped; the modules `image info` loads; and its click-free
+fast path, which must print what click's parse prints, byte for byte."""
 
 from __future__ import annotations
 
@@ -86,7 +87,17 @@ def test_control_characters_in_names_are_escaped(tmp_path: Path) -> None:
             assert "\\x1b[2J" in out
 
 
-FORBIDDEN = ("lxml", "rich", "libvirt", "libvirtmod", "qemu", "click_extra", "pygments", "yaml")
+FORBIDDEN = (
+    "lxml",
+    "rich",
+    "libvirt",
+    "libvirtmod",
+    "qemu",
+    "click",
+    "click_extra",
+    "pygments",
+    "yaml",
+)
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
@@ -110,3 +121,91 @@ def test_image_info_json_imports_only_what_it_needs(tmp_path: Path, fmt: str) ->
     assert all(m.startswith(allowed) for m in ours), sorted(ours)
     # the audit, trim and fix machinery stay out of a read-only image command
     assert not {m for m in ours if m.startswith(("vmtrim.audit", "vmtrim.channels"))}
+
+
+# Run one argv the way the console script does, parsing with click whatever the argv.
+CLICK_ONLY = "import sys; from vmtrim.cli import run; sys.exit(run(sys.argv[1:], fast=False))"
+
+
+@pytest.fixture(scope="module")
+def argv_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("fast")
+    pool = d / "pool"
+    pool.mkdir()
+    base = create(pool / "base.qcow2", "4M")
+    qemu_io(base, "write -P 1 0 64k", "write -z 1M 64k")
+    top = pool / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "4M")
+    raw = create(pool / "disk.raw", "1M", "raw")
+    qemu_io(raw, "write -P 0 0 64k", "write -P 5 128k 4k", fmt="raw")
+    junk = d / "notes.txt"
+    junk.write_text("not an image\n")
+    evil = create(d / "x\x1b[2Jforged\rrow \udcff.qcow2", "1M")
+    return {
+        "top": str(top),
+        "raw": str(raw),
+        "pool": str(pool),
+        "junk": str(junk),
+        "evil": str(evil),
+        "missing": str(d / "missing.qcow2"),
+    }
+
+
+FAST_ARGVS = [
+    ["{top}"],
+    ["--json", "{top}"],
+    ["{top}", "--json", "--no-backing"],
+    ["--json", "--json", "{top}"],
+    ["--scan-zeros", "{raw}"],
+    ["--scan-zeros", "--json", "{top}"],
+    ["--json", "{top}", "{raw}"],
+    ["{pool}"],
+    ["--json", "{pool}", "{junk}"],
+    ["{missing}"],
+    ["--json", "{junk}"],
+    ["{evil}"],
+    [""],
+]
+CLICK_ARGVS = [
+    [],
+    ["--json"],
+    ["--bogus", "{top}"],
+    ["--json=1", "{top}"],
+    ["-f", "raw", "{raw}"],
+    ["--format=qcow2", "--json", "{top}"],
+    ["-f", "vmdk", "{top}"],
+    ["--", "{top}"],
+    ["-", "{top}"],
+    ["--help"],
+    ["-h", "{top}"],
+    ["{top}", "--no-such"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_ARGVS + CLICK_ARGVS, ids=" ".join)
+def test_fast_path_prints_what_click_prints(argv_images: dict[str, str], argv: list[str]) -> None:
+    from vmtrim.cli.image_info import fast_args
+
+    args = ["image", "info", *(a.format(**argv_images) for a in argv)]
+    # the fast path takes exactly the first set; the second is click's to parse or refuse
+    assert (fast_args(args[2:]) is not None) == (argv in FAST_ARGVS)
+    env = {**os.environ, "COLUMNS": "100"}
+    fast, slow = (
+        subprocess.run(cmd + args, capture_output=True, env=env, timeout=120, check=False)
+        for cmd in (VMTRIM, [sys.executable, "-c", CLICK_ONLY])
+    )
+    assert (fast.returncode, fast.stdout, fast.stderr) == (
+        slow.returncode,
+        slow.stdout,
+        slow.stderr,
+    )
+    assert b"Traceback" not in fast.stderr
+
+
+def test_image_info_options_are_the_declared_ones() -> None:
+    """click's command is built from image_info.OPTIONS: the fast path reads the same list."""
+    from vmtrim.cli.image import info
+    from vmtrim.cli.image_info import OPTIONS
+
+    params = [p for p in info.params if p.name != "paths"]
+    assert [(tuple(p.opts), p.name) for p in params] == [(o.decls, o.dest) for o in OPTIONS]

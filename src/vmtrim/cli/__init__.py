@@ -25,6 +25,7 @@ from vmtrim.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, Vmtri
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs --version 2 ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     import click
@@ -77,7 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, *, fast: bool = True) -> int:
+    """Run ``vmtrim ARGV`` and return its exit code.
+
+    ``image info [FLAG...] PATH...`` is parsed without click (see
+    :mod:`vmtrim.cli.image_info`); ``fast=False`` parses every argv with click, as
+    the tests do to show that both give the same bytes and exit code.
+    """
     args = sys.argv[1:] if argv is None else argv
     try:
         if args == ["--version"]:  # the fast path: no click, no rich
@@ -86,7 +93,8 @@ def run(argv: list[str] | None = None) -> int:
             print_version()
             sys.stdout.flush()
             return 0
-        code = _run_click(args)
+        kwargs = _fast_image_info(args) if fast else None
+        code = _run_click(args) if kwargs is None else _guarded(lambda: _image_info(kwargs))
         # Flush here, inside the handler: at exit a closed pipe would print a traceback.
         sys.stdout.flush()
         return code
@@ -94,24 +102,52 @@ def run(argv: list[str] | None = None) -> int:
         return silence_stdout()
 
 
+def _fast_image_info(args: list[str]) -> dict[str, Any] | None:
+    # click also answers shell completion requests, whatever the argv
+    if args[:2] != ["image", "info"] or "_VMTRIM_COMPLETE" in os.environ:
+        return None
+    from vmtrim.cli.image_info import fast_args
+
+    return fast_args(args[2:])
+
+
+def _image_info(kwargs: dict[str, Any]) -> int:
+    from vmtrim.cli.image_info import info
+    from vmtrim.output import set_quiet
+
+    set_quiet(False)  # what the group does without -q
+    return info(**kwargs)
+
+
 def _run_click(args: list[str]) -> int:
     import click
 
     from vmtrim.cli.group import cli
 
+    def call() -> object:
+        try:
+            return cli.main(args=args, prog_name="vmtrim", standalone_mode=False)
+        except click.exceptions.Exit as exc:
+            return int(exc.exit_code)
+        except click.ClickException as exc:
+            _show(exc)
+            return EXIT_BAD_INPUT
+        except click.exceptions.Abort:
+            raise KeyboardInterrupt from None
+
+    return _guarded(call)
+
+
+def _guarded(call: Callable[[], object]) -> int:
+    """``call()``'s exit code, with every failure turned into one line and its code."""
     try:
-        result: Any = cli.main(args=args, prog_name="vmtrim", standalone_mode=False)
+        result = call()
     except VmtrimError as exc:
         if _debug():
             raise
         _error(f"vmtrim: {exc.one_line()}")
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        _show(exc)
-        return EXIT_BAD_INPUT
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         _error("vmtrim: interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
