@@ -18,7 +18,7 @@ import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vmtrim._util.deadline import call_with_deadline
 from vmtrim._util.domxml import DriveAddress, PciAddress, controllers, disks
@@ -30,7 +30,7 @@ from vmtrim.channels.libvirt import (
     libvirt_module,
     select_domains,
 )
-from vmtrim.channels.qmp import parse_fsinfo
+from vmtrim.channels.qmp import ExecStatus, parse_fsinfo
 from vmtrim.errors import AgentCommandFailed, AgentUnavailable
 from vmtrim.model import (
     Domain,
@@ -52,6 +52,14 @@ class _Address:
     pci: PciAddress | None  # the disk's own (virtio) or its controller's
     drive: DriveAddress | None  # (bus, target, unit) of a drive address
     serial: str | None
+
+
+class AgentLike(Protocol):
+    """What the guest facts need of an agent (:class:`~vmtrim.channels.libvirt.LibvirtAgent`)."""
+
+    def execute(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any: ...
+
+    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus: ...
 
 
 def disk_addresses(xml: str) -> dict[str, _Address]:
@@ -125,7 +133,7 @@ def match_guest_disk(entry: dict[str, Any], addresses: dict[str, _Address]) -> s
     return next(iter(same_bus)) if len(same_bus) == 1 else None
 
 
-def _mount_options(agent: LibvirtAgent, timeout: float) -> dict[str, tuple[str, ...]]:
+def _mount_options(agent: AgentLike, timeout: float) -> dict[str, tuple[str, ...]]:
     status = agent.run("cat", ["/proc/mounts"], timeout)
     options: dict[str, tuple[str, ...]] = {}
     for line in status.out_data.decode("utf-8", "replace").splitlines():
@@ -318,7 +326,7 @@ def parse_timer(out: bytes, exitcode: int | None) -> TimerFacts:
     return TimerFacts(enabled, " ; ".join(commands)[:1024] or None, scope, only, tuple(notes))
 
 
-def _fstrim_timer(agent: LibvirtAgent, timeout: float) -> TimerFacts:
+def _fstrim_timer(agent: AgentLike, timeout: float) -> TimerFacts:
     status = agent.run("/bin/sh", ["-c", _TIMER_SCRIPT], timeout)
     return parse_timer(status.out_data, status.exitcode)
 
@@ -415,7 +423,7 @@ def guest_device(entry: dict[str, Any], fs_name: str) -> tuple[str, str] | None:
 
 
 def _queues(
-    agent: LibvirtAgent, pairs: Sequence[tuple[str, str]], timeout: float
+    agent: AgentLike, pairs: Sequence[tuple[str, str]], timeout: float
 ) -> tuple[dict[tuple[str, str], GuestQueue], list[str]]:
     args = [a for pair in pairs for a in pair]
     status = agent.run("/bin/sh", ["-c", _QUEUE_SCRIPT, "vmtrim", *args], timeout)
@@ -439,7 +447,7 @@ def _string(value: object, limit: int = 200) -> str | None:
     return value[:limit] if isinstance(value, str) and value else None
 
 
-def guest_facts(agent: LibvirtAgent, domain: Domain, live_xml: str, timeout: float) -> None:
+def guest_facts(agent: AgentLike, domain: Domain, live_xml: str, timeout: float) -> None:
     """Fill ``domain.guest`` and each disk's ``guest_filesystems`` from the guest agent."""
     deadline = time.monotonic() + timeout
 

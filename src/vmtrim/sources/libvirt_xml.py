@@ -151,6 +151,11 @@ class _DomainReader:
             format_defaulted=storage is not StorageKind.NONE and xml.driver_type is None,
         )
         disk.controller_model, disk.qemu_device = self._device(disk, xml)
+        # libvirt passes these to the QEMU device as its properties (formatdomain.rst).
+        for tag, prop in (("target", "rotation_rate"), ("blockio", "discard_granularity")):
+            child = element.find(tag)
+            if child is not None and child.get(prop) is not None:
+                disk.device_properties[prop] = child.get(prop)
         if storage is not StorageKind.NONE:
             disk.node = self._nodes(disk, xml, storage_driver, index)
         return disk
