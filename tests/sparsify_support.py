@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmtrim.storage.runner import Runner
+
 MiB = 1024 * 1024
 ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
@@ -224,3 +226,166 @@ def qemu_holding(image: Path) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- LUKS and LVM thin: one GPT disk, filled inside a guest ---------------------------------
+#
+# This host's kernel has no device-mapper. cryptsetup luksFormat works on a loop device
+# without it (it only writes the header), but opening the volume, and every LVM thin
+# operation, needs dm: the filesystems inside are made and filled in a setup guest (the
+# sparsify appliance's kernel and tools, with tests/storage_support's agent init).
+
+PASSPHRASE = b"vmtrim sparsify test"  # the LUKS key slot's exact bytes
+CRYPT = (1, 96)  # partition 1: LUKS2 (start MiB, size MiB)
+THIN = (97, 160)  # partition 2: an LVM PV with a thin pool and a thin volume
+THIN_LV = "vgt/thin"
+JUNK_MIB = 24
+
+
+@dataclass
+class CryptThinDisk:
+    path: Path
+    header_bytes: int  # the LUKS2 header and key slots: everything before the data segment
+    kept: dict[str, dict[str, str]] = field(default_factory=dict)  # as the guest's sha256sum
+    deleted_bytes: int = 0
+
+    def luks_header(self) -> bytes:
+        """The first header_bytes of partition 1, read through qemu-img (any format)."""
+        start = CRYPT[0] * MiB
+        with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
+            raw = Path(tmp) / "probe.raw"
+            sh("qemu-img", "convert", "-O", "raw", self.path, raw)
+            with open(raw, "rb") as f:
+                f.seek(start)
+                return f.read(self.header_bytes)
+
+
+def sha256sum_lines(text: str) -> dict[str, str]:
+    """sha256sum's "DIGEST  ./path" lines -> {./path: DIGEST}; other lines are ignored."""
+    pairs = (line.split("  ", 1) for line in text.splitlines() if "  " in line)
+    return {path: digest for digest, path in pairs if len(digest) == 64}
+
+
+def guest_sh(runner: Runner, script: str, timeout: float = 300.0) -> str:
+    """One shell script in the setup guest, through guest-exec; it must exit 0."""
+    out = runner.run(["/bin/sh", "-c", f"set -e; {script}"], timeout=timeout)
+    assert out.ok, f"{script}: {out.why()}\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
+@contextlib.contextmanager
+def setup_guest(image: Path) -> Iterator[Runner]:
+    """The sparsify appliance's kernel and tools with qemu-ga as init (storage_support),
+    ``image`` as its virtio-scsi disk sda: a Runner over guest-exec, and a clean stop."""
+    import dataclasses
+    import shutil
+
+    from storage_support import storage_initrd
+    from test_storage_thin import connect_agent
+    from vmtrim.lab import ensure_appliance
+    from vmtrim.storage.runner import AgentRunner
+    from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
+
+    appliance = ensure_appliance(variant="sparsify")
+    work = make_workdir()
+    try:
+        spec = GuestSpec(
+            appliance=dataclasses.replace(appliance, initrd=storage_initrd(appliance.initrd, work)),
+            disk=DiskSpec(image, "qcow2", "virtio-scsi", "unmap"),
+            agent=True,
+            control=False,
+            extra_cmdline=("rdinit=/vmtrim-storage-init",),
+        )
+        with DirectGuest(spec, work, subject="setup guest") as vm:
+            agent = connect_agent(vm.paths.agent, time.monotonic() + 300)
+            try:
+                runner = AgentRunner(agent, "the setup guest")
+                # cryptsetup's modules (the storage init loads base and dm only)
+                guest_sh(
+                    runner,
+                    "mkdir -p /run/cryptsetup; while read -r g m; do [ $g = crypt ] &&"
+                    " { insmod /lib/modules/$m 2>/dev/null || true; }; done </etc/vmtrim/modules",
+                )
+                yield runner
+                # flush the guest's caches and QEMU's qcow2 metadata before the kill
+                guest_sh(runner, "sync")
+            finally:
+                agent.__exit__(None, None, None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fill_in_guest(runner: Runner, dev: str, disk: CryptThinDisk, name: str) -> None:
+    """ext4 on ``dev`` with kept files (their sha256 as the guest computes it) and
+    JUNK_MIB of random data written and deleted."""
+    out = guest_sh(
+        runner,
+        f"mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 {dev};"
+        f" mount -t ext4 {dev} /mnt; mkdir '/mnt/sub dir';"
+        " dd if=/dev/urandom of=/mnt/keep.bin bs=1M count=3 2>/dev/null;"
+        f" echo '{name} stays' >'/mnt/sub dir/note.txt';"
+        f" dd if=/dev/urandom of=/mnt/junk bs=1M count={JUNK_MIB} conv=fsync 2>/dev/null;"
+        " rm /mnt/junk; sync; cd /mnt; find . -type f | sort | while read -r f; do"
+        ' sha256sum "$f"; done; cd /; umount /mnt',
+    )
+    disk.kept[name] = sha256sum_lines(out)
+    disk.deleted_bytes += JUNK_MIB * MiB
+
+
+def make_crypt_thin_disk(directory: Path) -> CryptThinDisk:
+    raw = directory / "crypt-thin.raw"
+    with open(raw, "wb") as f:
+        f.truncate((1 + CRYPT[1] + THIN[1] + 2) * MiB)
+    sh("sgdisk", "-Z", "-n1:1M:+96M", "-t1:8309", "-n2:97M:+160M", "-t2:8e00", raw)
+    with loop(raw, "--offset", str(CRYPT[0] * MiB), "--sizelimit", str(CRYPT[1] * MiB)) as dev:
+        # pbkdf2 with few iterations: a quick open under TCG (argon2 needs up to 1 GiB)
+        subprocess.run(
+            ["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+             "--pbkdf-force-iterations", "1000", dev, "-"],
+            input=PASSPHRASE, check=True, capture_output=True,
+        )  # fmt: skip
+        dump = sh("cryptsetup", "luksDump", dev)
+    # "Data segments: 0: crypt offset: 16777216 [bytes]"
+    segment = dump.split("Data segments:", 1)[1]
+    header = int(segment.split("offset:", 1)[1].split()[0])
+    disk = CryptThinDisk(directory / "crypt-thin.qcow2", header)
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk.path)
+    raw.unlink()
+    with setup_guest(disk.path) as runner:
+        guest_sh(
+            runner,
+            f"printf %s '{PASSPHRASE.decode()}' | cryptsetup open --key-file -"
+            " --disable-keyring /dev/sda1 setup",
+        )
+        _fill_in_guest(runner, "/dev/mapper/setup", disk, "sda1:luks")
+        guest_sh(runner, "cryptsetup close setup")
+        guest_sh(
+            runner,
+            "lvm pvcreate -q /dev/sda2; lvm vgcreate -q vgt /dev/sda2;"
+            " lvm lvcreate -q --type thin-pool -L 128m --chunksize 64k --discards passdown"
+            " -Zn -n pool vgt; lvm lvcreate -q -V 192m --thinpool vgt/pool -n thin vgt",
+        )
+        _fill_in_guest(runner, "/dev/mapper/vgt-thin", disk, THIN_LV)
+        guest_sh(runner, "lvm vgchange -q -an vgt")
+    return disk
+
+
+def guest_checksums(
+    runner: Runner, disk: CryptThinDisk, passphrase: bytes
+) -> dict[str, dict[str, str]]:
+    """Open, mount read-only and sha256 both filesystems in the setup guest (no vmtrim)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, dev, opened in (
+        ("sda1:luks", "/dev/mapper/check",
+         f"printf %s '{passphrase.decode()}' | cryptsetup open --key-file - --readonly"
+         " --disable-keyring /dev/sda1 check"),
+        (THIN_LV, "/dev/mapper/vgt-thin", "lvm vgchange -q -ay vgt >/dev/null"),
+    ):  # fmt: skip
+        text = guest_sh(
+            runner,
+            f"{opened}; mount -t ext4 -o ro {dev} /mnt; cd /mnt; find . -type f | sort |"
+            ' while read -r f; do sha256sum "$f"; done; cd /; umount /mnt',
+        )
+        out[name] = sha256sum_lines(text)
+    guest_sh(runner, "cryptsetup close check; lvm vgchange -q -an vgt >/dev/null")
+    return out

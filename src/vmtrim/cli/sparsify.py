@@ -18,30 +18,55 @@ import click
 @click.option(
     "-c", "--connect", "uri", metavar="URI", help="libvirt URI asked whether a domain uses IMAGE."
 )
+@click.option(
+    "--key",
+    "key_specs",
+    multiple=True,
+    metavar="[ID:file:]FILE",
+    help="Open LUKS volumes with the key in FILE (all of them, or the one ID names: sda2 or"
+    " its LUKS UUID). The whole file is tried, then its first line. Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one vmtrim.sparsify/1 JSON document.")
-def sparsify(image: Path, dry_run: bool, zeros: bool, uri: str | None, as_json: bool) -> int:
+def sparsify(
+    image: Path,
+    dry_run: bool,
+    zeros: bool,
+    uri: str | None,
+    key_specs: tuple[str, ...],
+    as_json: bool,
+) -> int:
     """Trim every filesystem of IMAGE through the lab guest, in place.
 
     Whole-disk filesystems, GPT and MBR partitions and LVM volumes; ext2/3/4, xfs,
     btrfs and vfat are mounted with safe options and fstrimmed, swap is discarded
     behind its header (signature, UUID and label kept). A filesystem whose journal
-    needs replaying, LUKS, unknown partitions and the space between partitions are
-    left alone, with the reason. Backing files are opened read-only. An image in use
-    (QEMU's image lock, or a running libvirt domain) is refused with exit 3.
+    needs replaying, LUKS without a --key, unknown partitions and the space between
+    partitions are left alone, with the reason. With --key, a LUKS volume is opened
+    in the appliance (the key travels over its control port, never on a command
+    line), what it holds is trimmed, and it is closed again; its header is only
+    read. A key that opens none of its volumes: they are left alone, the rest is
+    done, exit 2. Backing files are opened read-only. An image in use (QEMU's image
+    lock, or a running libvirt domain) is refused with exit 3.
     """
     from vmtrim.output import print_json, print_note, progress_console
-    from vmtrim.sparsify.engine import SCHEMA
+    from vmtrim.sparsify.engine import SCHEMA, WrongKey, parse_key
     from vmtrim.sparsify.engine import sparsify as run_sparsify
     from vmtrim.vm.guest import cleanup_on_signals
 
+    keys = [parse_key(spec) for spec in key_specs]
+    wrong: WrongKey | None = None
     with cleanup_on_signals(), progress_console().status(f"sparsify {image}") as status:
-        result = run_sparsify(
-            image,
-            dry_run=dry_run,
-            zeros=zeros,
-            uri=uri,
-            on_step=lambda text: status.update(f"sparsify {image}: {text}"),
-        )
+        try:
+            result = run_sparsify(
+                image,
+                dry_run=dry_run,
+                zeros=zeros,
+                uri=uri,
+                on_step=lambda text: status.update(f"sparsify {image}: {text}"),
+                keys=keys,
+            )
+        except WrongKey as exc:  # the rest was done: report it, then fail with the one line
+            wrong, result = exc, exc.result
     from vmtrim.errors import HistoryUnavailable
     from vmtrim.sparsify.engine import record_history
 
@@ -53,6 +78,8 @@ def sparsify(image: Path, dry_run: bool, zeros: bool, uri: str | None, as_json: 
         print_json(SCHEMA, result.to_json())
     else:
         _render(result)
+    if wrong is not None:
+        raise wrong
     return 1 if any(fs.action == "failed" for fs in result.filesystems) else 0
 
 

@@ -77,9 +77,13 @@ class Variant:
 VARIANTS = {
     "lab": Variant("lab", "init.sh"),
     # vmtrim sparsify: real blkid (partitions, swap UUID/label), lvm, xfs_logprint
-    # (is the log clean?), and every filesystem's module group.
+    # (is the log clean?), thin_check (a thin pool activates only after it), cryptsetup
+    # (LUKS with --key), and every filesystem's module group.
     "sparsify": Variant(
-        "sparsify", "sparsify.sh", ("blkid", "lvm", "xfs_logprint"), SPARSIFY_GROUPS
+        "sparsify",
+        "sparsify.sh",
+        ("blkid", "lvm", "xfs_logprint", "thin_check", "cryptsetup"),
+        SPARSIFY_GROUPS,
     ),
 }
 

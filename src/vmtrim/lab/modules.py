@@ -31,14 +31,19 @@ OPTIONAL = ("crc32c_generic",)
 # Other filesystems, loaded only by a guest that mounts them: btrfs pulls in raid6_pq,
 # whose start-up benchmark alone takes seconds under TCG.
 FS_GROUPS = ("xfs", "btrfs")
-# The sparsify appliance (vmtrim.lab.build VARIANTS) also mounts vfat and NTFS, and
-# activates LVM volumes: group -> the modules (and their dependencies) it loads.
+# The sparsify appliance (vmtrim.lab.build VARIANTS) also mounts vfat and NTFS,
+# activates LVM volumes and opens LUKS: group -> the modules (and their dependencies) it
+# loads. "crypt": dm-crypt and the cipher modes LUKS uses (aes-xts-plain64 by default,
+# aes-cbc-essiv in old LUKS1; aes_generic, cbc and sha256 are built in), and AF_ALG,
+# through which cryptsetup decrypts the key slots with the kernel's ciphers (without
+# it, libcryptsetup falls back to a temporary dm-crypt mapping per slot).
 SPARSIFY_GROUPS: dict[str, tuple[str, ...]] = {
     "xfs": ("xfs",),
     "btrfs": ("btrfs",),
     "vfat": ("vfat", "nls_cp437", "nls_ascii", "nls_utf8"),
     "dm": ("dm_mod", "dm_thin_pool"),
     "ntfs3": ("ntfs3",),
+    "crypt": ("dm_crypt", "xts", "ecb", "essiv", "algif_skcipher", "algif_hash"),
 }
 
 

@@ -2,7 +2,8 @@
 # vmtrim sparsify guest: PID 1 of the appliance variant "sparsify" (vmtrim.lab.build).
 #
 # It finds every filesystem on the one disk (whole disk, GPT/MBR partitions, LVM
-# logical volumes) and, per vmtrim.action on the kernel command line:
+# logical and thin volumes, LUKS volumes when the host has keys) and, per
+# vmtrim.action on the kernel command line:
 #   trim      mounts each one read-write with safe options, fstrims it, unmounts it;
 #             discards a swap area behind its header (signature, UUID, label kept)
 #   list      reports what it would do and touches nothing (the disk is read-only)
@@ -17,7 +18,12 @@
 #   step=fs dev=D type=T size=BYTES uuid=U message=LABEL   (waits)
 #   step=trimmed dev=D rc=N trimmed=BYTES discarded=BYTES uuid=U [message=ERROR]   (waits)
 #   step=sum dev=D message=SHA256  PATH                (checksum)
+#   step=key dev=D uuid=U   (waits: with vmtrim.keys=1 only) the host answers "none", or
+#                           "key B64 [B64]": candidate keys, base64, tried in order
+#   step=badkey dev=D size=BYTES message=REASON        no candidate opens it
 #   step=done
+# A key never appears on a command line, the host's or this guest's: it comes over the
+# control port and lives in a file in this guest's RAM while cryptsetup reads it.
 # Nothing is repaired: a filesystem whose journal or log needs replaying is skipped.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -27,10 +33,11 @@ exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 
-ACTION=trim
+ACTION=trim KEYS=0
 for word in $(cat /proc/cmdline); do
     case "$word" in
     vmtrim.action=*) ACTION=${word#*=} ;;
+    vmtrim.keys=1) KEYS=1 ;;
     esac
 done
 
@@ -132,12 +139,15 @@ le_at() { # unsigned little-endian integer of $3 bytes at byte $2 of device $1
     dd if="$1" bs=1 skip="$2" count="$3" 2>/dev/null | od -An -tu"$3" | tr -d ' '
 }
 
-mkdir -p /etc/lvm /run/lvm /mnt
-# No udev here: libdevmapper makes the /dev nodes itself. metadata_read_only: repair nothing.
+mkdir -p /etc/lvm /run/lvm /run/cryptsetup /mnt
+# thin_check is pdata_tools under another name (it dispatches on argv[0]).
+[ -x /usr/sbin/pdata_tools ] && ln -sf pdata_tools /usr/sbin/thin_check
+# No udev here: libdevmapper makes the /dev nodes itself. metadata_read_only: repair nothing;
+# thin_check without --clear-needs-check-flag only reads the pool's metadata.
 cat >/etc/lvm/lvm.conf <<'EOF'
 devices { obtain_device_list_from_udev = 0 }
 activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 1 monitoring = 0 }
-global { metadata_read_only = 1 use_lvmlockd = 0 }
+global { metadata_read_only = 1 use_lvmlockd = 0 thin_check_executable = "/usr/sbin/thin_check" thin_check_options = [ "-q" ] }
 backup { backup = 0 archive = 0 }
 EOF
 
@@ -264,6 +274,53 @@ trim_fs() { # dev name type size
     wait_host
 }
 
+CRYPT_OPEN= # the mappings this run opened, newest first
+open_luks() { # dev name size: open it with the host's key, then handle what it holds
+    load_group dm
+    load_group crypt
+    say "step=key dev=$2 uuid=$UUID"
+    read -r reply <&3 || die "the host closed the control port"
+    set -- "$1" "$2" "$3" $reply
+    if [ "$4" != key ]; then
+        skip "$2" crypto_LUKS "$3" "LUKS is left alone: no --key names it"
+        return
+    fi
+    map=vmtrim-crypt$(($(echo "$CRYPT_OPEN" | wc -w) + 1))
+    ro=
+    [ "$ACTION" = trim ] || ro=--readonly
+    dev=$1 name=$2 size=$3
+    shift 4
+    rc=2
+    umask 077
+    for k in "$@"; do
+        echo "$k" | base64 -d >/run/key || continue
+        # allow-discards: fstrim's discards must pass dm-crypt to reach the image
+        cryptsetup open --type luks --key-file /run/key --allow-discards --disable-keyring \
+            $ro "$dev" "$map" </dev/null 2>/tmp/err
+        rc=$?
+        [ $rc = 2 ] || break # 2: no key slot opens with this key; try the next candidate
+    done
+    rm -f /run/key
+    umask 022
+    if [ $rc != 0 ]; then
+        if [ $rc = 2 ]; then
+            say "step=badkey dev=$name size=$size message=the key does not open this LUKS volume"
+        else
+            skip "$name" crypto_LUKS "$size" "cryptsetup open failed (exit $rc): $(head -c 200 /tmp/err | tr '\n' ' ')"
+        fi
+        return
+    fi
+    CRYPT_OPEN="$map $CRYPT_OPEN"
+    volume "/dev/mapper/$map" "$name:luks"
+}
+close_luks() { # close what is no longer in use (a PV inside LUKS waits for vgchange -an)
+    left=
+    for map in $CRYPT_OPEN; do
+        cryptsetup close "$map" 2>/dev/null || left="$left $map"
+    done
+    CRYPT_OPEN=$left
+}
+
 LVM_SEEN=0
 volume() { # /dev/path name: one block device that holds a filesystem, swap, PV or nothing
     size=$(bytes_of "$1")
@@ -277,7 +334,11 @@ volume() { # /dev/path name: one block device that holds a filesystem, swap, PV 
         ;;
     swap) trim_swap "$1" "$2" "$size" ;;
     swsuspend) skip "$2" swsuspend "$size" "swap that holds a hibernation image: left alone" ;;
-    crypto_LUKS) skip "$2" crypto_LUKS "$size" "LUKS is left alone (no key)" ;;
+    crypto_LUKS)
+        if [ "$KEYS" = 1 ]; then open_luks "$1" "$2" "$size"; else
+            skip "$2" crypto_LUKS "$size" "LUKS is left alone: no key given (vmtrim sparsify --key)"
+        fi
+        ;;
     LVM2_member) LVM_SEEN=1 ;;
     "") skip "$2" "" "$size" "no filesystem found: left alone" ;;
     *) skip "$2" "$TYPE" "$size" "$TYPE is not a filesystem vmtrim trims: left alone" ;;
@@ -315,8 +376,11 @@ if [ "$LVM_SEEN" = 1 ]; then
         *) skip "$vg/$lv" lvm "" "not an active plain or thin volume (attr $attr): left alone" ;;
         esac
     done </tmp/lvs
+    close_luks # LUKS inside a logical volume, before the volume goes
     lvm vgchange -an >/dev/null 2>&1
 fi
+close_luks
+[ -z "$CRYPT_OPEN" ] || say "step=warn message=cryptsetup close failed:$CRYPT_OPEN"
 
 settle
 say "step=done discarded=$(discarded)"

@@ -13,15 +13,22 @@ Cache mode: QEMU's default for ``-blockdev`` (writeback, flushes honoured), not
 metadata writes in dependency order, and what it wrote is in the host page cache),
 but ``unsafe`` drops the flushes that order those writes on the disk, so a host
 crash or power cut could then leave L2 tables pointing at freed clusters.
+
+LUKS (``--key``): the guest asks for a key per LUKS volume on the control port, and
+the host answers there, so a key is on no command line (QEMU's ``-append`` shows in
+``ps``). cryptsetup opens the volume with ``--allow-discards`` (fstrim's discards must
+pass dm-crypt), and the guest closes it again; the header is only read.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,83 @@ from vmtrim.vm.guest import (
 SCHEMA = "vmtrim.sparsify/1"
 GAP_MIN = 1024 * 1024  # smaller gaps are alignment padding, not worth a line
 STEP_TIMEOUT = 900.0  # one filesystem's fstrim under TCG
+MAX_KEY_BYTES = 64 * 1024  # cryptsetup allows 8 MiB; real key files are 4 KiB or less
+# Opening LUKS2 runs its argon2 PBKDF in the guest: cryptsetup gives it up to 1 GiB
+# (and at most half the RAM of the machine that formatted it). QEMU allocates lazily.
+KEY_MEMORY_MIB = 1536
+
+
+@dataclass(frozen=True)
+class LuksKey:
+    """One ``--key``: the LUKS volumes it is for (None: all) and the key file's bytes."""
+
+    selector: str | None  # a device as the appliance names it (sda2, /dev/sda2) or a UUID
+    source: str  # the key file, for messages
+    data: bytes = field(repr=False)
+
+    def candidates(self) -> list[bytes]:
+        """The whole file (cryptsetup --key-file), then its first line (virt-sparsify)."""
+        first = self.data.split(b"\n", 1)[0]
+        return [self.data] if first in (self.data, b"") else [self.data, first]
+
+    def matches(self, device: str, uuid: str | None) -> bool:
+        if self.selector is None:
+            return True
+        wanted = self.selector.removeprefix("/dev/")
+        return wanted == device or (uuid is not None and wanted.lower() == uuid.lower())
+
+
+def read_key_file(path: Path) -> bytes:
+    """A key file's bytes: a regular file, not empty, at most MAX_KEY_BYTES."""
+    try:
+        # O_NONBLOCK: a FIFO given by mistake must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise BadInput("no such key file (given with --key)", subject=str(path)) from None
+    except OSError as exc:
+        raise BadInput(f"cannot read the key file: {exc.strerror}", subject=str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInput("the key file is not a regular file", subject=str(path))
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_KEY_BYTES + 1)
+    if len(data) > MAX_KEY_BYTES:
+        raise BadInput(f"the key file is larger than {MAX_KEY_BYTES} bytes", subject=str(path))
+    if not data:
+        raise BadInput("the key file is empty", subject=str(path))
+    return data
+
+
+def parse_key(value: str) -> LuksKey:
+    """``--key FILE`` (every LUKS volume) or virt-sparsify's ``--key ID:file:FILE``.
+
+    ``ID:key:PASSPHRASE`` is refused: a passphrase on a command line is in every user's
+    ``ps``. ``ID`` is the device as the appliance names it (``sda2``) or the LUKS UUID.
+    """
+    parts = value.split(":", 2)
+    if len(parts) >= 2 and parts[1] in ("key", "clevis"):
+        why = (
+            "a passphrase on the command line shows in every user's ps: write it to a file"
+            " and give ID:file:FILE"
+            if parts[1] == "key"
+            else "clevis is not supported: give ID:file:FILE"
+        )
+        raise BadInput(why, subject=f"--key {parts[0]}:{parts[1]}")
+    if len(parts) == 3 and parts[1] == "file":
+        selector, name = parts[0] or None, parts[2]
+    else:
+        selector, name = None, value
+    if selector == "all":
+        selector = None
+    return LuksKey(selector, name, read_key_file(Path(name)))
+
+
+class WrongKey(BadInput):
+    """A --key opened none of the LUKS volumes it was for; the run did the rest."""
+
+    def __init__(self, message: str, *, subject: str, result: SparsifyResult) -> None:
+        super().__init__(message, subject=subject)
+        self.result = result
 
 
 @dataclass
@@ -85,6 +169,7 @@ class SparsifyResult:
     left_alone: list[LeftAlone] = field(default_factory=list)
     checksums: dict[str, dict[str, str]] = field(default_factory=dict)  # device -> path -> sha
     zeros_discarded: int | None = None
+    wrong_keys: dict[str, str] = field(default_factory=dict)  # LUKS device -> key file
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -147,6 +232,22 @@ def _next_status(ctl: ControlChannel, timeout: float) -> dict[str, str]:
             return fields
 
 
+def _answer(ctl: ControlChannel, line: str) -> None:
+    # ControlChannel.go() sends only "go"; a key step is answered with its own line.
+    try:
+        ctl._sock.sendall(line.encode() + b"\n")
+    except OSError as exc:
+        raise ctl._fail(f"cannot send to the guest: {exc}") from exc
+
+
+def _key_reply(keys: Sequence[LuksKey], device: str, uuid: str | None) -> tuple[str, str | None]:
+    """The line that answers the guest's key step, and the key file it came from."""
+    key = next((k for k in keys if k.matches(device, uuid)), None)
+    if key is None:
+        return "none", None
+    return "key " + " ".join(base64.b64encode(c).decode() for c in key.candidates()), key.source
+
+
 def _gaps(parts: list[tuple[int, int]], disk_size: int) -> list[tuple[int, int]]:
     """(start, length) of the unpartitioned space between and after partitions."""
     gaps = []
@@ -175,6 +276,7 @@ def run_appliance(
     action: str,
     on_step: Callable[[str], None] | None = None,
     boot_timeout: float = 180.0,
+    keys: Sequence[LuksKey] = (),
 ) -> None:
     """Boot the sparsify appliance on ``path`` and fill ``result`` from its report."""
     from vmtrim.lab import ensure_appliance
@@ -188,9 +290,11 @@ def run_appliance(
     writes = action == "trim"
     spec = GuestSpec(
         appliance,
-        scenario={"action": action},
+        scenario={"action": action, **({"keys": "1"} if keys else {})},
         disk=DiskSpec(path, fmt, "virtio-scsi", "unmap" if writes else "ignore"),
+        memory_mib=KEY_MEMORY_MIB if keys else GuestSpec.memory_mib,
     )
+    tried: dict[str, str] = {}  # LUKS device -> the key file sent for it
     workdir = make_workdir()
     parts: list[tuple[int, int]] = []
     disk_size = 0
@@ -250,6 +354,23 @@ def run_appliance(
                     current = None
                     _pause("trimmed")
                     ctl.go()
+                elif kind == "key":
+                    reply, source = _key_reply(keys, f["dev"], f.get("uuid") or None)
+                    if source is not None:
+                        tried[f["dev"]] = source
+                    _answer(ctl, reply)
+                elif kind == "badkey":
+                    source = tried.get(f["dev"], "?")
+                    result.wrong_keys[f["dev"]] = source
+                    size = f.get("size")
+                    result.left_alone.append(
+                        LeftAlone(
+                            f["dev"],
+                            "crypto_LUKS",
+                            int(size) if size else None,
+                            f"the key from {source} does not open it: left alone",
+                        )
+                    )
                 elif kind == "sum":
                     digest, _, name = f.get("message", "").partition("  ")
                     result.checksums.setdefault(f["dev"], {})[name] = digest
@@ -271,7 +392,10 @@ def sparsify(
     zeros: bool = False,
     uri: str | None = None,
     on_step: Callable[[str], None] | None = None,
+    keys: Sequence[LuksKey] = (),
 ) -> SparsifyResult:
+    """Sparsify ``path`` in place; WrongKey (exit 2, with the result) when a --key
+    opened none of the LUKS volumes it was for: those are left alone, the rest is done."""
     start = time.monotonic()
     if not path.is_file():
         raise BadInput("no such image file", subject=str(path))
@@ -282,7 +406,9 @@ def sparsify(
         str(path), fmt, backing, virtual, dry_run, allocated_before=allocated_bytes(path)
     )
     try:
-        run_appliance(path, fmt, result, action="list" if dry_run else "trim", on_step=on_step)
+        run_appliance(
+            path, fmt, result, action="list" if dry_run else "trim", on_step=on_step, keys=keys
+        )
     except GuestFailed as exc:
         if "lock" in exc.message:
             from vmtrim.errors import ImageInUse
@@ -297,14 +423,23 @@ def sparsify(
         result.zeros_discarded = discard_zero_clusters(path, fmt)
     result.allocated_after = allocated_bytes(path)
     result.seconds = round(time.monotonic() - start, 1)
+    if result.wrong_keys:
+        raise WrongKey(
+            "; ".join(
+                f"{dev}: the key from {source} does not open this LUKS volume (left alone)"
+                for dev, source in result.wrong_keys.items()
+            ),
+            subject=str(path),
+            result=result,
+        )
     return result
 
 
-def checksums(path: Path) -> dict[str, dict[str, str]]:
+def checksums(path: Path, keys: Sequence[LuksKey] = ()) -> dict[str, dict[str, str]]:
     """sha256 of every file of every filesystem on ``path``, read through the appliance."""
     fmt, backing, virtual = _image_facts(path)
     result = SparsifyResult(str(path), fmt, backing, virtual, True, allocated_bytes(path))
-    run_appliance(path.absolute(), fmt, result, action="checksum")
+    run_appliance(path.absolute(), fmt, result, action="checksum", keys=keys)
     return result.checksums
 
 
