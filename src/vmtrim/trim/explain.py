@@ -14,11 +14,13 @@ the causes that apply to that disk are listed, each with a stable id
 - the guest: a path that reported (about) nothing on ext4, which trims only the block
   groups changed since its last trim in this mount.
 
-The guest granularity is the device's ``discard_granularity`` where it is configured,
-else the guest's sysfs when the model has it, else QEMU's default for SCSI and IDE
-disks (4 KiB, hw/block/block.c DEFAULT_DISCARD_GRANULARITY). Note: the audit's
-granularity stack (``vmtrim.audit.granularity``) is not in the tree yet; when it lands
-its ``coarser`` layers should replace :func:`_granularity`.
+Granularity comes from the audit's :func:`~vmtrim.audit.granularity.granularity_stack`
+(guest, device, qcow2 cluster, host, pool; ``coarser`` marks a unit larger than every
+layer above). Without a disk model (a bare QEMU) the cluster is compared with the
+guest granularity here. A qcow2 cluster is named only above QEMU's default 64 KiB: the
+default is coarser than the 4 KiB scsi-hd tells the guest too, but fstrim sends whole
+free extents, mostly far larger (the lab's 64 KiB-cluster disk got back 99 % of what
+its guest freed).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from vmtrim.output import human_bytes
 from vmtrim.storage.block import ThinPool
 
 if TYPE_CHECKING:
+    from vmtrim.audit.granularity import LayerGranularity
     from vmtrim.image.info import ImageInfo
     from vmtrim.trim.engine import DiskRef
 
@@ -96,6 +99,7 @@ class DiskFacts:
     punch: tuple[Verdict, str] | None = None  # the punch-hole probe of the image's directory
     pool: ThinPool | None = None
     filesystems: list[tuple[str, str]] = field(default_factory=list)  # (mountpoint, type)
+    granularity: list[LayerGranularity] | None = None  # the audit's stack, with a disk model
 
 
 @dataclass
@@ -214,10 +218,10 @@ def disk_causes(facts: DiskFacts) -> list[Cause]:
 
 
 def _granularity(facts: DiskFacts) -> Cause | None:
-    """The cluster against what the guest sends. The default 64 KiB cluster is coarser than
-    the 4 KiB default too, but ext4's fstrim sends whole free extents, mostly far larger:
-    only a cluster above the default is named (the measured matrix is the granularity
-    engineer's; its ``coarser`` flags replace this once audit.granularity lands)."""
+    """The first layer coarser than what the layers above send (a qcow2 cluster only
+    above the default 64 KiB, see the module doc)."""
+    if facts.granularity is not None:
+        return _coarser_layer(facts)
     image = facts.image
     if image is None or image.format != "qcow2" or not image.cluster_size:
         return None
@@ -233,6 +237,37 @@ def _granularity(facts: DiskFacts) -> Cause | None:
         " set the device's discard_granularity to the cluster size",
         {"cluster_size": image.cluster_size, "guest_granularity": gran},
     )
+
+
+def _coarser_layer(facts: DiskFacts) -> Cause | None:
+    stack = facts.granularity or []
+    above = 0
+    for layer in stack:
+        if layer.bytes is None:
+            continue
+        default_cluster = layer.layer == "format" and layer.bytes <= DEFAULT_CLUSTER
+        if layer.coarser and not default_cluster:
+            return Cause(
+                "granularity",
+                facts.target,
+                f"the {layer.what} is {human_bytes(layer.bytes)}, the layers above send"
+                f" discards of {human_bytes(above)}: each freed range smaller than"
+                f" {human_bytes(layer.bytes)}, or not aligned to it, frees nothing there"
+                + (
+                    "; use a 64 KiB cluster, or set the device's discard_granularity to it"
+                    if layer.layer == "format"
+                    else ""
+                ),
+                {
+                    "layer": layer.layer,
+                    "what": layer.what,
+                    "bytes": layer.bytes,
+                    "above_bytes": above,
+                    "stack": [g.to_json() for g in stack],
+                },
+            )
+        above = max(above, layer.bytes)
+    return None
 
 
 def already_trimmed(facts: DiskFacts, paths: Iterable[FstrimPath]) -> list[Cause]:
@@ -307,6 +342,7 @@ def domain_evidence(
         if ref.local_file and local:
             facts.image, facts.image_error = image_facts(ref.local_file)
             facts.punch = punch_facts(ref.local_file)
+        facts.granularity = _stack(disk, facts.image, local)
         path = ref.local_file or (ref.source if (ref.source or "").startswith("/dev/") else None)
         if local and path:
             facts.pool = _pool(path)
@@ -333,6 +369,16 @@ def _path_disks(
         for target in targets:
             by_target.setdefault(target, []).append((fs.mountpoint, fs.type))
     return out
+
+
+def _stack(disk: Disk, image: ImageInfo | None, local: bool) -> list[LayerGranularity] | None:
+    from vmtrim.audit.granularity import granularity_stack
+    from vmtrim.audit.hostprobe import HostProbes
+
+    try:
+        return granularity_stack(disk, image, HostProbes(local=local))
+    except Exception:  # the stack is evidence, not the trim: compare the cluster instead
+        return None
 
 
 def _pool(path: str) -> ThinPool | None:
