@@ -216,7 +216,8 @@ class DiskElement(Sourced):
 
     TAG = "disk"
     ORDER = (
-        "driver", "source", "backingStore", "target", "iotune", "boot", "encryption",
+        "driver", "source", "backingStore", "geometry", "blockio", "target", "iotune", "boot",
+        "encryption",
         "readonly", "shareable", "transient", "serial", "wwn", "vendor", "product",
         "alias", "address",
     )  # fmt: skip
@@ -236,6 +237,8 @@ class DiskElement(Sourced):
     driver_cache = Attr("driver", "cache")
     target_dev = Attr("target", "dev")
     target_bus = Attr("target", "bus")
+    target_rotation_rate = Attr("target", "rotation_rate")
+    blockio_discard_granularity = Attr("blockio", "discard_granularity")
     address_type = Attr("address", "type")
     address_controller = Attr("address", "controller")
     address_bus = Attr("address", "bus")

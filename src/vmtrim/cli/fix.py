@@ -42,6 +42,18 @@ if TYPE_CHECKING:
 @click.option("--bus", type=click.Choice(["scsi"]),
               help="Move disks whose device cannot pass discard onto virtio-scsi.")  # fmt: skip
 @click.option("--all-disks", is_flag=True, help="With --bus scsi: move every disk.")
+@click.option("--discard-granularity", "granularity", metavar="auto|BYTES",
+              help="Set the QEMU device's discard_granularity (4096, 64K, 1M, ...; a power"
+              " of two >= 512), or auto: the unit the layers below it free (qcow2 cluster,"
+              " host block, thin chunk). 32K or 64K is the remedy for the May 2026 Windows"
+              " retrim failure.")  # fmt: skip
+@click.option("--ssd", is_flag=True,
+              help="Show disks as solid state (rotation_rate=1; scsi, ide and sata disks):"
+              " Windows trims only disks it sees as SSDs.")  # fmt: skip
+@click.option("--libvirt-version", "libvirt_version", metavar="X.Y",
+              help="With --xml and --discard-granularity/--ssd: the libvirt release the XML is"
+              " for (default: this host's libvirt). It decides <blockio> (10.0),"
+              " <qemu:override> (8.2) or <qemu:commandline>.")  # fmt: skip
 @click.option("--modernize", is_flag=True,
               help="QEMU: legacy -drive if=ide|scsi|virtio becomes if=none + -device.")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print a unified diff; write nothing.")
@@ -77,6 +89,9 @@ def fix(
     detect_zeroes: str | None,
     bus: str | None,
     all_disks: bool,
+    granularity: str | None,
+    ssd: bool,
+    libvirt_version: str | None,
     modernize: bool,
     dry_run: bool,
     output: str | None,
@@ -92,7 +107,25 @@ def fix(
     hosts_parallel: int = 8,
     connect_timeout: float = 15.0,
 ) -> int:
-    """Rewrite libvirt XML or a QEMU command line so discard passes."""
+    """Rewrite libvirt XML or a QEMU command line so discard passes.
+
+    The new text goes to stdout, or with --dry-run a unified diff; -o FILE and
+    --in-place write atomically after a backup; -c URI DOMAIN redefines the domain
+    (--restart power-cycles it so the fix takes effect). --discard-granularity and
+    --ssd change what the QEMU device tells the guest: in libvirt XML through
+    <blockio discard_granularity> (libvirt >= 10.0) and <target rotation_rate>
+    (>= 7.3), else <qemu:override> (>= 8.2) or <qemu:commandline> -set; on a QEMU
+    command line as -device properties. The summary says which.
+
+    \b
+    Exit codes: 0 changed, or nothing to change; 1 a writable disk still blocks
+    discard at the configuration and fix could not change it; 2 bad input or usage;
+    3 environment (a write failed, --restart timed out); 4 internal error,
+    130 interrupted, 141 stdout closed early.
+    """
+    device = _device_options(granularity, ssd, libvirt_version)
+    if libvirt_version and (args_file or uris or names or hosts_file):
+        raise click.UsageError("--libvirt-version applies to --xml FILE only")
     if hosts_file or len(uris) > 1:  # many hosts: vmtrim.fleet (exit 3 if a host failed)
         if xml_file or args_file or output or in_place or modernize or not names:
             raise click.UsageError("--hosts/-c URI -c URI need DOMAIN names, and no files")
@@ -102,7 +135,7 @@ def fix(
         return fix_fleet(
             host_list(uris, hosts_file),
             names,
-            FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks),
+            FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, **device),
             dry_run=dry_run,
             restart=restart,
             restart_timeout=restart_timeout,
@@ -117,7 +150,7 @@ def fix(
             raise click.UsageError(
                 "-c/DOMAIN cannot be mixed with --xml, --qemu-args, -o, --in-place or --modernize"
             )
-        options = FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks)
+        options = FixOptions(detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, **device)
         return fix_libvirt(
             uri,
             names,
@@ -142,8 +175,10 @@ def fix(
     assert path is not None
     if in_place and path == "-":
         raise click.UsageError("--in-place needs a file, not stdin")
+    if xml_file is not None and (granularity or ssd) and not libvirt_version:
+        device["libvirt_version"] = _local_libvirt_version(no_probe)
     options = FixOptions(
-        detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, modernize=modernize
+        detect_zeroes=detect_zeroes, bus=bus, all_disks=all_disks, modernize=modernize, **device
     )
     from contextlib import ExitStack
 
@@ -183,6 +218,37 @@ def fix(
         summarize(result, written=written, backup=backup)
         print_remaining([(None, result)])
     return EXIT_FINDINGS if any(skip.blocking for skip in result.skipped) else EXIT_OK
+
+
+def _device_options(granularity: str | None, ssd: bool, version: str | None) -> dict[str, Any]:
+    """The FixOptions fields of --discard-granularity, --ssd and --libvirt-version."""
+    from vmtrim._util.versions import parse_version
+    from vmtrim.fix.policy import parse_granularity
+
+    options: dict[str, Any] = {"ssd": ssd}
+    if granularity is not None:
+        options["discard_granularity"] = parse_granularity(granularity)
+    if version is not None:
+        parsed = parse_version(version)
+        if parsed is None or not version.strip()[:1].isdigit():
+            raise BadInput(f"{version!r} is not a version (10.0, 9.0.0)", "--libvirt-version")
+        options["libvirt_version"] = parsed
+    return options
+
+
+def _local_libvirt_version(no_probe: bool) -> Any:
+    """The libvirt release an XML file is fixed for when --libvirt-version is not given."""
+    from vmtrim.fix.libvirt import local_libvirt_version
+
+    version = None if no_probe else local_libvirt_version()
+    if version is None:
+        why = "--no-probe: the XML is from another host" if no_probe else "no libvirt here"
+        raise BadInput(
+            f"--discard-granularity and --ssd on libvirt XML depend on the libvirt release"
+            f" ({why}): give --libvirt-version X.Y",
+            "--libvirt-version",
+        )
+    return version
 
 
 def run_fix(

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vmtrim._util.versions import Version, from_libvirt
 from vmtrim.channels.libvirt import (
     Connection,
     LibvirtAgent,
@@ -72,6 +73,14 @@ class LiveFix:
         }
 
 
+def local_libvirt_version() -> Version | None:
+    """This host's libvirt library release (libvirt-python's getVersion), or None."""
+    try:
+        return from_libvirt(int(libvirt_module().getVersion()))
+    except Exception:  # no libvirt-python, or a library that cannot say
+        return None
+
+
 def _libvirt_call(subject: str, what: str, call: Any, *args: Any) -> Any:
     libvirt = libvirt_module()
     try:
@@ -118,7 +127,11 @@ def fix_live(
         _libvirt_call(name, "defineXML refused the fixed XML", conn.conn.defineXML, result.new_text)
         outcome.defined = True
         again = fix_domain_xml(
-            fetch_domain_xml(dom, inactive=True, secure=True), options, subject=name, probes=probes
+            fetch_domain_xml(dom, inactive=True, secure=True),
+            options,
+            subject=name,
+            probes=probes,
+            live=live,  # the same libvirt release decides the same device settings
         )
         if again.changed:
             raise EnvironmentProblem(

@@ -16,15 +16,28 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from vmtrim._util.versions import Version
 from vmtrim.errors import BadInput
 from vmtrim.facts import FORMATS, PROTOCOLS
 from vmtrim.model import DeviceType, Disk, DiskReport, Layer, LayerKind, StorageKind, Verdict
 
+if TYPE_CHECKING:
+    from vmtrim.audit.hostprobe import HostProbes
+
 SCHEMA = "vmtrim.fix/1"
+
+LOGICAL_BLOCK = 512
+# QEMU's discard_granularity is a uint32 (-device scsi-hd,help: default 4294967295, "not
+# set"): the largest power of two it takes is 2 GiB.
+GRANULARITY_MAX = 1 << 31
+_SIZE = re.compile(r"(\d{1,19})\s*(?:([kmg])(?:i?b)?|b)?")
+_SCALE = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+Granularity = int | Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +47,26 @@ class FixOptions:
     ``bus='scsi'`` moves disks whose device cannot pass discard onto virtio-scsi
     (every disk with ``all_disks``). ``modernize`` rewrites legacy ``-drive if=...``
     into ``-drive if=none`` plus ``-device`` (QEMU command lines only).
+
+    ``discard_granularity`` (bytes, or ``"auto"``: what the layers below the device
+    free, :func:`vmtrim.audit.granularity.suggested_device_granularity`) and ``ssd``
+    (``rotation_rate=1``) change what the QEMU device tells the guest. In libvirt XML
+    how depends on the libvirt release: the running domain's, else ``libvirt_version``
+    (the release an XML file is for).
     """
 
     detect_zeroes: str | None = None  # "unmap" (or "on"/"off"); None leaves it alone
     bus: str | None = None  # "scsi" or None
     all_disks: bool = False
     modernize: bool = False
+    discard_granularity: Granularity | None = None
+    ssd: bool = False
+    libvirt_version: Version | None = None
+
+    @property
+    def device_settings(self) -> bool:
+        """Whether the QEMU device itself is to change (granularity or SSD)."""
+        return self.discard_granularity is not None or self.ssd
 
     def check(self, subject: str, *, command_line: bool) -> None:
         """Raise :class:`BadInput` for options the input kind cannot take."""
@@ -47,6 +74,151 @@ class FixOptions:
             raise BadInput(f"--bus {self.bus}: only 'scsi' is supported", subject=subject)
         if self.modernize and not command_line:
             raise BadInput("--modernize applies to QEMU command lines, not libvirt XML", subject)
+        if isinstance(self.discard_granularity, int):
+            check_granularity(self.discard_granularity, str(self.discard_granularity))
+
+
+def parse_granularity(text: str) -> Granularity:
+    """``--discard-granularity``: ``auto``, or bytes (4096, 64K, 64KiB, 1M, 1MiB).
+
+    :raises BadInput: not a size, not a power of two, below the 512-byte logical block,
+        or above what QEMU's property takes.
+    """
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    match = _SIZE.fullmatch(word)
+    if match is None:
+        raise BadInput(
+            f"{text!r} is not a size: give bytes (4096, 64K, 64KiB, 1M) or auto",
+            subject="--discard-granularity",
+        )
+    value = int(match.group(1)) * _SCALE[match.group(2)]
+    check_granularity(value, text)
+    return value
+
+
+def check_granularity(value: int, text: str) -> None:
+    subject = "--discard-granularity"
+    if value < LOGICAL_BLOCK:
+        raise BadInput(
+            f"{text}: smaller than the {LOGICAL_BLOCK}-byte logical block (QEMU refuses a"
+            " discard_granularity that is not a multiple of logical_block_size)",
+            subject=subject,
+        )
+    if value & (value - 1):
+        raise BadInput(
+            f"{_bytes(text, value)} is not a power of two (the guest kernel rounds discards"
+            " with power-of-two masks)",
+            subject=subject,
+        )
+    if value > GRANULARITY_MAX:
+        raise BadInput(
+            f"{text}: larger than 2G, the largest power of two QEMU's discard_granularity"
+            " (a uint32) takes",
+            subject=subject,
+        )
+
+
+def _bytes(text: str, value: int) -> str:
+    return f"{value} bytes" if text.strip() == str(value) else f"{text} = {value} bytes"
+
+
+DeviceFamily = Literal["ide", "scsi", "virtio", "other"]
+
+
+def device_family(disk: Disk, moved: bool) -> DeviceFamily:
+    """The QEMU device model family a disk has after the fix (``moved``: to scsi-hd)."""
+    if moved:
+        return "scsi"
+    name = disk.qemu_device or ""
+    if name.startswith("ide-") or disk.bus in ("ide", "sata"):
+        return "ide"
+    if name.startswith("scsi-") or disk.bus == "scsi":
+        return "scsi"
+    if name.startswith("virtio-blk") or disk.bus == "virtio":
+        return "virtio"
+    return "other"
+
+
+@dataclass(frozen=True)
+class DeviceWants:
+    """What one disk's QEMU device gets: ``discard_granularity`` and ``rotation_rate``
+    (None: left as it is), and why something asked for is not set."""
+
+    discard_granularity: int | None = None
+    rotation_rate: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.discard_granularity is None and self.rotation_rate is None
+
+
+def device_wants(
+    report: DiskReport,
+    name: str,
+    options: FixOptions,
+    *,
+    moved: bool,
+    probes: HostProbes | None,
+    read_images: bool,
+) -> DeviceWants:
+    """The device settings ``options`` ask of this disk that its device model takes.
+
+    ide-hd takes no ``discard_granularity`` but 512 (qemu hw/ide/qdev.c
+    ide_dev_initfn); ``rotation_rate`` exists on ide-hd and scsi-hd only (QEMU 7.2
+    ``-device virtio-blk-pci,help`` has none), and libvirt sets it for SCSI, IDE and SATA
+    disks only (formatdomain.rst ``<target rotation_rate>``).
+    """
+    family = device_family(report.disk, moved)
+    notes: list[str] = []
+    granularity: int | None = None
+    wanted = options.discard_granularity
+    if wanted == "auto":
+        wanted = auto_granularity(report.disk, probes, read_images)
+    if wanted is not None and family == "ide" and wanted != LOGICAL_BLOCK:
+        notes.append(
+            f"{name}: discard_granularity not set: ide-hd (IDE/SATA) takes only 512 (QEMU"
+            f" refuses {wanted}: hw/ide/qdev.c); --bus scsi --all-disks moves it to virtio-scsi"
+        )
+    elif wanted is not None:
+        granularity = wanted
+    rotation: int | None = None
+    if options.ssd and family in ("ide", "scsi"):
+        rotation = 1
+    elif options.ssd:
+        what = "virtio-blk" if family == "virtio" else f"{report.disk.qemu_device or 'this'} device"
+        notes.append(
+            f"{name}: --ssd not set: {what} has no rotation_rate (only ide-hd and scsi-hd do);"
+            " --bus scsi --all-disks moves it to virtio-scsi"
+        )
+    return DeviceWants(granularity, rotation, tuple(notes))
+
+
+def auto_granularity(disk: Disk, probes: HostProbes | None, read_images: bool) -> int | None:
+    """``--discard-granularity auto``: the unit the layers below the device free, when
+    it is coarser than what the guest is told (None: nothing to change)."""
+    from vmtrim.audit.granularity import granularity_stack, suggested_device_granularity
+
+    image = _image_header(disk) if read_images else None
+    return suggested_device_granularity(granularity_stack(disk, image, probes))
+
+
+def _image_header(disk: Disk) -> Any:
+    import os
+
+    if disk.storage is not StorageKind.FILE or not disk.source or not os.path.isfile(disk.source):
+        return None
+    if disk.format not in (None, "qcow2", "raw"):
+        return None
+    from vmtrim.errors import VmtrimError
+    from vmtrim.image.info import inspect
+
+    try:
+        return inspect(disk.source, follow_backing=False, header_only=True)
+    except (VmtrimError, OSError):
+        return None  # the audit of the same disk says why
 
 
 @dataclass(frozen=True)

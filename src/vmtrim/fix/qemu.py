@@ -20,6 +20,9 @@ them (``ide0-hd0``, as QEMU names it).
 - ``bus='scsi'``: a disk whose device blocks discard (or every disk, ``all_disks``)
   moves to ``scsi-hd`` on virtio-scsi; its device keeps id, drive, bootindex, serial
   and the block-size/cache properties, and drops the bus address and virtio-only ones.
+- ``discard_granularity`` and ``ssd``: the ``-device`` properties ``discard_granularity=N``
+  and ``rotation_rate=1`` (a number in a JSON ``-device``). A legacy ``-drive if=...``
+  has no ``-device`` to carry them until ``modernize`` gives it one.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.granularity import parse_size
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
 from vmtrim.fix.policy import (
     BusMove,
     Change,
+    DeviceWants,
     FixOptions,
     FixResult,
     Skip,
     bus_move_warnings,
+    device_wants,
     disk_name,
     leave_alone,
     move_to_scsi,
@@ -87,6 +93,12 @@ def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _wanted_pairs(wants: DeviceWants) -> list[tuple[str, int]]:
+    pairs = [("discard_granularity", wants.discard_granularity)]
+    pairs.append(("rotation_rate", wants.rotation_rate))
+    return [(key, value) for key, value in pairs if value is not None]
+
+
 @dataclass
 class _QemuFixer:
     parsed: ParsedCommandLine
@@ -97,6 +109,9 @@ class _QemuFixer:
     # disk name -> where its option ends: ("word", original index) or ("insert", word, group)
     where: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     moves: list[BusMove] = field(default_factory=list)  # disks put on virtio-scsi
+    probes: HostProbes | None = None
+    read_images: bool = True
+    notes: list[str] = field(default_factory=list)  # device settings that were not made
     _scsi_bus: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,9 +166,15 @@ class _QemuFixer:
                 # --bus scsi puts every modernized drive on virtio-scsi; so does if=scsi,
                 # which x86 machine types refuse ("does not support if=scsi").
                 scsi = self.fix.bus == "scsi" or drive.interface == "scsi"
-                self._modernize(option, drive, name, scsi=scsi)
+                wants = self._wants(report, name, moved=scsi)
+                self._modernize(option, drive, name, scsi=scsi, wants=wants)
                 if scsi and disk.bus != "scsi":
                     self.moves.append(BusMove(name, name, disk.bus))
+            elif drive.legacy and self.fix.device_settings:
+                self.notes.append(
+                    f"{name}: discard_granularity/rotation_rate not set: -drive if="
+                    f"{drive.interface} has no -device to carry them; add --modernize"
+                )
         else:
             device = self.parsed.device_for(option)
             if device is not None:
@@ -161,7 +182,38 @@ class _QemuFixer:
                 if move:
                     self._device_to_scsi(option, device, name)
                     self.moves.append(BusMove(name, name, disk.bus))
+                wants = self._wants(report, name, moved=bool(move))
+                if not wants.empty:
+                    self._device_properties(option, device.json, name, wants)
         (result.fixed if len(self.changes) > before else result.already).append(name)
+
+    # -- device properties: discard_granularity, rotation_rate ---------------------
+
+    def _wants(self, report: DiskReport, name: str, *, moved: bool) -> DeviceWants:
+        if not self.fix.device_settings:
+            return DeviceWants()
+        wants = device_wants(
+            report, name, self.fix, moved=moved, probes=self.probes, read_images=self.read_images
+        )
+        self.notes += wants.notes
+        return wants
+
+    def _device_properties(
+        self, option: Option, json_form: bool, name: str, wants: DeviceWants
+    ) -> None:
+        text = self._value(option)
+        spec = (
+            parse_json_option(text, self.parsed.subject, "-device")
+            if json_form
+            else parse_opts(text, "driver")
+        )
+        for key, value in _wanted_pairs(wants):
+            old = spec.get(key)
+            if old is not None and parse_size(old) == value:
+                continue
+            text = json_set(text, (), key, value) if json_form else opts_set(text, key, str(value))
+            self.changes.append(Change(name, f"device {key}", _str(old), str(value)))
+        self._set(option, text)
 
     # -- -drive --------------------------------------------------------------------
 
@@ -191,7 +243,9 @@ class _QemuFixer:
             self.changes.append(Change(name, "file.discard", str(file_discard), "unmap"))
         self._set(option, text)
 
-    def _modernize(self, option: Option, drive: DriveSpec, name: str, *, scsi: bool) -> None:
+    def _modernize(
+        self, option: Option, drive: DriveSpec, name: str, *, scsi: bool, wants: DeviceWants
+    ) -> None:
         text = self._value(option)
         opts = parse_opts(text)
         drive_id = str(opts["id"]) if "id" in opts else self._free_id(f"drive-{name}")
@@ -216,6 +270,7 @@ class _QemuFixer:
             if not self.parsed.q35:  # q35's AHCI ports take one drive each: no unit
                 device.append(("unit", str(drive.unit)))
             device.append(("drive", drive_id))
+        device += [(key, str(value)) for key, value in _wanted_pairs(wants)]
         value = device[0][1] + "," + _opts_text(device[1:])
         after, group = self._insert(option.last, ["-device", value])
         self.where[name] = (after, group)  # the disk is this device from now on
@@ -366,7 +421,9 @@ def fix_qemu_args(
         ) from exc
     assert parsed.domain is not None
     reports = audit_domain(parsed.domain, probes, read_images=read_images)
-    fixer = _QemuFixer(parsed, LineEditor(parsed.line), options)
+    fixer = _QemuFixer(
+        parsed, LineEditor(parsed.line), options, probes=probes, read_images=read_images
+    )
     result = FixResult(subject=subject, original=original, new_text=original)
     for report in reports:
         fixer.fix_disk(report, result)
@@ -377,6 +434,7 @@ def fix_qemu_args(
     result.warnings = [
         *(note for note in parsed.domain.notes if note.startswith("unknown QEMU option")),
         *bus_move_warnings(fixer.moves),
+        *fixer.notes,
     ]
     if result.changed:
         fixed = parse_command_line(result.new_text, subject).domain

@@ -12,7 +12,12 @@ byte it does not change stays as it was:
   free index if there is none, the target is renamed ``sdX`` and the disk gets a
   ``<address type='drive'>`` with a free unit; the old PCI/CCW address and the
   driver attributes only virtio-blk accepts are dropped; boot order, serial, wwn and
-  alias stay.
+  alias stay;
+- ``discard_granularity`` and ``ssd`` set the QEMU device's ``discard_granularity`` and
+  ``rotation_rate`` the way the libvirt release takes them: ``<blockio
+  discard_granularity>`` (libvirt >= 10.0) and ``<target rotation_rate>`` (>= 7.3);
+  older, ``<qemu:override>`` (>= 8.2) or ``<qemu:commandline>`` ``-set device.ALIAS.PROP``,
+  both by the disk's user alias (``ua-``, added when the disk has none).
 
 Then the new XML is parsed and audited again, which is the proof the fix worked
 and the source of what still does not pass (guest, host storage).
@@ -24,12 +29,16 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from lxml import etree
 
-from vmtrim._util.domxml import DiskElement, disks
+from vmtrim._util.domxml import Attr, DiskElement, disks
+from vmtrim._util.versions import Version, format_version
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
+from vmtrim.errors import BadInput
+from vmtrim.facts import FACTS
 from vmtrim.fix.policy import (
     BusMove,
     Change,
@@ -38,6 +47,7 @@ from vmtrim.fix.policy import (
     Remaining,
     Skip,
     bus_move_warnings,
+    device_wants,
     disk_name,
     leave_alone,
     move_to_scsi,
@@ -48,6 +58,12 @@ from vmtrim.model import Disk, DiskReport, Domain, Locator, StorageKind, XmlDisk
 from vmtrim.sources.libvirt_xml import parse_domain_xml
 
 VIRTIO_SCSI = "virtio-scsi"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # docs/drvqemu.rst
+_ELEMENTS = {  # the libvirt element for a device property, where there is one
+    "discard_granularity": "<blockio discard_granularity>",
+    "rotation_rate": "<target rotation_rate>",
+}
+_USER_ALIAS = re.compile(r"ua-[A-Za-z0-9_-]+")  # libvirt's user aliases
 
 # libvirt gives a scsi disk without <address> controller = i // N, unit = i % N from
 # its target name's index i; N is 7 (narrow bus) or 16 (wide), by controller model.
@@ -78,16 +94,26 @@ def fix_domain_xml(
         inner = root.find("domain")
         assert inner is not None  # parse_domain_xml accepted it
         root = inner
+    version = domain.libvirt_version or options.libvirt_version
+    if options.device_settings and version is None:
+        raise BadInput(
+            "--discard-granularity and --ssd write libvirt XML by the libvirt release it is"
+            " for: give --libvirt-version X.Y",
+            subject=subject,
+        )
     reports = audit_domain(domain, probes, read_images=read_images)
-    fixer = _XmlFixer(editor, root, options)
+    fixer = _XmlFixer(
+        editor, root, options, version=version, probes=probes, read_images=read_images
+    )
     result = FixResult(subject=subject, original=xml_text, new_text=xml_text)
     for report in reports:
         fixer.fix_disk(report, result)
+    fixer.qemu_namespace()
     result.new_text = editor.text()
     result.edits = editor.edits()
     editor.check()
     result.changes = fixer.changes
-    result.warnings = bus_move_warnings(fixer.moves)
+    result.warnings = [*bus_move_warnings(fixer.moves), *fixer.notes]
     result.moves = fixer.moves
     result.remaining = _audit_again(result, fixer, subject, probes, read_images, live)
     return result
@@ -146,11 +172,19 @@ class _XmlFixer:
     _units: dict[int, Counter[int]] = field(default_factory=dict)  # controller -> unit uses
     _cursor: dict[int, int] = field(default_factory=dict)  # units below it are all taken
     _target_cursor: int = 0
+    version: Version | None = None  # the libvirt release the XML is for
+    probes: HostProbes | None = None
+    read_images: bool = True
+    notes: list[str] = field(default_factory=list)  # how device settings were written, or not
+    # alias -> [(disk, property, value)] for <qemu:override> or <qemu:commandline> -set
+    _properties: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
+    _routes: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # -> disk names
 
     def __post_init__(self) -> None:
         self.devices = self.root.find("devices")
         self.disks = disks(self.root, self.editor)
         self.targets = {dev for dev in (d.target_dev for d in self.disks) if dev}
+        self.aliases = {a.get("name") for a in self.root.iter("alias")} - {None}
 
     # -- one disk ------------------------------------------------------------------
 
@@ -178,6 +212,8 @@ class _XmlFixer:
         self._driver(xml, disk, name)
         if move:
             name = self._move_to_scsi(xml, name)
+        if self.options.device_settings:
+            self._device(report, xml, name, moved=bool(move))
         assert disk.locator is not None
         self.touched.add(disk.locator)
         (result.fixed if len(self.changes) > before else result.already).append(name)
@@ -217,6 +253,187 @@ class _XmlFixer:
             if old != value:
                 self.changes.append(Change(name, attr.name, old, value))
                 xml.update((attr, value))
+
+    # -- the QEMU device: discard_granularity and rotation_rate -----------------------
+
+    def _device(self, report: DiskReport, xml: DiskElement, name: str, *, moved: bool) -> None:
+        wants = device_wants(
+            report, name, self.options, moved=moved, probes=self.probes,
+            read_images=self.read_images,
+        )  # fmt: skip
+        self.notes += wants.notes
+        assert self.version is not None  # fix_domain_xml refused the options without it
+        if wants.discard_granularity is not None:
+            value = wants.discard_granularity
+            if self._at_least("libvirt_blockio_granularity"):
+                self._disk_attr(xml, name, DiskElement.blockio_discard_granularity, value)
+            else:
+                self._by_alias(
+                    xml, name, "discard_granularity", value, "libvirt_blockio_granularity"
+                )
+        if wants.rotation_rate is not None:
+            if self._at_least("libvirt_rotation_rate"):
+                self._disk_attr(xml, name, DiskElement.target_rotation_rate, wants.rotation_rate)
+            else:
+                self._by_alias(
+                    xml, name, "rotation_rate", wants.rotation_rate, "libvirt_rotation_rate"
+                )
+
+    def _disk_attr(self, xml: DiskElement, name: str, attr: Attr, value: int) -> None:
+        old = xml.get(attr)
+        if old != str(value):
+            xml.update((attr, str(value)))
+            self.changes.append(Change(name, f"{attr.child} {attr.name}", old, str(value)))
+
+    def _by_alias(self, xml: DiskElement, name: str, prop: str, value: int, fact: str) -> None:
+        """A device property that this libvirt has no element for: by the disk's alias."""
+        alias = self._user_alias(xml, name)
+        self._properties.setdefault(alias, []).append((name, prop, value))
+        self._routes.setdefault((prop, fact), []).append(name)
+
+    def _route_notes(self) -> list[str]:
+        """Which mechanism carried each property, and what it costs: said once per route."""
+        assert self.version is not None
+        have = format_version(self.version)
+        override = self._at_least("libvirt_qemu_override")
+        notes = []
+        for (prop, fact), names in self._routes.items():
+            element = _ELEMENTS[prop]
+            need = format_version(_need(fact))
+            if override:
+                notes.append(
+                    f"{', '.join(names)}: {prop} through <qemu:override> (libvirt {have};"
+                    f" {element} needs {need}): libvirt does not support overrides and marks"
+                    " the domain tainted"
+                )
+            else:
+                notes.append(
+                    f"{', '.join(names)}: {prop} through <qemu:commandline> -set"
+                    f" device.ALIAS.{prop} (libvirt {have}; {element} needs {need},"
+                    " <qemu:override> 8.2.0): -set works only while libvirt writes -device as"
+                    " key=value (QEMU before 7.0); on a JSON -device QEMU refuses to start"
+                    " ('there is no device ALIAS defined')"
+                )
+        return notes
+
+    def _at_least(self, fact: str) -> bool:
+        assert self.version is not None
+        have = (*self.version, 0, 0, 0)[:3]
+        return have >= _need(fact)
+
+    def _user_alias(self, xml: DiskElement, name: str) -> str:
+        current = xml.alias_name
+        if current and _USER_ALIAS.fullmatch(current):
+            return current
+        stem = "ua-vmtrim-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
+        alias, n = stem, 0
+        while alias in self.aliases:
+            n += 1
+            alias = f"{stem}-{n}"
+        self.aliases.add(alias)
+        xml.update((DiskElement.alias_name, alias))
+        self.changes.append(Change(name, "alias", current, alias))
+        return alias
+
+    def qemu_namespace(self) -> None:
+        """Write the collected alias properties: <qemu:override> or <qemu:commandline>."""
+        if not self._properties:
+            return
+        assert self.version is not None
+        prefix = next((p for p, uri in self.root.nsmap.items() if uri == QEMU_NS and p), "qemu")
+        if self._at_least("libvirt_qemu_override"):
+            self._override(prefix)
+        else:
+            self._commandline(prefix)
+        self.editor.declare_namespace(prefix, QEMU_NS)
+        self.notes += self._route_notes()
+
+    def _q(self, local: str) -> str:
+        return f"{{{QEMU_NS}}}{local}"
+
+    def _override(self, prefix: str) -> None:
+        override = self.root.find(self._q("override"))
+        new_devices: list[etree._Element] = []
+        for alias, props in self._properties.items():
+            device = None
+            if override is not None:
+                device = _by_attr(override, self._q("device"), "alias", alias)
+            frontend = None if device is None else device.find(self._q("frontend"))
+            existing: dict[str | None, etree._Element] = {}
+            if frontend is not None:
+                existing = {p.get("name"): p for p in frontend.iterfind(self._q("property"))}
+            fresh: list[etree._Element] = []
+            for disk, prop, value in props:
+                setting, text = f"qemu:override {prop}", str(value)
+                element = existing.get(prop)
+                if element is None:
+                    attrs = {"name": prop, "type": "unsigned", "value": text}
+                    fresh.append(self._tree("property", prefix, [], **attrs))
+                    self.changes.append(Change(disk, setting, None, text))
+                elif element.get("value") != text or element.get("type") != "unsigned":
+                    old = element.get("value")
+                    self.editor.set_attribute(element, "type", "unsigned")
+                    self.editor.set_attribute(element, "value", text)
+                    self.changes.append(Change(disk, setting, old, text))
+            if not fresh:
+                continue
+            if frontend is not None:
+                self._insert(frontend, fresh)
+            elif device is not None:
+                self._insert(device, [self._tree("frontend", prefix, fresh)])
+            else:
+                frontend = self._tree("frontend", prefix, fresh)
+                new_devices.append(self._tree("device", prefix, [frontend], alias=alias))
+        if new_devices and override is not None:
+            self._insert(override, new_devices)
+        elif new_devices:
+            self._insert(self.root, [self._tree("override", prefix, new_devices)])
+
+    def _commandline(self, prefix: str) -> None:
+        commandline = self.root.find(self._q("commandline"))
+        args = [] if commandline is None else list(commandline.iterfind(self._q("arg")))
+        sets = {
+            str(arg.get("value")): arg
+            for before, arg in pairwise(args)
+            if before.get("value") == "-set"
+        }
+        fresh: list[etree._Element] = []
+        for alias, props in self._properties.items():
+            for disk, prop, value in props:
+                key = f"device.{alias}.{prop}="
+                text = f"{key}{value}"
+                found = [arg for word, arg in sets.items() if word.startswith(key)]
+                if found and found[-1].get("value") == text:
+                    continue
+                if found:
+                    old = found[-1].get("value")
+                    self.editor.set_attribute(found[-1], "value", text)
+                    self.changes.append(Change(disk, "qemu:commandline -set", old, text))
+                    continue
+                fresh.append(self._tree("arg", prefix, [], value="-set"))
+                fresh.append(self._tree("arg", prefix, [], value=text))
+                self.changes.append(Change(disk, "qemu:commandline -set", None, text))
+        if fresh and commandline is not None:
+            self._insert(commandline, fresh)
+        elif fresh:
+            self._insert(self.root, [self._tree("commandline", prefix, fresh)])
+
+    def _tree(
+        self, local: str, prefix: str, children: list[etree._Element], **attributes: str
+    ) -> etree._Element:
+        element = etree.Element(self._q(local), attributes, nsmap={prefix: QEMU_NS})
+        element.extend(children)
+        return element
+
+    def _insert(self, parent: etree._Element, news: list[etree._Element]) -> None:
+        """Insert fresh subtrees at the end of ``parent``, laid out like the document."""
+        outer = self.editor.indent_of(self.root) or ""
+        inner = self.editor.child_indent(self.root)
+        step = inner[len(outer) :] if inner.startswith(outer) and inner != outer else "  "
+        indent = self.editor.child_indent(parent)
+        for new in news:
+            _layout(new, indent, step)
+        self.editor.insert_children(parent, news)
 
     # -- moving a disk to virtio-scsi --------------------------------------------------
 
@@ -352,6 +569,28 @@ def _disk_slots(xml: DiskElement) -> Iterator[tuple[int, int]]:
         if index is not None:
             for per in _IMPLICIT_UNITS_PER_CONTROLLER:
                 yield index // per, index % per
+
+
+def _need(fact: str) -> Version:
+    version = FACTS[fact].libvirt
+    assert version is not None and len(version) == 3
+    return version
+
+
+def _by_attr(parent: etree._Element, tag: str, name: str, value: str) -> etree._Element | None:
+    return next((c for c in parent.iterfind(tag) if c.get(name) == value), None)
+
+
+def _layout(element: etree._Element, indent: str, step: str) -> None:
+    """Put a fresh element's children on their own lines, one ``step`` deeper."""
+    children = list(element)
+    if not children:
+        return
+    element.text = "\n" + indent + step
+    for child in children:
+        _layout(child, indent + step, step)
+        child.tail = "\n" + indent + step
+    children[-1].tail = "\n" + indent
 
 
 def _describe(address: etree._Element) -> str:

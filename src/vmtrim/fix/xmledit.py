@@ -263,12 +263,23 @@ class XmlEditor:
         It goes after ``after`` or before ``before`` (siblings in ``parent``), or at the
         end; on its own line, indented like its siblings, when they are on their own lines.
         """
-        markup = _markup(new, self._quote_style(parent))
+        self.insert_children(parent, [new], after=after, before=before)
+
+    def insert_children(
+        self,
+        parent: etree._Element,
+        news: list[etree._Element],
+        *,
+        after: etree._Element | None = None,
+        before: etree._Element | None = None,
+    ) -> None:
+        """:meth:`insert_child` for several fresh siblings at once, in this order."""
+        quote = self._quote_style(parent)
         anchor = after if after is not None else before
         if anchor is None:
             children = [c for c in parent if c in self._tags]
             if not children:
-                self._insert_into_empty(parent, new, markup)
+                self._insert_into_empty(parent, news, quote)
                 return
             anchor, after = children[-1], children[-1]
         # Two inserts at one anchor would order the text and the tree differently.
@@ -278,22 +289,57 @@ class XmlEditor:
         self._anchors.add(key)
         tag = self._tag(anchor)
         separator = "" if self.indent_of(anchor) is None else "\n" + self.child_indent(parent)
+        markups = [_markup(new, quote) for new in news]
         if after is not None:
-            self._splice(tag.element_end, tag.element_end, separator + markup)
-            new.tail, after.tail = after.tail, separator or None
-            after.addnext(new)
+            self._splice(tag.element_end, tag.element_end, "".join(separator + m for m in markups))
+            tail, after.tail = after.tail, separator or None
+            previous = after
+            for new in news:
+                previous.addnext(new)
+                new.tail = separator or None
+                previous = new
+            news[-1].tail = tail
         else:
-            self._splice(tag.start, tag.start, markup + separator)
-            anchor.addprevious(new)
-            new.tail = separator or None
+            self._splice(tag.start, tag.start, "".join(m + separator for m in markups))
+            for new in news:
+                anchor.addprevious(new)
+                new.tail = separator or None
 
-    def _insert_into_empty(self, parent: etree._Element, new: etree._Element, markup: str) -> None:
+    def declare_namespace(self, prefix: str, uri: str) -> None:
+        """Declare ``xmlns:prefix`` on the root (where libvirt writes ``xmlns:qemu``), for
+        elements of that namespace this editor inserted; nothing when it is declared there."""
+        declared = self.root.nsmap.get(prefix)
+        if declared not in (None, uri):
+            raise BadInput(
+                f"the prefix {prefix}: is bound to {declared}, not {uri}", subject=self.subject
+            )
+        if declared is None:
+            tag = self._tag(self.root)
+            tag_text = self.original[tag.start : tag.end]
+            quote, last_end = "'", len(tag.name) + 1
+            for index, match in enumerate(_ATTRIBUTE.finditer(tag_text)):
+                if index == 0:
+                    quote = match.group(2)[0]
+                last_end = match.end()
+            at = tag.start + last_end
+            value = _escape_attribute(uri, quote)
+            self._splice(at, at, f" xmlns:{prefix}={quote}{value}{quote}")
+        # lxml cannot add a declaration to an element: let it move the new elements' one
+        # up to the root, keeping every other prefix the document declares.
+        others = {p for el in self.root.iter() if isinstance(el.tag, str) for p in el.nsmap}
+        keep = sorted(p for p in others if p and p != prefix)
+        etree.cleanup_namespaces(self.root, top_nsmap={prefix: uri}, keep_ns_prefixes=keep)
+
+    def _insert_into_empty(
+        self, parent: etree._Element, news: list[etree._Element], quote: str
+    ) -> None:
         tag = self._tag(parent)
         parent_indent = self.indent_of(parent)
         if parent_indent is None:
             before_text, after_text = "", ""
         else:
             before_text, after_text = "\n" + parent_indent + "  ", "\n" + parent_indent
+        markup = before_text.join(_markup(new, quote) for new in news)
         if tag.self_closing:
             name = tag.name
             tag_text = self.original[tag.start : tag.end]
@@ -301,14 +347,15 @@ class XmlEditor:
             self._splice(
                 tag.start, tag.end, opened + before_text + markup + after_text + f"</{name}>"
             )
-            parent.text = before_text or None
         else:
             if (parent.text or "").strip():
                 raise ValueError("cannot insert an element into text content")
             self._splice(tag.end, tag.close_start, before_text + markup + after_text)
-            parent.text = before_text or None
-        parent.append(new)
-        new.tail = after_text or None
+        parent.text = before_text or None
+        for new in news:
+            parent.append(new)
+            new.tail = before_text or None
+        news[-1].tail = after_text or None
 
     def remove(self, element: etree._Element) -> None:
         """Remove ``element`` and the whitespace that put it on its own line."""
@@ -386,7 +433,8 @@ def _markup(element: etree._Element, quote: str) -> str:
         f" {name!s}={quote}{_escape_attribute(str(value), quote)}{quote}"
         for name, value in element.attrib.items()
     )
-    name = str(element.tag)
+    local = etree.QName(element).localname
+    name = f"{element.prefix}:{local}" if element.prefix else local
     children = [c for c in element if isinstance(c.tag, str)]
     if not children and not element.text:
         return f"<{name}{attributes}/>"
