@@ -18,7 +18,7 @@ from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.channels.qmp import ExecStatus
 from vmtrim.errors import AgentCommandFailed
-from vmtrim.facts import FACTS, WINDOWS_FSTRIM_TIMEOUT
+from vmtrim.facts import WINDOWS_NO_COUNTS, WINDOWS_TRIM_TIMEOUT
 from vmtrim.model import DiskReport, LayerKind, Severity, Verdict
 from vmtrim.sources.libvirt_live import _guest_json, guest_facts
 from vmtrim.sources.libvirt_xml import parse_domain_xml
@@ -164,12 +164,12 @@ def test_vioscsi_without_rotation_rate_or_granularity() -> None:
     [regression] = [m for m in warnings if "KB5089549" in m]
     assert "discard_granularity not set" in regression
     assert warnings[regression] == "vmtrim fix --discard-granularity 64K"
-    info = dict(findings(report, Severity.INFO))
-    assert FACTS["windows_fstrim"].summary in info  # no byte counts: host bytes only
-    assert info[FACTS["windows_fstrim_timeout"].summary] == (
-        f"give Windows guests a longer trim timeout (vmtrim trim --timeout"
-        f" {WINDOWS_FSTRIM_TIMEOUT:g})"
-    )
+    info = [m for m, _ in findings(report, Severity.INFO)]
+    assert WINDOWS_NO_COUNTS.summary in info  # no byte counts: host bytes only
+    assert (
+        "a Windows retrim (Optimize Drives) takes minutes: vmtrim trim waits"
+        f" {WINDOWS_TRIM_TIMEOUT:g} s for a Windows guest unless --timeout is given"
+    ) in info
 
 
 def test_an_ssd_with_64k_granularity_has_no_warnings() -> None:

@@ -180,23 +180,18 @@ _FACT_ROWS = [
         " discard_granularity='32768'/> or 65536; Proxmox: -set"
         " device.scsi0.discard_granularity=32K); comment in #1614",
     ),
+    # --- the discard unit down the stack (vmtrim.audit.granularity), measured ---------------
     Fact(
-        "windows_fstrim",
-        "qemu-ga on Windows trims with defrag.exe /L per volume, ignores 'minimum' and returns"
-        " no trimmed byte counts: only the host's measured bytes say what came back",
-        "qemu qga/commands-win32.c qmp_guest_fstrim (commit eab5fd59); doutsis/vmbackup"
-        " CHANGELOG 0.5.2",
-    ),
-    Fact(
-        "windows_fstrim_timeout",
-        "guest-fstrim on Windows can run for many minutes (Windows Server 2022 took longer"
-        " than 360 s; Proxmox waits 10 minutes for it)",
-        "autotest/tp-qemu PR #3090; proxmox/qemu-server (guest-fstrim QMP timeout 10 min, 2022)",
+        "granularity_cost",
+        "a layer frees only whole units of its own (qcow2 cluster, dm-thin chunk, RBD object,"
+        " zvol block): a freed extent that covers no whole aligned unit gives nothing back;"
+        " telling the guest the unit (discard_granularity) does not free more",
+        "qemu block/qcow2.c qcow2_co_pdiscard (partial clusters: -ENOTSUP, ignored) and"
+        " block/io.c bdrv_co_pdiscard (head and tail split at pdiscard_alignment); Linux"
+        " fs/ext4/mballoc.c ext4_trim_fs (minlen raised to discard_granularity)",
+        checked="GRANULARITY_MEASURED",
     ),
 ]
-
-#: Seconds a trim should wait for a Windows guest's guest-fstrim (Proxmox's 10 minutes).
-WINDOWS_FSTRIM_TIMEOUT = 600.0
 
 FACTS: dict[str, Fact] = {fact.key: fact for fact in _FACT_ROWS}
 

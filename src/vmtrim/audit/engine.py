@@ -24,7 +24,9 @@ from vmtrim.facts import (
     GUEST_FS,
     NOTES,
     PROTOCOLS,
-    WINDOWS_FSTRIM_TIMEOUT,
+    WINDOWS_NO_COUNTS,
+    WINDOWS_TRIM_TIMEOUT,
+    WINDOWS_TRIM_TIMEOUT_SOURCE,
 )
 from vmtrim.model import (
     BlockNode,
@@ -158,6 +160,9 @@ class _DiskAudit:
         if kind is LayerKind.DEVICE and self.disk.bus == "virtio":
             return FACTS["virtio_blk_discard"].source
         if kind is LayerKind.GUEST_DRIVER:
+            queue = self.disk.guest_queue
+            if queue is not None and queue.discard_max_bytes is not None:
+                return FACTS["guest_discard_max"].source  # measured in the guest
             rule = BUSES.get(self.disk.bus) if self.disk.bus else None
             return rule.source if rule else None
         return None
@@ -257,16 +262,17 @@ class _DiskAudit:
     def _windows_fs(self, kind: LayerKind) -> Layer:
         """Windows trims by itself, but only a disk it sees as an SSD or as thin-provisioned."""
         disk = self.disk
-        for key, fix in (
-            ("windows_fstrim", None),
-            (
-                "windows_fstrim_timeout",
-                f"give Windows guests a longer trim timeout (vmtrim trim --timeout"
-                f" {WINDOWS_FSTRIM_TIMEOUT:g})",
+        self.findings += [
+            Finding(Severity.INFO, kind, WINDOWS_NO_COUNTS.summary, None, WINDOWS_NO_COUNTS.source),
+            Finding(
+                Severity.INFO,
+                kind,
+                "a Windows retrim (Optimize Drives) takes minutes: vmtrim trim waits"
+                f" {WINDOWS_TRIM_TIMEOUT:g} s for a Windows guest unless --timeout is given",
+                None,
+                WINDOWS_TRIM_TIMEOUT_SOURCE,
             ),
-        ):
-            fact = FACTS[key]
-            self.findings.append(Finding(Severity.INFO, kind, fact.summary, fix, fact.source))
+        ]
         ssd = FACTS["windows_ssd"]
         if disk.bus == "virtio":
             return Layer(
