@@ -123,7 +123,7 @@ class XmlEditor:
         self._tags: dict[etree._Element, _Tag] = {}
         self._splices: list[tuple[int, int, str, int]] = []  # (start, end, new, sequence)
         self._spans: list[tuple[int, int]] = []  # the same (start, end), sorted: overlap checks
-        self._anchors: set[tuple[int, bool]] = set()
+        self._after_last: dict[etree._Element, etree._Element] = {}  # anchor -> last insert
         self._map_tags()
 
     # -- positions -----------------------------------------------------------------
@@ -282,23 +282,22 @@ class XmlEditor:
                 self._insert_into_empty(parent, news, quote)
                 return
             anchor, after = children[-1], children[-1]
-        # Two inserts at one anchor would order the text and the tree differently.
-        key = (id(anchor), after is not None)
-        if key in self._anchors:
-            raise ValueError("one insert per anchor element and side")
-        self._anchors.add(key)
         tag = self._tag(anchor)
         separator = "" if self.indent_of(anchor) is None else "\n" + self.child_indent(parent)
         markups = [_markup(new, quote) for new in news]
         if after is not None:
+            # Splices at one offset apply in the order made: a later insert after the same
+            # anchor goes after the earlier ones, in the tree too.
+            last = self._after_last.get(after, after)
             self._splice(tag.element_end, tag.element_end, "".join(separator + m for m in markups))
-            tail, after.tail = after.tail, separator or None
-            previous = after
+            tail, last.tail = last.tail, separator or None
+            previous = last
             for new in news:
                 previous.addnext(new)
                 new.tail = separator or None
                 previous = new
             news[-1].tail = tail
+            self._after_last[after] = news[-1]
         else:
             self._splice(tag.start, tag.start, "".join(m + separator for m in markups))
             for new in news:
