@@ -38,6 +38,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+from helpers import vmtrim
 from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance
 from vmtrim.lab.build import shared_libraries
@@ -312,3 +313,38 @@ def test_an_fstab_only_timer_skips_what_was_mounted_by_hand(
             f" fstrim.service runs `{info['fstrim_command']}`, which trims only the"
             " filesystems in /etc/fstab"
         )
+
+
+# The three devices of the measurement on a QEMU command line, as `-device` properties.
+DG0_DEVICES = (
+    "scsi-hd,drive=d0,bus=scsi0.0,discard_granularity=0",
+    "virtio-blk-pci,drive=d1,discard_granularity=0",
+    "ide-hd,drive=d2,bus=ide.0,discard_granularity=0",
+)
+
+
+def test_discard_granularity_0_blocks_scsi_hd_and_ide_hd_only(tmp_path: Path) -> None:
+    """The device rule follows what the guest above read (facts scsi_dg0, ide_dg0,
+    virtio_blk_dg0): 0 turns discard off for scsi-hd and ide-hd, not for virtio-blk."""
+    argv = ["qemu-system-x86_64 -machine pc-q35-7.2 -device virtio-scsi-pci,id=scsi0"]
+    for n, spec in enumerate(DG0_DEVICES):
+        argv.append(
+            f"-blockdev driver=file,filename={tmp_path}/{n}.raw,node-name=f{n},discard=unmap"
+            f" -blockdev driver=raw,file=f{n},node-name=d{n},discard=unmap -device {spec}"
+        )
+    args = tmp_path / "qemu.args"
+    args.write_text(" ".join(argv))
+    result = vmtrim("audit", "--qemu-args", str(args), "--json", "--no-probe")
+    assert result.returncode == 1, result.stderr
+    device = {
+        d["qemu_device"]: next(la for la in d["layers"] if la["layer"] == "device")
+        for d in json.loads(result.stdout)["disks"]
+    }
+    assert device["scsi-hd"]["verdict"] == "block"
+    assert device["scsi-hd"]["reason"] == (
+        "scsi-hd: discard_granularity=0 clears LBPME: Linux sd turns discard off"
+        " (the guest reads discard_max_bytes = 0)"
+    )
+    assert device["ide-hd"]["verdict"] == "block"
+    assert device["ide-hd"]["reason"].startswith("ide-hd: discard_granularity=0 clears the TRIM")
+    assert device["virtio-blk-pci"]["verdict"] == "pass"

@@ -157,6 +157,12 @@ class _DiskAudit:
     def _layer_source(self, kind: LayerKind) -> str | None:
         if kind is LayerKind.BLOCK_NODE:
             return FACTS["default_discard"].source
+        if (
+            kind is LayerKind.DEVICE
+            and _size_value(self.disk.device_properties.get("discard_granularity")) == 0
+            and self.disk.bus in ("scsi", "ide", "sata")
+        ):
+            return FACTS["scsi_dg0" if self.disk.bus == "scsi" else "ide_dg0"].source
         if kind is LayerKind.DEVICE and self.disk.bus == "virtio":
             return FACTS["virtio_blk_discard"].source
         if kind is LayerKind.GUEST_DRIVER:
@@ -458,11 +464,12 @@ class _DiskAudit:
         # Measured: 0 hides discard from the guest on scsi-hd and ide-hd, not on virtio-blk.
         granularity = _size_value(disk.device_properties.get("discard_granularity"))
         if granularity == 0 and rule.bus in ("scsi", "ide"):
-            fact = FACTS["scsi_dg0" if rule.bus == "scsi" else "ide_dg0"]
+            what = "LBPME: Linux sd" if rule.bus == "scsi" else "the TRIM bit: libata"
             return Layer(
                 kind,
                 Verdict.BLOCK,
-                f"{name}: discard_granularity=0 turns discard off in the guest ({fact.summary})",
+                f"{name}: discard_granularity=0 clears {what} turns discard off"
+                " (the guest reads discard_max_bytes = 0)",
                 "remove discard_granularity=0 from the device",
             )
         if rule.bus == "virtio":
