@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
@@ -388,4 +389,76 @@ def guest_checksums(
         )
         out[name] = sha256sum_lines(text)
     guest_sh(runner, "cryptsetup close check; lvm vgchange -q -an vgt >/dev/null")
+    return out
+
+
+# --- the plain lab guest, with a sparsified image as its data disk --------------------------
+
+
+@contextlib.contextmanager
+def lab_guest_with_data_disk(image: Path, fmt: str = "qcow2") -> Iterator[Runner]:
+    """The plain lab guest (vmtrim.lab's appliance, its init.sh in the agent scenario on
+    its own scratch disk, sda) with ``image`` as a second virtio-scsi disk, read-write as
+    a data disk is: a Runner over its qemu-ga."""
+    import shutil
+
+    from vmtrim.channels.qmp import SyncGuestAgent
+    from vmtrim.lab import ensure_appliance
+    from vmtrim.storage.runner import AgentRunner
+    from vmtrim.vm.guest import DirectGuest, DiskSpec, GuestSpec, make_workdir
+
+    work = make_workdir()
+    try:
+        scratch = work / "scratch.raw"
+        with open(scratch, "wb") as f:
+            f.truncate(64 * MiB)
+        sh("mkfs.ext4", "-q", "-F", scratch)
+        spec = GuestSpec(
+            ensure_appliance(),
+            scenario={"mode": "agent", "agent": "1", "size": "1"},
+            disk=DiskSpec(scratch, "raw", "virtio-scsi", "unmap"),
+            agent=True,
+        )
+
+        def data_disk(argv: list[str]) -> list[str]:
+            # scsi-id 1: the lab disk (id 0) is scanned first and stays the init's sda
+            node = {"driver": fmt, "node-name": "data0", "discard": "unmap",
+                    "file": {"driver": "file", "filename": str(image)}}  # fmt: skip
+            return [*argv, "-blockdev", json.dumps(node),
+                    "-device", "scsi-hd,drive=data0,bus=scsi0.0,scsi-id=1"]  # fmt: skip
+
+        with DirectGuest(spec, work, subject="lab guest", rewrite_argv=data_disk) as vm:
+            vm.ctl.expect("ready", 180)  # init.sh mounted its own disk: it booted
+            with SyncGuestAgent(str(vm.paths.agent), timeout=120, subject="lab guest") as ga:
+                yield AgentRunner(ga, "the lab guest")
+                guest_sh(AgentRunner(ga, "the lab guest"), "sync")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def lab_guest_checksums(runner: Runner, parts: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Mount each partition (appliance name sdaN -> filesystem type) of the data disk
+    read-write in the lab guest, sha256 every file, unmount: {sdaN: {./path: digest}}."""
+    # The data disk: the sd disk that is not the one init.sh mounted on /mnt.
+    disk = guest_sh(
+        runner,
+        "m=$(awk '$2 == \"/mnt\" {print $1}' /proc/mounts); for d in /sys/block/sd*; do"
+        ' [ "/dev/${d##*/}" = "$m" ] || echo "${d##*/}"; done',
+    ).strip()
+    assert disk and "\n" not in disk, disk
+    # init.sh loads ext4's modules only; the others are in the initrd, by group
+    guest_sh(
+        runner,
+        "while read -r g m; do case $g in xfs | btrfs)"
+        " insmod /lib/modules/$m 2>/dev/null || true ;; esac; done </etc/vmtrim/modules",
+    )
+    out: dict[str, dict[str, str]] = {}
+    for part, fstype in parts.items():
+        dev = f"/dev/{disk}{part.removeprefix('sda')}"
+        text = guest_sh(
+            runner,
+            f"mkdir -p /data; mount -t {fstype} {dev} /data; cd /data; find . -type f |"
+            ' sort | while read -r f; do sha256sum "$f"; done; cd /; umount /data',
+        )
+        out[part] = sha256sum_lines(text)
     return out

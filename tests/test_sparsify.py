@@ -1,10 +1,11 @@
 """vmtrim sparsify on a GPT disk made by real tools (tests/sparsify_support.py).
 
-What a user checks: every kept file's sha256 read back through the appliance, qemu-img
-check, the swap UUID and label by blkid, du before and after, exit codes; an image a
-running QEMU holds is refused; a SIGKILL while the appliance runs leaves the image
-consistent (leaked clusters at most) with every file intact; a backing file is not
-touched.
+What a user checks: every kept file's sha256 read back through the appliance and, for
+the filesystems its kernel modules mount, through the plain lab guest with the image as
+its data disk; qemu-img check, the swap UUID and label by blkid, du before and after,
+exit codes; an image a running QEMU holds is refused; a SIGKILL while the appliance
+runs leaves the image consistent (leaked clusters at most) with every file intact; a
+backing file is not touched.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from pathlib import Path
 import pytest
 
 from helpers import du_bytes, qemu_img, vmtrim
-from sparsify_support import LAYOUT, Disk, MiB, make_gpt_disk, qemu_holding, sha256
+from sparsify_support import (
+    LAYOUT,
+    Disk,
+    MiB,
+    lab_guest_checksums,
+    lab_guest_with_data_disk,
+    make_gpt_disk,
+    qemu_holding,
+    sha256,
+)
 from vmtrim.sparsify.engine import checksums
 from vmtrim.sparsify.inuse import qemu_lock_holder
 
@@ -118,8 +128,18 @@ def test_files_check_and_swap_identity_kept(disk: Disk, sparsified: object, tmp_
     out = check(disk.path)
     assert "No errors were found" in out and "leaked" not in out
     assert swap_id(disk.path, tmp_path) == (disk.swap_uuid, disk.swap_label)
-    # Read back through the appliance: this also boots the image as the guest's disk.
+    # Read back through the sparsify appliance: every filesystem, vfat and the LV too.
     assert checksums(disk.path) == disk.kept
+
+
+def test_still_boots_as_the_lab_guests_data_disk(disk: Disk, sparsified: object) -> None:
+    """The plain lab guest, the image as its second disk: mounted read-write there (its
+    kernel modules have ext4, xfs and btrfs, not vfat or dm), every file's sha256 read by
+    the guest's own sha256sum."""
+    parts = {"sda1": "ext4", "sda2": "xfs", "sda3": "btrfs"}
+    with lab_guest_with_data_disk(disk.path) as runner:
+        assert lab_guest_checksums(runner, parts) == {part: disk.kept[part] for part in parts}
+    assert "No errors were found" in check(disk.path)
 
 
 def test_second_run_costs_at_most_the_mounts_metadata(disk: Disk, sparsified: object) -> None:

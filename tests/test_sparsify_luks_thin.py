@@ -29,6 +29,7 @@ from sparsify_support import (
     guest_checksums,
     make_crypt_thin_disk,
     setup_guest,
+    sha256,
 )
 from test_sparsify import check
 
@@ -65,8 +66,18 @@ def pristine_header(disk: CryptThinDisk) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def sparsified(
+def dry_run(
     disk: CryptThinDisk, key_file: Path, pristine_header: bytes
+) -> tuple[subprocess.CompletedProcess[str], str, str]:
+    """--dry-run --key: (the run, the image's sha256 before, after)."""
+    before = sha256(disk.path)
+    done = sparsify("--dry-run", "--key", f"sda1:file:{key_file}", disk.path)
+    return done, before, sha256(disk.path)
+
+
+@pytest.fixture(scope="module")
+def sparsified(
+    disk: CryptThinDisk, key_file: Path, dry_run: object
 ) -> tuple[int, dict[str, object], int]:
     before = du_bytes(disk.path)
     done = sparsify("--key", key_file, disk.path)
@@ -93,6 +104,17 @@ def test_wrong_key_is_one_line_exit_2_and_the_rest_is_done(
     assert left["sda1"]["type"] == "crypto_LUKS" and str(bad) in left["sda1"]["reason"]
     assert [(fs["device"], fs["action"]) for fs in doc["filesystems"]] == [(THIN_LV, "trimmed")]
     assert copy.luks_header() == pristine_header
+
+
+def test_dry_run_with_key_opens_read_only_and_changes_nothing(
+    dry_run: tuple[subprocess.CompletedProcess[str], str, str],
+) -> None:
+    done, before, after = dry_run
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    found = {(fs["device"], fs["type"], fs["action"]) for fs in doc["filesystems"]}
+    assert found == {("sda1:luks", "ext4", "would trim"), (THIN_LV, "ext4", "would trim")}
+    assert after == before
 
 
 def test_luks_and_thin_volume_give_the_deleted_bytes_back(

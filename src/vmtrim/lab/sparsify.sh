@@ -298,7 +298,8 @@ open_luks() { # dev name size: open it with the host's key, then handle what it 
         cryptsetup open --type luks --key-file /run/key --allow-discards --disable-keyring \
             $ro "$dev" "$map" </dev/null 2>/tmp/err
         rc=$?
-        [ $rc = 2 ] || break # 2: no key slot opens with this key; try the next candidate
+        # cryptsetup(8) RETURN CODES: 2 is "no permission (bad passphrase)"; try the next
+        [ $rc = 2 ] || break
     done
     rm -f /run/key
     umask 022
