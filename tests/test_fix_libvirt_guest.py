@@ -91,6 +91,7 @@ def guest(libvirtd: str) -> Iterator[Guest]:
             RunPaths(workdir).ctl, timeout=120, alive=dom.isActive, failure=failure
         )
         ctl.expect("ready", 240)
+        wait_for_agent(dom, 120)  # libvirt sees the agent's port open a moment later
         yield Guest(name, workdir, dom)
     finally:
         if ctl is not None:
@@ -171,3 +172,73 @@ def test_restart_waits_for_a_guest_that_ignores_acpi_then_force_destroys(guest: 
     [live] = defined(guest, inactive=False).iterfind("devices/disk")
     assert live.find("target").get("bus") == "scsi"  # type: ignore[union-attr]
     assert live.find("driver").get("discard") == "unmap"  # type: ignore[union-attr]
+
+
+QUEUE = (
+    "for d in /sys/block/sd* /sys/block/vd*; do [ -e $d/queue ] || continue;"
+    " echo ${d##*/} $(cat $d/queue/discard_granularity) $(cat $d/queue/rotational); done"
+)
+
+
+def wait_for_agent(dom: Any, timeout: float) -> None:
+    agent = LibvirtAgent(dom)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            agent.execute("guest-ping", None, 5)
+            return
+        except AgentUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def guest_queues(guest: Guest) -> dict[str, tuple[int, int]]:
+    """Each guest disk's queue/discard_granularity and queue/rotational, once its agent
+    answers (after a restart the guest boots again)."""
+    wait_for_agent(guest.dom, 180)
+    queues = {}
+    for line in guest.run(QUEUE).splitlines():
+        name, granularity, rotational = line.split()
+        queues[name] = (int(granularity), int(rotational))
+    return queues
+
+
+def test_discard_granularity_and_ssd_through_qemu_override_reach_the_guest(guest: Guest) -> None:
+    """libvirt 9.0 has no <blockio discard_granularity> (10.0): the fix goes through
+    <qemu:override> on the disk's ua- alias, and <target rotation_rate='1'/>. After the
+    power cycle the guest's sysfs reads what the device now says."""
+    before = guest_queues(guest)
+    print(f"before: {before}")
+    done = vmtrim(
+        "fix", "-c", URI, guest.name, "--bus", "scsi", "--discard-granularity", "64K", "--ssd",
+        "--restart", "--force", "--restart-timeout", "60", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [doc] = json.loads(done.stdout)["domains"]
+    assert doc["restarted"] and doc["pending_restart"] == []
+    settings = {c["setting"]: c["new"] for c in doc["changes"]}
+    assert settings["qemu:override discard_granularity"] == "65536"
+    assert settings["target rotation_rate"] == "1"
+    assert settings["alias"] == "ua-vmtrim-sda"
+    assert any("through <qemu:override> (libvirt 9.0" in w for w in doc["warnings"])
+    # libvirt kept what was written: its own read-back of the definition.
+    root = defined(guest)
+    ns = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
+    [prop] = root.findall(
+        "qemu:override/qemu:device[@alias='ua-vmtrim-sda']/qemu:frontend/qemu:property", ns
+    )
+    assert (prop.get("name"), prop.get("type"), prop.get("value")) == (
+        "discard_granularity", "unsigned", "65536",
+    )  # fmt: skip
+    [disk] = root.iterfind("devices/disk")
+    assert disk.find("target").get("rotation_rate") == "1"  # type: ignore[union-attr]
+    after = guest_queues(guest)
+    print(f"after: {after}")
+    assert after["sda"] == (65536, 0)
+    assert after != before
+    # Run again: nothing left to change, and the guest keeps its settings.
+    again = vmtrim("fix", "-c", URI, guest.name, "--discard-granularity", "64K", "--ssd", "--json")
+    assert again.returncode == 0, again.stderr
+    [doc] = json.loads(again.stdout)["domains"]
+    assert doc["changed"] is False and doc["changes"] == []

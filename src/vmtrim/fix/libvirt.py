@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lxml import etree
+
 from vmtrim._util.versions import Version, from_libvirt
 from vmtrim.channels.libvirt import (
     Connection,
@@ -140,15 +142,53 @@ def fix_live(
                 subject=name,
             )
     if outcome.running:
-        running = parse_domain_xml(fetch_domain_xml(dom), subject=name)
+        running_xml, defined_xml = fetch_domain_xml(dom), fetch_domain_xml(dom, inactive=True)
         outcome.pending = pending_restart(
-            running, parse_domain_xml(fetch_domain_xml(dom, inactive=True), subject=name)
-        )
+            parse_domain_xml(running_xml, subject=name),
+            parse_domain_xml(defined_xml, subject=name),
+        ) + device_pending(running_xml, defined_xml, name)
         if restart and outcome.pending:
             outcome.forced = power_cycle(dom, name, restart_timeout, force=force, progress=progress)
             outcome.restarted = True
             outcome.pending = []
     return outcome
+
+
+def device_pending(running_xml: str, defined_xml: str, subject: str) -> list[str]:
+    """What --discard-granularity/--ssd changed in the definition that the running QEMU
+    does not have yet: a disk's <blockio>/<target rotation_rate>, or <qemu:override> and
+    <qemu:commandline> (QEMU reads all of them only when it starts)."""
+    from vmtrim._util.domxml import DiskElement, disks
+    from vmtrim._util.safexml import parse
+    from vmtrim.fix.xml import QEMU_NS
+
+    running, defined = parse(running_xml, subject).getroot(), parse(defined_xml, subject).getroot()
+
+    def device(root: Any) -> dict[str, tuple[str | None, str | None]]:
+        return {
+            str(d.source_file or d.source_dev or d.target_dev): (
+                d.get(DiskElement.blockio_discard_granularity),
+                d.get(DiskElement.target_rotation_rate),
+            )
+            for d in disks(root)
+        }
+
+    def qemu(root: Any, local: str) -> list[bytes]:
+        found = root.find(f"{{{QEMU_NS}}}{local}")
+        return [] if found is None else [etree.tostring(e) for e in found.iter() if e is not found]
+
+    notes = []
+    live, wanted = device(running), device(defined)
+    for key, (granularity, rotation) in wanted.items():
+        if key in live and live[key] != (granularity, rotation):
+            notes.append(
+                f"{key}: fix pending a restart: the definition has discard_granularity"
+                f" {granularity or '(unset)'}, rotation_rate {rotation or '(unset)'}"
+            )
+    for local in ("override", "commandline"):
+        if qemu(running, local) != qemu(defined, local):
+            notes.append(f"fix pending a restart: <qemu:{local}> differs from the running QEMU's")
+    return notes
 
 
 def _guest_fstab(dom: Any, live: Domain, result: FixResult, timeout: float) -> list[str]:
