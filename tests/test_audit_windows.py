@@ -10,10 +10,12 @@ model, the libvirt XML parser reads the disks, and the audit applies the rules.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import vmtrim
 from vmtrim.audit.engine import audit_domain
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.channels.qmp import ExecStatus
@@ -115,9 +117,14 @@ def domain_xml(target: str, controller: str = "virtio-scsi") -> str:
 
 
 def audit(
-    target: str, *, rate: str = "", extra: str = "", agent: WindowsAgent | None = None
+    target: str,
+    *,
+    rate: str = "",
+    extra: str = "",
+    agent: WindowsAgent | None = None,
+    xml: str | None = None,
 ) -> tuple[DiskReport, dict[str, Any]]:
-    xml = domain_xml(target).format(rate=rate, extra=extra)
+    xml = xml or domain_xml(target).format(rate=rate, extra=extra)
     domain = parse_domain_xml(xml)
     bus_type = {"sd": "scsi", "vd": "virtio", "hd": "sata"}[target[:2]]
     guest_facts(agent or WindowsAgent(bus_type), domain, xml, 10.0)
@@ -229,3 +236,24 @@ def test_windows_on_lsilogic_is_not_vioscsi() -> None:
     (report,) = audit_domain(domain, HostProbes(local=False), read_images=False)
     driver = report.layer(LayerKind.GUEST_DRIVER)
     assert driver.verdict is Verdict.UNKNOWN and "lsilogic" in driver.reason
+
+
+@pytest.mark.parametrize("libvirt", ["10.0", "9.0", "7.0"])
+def test_the_fixes_the_advice_names_silence_it(tmp_path: Path, libvirt: str) -> None:
+    """`vmtrim fix --ssd --discard-granularity 64K` writes <blockio>/<target rotation_rate>,
+    <qemu:override> or <qemu:commandline> -set by libvirt version; the audit reads each."""
+    before = tmp_path / "win11.xml"
+    before.write_text(domain_xml("sda").format(rate="", extra=""))
+    after = tmp_path / "fixed.xml"
+    result = vmtrim(
+        "fix", "--xml", str(before), "--ssd", "--discard-granularity", "64K",
+        "--libvirt-version", libvirt, "--no-probe", "-o", str(after),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report, _ = audit("sda", xml=after.read_text())
+    assert findings(report, Severity.WARNING) == []
+    fs = report.layer(LayerKind.GUEST_FS)
+    assert (fs.verdict, fs.reason) == (
+        Verdict.PASS,
+        "Windows sees an SSD (rotation_rate=1) and retrims it",
+    )

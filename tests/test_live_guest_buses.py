@@ -264,10 +264,14 @@ def test_virtio_blk_uses_the_guest_kernel(guests: dict[str, Guest]) -> None:
     uname = guest.ready["kernel"]  # `uname -r` in the guest, over the control port
     assert info["kernel_release"] == uname
     version = ".".join(uname.split("-")[0].split(".")[:3])
+    mounted = in_guest(guest, MOUNTED_LABEL)
     for target in ("vda", "vdb"):
         driver = layers[target]["guest_driver"]
         assert driver["verdict"] == "pass"
-        assert f"guest Linux {version} >= " in driver["reason"]
+        if target == mounted:  # its sysfs queue is read in the guest: that is the proof
+            assert "queue/discard_max_bytes = 2147483136" in driver["reason"]
+        else:  # no filesystem, no queue read: the kernel-version rule
+            assert f"guest Linux {version} >= " in driver["reason"]
 
 
 def test_virtio_blk_serial_from_udev(guests: dict[str, Guest]) -> None:

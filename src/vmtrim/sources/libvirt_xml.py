@@ -12,6 +12,8 @@ Unknown elements and device types are skipped, never fatal.
 
 from __future__ import annotations
 
+import itertools
+
 from lxml import etree
 
 from vmtrim._util.domxml import BackingStoreElement, DiskElement, Sourced, controllers
@@ -47,6 +49,7 @@ _PREFIX_BUS: tuple[tuple[str, Bus], ...] = (
 
 # libvirt's default SCSI controller model for x86 QEMU builds with the LSI controller.
 DEFAULT_SCSI_MODEL = "lsilogic"
+_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:override>, <qemu:commandline>
 
 
 def parse_domain_file(path: str) -> Domain:
@@ -156,9 +159,30 @@ class _DomainReader:
             child = element.find(tag)
             if child is not None and child.get(prop) is not None:
                 disk.device_properties[prop] = child.get(prop)
+        disk.device_properties.update(self._qemu_properties(xml.alias_name))
         if storage is not StorageKind.NONE:
             disk.node = self._nodes(disk, xml, storage_driver, index)
         return disk
+
+    def _qemu_properties(self, alias: str | None) -> dict[str, str]:
+        """Device properties set for ``alias`` by <qemu:override> (libvirt >= 8.2) or by
+        <qemu:commandline> ``-set device.ALIAS.PROP=VALUE`` (docs/drvqemu.rst)."""
+        if not alias:
+            return {}
+        ns = f"{{{_QEMU_NS}}}"
+        out: dict[str, str] = {}
+        for device in self.root.iterfind(f"{ns}override/{ns}device"):
+            if device.get("alias") == alias:
+                for prop in device.iterfind(f"{ns}frontend/{ns}property"):
+                    name, value = prop.get("name"), prop.get("value")
+                    if name and value is not None and prop.get("type") != "remove":
+                        out[name] = value
+        args = [a.get("value", "") for a in self.root.iterfind(f"{ns}commandline/{ns}arg")]
+        for flag, setting in itertools.pairwise(args):
+            if flag == "-set" and setting.startswith(f"device.{alias}."):
+                name, _, value = setting[len(f"device.{alias}.") :].partition("=")
+                out[name] = value
+        return out
 
     def _device(self, disk: Disk, xml: DiskElement) -> tuple[str | None, str | None]:
         """The controller model and the QEMU device libvirt would use."""
