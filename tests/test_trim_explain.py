@@ -321,3 +321,30 @@ def test_discard_no_unref_is_found_from_the_configuration(tmp_path: Path) -> Non
     found = disk_causes(evidence.disks["vda"])
     [cause] = [c for c in found if c.id == "discard_no_unref"]
     assert "count host bytes (du)" in cause.evidence
+
+
+def test_run_records_the_causes(explained: Explained, tmp_path: Path) -> None:
+    """`vmtrim run` right after the trims: every path reports 0, and each disk's record
+    (and run's JSON) names ext4_already_trimmed, as trim --explain does."""
+    from test_run_live import run as run_policy
+    from test_run_live import write_policy
+
+    policy = write_policy(tmp_path / "policy.toml", "explain")
+    done = run_policy(tmp_path, policy, "--json")
+    assert done.stdout, done.stderr
+    [dom] = json.loads(done.stdout)["domains"]
+    assert dom["domain"] == explained.dom.name
+    found = {d["target"]: [c["id"] for c in d["causes"] or []] for d in dom["disks"]}
+    assert found == {t: ["ext4_already_trimmed"] for t in ("sda", *DISKS)}, found
+    with sqlite3.connect(tmp_path / "history.db") as conn:
+        stored = dict(conn.execute("SELECT target, causes FROM disk_results").fetchall())
+    assert {t: [c["id"] for c in json.loads(v)] for t, v in stored.items()} == found
+
+
+def test_the_help_lists_every_cause_id() -> None:
+    """Scripts branch on the ids: trim --help names exactly the facts table's."""
+    from vmtrim.facts import TRIM_CAUSES
+
+    text = " ".join(vmtrim("trim", "--help").stdout.split())
+    listed = text.split("ids for scripts): ", 1)[1].split(".", 1)[0]
+    assert [i.strip() for i in listed.split(",")] == list(TRIM_CAUSES)
