@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from helpers import du_bytes, vmtrim
+from vmtrim.channels.qmp import SyncGuestAgent
 from vmtrim.fix.policy import FixOptions
 from vmtrim.fix.qemu import fix_qemu_args
 from vmtrim.image.allocation import allocated_bytes
@@ -188,3 +189,54 @@ def test_guest_discards_reach_the_host_only_after_the_fix(
     if fixer is not unfixed and not lab_disk:  # --modernize --bus scsi: scsi-hd on virtio-scsi
         devices = [run.argv[i + 1].split(",")[0] for i, a in enumerate(run.argv) if a == "-device"]
         assert {"virtio-scsi-pci", "scsi-hd"} <= set(devices) and "if=ide" not in text
+
+
+QUEUES = (
+    "for d in /sys/block/sd*; do echo ${d##*/} $(readlink $d/device)"
+    " $(cat $d/queue/discard_granularity) $(cat $d/queue/rotational); done"
+)
+
+
+def test_device_properties_reach_the_guest(appliance: Appliance) -> None:
+    """`fix --qemu-args --discard-granularity 64K --ssd` on the lab's scsi-hd: the guest's
+    sysfs reads 65536 and rotational 0 for it. A second scsi-hd (scsi-id 1) added after
+    the fix, unfixed, is the same device model as it was before: QEMU's defaults."""
+    workdir = make_workdir()
+    try:
+        image = make_image(workdir, Cell(size_mib=SIZE_MIB))
+        (workdir / "control").mkdir()
+        # Formatted too: the lab mounts whichever disk the guest names sda.
+        control = make_image(workdir / "control", Cell(size_mib=SIZE_MIB))
+        spec = GuestSpec(
+            appliance, scenario={"mode": "agent", "agent": "1", "size": "1"},
+            disk=DiskSpec(image, "qcow2", "virtio-scsi", "unmap"), agent=True,
+        )  # fmt: skip
+        fixed: list[str] = []
+
+        def rewrite(argv: list[str]) -> list[str]:
+            args = workdir / "qemu.args"
+            args.write_text(shlex.join(argv))
+            done = vmtrim("fix", "--qemu-args", str(args), "--discard-granularity", "64K", "--ssd")
+            assert done.returncode == 0, done.stderr
+            fixed[:] = tokenize(done.stdout)
+            file = {"driver": "file", "filename": str(control), "discard": "unmap"}
+            node = {"driver": "qcow2", "node-name": "ctl0", "discard": "unmap", "file": file}
+            return [*fixed, "-blockdev", json.dumps(node),
+                    "-device", "scsi-hd,bus=scsi0.0,drive=ctl0,scsi-id=1"]  # fmt: skip
+
+        with DirectGuest(spec, workdir, subject="fix-props", rewrite_argv=rewrite) as guest:
+            guest.ctl.expect("ready", 180)
+            with SyncGuestAgent(str(guest.paths.agent), timeout=60, subject="fix-props") as ga:
+                status = ga.run("/bin/sh", ["-c", QUEUES], timeout=60)
+        assert status.exitcode == 0, status.err_data
+        by_target: dict[str, tuple[int, int]] = {}
+        for line in status.out_data.decode().splitlines():
+            _name, device, granularity, rotational = line.split()
+            by_target[device.rsplit("/", 1)[-1]] = (int(granularity), int(rotational))
+        print(f"guest queues (SCSI address: discard_granularity, rotational): {by_target}")
+        assert by_target == {"0:0:0:0": (65536, 0), "0:0:1:0": (4096, 1)}
+        device = next(fixed[i + 1] for i, a in enumerate(fixed) if a == "-device"
+                      and fixed[i + 1].startswith("scsi-hd"))  # fmt: skip
+        assert device.endswith(",discard_granularity=65536,rotation_rate=1")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
