@@ -524,6 +524,7 @@ def _explain(result: TrimResult, target: Target, deadline: float, pending: set[s
         return
     by_disk = guest_by_disk(result.paths, evidence.path_disks)
     whole = shortfall(result)  # without a path-to-disk map, the domain's figures decide
+    any_short = whole
     for disk in result.disks:
         facts = evidence.disks.get(disk.target)
         disk.guest_trimmed = by_disk.get(disk.target)
@@ -532,14 +533,14 @@ def _explain(result: TrimResult, target: Target, deadline: float, pending: set[s
             if evidence.path_disks is not None
             else whole
         )
+        any_short = any_short or short
         disk.causes = []
         if facts is None:
             continue
         if short:
             disk.causes += disk_causes(facts)
         disk.causes += already_trimmed(facts, paths_on(disk.target, result.paths, evidence))
-    short = any(falls_short(d.guest_trimmed, d.reclaimed_bytes) for d in result.disks)
-    if (whole or short) and not result.causes:
+    if any_short and not result.causes:
         result.explain_note = (
             "no known cause applies: the space the guest trimmed may never have been"
             " allocated on the host (a first fstrim reports all free space)"
