@@ -339,6 +339,10 @@ def test_run_records_the_causes(explained: Explained, tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "history.db") as conn:
         stored = dict(conn.execute("SELECT target, causes FROM disk_results").fetchall())
     assert {t: [c["id"] for c in json.loads(v)] for t, v in stored.items()} == found
+    text = run_policy(tmp_path, policy)
+    assert "vdb: why: ext4_already_trimmed: /m/snap (ext4) reported 0 B trimmed" in " ".join(
+        text.stdout.split()
+    ), text.stdout
 
 
 def test_the_help_lists_every_cause_id() -> None:
