@@ -230,6 +230,10 @@ def test_each_disk_names_its_cause(explained: Explained) -> None:
             f" causes {[c['id'] for c in disk['causes']]}"
         )
     print("\n".join(report), f"\nguest discard_granularity: {explained.granularity}")
+    print(f"status {doc['status']}, exit {explained.first_exit}: {doc['reason']}")
+    # the audit's blocking layers name only the ramfs disk; explain names every disk's cause
+    assert (doc["status"], explained.first_exit) == ("no_effect", 1)
+    assert [(b["disk"], b["layer"]) for b in doc["blockers"]] == [("vdf", "host_storage")]
     found = causes(doc)
     for target, cause in EXPECTED.items():
         assert cause in found[target], (target, by[target])
