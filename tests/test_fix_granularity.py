@@ -255,3 +255,36 @@ def test_libvirt_schema_accepts_the_qemu_namespace_output(variant: str, tmp_path
         ["virt-xml-validate", str(path), "domain"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_granularity_below_the_logical_block_is_not_set(tmp_path: Path) -> None:
+    """A 4 KiB-sector disk (<blockio logical_block_size='4096'/>, or the -device property):
+    QEMU refuses a discard_granularity that is not a multiple of it."""
+    source = tmp_path / "4k.xml"
+    source.write_text(
+        materialize("granularity/windows.xml", tmp_path).replace(
+            "<target dev='sda' bus='scsi'/>",
+            "<blockio logical_block_size='4096' physical_block_size='4096'/>\n"
+            "      <target dev='sda' bus='scsi'/>",
+        )
+    )
+    done = vmtrim("fix", "--no-probe", "--json", "--xml", str(source), "--discard-granularity",
+                  "2K", "--libvirt-version", "10.0", "--dry-run")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert ("sda", "blockio discard_granularity") not in settings(doc)
+    assert settings(doc)[("vda", "blockio discard_granularity")] == "2048"
+    assert any(
+        w.startswith("sda: discard_granularity not set: 2048 is not a multiple of its"
+                     " logical_block_size 4096") for w in doc["warnings"]
+    )  # fmt: skip
+    args = tmp_path / "qemu.args"
+    args.write_text(
+        "qemu-system-x86_64 -device virtio-scsi-pci,id=scsi0"
+        f" -drive file={tmp_path}/data.raw,format=raw,if=none,id=d0,discard=unmap"
+        " -device scsi-hd,bus=scsi0.0,drive=d0,logical_block_size=4096\n"
+    )
+    done = vmtrim("fix", "--no-probe", "--json", "--qemu-args", str(args),
+                  "--discard-granularity", "2K")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["changes"] == []

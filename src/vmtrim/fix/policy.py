@@ -163,6 +163,7 @@ def device_wants(
     moved: bool,
     probes: HostProbes | None,
     read_images: bool,
+    logical_block: int | None = None,
 ) -> DeviceWants:
     """The device settings ``options`` ask of this disk that its device model takes.
 
@@ -177,10 +178,20 @@ def device_wants(
     wanted = options.discard_granularity
     if wanted == "auto":
         wanted = auto_granularity(report.disk, probes, read_images)
+    if logical_block is None:
+        from vmtrim.audit.granularity import parse_size
+
+        logical_block = parse_size(report.disk.device_properties.get("logical_block_size"))
+    logical = logical_block or LOGICAL_BLOCK
     if wanted is not None and family == "ide" and wanted != LOGICAL_BLOCK:
         notes.append(
             f"{name}: discard_granularity not set: ide-hd (IDE/SATA) takes only 512 (QEMU"
             f" refuses {wanted}: hw/ide/qdev.c); --bus scsi --all-disks moves it to virtio-scsi"
+        )
+    elif wanted is not None and wanted % logical:
+        notes.append(
+            f"{name}: discard_granularity not set: {wanted} is not a multiple of its"
+            f" logical_block_size {logical} (QEMU refuses it: hw/block/block.c)"
         )
     elif wanted is not None:
         granularity = wanted

@@ -36,6 +36,7 @@ from lxml import etree
 from vmtrim._util.domxml import Attr, DiskElement, disks
 from vmtrim._util.versions import Version, format_version
 from vmtrim.audit.engine import audit_domain
+from vmtrim.audit.granularity import parse_size
 from vmtrim.audit.hostprobe import HostProbes
 from vmtrim.errors import BadInput
 from vmtrim.facts import FACTS
@@ -257,9 +258,11 @@ class _XmlFixer:
     # -- the QEMU device: discard_granularity and rotation_rate -----------------------
 
     def _device(self, report: DiskReport, xml: DiskElement, name: str, *, moved: bool) -> None:
+        blockio = xml.find("blockio")
+        logical = None if blockio is None else parse_size(blockio.get("logical_block_size"))
         wants = device_wants(
             report, name, self.options, moved=moved, probes=self.probes,
-            read_images=self.read_images,
+            read_images=self.read_images, logical_block=logical,
         )  # fmt: skip
         self.notes += wants.notes
         assert self.version is not None  # fix_domain_xml refused the options without it
