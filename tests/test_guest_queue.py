@@ -9,7 +9,10 @@ labelled with its libvirt target:
 - vdb: virtio-blk with ``discard=false`` (``<qemu:override>`` too), mounted on /opt by
   hand; it also carries the host's own systemctl with its libraries and util-linux's
   fstrim.service and fstrim.timer, installed into the guest and the timer enabled;
-- vdc: virtio-blk with ``discard_granularity=0``, mounted on /data by hand.
+- vdc: virtio-blk with ``discard_granularity=0``, mounted on /data by hand;
+- vdd: virtio-blk with 4 KiB physical blocks and discard_granularity, its ext4 in a
+  partition at sector 63 (not 4 KiB-aligned), mounted on /part: the partition's
+  alignment_offset and discard_alignment are 512, not 0.
 
 The guest's sysfs is read a second time, independently, with ``virsh
 qemu-agent-command`` guest-exec, and the audit's numbers must be those. The XML says
@@ -54,7 +57,13 @@ DISKS: dict[str, tuple[str, dict[str, tuple[str, str]], str]] = {
     "sdb": ("scsi", {"discard_granularity": ("unsigned", "0")}, "/srv"),
     "vdb": ("virtio", {"discard": ("bool", "false")}, "/opt"),
     "vdc": ("virtio", {"discard_granularity": ("unsigned", "0")}, "/data"),
+    "vdd": (
+        "virtio",
+        {"physical_block_size": ("unsigned", "4096"), "discard_granularity": ("unsigned", "4096")},
+        "/part",
+    ),
 }
+PART_START = 63  # sectors: the old DOS start, not 4 KiB-aligned
 SYSFS = ("discard_granularity", "discard_max_bytes", "discard_zeroes_data", "rotational")
 
 
@@ -65,11 +74,19 @@ class Guest:
     dom: Any
 
 
-def make_image(path: Path, label: str, tree: Path | None = None) -> None:
+def make_image(
+    path: Path, label: str, tree: Path | None = None, partition_at: int | None = None
+) -> None:
+    """ext4 labelled ``label`` on the whole disk, or in one DOS partition from a sector."""
     raw = path.with_suffix(".raw")
     subprocess.run(["truncate", "-s", "64M", str(raw)], check=True)
     extra = ["-d", str(tree)] if tree else []
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, *extra, str(raw)], check=True)
+    if partition_at is not None:
+        table = f"start={partition_at}, type=83\n"
+        subprocess.run(["sfdisk", "-q", str(raw)], input=table, text=True, check=True)
+        extra += ["-E", f"offset={partition_at * 512}"]
+    size = [] if partition_at is None else [f"{(64 << 20) // 1024 - 1024}k"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, *extra, str(raw), *size], check=True)
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True)
     raw.unlink()
 
@@ -165,7 +182,7 @@ def virsh_exec(name: str, script: str) -> str:
 # the fstrim units from vdb, enable the timer and list only /mnt in /etc/fstab.
 SETUP = """set -e
 umount /mnt
-for t in sda:/mnt sdb:/srv vdb:/opt vdc:/data; do
+for t in sda:/mnt sdb:/srv vdb:/opt vdc:/data vdd:/part; do
   mkdir -p "${t#*:}"; mount "$(findfs LABEL=${t%%:*})" "${t#*:}"
 done
 cd /opt/root
@@ -186,7 +203,12 @@ def guest(libvirtd: str, appliance: Appliance) -> Iterator[Guest]:
     top.chmod(0o755)
     tools = tools_tree(top / "tools")
     for target in DISKS:
-        make_image(top / f"{target}.qcow2", target, tools if target == "vdb" else None)
+        make_image(
+            top / f"{target}.qcow2",
+            target,
+            tools if target == "vdb" else None,
+            PART_START if target == "vdd" else None,
+        )
     name = f"vmtrim-queue-{os.getpid()}"
     dom = None
     ctl: ControlChannel | None = None
@@ -234,9 +256,16 @@ def audited(guest: Guest) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     return info, layers
 
 
-def guest_name_of(guest: Guest, label: str) -> str:
-    """The guest kernel's name (sda, vda) of the disk labelled with a libvirt target."""
-    return virsh_exec(guest.name, f"basename $(findfs LABEL={label})").strip()
+def guest_names_of(guest: Guest, label: str) -> tuple[str, str]:
+    """The guest kernel's names of the disk and of the partition (or the same disk) that
+    hold the filesystem labelled with a libvirt target: (vdc, vdc1), (sda, sda)."""
+    part = virsh_exec(guest.name, f"basename $(findfs LABEL={label})").strip()
+    disk = virsh_exec(
+        guest.name,
+        f"c=/sys/class/block/{part}; [ -e $c/partition ] && c=$(dirname $(readlink -f $c));"
+        " basename $c",
+    ).strip()
+    return disk, part
 
 
 def test_queue_facts_are_what_the_guest_sysfs_reads(
@@ -245,8 +274,9 @@ def test_queue_facts_are_what_the_guest_sysfs_reads(
     info, _ = audited
     queues = {q["target"]: q for q in info["queues"]}
     assert set(queues) == set(DISKS)
+    alignments = {}
     for target in DISKS:
-        dev = guest_name_of(guest, target)
+        dev, part = guest_names_of(guest, target)
         read = virsh_exec(
             guest.name, " ".join(f"cat /sys/block/{dev}/queue/{f};" for f in SYSFS)
         ).split()
@@ -257,9 +287,13 @@ def test_queue_facts_are_what_the_guest_sysfs_reads(
             **sysfs,
             "rotational": bool(sysfs["rotational"]),
         }
-        # The filesystem is on the whole disk: its own alignment files.
+        # The alignment of what holds the filesystem: the partition, or the whole disk.
         for f in ("alignment_offset", "discard_alignment"):
-            assert queue[f] == int(virsh_exec(guest.name, f"cat /sys/block/{dev}/{f}"))
+            assert queue[f] == int(virsh_exec(guest.name, f"cat /sys/class/block/{part}/{f}"))
+        alignments[target] = (part != dev, queue["alignment_offset"], queue["discard_alignment"])
+    # sector 63 of 4 KiB blocks and a 4 KiB discard granularity: 7 sectors past a boundary
+    assert alignments["vdd"] == (True, 512, 512)
+    assert {alignments[t] for t in DISKS if t != "vdd"} == {(False, 0, 0)}
 
 
 def test_no_discard_in_the_guest_blocks_the_guest_driver(

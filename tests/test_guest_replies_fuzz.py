@@ -37,7 +37,8 @@ words = st.text(string.printable, max_size=40)
 # Lines the way the guest's script prints them, and lines it could not have printed.
 queue_lines = st.one_of(
     st.builds(
-        lambda d, p, kv: f"vmtrim-queue {d} {p} " + " ".join(f"{k}={v}" for k, v in kv),
+        lambda a, p, d, kv: f"vmtrim-queue {a} {p} {d} " + " ".join(f"{k}={v}" for k, v in kv),
+        st.one_of(names, words, st.just("-")),
         st.one_of(names, words),
         st.one_of(names, words),
         st.lists(
@@ -84,20 +85,21 @@ def test_any_queue_output_gives_sane_values_or_notes(
 )
 def test_honest_queue_output_reads_back_exactly(disks: list[tuple[str, int, int, int]]) -> None:
     out = "".join(
-        f"vmtrim-queue {d} {d} discard_granularity={g} discard_max_bytes={m}"
+        f"vmtrim-queue - {d}1 {d} discard_granularity={g} discard_max_bytes={m}"
         f" discard_zeroes_data= rotational={r} alignment_offset=0 discard_alignment=0\n"
         for d, g, m, r in disks
     )
-    found, notes = parse_queues(out.encode(), [(d, d) for d, *_ in disks])
+    found, notes = parse_queues(out.encode(), [("-", f"{d}1") for d, *_ in disks])
     assert notes == []
     for d, g, m, r in disks:
-        q = found[(d, d)]
-        assert (q.discard_granularity, q.discard_max_bytes, q.rotational) == (g, m, bool(r))
+        q = found[("-", f"{d}1")]
+        assert (q.device, q.discard_granularity, q.discard_max_bytes) == (d, g, m)
+        assert q.rotational is bool(r)
         assert q.discard_zeroes_data is None  # absent file: empty value
 
 
 def test_a_huge_answer_is_cut_and_said() -> None:
-    line = b"vmtrim-queue sda sda discard_max_bytes=0\n"
+    line = b"vmtrim-queue sda sda sda discard_max_bytes=0\n"
     found, notes = parse_queues(line + b"x" * (3 << 20), [("sda", "sda")])
     assert found[("sda", "sda")].discard_max_bytes == 0
     assert any(f"more than {OUTPUT_LIMIT} bytes" in n for n in notes)

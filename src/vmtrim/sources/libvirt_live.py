@@ -331,18 +331,18 @@ def _fstrim_timer(agent: AgentLike, timeout: float) -> TimerFacts:
     return parse_timer(status.out_data, status.exitcode)
 
 
-# One line per disk: "vmtrim-queue DISK PART key=value ...". DISK "-" asks the guest to
-# find the disk that holds partition PART (qemu-ga before 3.1 reports no "dev").
+# One line per pair asked: "vmtrim-queue ASKED PART DISK key=value ...". ASKED is the
+# disk as asked: a partition (qemu-ga gives a partition's own node as "dev"), or "-" (no
+# "dev" before qemu-ga 3.1): the guest then finds the disk that holds it, DISK.
 _QUEUE_SCRIPT = f"""while [ $# -ge 2 ]; do
-  d=$1; p=$2; shift 2
-  if [ "$d" = - ]; then
-    d=$p
-    c=/sys/class/block/$p
-    [ -e "$c/partition" ] && d=$(basename "$(dirname "$(readlink -f "$c")")")
-  fi
+  asked=$1; p=$2; shift 2
+  d=$asked
+  [ "$d" = - ] && d=$p
+  c=/sys/class/block/$d
+  [ -e "$c/partition" ] && d=$(basename "$(dirname "$(readlink -f "$c")")")
   a=/sys/block/$d
   [ -e "$a/$p/partition" ] && a=$a/$p
-  printf 'vmtrim-queue %s %s' "$d" "$p"
+  printf 'vmtrim-queue %s %s %s' "$asked" "$p" "$d"
   for f in discard_granularity discard_max_bytes discard_zeroes_data rotational; do
     printf ' %s=%s' "$f" "$(head -c 32 "/sys/block/$d/queue/$f" 2>/dev/null)"
   done
@@ -369,14 +369,13 @@ def parse_queues(
     odd: set[str] = set()
     for line in text.splitlines():
         fields = line.split(" ")
-        if len(fields) < 3 or fields[0] != "vmtrim-queue":
+        if len(fields) < 4 or fields[0] != "vmtrim-queue":
             continue
-        disk, part = fields[1], fields[2]
-        key = (disk, part) if (disk, part) in wanted else ("-", part)
+        key, disk = (fields[1], fields[2]), fields[3]
         if key not in wanted or key in found or not _DEVICE.match(disk):
             continue
         values: dict[str, int | None] = {}
-        for item in fields[3:]:
+        for item in fields[4:]:
             name, _, value = item.partition("=")
             if value and not _NUMBER.match(value):
                 odd.add(name[:40])
@@ -408,9 +407,10 @@ def parse_queues(
 def guest_device(entry: dict[str, Any], fs_name: str) -> tuple[str, str] | None:
     """The (disk, partition) to read for one guest-get-fsinfo disk entry of a filesystem.
 
-    The disk is the entry's ``dev`` (/dev/sda, qemu-ga >= 3.1), else "-" for the guest to
-    find from the partition; the partition is the filesystem's ``name`` (sda1, or sda for a
-    filesystem on the whole disk). None when neither is a kernel device name.
+    The disk is the entry's ``dev`` (/dev/sda, or the partition's /dev/vdc1: qemu-ga >= 3.1),
+    else "-"; the guest finds the disk that holds a partition. The partition is the
+    filesystem's ``name`` (sda1, or sda for a filesystem on the whole disk). None when
+    neither is a kernel device name.
     """
     dev = entry.get("dev")
     disk = posixpath.basename(dev) if isinstance(dev, str) and dev.startswith("/dev/") else "-"
