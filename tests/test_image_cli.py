@@ -119,6 +119,8 @@ def test_image_info_json_imports_only_what_it_needs(tmp_path: Path, fmt: str) ->
     ours = {m for m in modules if m.startswith("vmtrim.")}
     allowed = ("vmtrim.cli", "vmtrim.errors", "vmtrim._util", "vmtrim.image", "vmtrim.output")
     assert all(m.startswith(allowed) for m in ours), sorted(ours)
+    # the fast path: neither the click group nor the click command module
+    assert not ours & {"vmtrim.cli.group", "vmtrim.cli.image"}, sorted(ours)
     # the audit, trim and fix machinery stay out of a read-only image command
     assert not {m for m in ours if m.startswith(("vmtrim.audit", "vmtrim.channels"))}
 
@@ -209,3 +211,33 @@ def test_image_info_options_are_the_declared_ones() -> None:
 
     params = [p for p in info.params if p.name != "paths"]
     assert [(tuple(p.opts), p.name) for p in params] == [(o.decls, o.dest) for o in OPTIONS]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_closed_pipe_exits_141_either_way(argv_images: dict[str, str], fast: bool) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    code = CLICK_ONLY.replace("fast=False", f"fast={fast}")
+    args = ["image", "info", "--json", argv_images["top"]]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        timeout=120,
+        check=False,
+    )
+    os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, b"")
+
+
+def test_shell_completion_is_clicks_even_for_image_info(argv_images: dict[str, str]) -> None:
+    env = {
+        **os.environ,
+        "_VMTRIM_COMPLETE": "bash_complete",
+        "COMP_WORDS": f"vmtrim image info {argv_images['top']} --no",
+        "COMP_CWORD": "4",
+    }
+    args = ["image", "info", argv_images["top"], "--no"]
+    proc = subprocess.run([*VMTRIM, *args], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--no-backing" in proc.stdout
