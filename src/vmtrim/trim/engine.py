@@ -41,6 +41,7 @@ short are listed (:mod:`vmtrim.trim.explain`).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -417,16 +418,11 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
     (``options.timeout``, or ``timeout_windows`` for a Windows guest)."""
     start = time.monotonic()
     clock = _Clock(start, start + options.timeout)
-    # The outer bound is the longest the target may get; the agent's calls inside keep
-    # to clock.deadline, which is the short one unless the guest says it is Windows.
-    longest = max(options.timeout, options.timeout_windows or 0.0)
     pending: set[str] = set()  # calls still running in abandoned threads
     try:
         # The grace lets the agent's own deadline (the same instant) report first, with
         # its clearer reason; the run still ends within the documented bound.
-        result = call_with_deadline(
-            lambda: _guarded(target, options, clock, pending), longest + GRACE, "trim"
-        )
+        result = _until(lambda: _guarded(target, options, clock, pending), clock)
     except AgentUnavailable:
         # The abandoned run keeps its own TrimResult; this one is the caller's.
         pending.add("trim")
@@ -447,6 +443,25 @@ def trim_target(target: Target, options: TrimOptions) -> TrimResult:
     result.seconds = time.monotonic() - start
     log.debug("%s: %s in %.3f s (%s)", target.name, result.status, result.seconds, result.reason)
     return result
+
+
+def _until(fn: Callable[[], TrimResult], clock: _Clock) -> TrimResult:
+    """``fn`` in a daemon thread, abandoned at ``clock.deadline`` + GRACE; the deadline
+    may move later while it runs (a Windows guest), so the wait follows it."""
+    box: list[TrimResult] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="vmtrim-trim", daemon=True).start()
+    while not done.wait(max(0.0, clock.deadline + GRACE - time.monotonic())):
+        if time.monotonic() >= clock.deadline + GRACE:
+            raise AgentUnavailable("trim: no answer in time")
+    return box[0]  # _guarded never raises
 
 
 def _guarded(target: Target, options: TrimOptions, clock: _Clock, pending: set[str]) -> TrimResult:
