@@ -12,8 +12,14 @@ Exit codes: 0 changed, or nothing to change ("already enabled"; also when the on
 disks are cdroms, luns, read-only or shared disks, which fix leaves alone on
 purpose); 1 a writable disk still blocks discard at the configuration and fix could
 not change it (for example virtio-blk on a machine type before 4.0 without
-``--bus scsi``; the other disks are still fixed and written); 2 bad input or usage;
-3 environment (a write failed; ``--restart`` timed out without ``--force``).
+``--bus scsi``; the other disks are still fixed and written); 2 bad input or usage
+(also a ``--discard-granularity`` that is not a power of two of at least 512 bytes);
+3 environment (a write failed; ``--restart`` timed out without ``--force``); 4 internal
+error; 130 interrupted; 141 stdout closed early.
+
+``--discard-granularity`` and ``--ssd`` change the QEMU device (see
+:mod:`vmtrim.fix.xml` for the libvirt routes by release); a setting a device model does
+not take (IDE's 512 only, no ``rotation_rate`` on virtio-blk) is a warning, not an error.
 """
 
 from __future__ import annotations
