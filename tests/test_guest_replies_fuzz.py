@@ -110,7 +110,7 @@ def test_a_huge_answer_is_cut_and_said() -> None:
 def test_any_timer_output_gives_facts(out: bytes, exitcode: int | None) -> None:
     facts = parse_timer(out, exitcode)
     assert facts.scope in (None, "all", "fstab", "listed", "unknown")
-    assert facts.command is None or len(facts.command) <= 1024
+    assert facts.command is None or (len(facts.command) <= 1024 and facts.command.isprintable())
     if not facts.enabled:
         assert facts.scope is None
 
@@ -229,3 +229,12 @@ def test_hostile_replies_end_in_the_model_or_notes(
     assert domain.guest.os_id is None or len(domain.guest.os_id) <= 64
     queue = domain.disks[0].guest_queue
     assert queue is None or queue.discard_max_bytes is None or queue.discard_max_bytes >= 0
+
+
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=60))
+def test_a_hostile_unit_gives_a_printable_command(tail: str) -> None:
+    unit = f"[Service]\nExecStart=/sbin/fstrim --all \x1b[2J{tail}\n"
+    out = f"vmtrim-enabled 0\nvmtrim-file /etc/systemd/system/fstrim.service\n{unit}"
+    facts = parse_timer(out.encode("utf-8", "surrogatepass"), 0)
+    assert facts.enabled and facts.command is not None and facts.command.isprintable()
+    assert facts.command.startswith("/sbin/fstrim --all ?[2J")

@@ -323,7 +323,9 @@ def parse_timer(out: bytes, exitcode: int | None) -> TimerFacts:
         return TimerFacts(enabled, None, "unknown" if enabled else None, (), tuple(notes))
     commands = parse_exec_start([fragment, *(dropins[k] for k in sorted(dropins))])
     scope, only = fstrim_scope(commands, fstab)
-    return TimerFacts(enabled, " ; ".join(commands)[:1024] or None, scope, only, tuple(notes))
+    # The guest wrote it and reasons quote it: printable characters only.
+    command = "".join(c if c.isprintable() else "?" for c in " ; ".join(commands)[:1024])
+    return TimerFacts(enabled, command or None, scope, only, tuple(notes))
 
 
 def _fstrim_timer(agent: AgentLike, timeout: float) -> TimerFacts:
