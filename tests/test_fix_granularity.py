@@ -41,6 +41,7 @@ CASES = [
     ),
     ("existing-qemu.xml", "libvirt-9.0", [*DEVICE, "--libvirt-version", "9.0"]),
     ("existing-qemu.xml", "libvirt-8.0", [*DEVICE, "--libvirt-version", "8.0"]),
+    ("existing-qemu.xml", "libvirt-10.0", [*DEVICE, "--libvirt-version", "10.0"]),
     ("windows.args", "64k-ssd", DEVICE),
     (
         "windows.args",

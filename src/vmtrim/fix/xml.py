@@ -270,6 +270,7 @@ class _XmlFixer:
             value = wants.discard_granularity
             if self._at_least("libvirt_blockio_granularity"):
                 self._disk_attr(xml, name, DiskElement.blockio_discard_granularity, value)
+                self._stale_override(xml, name, "discard_granularity", value)
             else:
                 self._by_alias(
                     xml, name, "discard_granularity", value, "libvirt_blockio_granularity"
@@ -288,9 +289,41 @@ class _XmlFixer:
             xml.update((attr, str(value)))
             self.changes.append(Change(name, f"{attr.child} {attr.name}", old, str(value)))
 
+    def _stale_override(self, xml: DiskElement, name: str, prop: str, value: int) -> None:
+        """An older fix's <qemu:override> of the same property wins over <blockio>: it gets
+        the new value too (libvirt applies overrides to the -device it formats)."""
+        self._stale_set(xml, name, prop)
+        alias = xml.alias_name
+        path = f"{{{QEMU_NS}}}override/{{{QEMU_NS}}}device"
+        device = _by_attr(self.root, path, "alias", alias) if alias else None
+        if device is None or not self._at_least("libvirt_qemu_override"):
+            return
+        props = device.iterfind(f"{{{QEMU_NS}}}frontend/{{{QEMU_NS}}}property")
+        old = next((p for p in props if p.get("name") == prop), None)
+        if old is not None and old.get("value") != str(value):
+            assert alias is not None
+            self._properties.setdefault(alias, []).append((name, prop, value))
+            self.notes.append(
+                f"{name}: its <qemu:override> {prop} {old.get('value')} would win over"
+                f" {_ELEMENTS[prop]}: it is set to {value} too"
+            )
+
+    def _stale_set(self, xml: DiskElement, name: str, prop: str) -> None:
+        """An older -set of the property in <qemu:commandline>: said, left to the user."""
+        key = f"device.{xml.alias_name}.{prop}="
+        for arg in self.root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+            if xml.alias_name and (arg.get("value") or "").startswith(key):
+                self.notes.append(
+                    f"{name}: <qemu:commandline> still has -set {arg.get('value')}: QEMU refuses"
+                    " to start on it once libvirt writes -device as JSON (QEMU 7.0 and later),"
+                    " and before that it overrides what this fix set; remove it"
+                )
+
     def _by_alias(self, xml: DiskElement, name: str, prop: str, value: int, fact: str) -> None:
         """A device property that this libvirt has no element for: by the disk's alias."""
         alias = self._user_alias(xml, name)
+        if self._at_least("libvirt_qemu_override"):
+            self._stale_set(xml, name, prop)
         self._properties.setdefault(alias, []).append((name, prop, value))
         self._routes.setdefault((prop, fact), []).append(name)
 
