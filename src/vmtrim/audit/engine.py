@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from vmtrim._util.versions import Version, format_version
+from vmtrim.audit.granularity import parse_size
 from vmtrim.audit.hostprobe import HostProbes, Probe
 from vmtrim.errors import VmtrimError
 from vmtrim.facts import (
@@ -159,7 +160,7 @@ class _DiskAudit:
             return FACTS["default_discard"].source
         if (
             kind is LayerKind.DEVICE
-            and _size_value(self.disk.device_properties.get("discard_granularity")) == 0
+            and parse_size(self.disk.device_properties.get("discard_granularity")) == 0
             and self.disk.bus in ("scsi", "ide", "sata")
         ):
             return FACTS["scsi_dg0" if self.disk.bus == "scsi" else "ide_dg0"].source
@@ -287,10 +288,10 @@ class _DiskAudit:
                 "Windows trims by itself; rotation_rate does not apply to virtio-blk:"
                 " viostor reports discard support itself",
             )
-        rate = _size_value(disk.device_properties.get("rotation_rate"))
+        rate = parse_size(disk.device_properties.get("rotation_rate"))
         if rate == 1:
             return Layer(kind, Verdict.PASS, "Windows sees an SSD (rotation_rate=1) and retrims it")
-        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        granularity = parse_size(disk.device_properties.get("discard_granularity"))
         if disk.bus == "scsi" and granularity != 0:
             self.findings.append(
                 Finding(
@@ -417,7 +418,7 @@ class _DiskAudit:
                 "move the disk to a virtio-scsi controller",
             )
         version = guest.driver_version("vioscsi")
-        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        granularity = parse_size(disk.device_properties.get("discard_granularity"))
         if granularity not in (32 << 10, 64 << 10):
             fact = FACTS["windows_retrim_2026"]
             shown = "not set" if granularity is None else f"{granularity} bytes"
@@ -462,7 +463,7 @@ class _DiskAudit:
                 kind, Verdict.PASS, f"{name}: SCSI commands, UNMAP included, go to the host device"
             )
         # Measured: 0 hides discard from the guest on scsi-hd and ide-hd, not on virtio-blk.
-        granularity = _size_value(disk.device_properties.get("discard_granularity"))
+        granularity = parse_size(disk.device_properties.get("discard_granularity"))
         if granularity == 0 and rule.bus in ("scsi", "ide"):
             what = "LBPME: Linux sd" if rule.bus == "scsi" else "the TRIM bit: libata"
             return Layer(
@@ -928,18 +929,6 @@ def _worst(layers: list[Layer]) -> Layer:
         if layer.verdict.rank > worst.verdict.rank:
             worst = layer
     return worst
-
-
-def _size_value(value: object) -> int | None:
-    """A device property's size as bytes: 65536, "65536", "64K" (QEMU's size suffixes)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().lower() if value is not None else ""
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
-    digits = text[:-1] if scale > 1 else text
-    return int(digits) * scale if digits.isdigit() and len(digits) < 20 else None
 
 
 def _size(n: int) -> str:
