@@ -4,13 +4,15 @@ the images sit on (statfs) and a real loop device."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import qemu_img
+from helpers import qemu_img, vmtrim
 from vmtrim.audit.granularity import (
     LayerGranularity,
     granularity_stack,
@@ -156,3 +158,63 @@ def test_raw_on_a_loop_device(loop_device: str) -> None:
     host = by_layer(layers)["host"]
     assert host.what.startswith("loop")
     assert host.bytes == int(lsblk.stdout)
+
+
+def scsi_xml(tmp_path: Path, cluster: str) -> Path:
+    """design-scsi.xml with discard on and its image a real qcow2 of ``cluster`` here."""
+    path, _ = image(tmp_path, cluster)
+    text = (DATA / "design-scsi.xml").read_text().replace("/tmp/scsidisk.qcow2", str(path))
+    text = text.replace(
+        "<source file=", "<driver name='qemu' type='qcow2' discard='unmap'/><source file="
+    )
+    out = tmp_path / "domain.xml"
+    out.write_text(text)
+    return out
+
+
+def test_audit_json_and_text_show_the_stack(tmp_path: Path) -> None:
+    xml = scsi_xml(tmp_path, "2M")
+    done = vmtrim("audit", "--json", "--xml", str(xml))
+    assert done.returncode in (0, 1), done.stderr
+    (disk,) = json.loads(done.stdout)["disks"]
+    assert [(g["layer"], g["bytes"], g["coarser"]) for g in disk["granularity"]] == [
+        ("device", 4096, False),
+        ("format", 2 << 20, True),
+        ("host", fs_block(tmp_path), False),
+    ]
+    (coarse,) = [f for f in disk["findings"] if "coarser" in f["message"]]
+    assert coarse["severity"] == "warning" and coarse["layer"] == "block_node"
+    assert "cluster_size=64k" in coarse["fix"] and "--discard-granularity auto" in coarse["fix"]
+    assert "bench_granularity" in coarse["source"]
+    # the generic "smaller than a cluster" note gave way to the measured one
+    assert not [f for f in disk["findings"] if "smaller than a qcow2 cluster" in f["message"]]
+    text = vmtrim("audit", "--xml", str(xml), env={**os.environ, "COLUMNS": "200"})
+    assert (
+        "granularity: device 4 KiB (default) -> qcow2 2 MiB (coarser)"
+        f" -> {fs_type(tmp_path)} {fs_block(tmp_path) >> 10} KiB" in text.stdout
+    ), text.stdout
+
+
+def test_64k_cluster_under_a_4k_device_is_only_info(tmp_path: Path) -> None:
+    done = vmtrim("audit", "--json", "--no-probe", "--xml", str(scsi_xml(tmp_path, "64K")))
+    (disk,) = json.loads(done.stdout)["disks"]
+    (coarse,) = [f for f in disk["findings"] if "coarser" in f["message"]]
+    assert coarse["severity"] == "info"
+    assert [g["layer"] for g in disk["granularity"]] == ["device", "format"]  # --no-probe
+
+
+def fs_type(path: Path) -> str:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return {"ext2/ext3": "ext4"}.get(out.stdout.strip(), out.stdout.strip())
+
+
+def test_rbd_disk_without_the_rbd_tool_is_the_documented_default() -> None:
+    """No ceph here: rbd info cannot answer, so the object size is the 4 MiB default."""
+    disk = next(
+        d for d in parse_domain_xml((DATA / "zoo.xml").read_bytes()).disks if d.protocol == "rbd"
+    )
+    layers = granularity_stack(disk, None, HostProbes())
+    pool = by_layer(layers)["pool"]
+    assert (pool.bytes, pool.measured, pool.coarser) == (4 << 20, False, True)
+    assert "rbdpool/zoo-disk" in pool.what
+    assert suggested_device_granularity(layers) == 4 << 20

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from granularity_support import connect_agent as connect_agent  # shared (sparsify_support too)
 from helpers import du_bytes
 from storage_support import loop_device, storage_initrd
 from vmtrim.audit.hostprobe import HostProbes
-from vmtrim.channels.qmp import SyncGuestAgent
-from vmtrim.errors import EnvironmentProblem
 from vmtrim.lab import ensure_appliance
 from vmtrim.model import Verdict
 from vmtrim.storage.block import block_stack
@@ -39,21 +38,6 @@ def sh(runner: Runner, *argv: str, timeout: float = 120.0) -> str:
     out = runner.run(list(argv), timeout=timeout)
     assert out.ok, f"{' '.join(argv)}: {out.why()}\n{out.stdout}{out.stderr}"
     return out.stdout
-
-
-def connect_agent(path: Path, deadline: float) -> SyncGuestAgent:
-    """The guest agent, once qemu-ga inside the TCG guest answers."""
-    while True:
-        agent = SyncGuestAgent(str(path), timeout=10.0, subject="thin guest agent")
-        try:
-            agent.__enter__()
-            agent.ping()
-            return agent
-        except EnvironmentProblem:
-            agent.__exit__(None, None, None)
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 def host_device(argv: list[str]) -> list[str]:

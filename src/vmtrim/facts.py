@@ -189,7 +189,13 @@ _FACT_ROWS = [
         "qemu block/qcow2.c qcow2_co_pdiscard (partial clusters: -ENOTSUP, ignored) and"
         " block/io.c bdrv_co_pdiscard (head and tail split at pdiscard_alignment); Linux"
         " fs/ext4/mballoc.c ext4_trim_fs (minlen raised to discard_granularity)",
-        checked="GRANULARITY_MEASURED",
+        checked="bench/bench_granularity.py, 2026-12-01 (QEMU 7.2 TCG, Linux 6.1 guest, ext4 on"
+        " virtio-blk, qcow2): scattered files (each between kept ones) come back only from a"
+        " cluster up: 64 KiB files 95 % on 64 KiB clusters, 0 % on 512 KiB and 2 MiB; 1 MiB"
+        " files 100 % on 512 KiB, 0 % on 2 MiB; 16 MiB 100 %; 4 KiB 0 %; online discard and"
+        " fstrim alike. Adjacent files deleted one at a time: fstrim 98 % (4 KiB files, 64 KiB"
+        " clusters), 94 % (64 KiB files, 512 KiB), 88 % (64 KiB, 2 MiB); online discard 39 %,"
+        " 9 %, 0 %. Device discard_granularity=2M: the same bytes as its 512 B default",
     ),
 ]
 

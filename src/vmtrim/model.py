@@ -507,6 +507,37 @@ class Finding:
         }
 
 
+GranularityLayer = Literal["guest", "device", "format", "host", "pool"]
+"""Where a discard unit is (see :mod:`vmtrim.audit.granularity`)."""
+
+
+@dataclass(frozen=True)
+class LayerGranularity:
+    """One layer's discard unit: a discard frees space there only when it covers it whole.
+
+    ``measured``: read from the running system or the configuration (True), or a
+    documented default (False). ``coarser``: larger than every layer above, so smaller
+    discards from above free nothing here. ``fixed``: it cannot be changed (IDE's 512 B).
+    """
+
+    layer: GranularityLayer
+    what: str  # "vda queue/discard_granularity", "qcow2 cluster", "ext4 block", ...
+    bytes: int | None  # None: not known
+    measured: bool
+    coarser: bool = False
+    fixed: bool = False
+    source: str | None = None  # where a default comes from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "what": self.what,
+            "bytes": self.bytes,
+            "measured": self.measured,
+            "coarser": self.coarser,
+        }
+
+
 @dataclass
 class DiskReport:
     """The audit of one disk: its layers, its findings, and the verdicts.
@@ -519,6 +550,7 @@ class DiskReport:
     layers: list[Layer]
     findings: list[Finding] = field(default_factory=list)
     exempt: str | None = None
+    granularity: list[LayerGranularity] = field(default_factory=list)  # top layer first
 
     @property
     def verdict(self) -> Verdict:
@@ -552,4 +584,5 @@ class DiskReport:
             "exempt": self.exempt,
             "layers": [layer.to_json() for layer in self.layers],
             "findings": [finding.to_json() for finding in self.sorted_findings()],
+            "granularity": [layer.to_json() for layer in self.granularity],
         }

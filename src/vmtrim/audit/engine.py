@@ -119,7 +119,11 @@ class _DiskAudit:
                     )
                 )
         self.findings.extend(self._format_notes())
-        return DiskReport(self.disk, layers, self.findings, self._exempt())
+        from vmtrim.audit.granularity import granularity_stack, with_granularity
+
+        granularity = granularity_stack(self.disk, self.image, self.probes)
+        self.findings = with_granularity(self.findings, granularity)
+        return DiskReport(self.disk, layers, self.findings, self._exempt(), granularity)
 
     def _exempt(self) -> str | None:
         disk = self.disk

@@ -236,6 +236,7 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
     An ``unknown`` layer's reason shared by several disks of a domain (no guest agent)
     is printed once after the table, not on every disk.
     """
+    from vmtrim.audit.granularity import describe_stack
     from vmtrim.output import Row, Styled, print_line, print_note, render_table
 
     # (domain, layer, reason) -> the disks whose layer is unknown for that reason
@@ -264,6 +265,9 @@ def render(domains: list[Domain], reports: list[DiskReport]) -> None:
             for layer in _unknown(report)
             if len(shared[(report.disk.domain, layer.kind, layer.reason)]) == 1
         ]
+        units = describe_stack(report.granularity)
+        if units:  # the discard unit down the stack, last; coarser layers have findings
+            details.append(Styled(f"· granularity: {units}", "dim"))
         cells: list[Cell] = [
             *_cells(report),
             *(Styled(v.value, _VERDICT_STYLE[v]) for v in layers),
