@@ -356,3 +356,30 @@ def test_the_help_lists_every_cause_id() -> None:
     text = " ".join(vmtrim("trim", "--help").stdout.split())
     listed = text.split("ids for scripts): ", 1)[1].split(".", 1)[0]
     assert [i.strip() for i in listed.split(",")] == list(TRIM_CAUSES)
+
+
+def test_the_default_cluster_is_named_only_when_nothing_else_explains(tmp_path: Path) -> None:
+    """64 KiB clusters under virtio-blk's 512 B: the likely cause on a disk that fell short
+    with nothing else against it; beside an internal snapshot, the snapshot alone."""
+    from vmtrim.sources.libvirt_xml import parse_domain_file
+    from vmtrim.trim.engine import DiskRef
+    from vmtrim.trim.explain import disk_causes, domain_evidence
+
+    def ids(image: Path) -> list[str]:
+        xml = tmp_path / "dom.xml"
+        xml.write_text(
+            "<domain type='kvm'><name>d</name><memory>1</memory><os><type>hvm</type></os>"
+            "<devices><disk type='file' device='disk'>"
+            "<driver name='qemu' type='qcow2' discard='unmap'/>"
+            f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+        )
+        refs = {"vda": DiskRef("vda", str(image), str(image))}
+        evidence = domain_evidence(parse_domain_file(str(xml)), refs, None, None, 10, local=True)
+        return [c.id for c in disk_causes(evidence.disks["vda"])]
+
+    plain, snap = tmp_path / "plain.qcow2", tmp_path / "snap.qcow2"
+    for image in (plain, snap):
+        run("qemu-img", "create", "-q", "-f", "qcow2", image, "64M")
+    run("qemu-img", "snapshot", "-c", "s1", snap)
+    assert ids(plain) == ["granularity"]
+    assert ids(snap) == ["internal_snapshots"]

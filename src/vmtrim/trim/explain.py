@@ -17,10 +17,12 @@ the causes that apply to that disk are listed, each with a stable id
 Granularity comes from the audit's :func:`~vmtrim.audit.granularity.granularity_stack`
 (guest, device, qcow2 cluster, host, pool; ``coarser`` marks a unit larger than every
 layer above). Without a disk model (a bare QEMU) the cluster is compared with the
-guest granularity here. A qcow2 cluster is named only above QEMU's default 64 KiB: the
-default is coarser than the 4 KiB scsi-hd tells the guest too, but fstrim sends whole
-free extents, mostly far larger (the lab's 64 KiB-cluster disk got back 99 % of what
-its guest freed).
+guest granularity here. A cluster above QEMU's default 64 KiB is always named; the
+default one only when no other cause applies to the disk: it is coarser than the 4 KiB
+scsi-hd tells the guest too, and costs only when the freed ranges are small and
+scattered (bench_granularity.py, facts.py ``granularity_cost``: scattered 4 KiB
+files come back 0 % on 64 KiB clusters, 64 KiB files 95 %; the lab's 64 KiB-cluster
+disk got back 99 % of a deleted 200 MiB file).
 """
 
 from __future__ import annotations
@@ -195,9 +197,6 @@ def disk_causes(facts: DiskFacts) -> list[Cause]:
             " count host bytes (du), not clusters",
             discard_no_unref=True,
         )
-    coarse = _granularity(facts)
-    if coarse is not None:
-        found.append(coarse)
     if facts.punch is not None and facts.punch[0] is Verdict.BLOCK:
         add("host_fs_no_punch", facts.punch[1])
     pool = facts.pool
@@ -214,19 +213,22 @@ def disk_causes(facts: DiskFacts) -> list[Cause]:
             discards=pool.discards,
             data_percent=pool.data_percent,
         )
-    return found
+    # the default cluster is the likely cause only when nothing else explains the loss
+    coarse = _granularity(facts, default_too=not found)
+    return [*found, coarse] if coarse is not None else found
 
 
-def _granularity(facts: DiskFacts) -> Cause | None:
-    """The first layer coarser than what the layers above send (a qcow2 cluster only
-    above the default 64 KiB, see the module doc)."""
+def _granularity(facts: DiskFacts, *, default_too: bool) -> Cause | None:
+    """The first layer coarser than what the layers above send (the default 64 KiB
+    cluster only with ``default_too``, see the module doc)."""
     if facts.granularity is not None:
-        return _coarser_layer(facts)
+        return _coarser_layer(facts, default_too)
     image = facts.image
     if image is None or image.format != "qcow2" or not image.cluster_size:
         return None
     gran = facts.guest_granularity or DEFAULT_GUEST_GRANULARITY
-    if image.cluster_size <= max(gran, DEFAULT_CLUSTER):
+    floor = gran if default_too else max(gran, DEFAULT_CLUSTER)
+    if image.cluster_size <= floor:
         return None
     return Cause(
         "granularity",
@@ -239,14 +241,14 @@ def _granularity(facts: DiskFacts) -> Cause | None:
     )
 
 
-def _coarser_layer(facts: DiskFacts) -> Cause | None:
+def _coarser_layer(facts: DiskFacts, default_too: bool) -> Cause | None:
     stack = facts.granularity or []
     above = 0
     for layer in stack:
         if layer.bytes is None:
             continue
         default_cluster = layer.layer == "format" and layer.bytes <= DEFAULT_CLUSTER
-        if layer.coarser and not default_cluster:
+        if layer.coarser and (default_too or not default_cluster):
             return Cause(
                 "granularity",
                 facts.target,
