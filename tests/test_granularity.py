@@ -218,3 +218,12 @@ def test_rbd_disk_without_the_rbd_tool_is_the_documented_default() -> None:
     assert (pool.bytes, pool.measured, pool.coarser) == (4 << 20, False, True)
     assert "rbdpool/zoo-disk" in pool.what
     assert suggested_device_granularity(layers) == 4 << 20
+
+
+def test_extended_l2_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "ext.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=128K,extended_l2=on", path, "1G")
+    info = inspect(str(path), follow_backing=False, header_only=True)
+    layers = granularity_stack(xml_disk("design-scsi.xml", path), info, HostProbes.no_probe())
+    fmt = by_layer(layers)["format"]
+    assert fmt.bytes == 128 << 10 and "extended_l2" in fmt.what

@@ -206,7 +206,13 @@ def _device_layer(disk: Disk, image: ImageInfo | None) -> LayerGranularity | Non
 
 def _format_layer(disk: Disk, image: ImageInfo | None) -> LayerGranularity | None:
     if image is not None and image.format == "qcow2" and image.cluster_size:
-        return LayerGranularity("format", "qcow2 cluster", int(image.cluster_size), True)
+        if image.features.get("extended_l2"):
+            # QEMU 7.2 frees whole clusters (qcow2_refresh_limits: pdiscard_alignment =
+            # cluster_size); qemu-devel patches that discard 1/32 subclusters are not in it
+            what = "qcow2 cluster (extended_l2; QEMU 7.2 still frees whole clusters)"
+        else:
+            what = "qcow2 cluster"
+        return LayerGranularity("format", what, int(image.cluster_size), True)
     # a file the audit did not read has qemu-img's default; a pool volume or a network
     # image may have been made by anything, so its cluster is left unknown
     if image is None and disk.format == "qcow2" and disk.storage is StorageKind.FILE:
