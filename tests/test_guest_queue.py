@@ -3,7 +3,8 @@
 One lab guest under the real libvirtd (TCG), qemu-ga in it, four ext4 disks, each
 labelled with its libvirt target:
 
-- sda: scsi-hd on virtio-scsi, mounted on /mnt, the one listed in the guest's /etc/fstab;
+- sda: scsi-hd on virtio-scsi with ``rotation_rate=1`` (what ``vmtrim fix --ssd`` sets),
+  mounted on /mnt, the one listed in the guest's /etc/fstab;
 - sdb: scsi-hd with ``discard_granularity=0`` (a ``<qemu:override>`` device property:
   libvirt 9.0 has no ``<blockio discard_granularity>``), mounted on /srv by hand;
 - vdb: virtio-blk with ``discard=false`` (``<qemu:override>`` too), mounted on /opt by
@@ -53,7 +54,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # target -> (bus, override properties of its QEMU device, where the guest mounts it)
 DISKS: dict[str, tuple[str, dict[str, tuple[str, str]], str]] = {
-    "sda": ("scsi", {}, "/mnt"),
+    "sda": ("scsi", {"rotation_rate": ("unsigned", "1")}, "/mnt"),
     "sdb": ("scsi", {"discard_granularity": ("unsigned", "0")}, "/srv"),
     "vdb": ("virtio", {"discard": ("bool", "false")}, "/opt"),
     "vdc": ("virtio", {"discard_granularity": ("unsigned", "0")}, "/data"),
@@ -291,6 +292,8 @@ def test_queue_facts_are_what_the_guest_sysfs_reads(
         for f in ("alignment_offset", "discard_alignment"):
             assert queue[f] == int(virsh_exec(guest.name, f"cat /sys/class/block/{part}/{f}"))
         alignments[target] = (part != dev, queue["alignment_offset"], queue["discard_alignment"])
+    # rotation_rate=1 reaches the guest: the one non-rotational disk
+    assert {t for t, q in queues.items() if q["rotational"] is False} == {"sda"}
     # sector 63 of 4 KiB blocks and a 4 KiB discard granularity: 7 sectors past a boundary
     assert alignments["vdd"] == (True, 512, 512)
     assert {alignments[t] for t in DISKS if t != "vdd"} == {(False, 0, 0)}
