@@ -6,7 +6,9 @@ libvirt. A subcommand returns its exit code (see :mod:`vmtrim.errors`); errors
 are raised as :class:`~vmtrim.errors.VmtrimError` and printed here as one line.
 
 This module imports neither click nor rich: ``vmtrim --version`` is answered
-before either is loaded (:mod:`vmtrim.cli.version`). The click group is in
+before either is loaded (:mod:`vmtrim.cli.version`), and so is
+``vmtrim image info [FLAG...] PATH...`` (:mod:`vmtrim.cli.image_info`, which
+declares the options click builds that command from). The click group is in
 :mod:`vmtrim.cli.group` (``vmtrim.cli.cli`` still names it).
 
 Exit codes (:mod:`vmtrim.errors`): 0 ok, 1 findings, 2 bad input or usage,
