@@ -39,6 +39,7 @@ QEMU 7.2's defaults for what the guest is told (``discard_granularity`` is -1 un
 from __future__ import annotations
 
 import os
+import shutil
 from typing import TYPE_CHECKING
 
 from vmtrim.facts import FACTS, NOTES
@@ -55,6 +56,7 @@ from vmtrim.model import (
 from vmtrim.storage import rbd, zfs
 from vmtrim.storage.block import StorageLayer, block_stack
 from vmtrim.storage.mounts import mount_of, parse_mountinfo
+from vmtrim.storage.runner import LocalRunner
 
 if TYPE_CHECKING:
     from vmtrim.audit.hostprobe import HostProbes
@@ -257,6 +259,8 @@ def _file_layers(path: str, host: HostProbes) -> list[LayerGranularity]:
 
 
 def _block_layers(path: str, host: HostProbes) -> list[LayerGranularity]:
+    if isinstance(host.runner, LocalRunner) and not os.path.exists(path):
+        return []  # not on this host: no stat, dmsetup or zfs to run
     dataset = zfs.dataset_of(path)
     if dataset is not None:
         got = host.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
@@ -301,8 +305,11 @@ def _rbd_layers(source: str, host: HostProbes) -> list[LayerGranularity]:
     name = rbd.image_of(source)
     if name is None:
         return []
-    out = host.runner.run(rbd.rbd_argv(name), timeout=20.0)
-    image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(name)
+    image: rbd.RbdImage | None = None
+    if not isinstance(host.runner, LocalRunner) or shutil.which("rbd"):  # no fork for nothing
+        out = host.runner.run(rbd.rbd_argv(name), timeout=20.0)
+        image = rbd.parse_info(name, out.stdout) if out.ok else None
+    image = image or rbd.default_image(name)
     what = f"RBD object ({name})" if image.measured else f"RBD object ({name}, the default)"
     return [
         LayerGranularity(
