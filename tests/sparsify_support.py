@@ -236,29 +236,34 @@ def qemu_holding(image: Path) -> Iterator[subprocess.Popen[bytes]]:
 # operation, needs dm: the filesystems inside are made and filled in a setup guest (the
 # sparsify appliance's kernel and tools, with tests/storage_support's agent init).
 
-PASSPHRASE = b"vmtrim sparsify test"  # the LUKS key slot's exact bytes
-CRYPT = (1, 96)  # partition 1: LUKS2 (start MiB, size MiB)
-THIN = (97, 160)  # partition 2: an LVM PV with a thin pool and a thin volume
+PASSPHRASE = b"vmtrim sparsify test"  # the LUKS key slots' exact bytes
+# (start MiB, size MiB) of each partition
+CRYPT = (1, 96)  # 1: LUKS2 holding an ext4
+THIN = (97, 160)  # 2: an LVM PV with a thin pool and a thin volume
+CRYPT_LVM = (257, 72)  # 3: LUKS2 holding an LVM PV (as Debian's encrypted install)
 THIN_LV = "vgt/thin"
+CRYPT_LV = "vgc/data"
 JUNK_MIB = 24
 
 
 @dataclass
 class CryptThinDisk:
     path: Path
-    header_bytes: int  # the LUKS2 header and key slots: everything before the data segment
+    header_bytes: int  # a LUKS2 header and key slots: everything before the data segment
     kept: dict[str, dict[str, str]] = field(default_factory=dict)  # as the guest's sha256sum
     deleted_bytes: int = 0
 
-    def luks_header(self) -> bytes:
-        """The first header_bytes of partition 1, read through qemu-img (any format)."""
-        start = CRYPT[0] * MiB
+    def luks_headers(self) -> list[bytes]:
+        """The first header_bytes of partitions 1 and 3, read through qemu-img."""
         with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
             raw = Path(tmp) / "probe.raw"
             sh("qemu-img", "convert", "-O", "raw", self.path, raw)
             with open(raw, "rb") as f:
-                f.seek(start)
-                return f.read(self.header_bytes)
+                out = []
+                for start, _ in (CRYPT, CRYPT_LVM):
+                    f.seek(start * MiB)
+                    out.append(f.read(self.header_bytes))
+                return out
 
 
 def sha256sum_lines(text: str) -> dict[str, str]:
@@ -333,12 +338,9 @@ def _fill_in_guest(runner: Runner, dev: str, disk: CryptThinDisk, name: str) -> 
     disk.deleted_bytes += JUNK_MIB * MiB
 
 
-def make_crypt_thin_disk(directory: Path) -> CryptThinDisk:
-    raw = directory / "crypt-thin.raw"
-    with open(raw, "wb") as f:
-        f.truncate((1 + CRYPT[1] + THIN[1] + 2) * MiB)
-    sh("sgdisk", "-Z", "-n1:1M:+96M", "-t1:8309", "-n2:97M:+160M", "-t2:8e00", raw)
-    with loop(raw, "--offset", str(CRYPT[0] * MiB), "--sizelimit", str(CRYPT[1] * MiB)) as dev:
+def _luks_format(raw: Path, start_mib: int, size_mib: int) -> int:
+    """LUKS2 on the partition at start_mib (cryptsetup, this host); its header's size."""
+    with loop(raw, "--offset", str(start_mib * MiB), "--sizelimit", str(size_mib * MiB)) as dev:
         # pbkdf2 with few iterations: a quick open under TCG (argon2 needs up to 1 GiB)
         subprocess.run(
             ["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
@@ -348,18 +350,38 @@ def make_crypt_thin_disk(directory: Path) -> CryptThinDisk:
         dump = sh("cryptsetup", "luksDump", dev)
     # "Data segments: 0: crypt offset: 16777216 [bytes]"
     segment = dump.split("Data segments:", 1)[1]
-    header = int(segment.split("offset:", 1)[1].split()[0])
-    disk = CryptThinDisk(directory / "crypt-thin.qcow2", header)
+    return int(segment.split("offset:", 1)[1].split()[0])
+
+
+def _open_in_guest(part: str, name: str, *extra: str) -> str:
+    return (
+        f"printf %s '{PASSPHRASE.decode()}' | cryptsetup open --key-file - --disable-keyring"
+        f" {' '.join(extra)} /dev/{part} {name}"
+    )
+
+
+def make_crypt_thin_disk(directory: Path) -> CryptThinDisk:
+    raw = directory / "crypt-thin.raw"
+    with open(raw, "wb") as f:
+        f.truncate((1 + CRYPT[1] + THIN[1] + CRYPT_LVM[1] + 2) * MiB)
+    sh("sgdisk", "-Z", "-n1:1M:+96M", "-t1:8309", "-n2:97M:+160M", "-t2:8e00",
+       "-n3:257M:+72M", "-t3:8309", raw)  # fmt: skip
+    headers = {_luks_format(raw, *CRYPT), _luks_format(raw, *CRYPT_LVM)}
+    assert len(headers) == 1, headers
+    disk = CryptThinDisk(directory / "crypt-thin.qcow2", headers.pop())
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk.path)
     raw.unlink()
     with setup_guest(disk.path) as runner:
-        guest_sh(
-            runner,
-            f"printf %s '{PASSPHRASE.decode()}' | cryptsetup open --key-file -"
-            " --disable-keyring /dev/sda1 setup",
-        )
+        guest_sh(runner, _open_in_guest("sda1", "setup"))
         _fill_in_guest(runner, "/dev/mapper/setup", disk, "sda1:luks")
         guest_sh(runner, "cryptsetup close setup")
+        guest_sh(
+            runner,
+            f"{_open_in_guest('sda3', 'setup3')}; lvm pvcreate -q /dev/mapper/setup3;"
+            " lvm vgcreate -q vgc /dev/mapper/setup3; lvm lvcreate -q -L 48m -n data vgc",
+        )
+        _fill_in_guest(runner, "/dev/mapper/vgc-data", disk, CRYPT_LV)
+        guest_sh(runner, "lvm vgchange -q -an vgc; cryptsetup close setup3")
         guest_sh(
             runner,
             "lvm pvcreate -q /dev/sda2; lvm vgcreate -q vgt /dev/sda2;"
@@ -371,16 +393,15 @@ def make_crypt_thin_disk(directory: Path) -> CryptThinDisk:
     return disk
 
 
-def guest_checksums(
-    runner: Runner, disk: CryptThinDisk, passphrase: bytes
-) -> dict[str, dict[str, str]]:
-    """Open, mount read-only and sha256 both filesystems in the setup guest (no vmtrim)."""
+def guest_checksums(runner: Runner) -> dict[str, dict[str, str]]:
+    """Open (cryptsetup, lvm), mount read-only and sha256 every filesystem in the setup
+    guest: no vmtrim code runs."""
     out: dict[str, dict[str, str]] = {}
     for name, dev, opened in (
-        ("sda1:luks", "/dev/mapper/check",
-         f"printf %s '{passphrase.decode()}' | cryptsetup open --key-file - --readonly"
-         " --disable-keyring /dev/sda1 check"),
+        ("sda1:luks", "/dev/mapper/check", _open_in_guest("sda1", "check", "--readonly")),
         (THIN_LV, "/dev/mapper/vgt-thin", "lvm vgchange -q -ay vgt >/dev/null"),
+        (CRYPT_LV, "/dev/mapper/vgc-data",
+         f"{_open_in_guest('sda3', 'check3', '--readonly')}; lvm vgchange -q -ay vgc >/dev/null"),
     ):  # fmt: skip
         text = guest_sh(
             runner,
@@ -388,7 +409,10 @@ def guest_checksums(
             ' while read -r f; do sha256sum "$f"; done; cd /; umount /mnt',
         )
         out[name] = sha256sum_lines(text)
-    guest_sh(runner, "cryptsetup close check; lvm vgchange -q -an vgt >/dev/null")
+    guest_sh(
+        runner,
+        "cryptsetup close check; lvm vgchange -q -an vgt vgc >/dev/null; cryptsetup close check3",
+    )
     return out
 
 

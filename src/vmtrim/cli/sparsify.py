@@ -128,6 +128,8 @@ def _render(result: object) -> None:
         f"host allocation: {human_bytes(result.allocated_before)} -> {human_bytes(after)}"
         + (f" (freed {human_bytes(result.allocated_before - after)})" if after is not None else "")
     )
+    for warning in result.warnings:
+        print_note(f"appliance: {warning}")
     if result.zeros_discarded:
         print_note(f"--zeros discarded {human_bytes(result.zeros_discarded)} of all-zero clusters")
     if result.backing:

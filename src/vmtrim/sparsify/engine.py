@@ -170,6 +170,7 @@ class SparsifyResult:
     checksums: dict[str, dict[str, str]] = field(default_factory=dict)  # device -> path -> sha
     zeros_discarded: int | None = None
     wrong_keys: dict[str, str] = field(default_factory=dict)  # LUKS device -> key file
+    warnings: list[str] = field(default_factory=list)  # the appliance's step=warn messages
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -371,6 +372,8 @@ def run_appliance(
                             f"the key from {source} does not open it: left alone",
                         )
                     )
+                elif kind == "warn" and f.get("message"):
+                    result.warnings.append(f["message"])
                 elif kind == "sum":
                     digest, _, name = f.get("message", "").partition("  ")
                     result.checksums.setdefault(f["dev"], {})[name] = digest
