@@ -10,6 +10,7 @@ model, the libvirt XML parser reads the disks, and the audit applies the rules.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,35 @@ def test_the_fixes_the_advice_names_silence_it(tmp_path: Path, libvirt: str) -> 
         Verdict.PASS,
         "Windows sees an SSD (rotation_rate=1) and retrims it",
     )
+
+
+LIBOSINFO = (
+    "<metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>"
+    "<libosinfo:os id='http://microsoft.com/win/11'/></libosinfo:libosinfo></metadata>"
+)
+
+
+def offline_audit(tmp_path: Path, target: str) -> dict[str, Any]:
+    """`vmtrim audit --xml` of a shut-off definition that virt-install marked as Windows."""
+    path = tmp_path / "win11.xml"
+    xml = domain_xml(target).format(rate="", extra="")
+    path.write_text(xml.replace("<os>", LIBOSINFO + "<os>", 1))
+    result = vmtrim("audit", "--xml", str(path), "--json", "--no-probe")
+    assert result.returncode == 0, result.stderr  # warnings; no layer proven to block
+    [disk] = json.loads(result.stdout)["disks"]
+    return dict(disk)
+
+
+def test_without_an_agent_the_definitions_windows_gets_the_disk_rules(tmp_path: Path) -> None:
+    sata = offline_audit(tmp_path, "hda")
+    fs = next(la for la in sata["layers"] if la["layer"] == "guest_fs")
+    assert fs["verdict"] == "unknown"  # the guest itself was not asked
+    [hdd] = [f for f in sata["findings"] if "hard disk drive" in f["message"]]
+    assert hdd["severity"] == "warning"
+    assert hdd["message"].startswith("the definition says Windows (libosinfo): Windows sees")
+    assert hdd["fix"].startswith("vmtrim fix --ssd")
+    scsi = offline_audit(tmp_path, "sda")
+    fixes = {f["fix"] for f in scsi["findings"] if f["severity"] == "warning"}
+    assert "vmtrim fix --discard-granularity 64K" in fixes  # the May 2026 regression
+    driver = next(la for la in scsi["layers"] if la["layer"] == "guest_driver")
+    assert driver["reason"] == "Windows vioscsi: SCSI UNMAP (virtio-scsi)"

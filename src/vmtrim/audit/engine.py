@@ -184,15 +184,19 @@ class _DiskAudit:
         kind = LayerKind.GUEST_FS
         guest = self.domain.guest
         filesystems = self.disk.guest_filesystems
-        if guest is None and filesystems is None:
+        if (guest is None and filesystems is None) or (guest is not None and not guest.agent):
+            if self.domain.os_hint == "mswindows":
+                self._windows_hint(kind)
+            if guest is not None:
+                return Layer(
+                    kind, Verdict.UNKNOWN, guest.reason or "no guest agent", self._guest_fix()
+                )
             return Layer(
                 kind,
                 Verdict.UNKNOWN,
                 "no guest information (audit the live domain with a guest agent to check mounts)",
                 self._guest_fix(),
             )
-        if guest is not None and not guest.agent:
-            return Layer(kind, Verdict.UNKNOWN, guest.reason or "no guest agent", self._guest_fix())
         if guest is not None and guest.is_windows:
             return self._windows_fs(kind)
         if not filesystems:
@@ -317,6 +321,21 @@ class _DiskAudit:
             _SSD_FIX,
         )
 
+    def _windows_hint(self, kind: LayerKind) -> None:
+        """No agent, but the definition's libosinfo says Windows: what its disks show it,
+        as warnings (the guest itself was not asked)."""
+        layer = self._windows_fs(kind)
+        if layer.verdict is Verdict.BLOCK:
+            self.findings.append(
+                Finding(
+                    Severity.WARNING,
+                    kind,
+                    f"the definition says Windows (libosinfo): {layer.reason}",
+                    layer.fix,
+                    FACTS["windows_ssd"].source,
+                )
+            )
+
     def _guest_fix(self) -> str:
         """What to do in a guest vmtrim could not ask: for its OS, when the definition says."""
         hint = self.domain.os_hint
@@ -366,7 +385,11 @@ class _DiskAudit:
         if rule.bus == "virtio":
             return self._virtio_guest(kind, rule.reason)
         guest = self.domain.guest
-        if guest is not None and guest.is_windows and rule.bus == "scsi":
+        if guest is not None and guest.agent:
+            windows = guest.is_windows
+        else:  # no agent: the OS the definition names (virt-install's libosinfo)
+            windows = self.domain.os_hint == "mswindows"
+        if windows and rule.bus == "scsi":
             return self._vioscsi(kind, guest)
         fix = None
         if rule.guest is not Verdict.PASS:
@@ -410,7 +433,7 @@ class _DiskAudit:
             "move the disk to virtio-scsi (bus='scsi'), or upgrade the guest kernel",
         )
 
-    def _vioscsi(self, kind: LayerKind, guest: GuestInfo) -> Layer:
+    def _vioscsi(self, kind: LayerKind, guest: GuestInfo | None) -> Layer:
         """Windows on a SCSI controller: vioscsi on virtio-scsi, and the May 2026 regression."""
         disk = self.disk
         if disk.controller_model != "virtio-scsi":
@@ -421,7 +444,7 @@ class _DiskAudit:
                 " only vioscsi (virtio-scsi)",
                 "move the disk to a virtio-scsi controller",
             )
-        version = guest.driver_version("vioscsi")
+        version = guest.driver_version("vioscsi") if guest else None
         granularity = parse_size(disk.device_properties.get("discard_granularity"))
         if granularity not in (32 << 10, 64 << 10):
             fact = FACTS["windows_retrim_2026"]
