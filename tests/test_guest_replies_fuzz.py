@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmtrim.channels.qmp import ExecStatus
+from vmtrim.errors import AgentUnavailable
 from vmtrim.model import Domain, Origin
 from vmtrim.sources.libvirt_live import (
     OUTPUT_LIMIT,
@@ -238,3 +239,21 @@ def test_a_hostile_unit_gives_a_printable_command(tail: str) -> None:
     facts = parse_timer(out.encode("utf-8", "surrogatepass"), 0)
     assert facts.enabled and facts.command is not None and facts.command.isprintable()
     assert facts.command.startswith("/sbin/fstrim --all ?[2J")
+
+
+class SlowQueueAgent(HostileAgent):
+    """Plumbing: answers everything, but the sysfs read runs out of time."""
+
+    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus:
+        if "vmtrim-queue" in " ".join(args):
+            raise AgentUnavailable("guest pid 7 did not exit in time", subject="g")
+        return ExecStatus(exited=True, exitcode=0, out_data=b"/dev/vda / ext4 rw,discard 0 0\n")
+
+
+def test_a_queue_read_out_of_time_keeps_the_other_facts() -> None:
+    domain: Domain = parse_domain_xml(XML)
+    guest_facts(SlowQueueAgent({"kernel-release": "6.1.0"}, "vda", "/dev/vda", b""), domain, XML, 5)
+    [fs] = domain.disks[0].guest_filesystems or []
+    assert (fs.mountpoint, fs.mount_options) == ("/", ("rw", "discard"))
+    assert domain.disks[0].guest_queue is None
+    assert any("sysfs queues are unknown" in n for n in domain.notes)

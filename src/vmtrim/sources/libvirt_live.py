@@ -510,9 +510,9 @@ def guest_facts(agent: AgentLike, domain: Domain, live_xml: str, timeout: float)
             disk.guest_filesystems = by_target.get(disk.target, [])
     if options is not None and device_of:
         pairs = list(dict.fromkeys(device_of.values()))
-        try:
-            queues, notes = _queues(agent, pairs, left())
-        except AgentCommandFailed as exc:
+        try:  # last, and with a second to spare: a slow guest keeps the facts above
+            queues, notes = _queues(agent, pairs, left() - 1.0)
+        except (AgentCommandFailed, AgentUnavailable) as exc:
             domain.notes.append(
                 f"guest-exec failed, so the guest's sysfs queues are unknown: {exc}"
             )
