@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -242,13 +241,7 @@ def guest(libvirtd: str, appliance: Appliance) -> Iterator[Guest]:
 @pytest.fixture(scope="module")
 def audited(guest: Guest) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """One `vmtrim audit --json` of the guest: its guest section and each disk's layers."""
-    result = subprocess.run(
-        [sys.executable, "-m", "vmtrim", "audit", "-c", "qemu:///system", guest.name, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    result = vmtrim("audit", "-c", "qemu:///system", guest.name, "--json", timeout=180)
     assert result.returncode == 1, result.stderr  # findings: two disks get no discard
     doc = json.loads(result.stdout)
     [info] = doc["guests"]
