@@ -494,7 +494,9 @@ class Qcow2Reader:
         """Yield the non-zero L2 entries of the tables ``l1`` points to, in guest order.
 
         Each batch is (L1 indices of its tables, entry position ``k * l2_entries + i``
-        within the batch, entry values, extended-L2 bitmaps or None). All-zero
+        within the batch, entry values, extended-L2 bitmaps or None); a batch holds
+        about as many entries as ``batch_bytes`` of full tables, however many
+        mostly empty tables that takes. All-zero
         entries (unallocated clusters, most of a big sparse image) are never
         decoded: the tables are read a few at a time into a buffer small enough to stay
         in the CPU cache, searched there for non-zero words, and only those are
@@ -545,43 +547,51 @@ class Qcow2Reader:
         words_per_table = cs // 8
         step = 2 if h.extended_l2 else 1
         entries_per_table = words_per_table // step
-        per_batch = max(1, batch_bytes // cs)
+        # a batch ends once it holds what batch_bytes of full tables hold: the callers'
+        # arrays grow with the entries found, not with the tables searched, so a sparse
+        # image is one batch and a full one is a table group of batch_bytes at a time
+        limit = max(1, batch_bytes // h.l2_entry_bytes)
         # tables are read a few at a time into one buffer that stays in the CPU cache, so
         # each is searched where it was just copied (an mmap reads the page cache at page
         # granularity, behind a page fault and a TLB miss every 4 KiB: a third slower)
-        per_read = min(per_batch, max(1, self.READ_BYTES // cs))
+        per_read = max(1, min(batch_bytes, self.READ_BYTES) // cs)
         raw = bytearray(per_read * cs)
         view = memoryview(raw)
         buf = np.frombuffer(raw, np.uint64)
         nonzero = np.empty(len(buf), bool)
-        for start in range(0, len(indices), per_batch):
-            offsets = present[start : start + per_batch].tolist()
-            entries: list[I64] = []
-            values: list[U64] = []
-            maps: list[U64] = []
-            for lo in range(0, len(offsets), per_read):
-                group = offsets[lo : lo + per_read]
-                for k, offset in enumerate(group):
-                    if os.preadv(self.fd, [view[k * cs : (k + 1) * cs]], offset) != cs:
-                        raise self.error(
-                            f"L2 table at offset {offset}: short read; the file changed size"
-                        )
-                n = len(group) * words_per_table
-                # zero is zero in any byte order: no swap needed to find entries
-                np.not_equal(buf[:n], 0, out=nonzero[:n])
-                entry = np.flatnonzero(nonzero[:n]) // step
-                if step == 2 and len(entry):
-                    entry = entry[np.concatenate(([True], entry[1:] != entry[:-1]))]
-                values.append(buf[entry * step].byteswap())
-                if step == 2:
-                    maps.append(buf[entry * step + 1].byteswap())
-                entries.append(entry + lo * entries_per_table)
-            yield (
-                indices[start : start + len(offsets)],
-                np.concatenate(entries),
-                np.concatenate(values),
-                np.concatenate(maps) if step == 2 else None,
-            )
+        offsets = present.tolist()
+        first = found = 0  # the batch's first table, entries in it so far
+        entries: list[I64] = []
+        values: list[U64] = []
+        maps: list[U64] = []
+        for lo in range(0, len(offsets), per_read):
+            group = offsets[lo : lo + per_read]
+            for k, offset in enumerate(group):
+                if os.preadv(self.fd, [view[k * cs : (k + 1) * cs]], offset) != cs:
+                    raise self.error(
+                        f"L2 table at offset {offset}: short read; the file changed size"
+                    )
+            n = len(group) * words_per_table
+            # zero is zero in any byte order: no swap needed to find entries
+            np.not_equal(buf[:n], 0, out=nonzero[:n])
+            entry = np.flatnonzero(nonzero[:n]) // step
+            if step == 2 and len(entry):
+                entry = entry[np.concatenate(([True], entry[1:] != entry[:-1]))]
+            values.append(buf[entry * step].byteswap())
+            if step == 2:
+                maps.append(buf[entry * step + 1].byteswap())
+            entries.append(entry + (lo - first) * entries_per_table)
+            found += len(entry)
+            end = lo + len(group)
+            if found >= limit or end == len(offsets):
+                yield (
+                    indices[first:end],
+                    np.concatenate(entries),
+                    np.concatenate(values),
+                    np.concatenate(maps) if step == 2 else None,
+                )
+                first, found = end, 0
+                entries, values, maps = [], [], []
 
     # -- refcounts -----------------------------------------------------------
 
