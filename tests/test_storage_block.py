@@ -21,7 +21,7 @@ from vmtrim.sources.libvirt_xml import parse_domain_xml
 from vmtrim.storage import dm
 from vmtrim.storage.block import block_stack
 from vmtrim.storage.pool import pool_under
-from vmtrim.storage.runner import LocalRunner, Output
+from vmtrim.storage.runner import LocalRunner, Output, stat_device_number
 
 MiB = 1 << 20
 
@@ -197,6 +197,9 @@ class Sysfs:
             return (self.root / path.lstrip("/")).read_text()
         except OSError:
             return None
+
+    def device_number(self, path: str) -> tuple[int, int] | None:
+        return stat_device_number(self, path)
 
 
 def sysfs(root: Path, files: dict[str, str]) -> None:

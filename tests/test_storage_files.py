@@ -184,6 +184,9 @@ class FakeMountinfo:
     def read(self, path: str) -> str | None:
         return self.text if path == "/proc/self/mountinfo" else None
 
+    def device_number(self, path: str) -> tuple[int, int] | None:
+        return None
+
 
 def test_nfs_below_42_cannot_punch_holes() -> None:
     old = file_facts(FakeMountinfo(NFS3 + "\n" + NFS42), "/srv/images/vm.qcow2")

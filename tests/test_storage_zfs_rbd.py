@@ -66,6 +66,9 @@ class Canned:
     def read(self, path: str) -> str | None:
         return None
 
+    def device_number(self, path: str) -> tuple[int, int] | None:
+        return None
+
 
 def test_a_thick_zvol_and_its_pool() -> None:
     vol = zfs.parse_zvol("tank/vm-100-disk-0", THICK, AUTOTRIM_OFF)

@@ -107,15 +107,8 @@ def kernel_name(runner: Runner, major: int, minor: int) -> str | None:
 
 def device_name(runner: Runner, path: str) -> str | None:
     """The kernel name of the block device at ``path`` (a /dev node or symlink)."""
-    out = runner.run(["stat", "-L", "-c", "%t:%T", path], timeout=15.0)
-    words = out.stdout.strip().split(":") if out.ok else []
-    if len(words) != 2:
-        return None
-    try:
-        major, minor = int(words[0], 16), int(words[1], 16)
-    except ValueError:
-        return None
-    return kernel_name(runner, major, minor)
+    number = runner.device_number(path)
+    return kernel_name(runner, *number) if number is not None else None
 
 
 def _queue(runner: Runner, name: str) -> tuple[int | None, int | None]:
