@@ -53,3 +53,19 @@ def test_a_version_2_database_is_read_then_upgraded(tmp_path: Path) -> None:
         " FROM disk_results ORDER BY id"
     )
     assert rows.fetchall() == [("sda", 5, None, None, None), ("sda", None, "vg/pool", 100, "[]")]
+
+
+def test_sparsify_records_into_a_version_2_database(tmp_path: Path) -> None:
+    from vmtrim.sparsify.engine import SparsifyResult, record_history
+
+    db = tmp_path / "v2.db"
+    version_2(db)
+    image = str(tmp_path / "template.qcow2")
+    result = SparsifyResult(image, "qcow2", None, 1 << 30, False, 300, allocated_after=100)
+    assert record_history(result, db) == db
+    rows = sqlite3.connect(db).execute(
+        "SELECT r.kind, d.domain, k.allocated_before - k.allocated_after FROM runs r"
+        " JOIN domain_results d ON d.run_id = r.id JOIN disk_results k ON k.result_id = d.id"
+        " WHERE r.kind = 'sparsify'"
+    )
+    assert rows.fetchall() == [("sparsify", image, 200)]

@@ -477,7 +477,9 @@ def record_history(result: SparsifyResult, db: Path | None = None) -> Path | Non
             )
         ],
     )
-    with History.open(where, create=False) as history:
+    # A writer opens as a recording command does, so an older schema is upgraded first;
+    # the exists() check above is what keeps sparsify from creating the database.
+    with History.open(where) as history:
         run_id = history.begin_run("sparsify", trigger="cli")
         history.record(run_id, record)
         history.end_run(run_id)
