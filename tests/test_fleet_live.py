@@ -241,6 +241,32 @@ def test_human_output_groups_by_host_with_a_fleet_total(fleet: Fleet) -> None:
     assert lines[-1].startswith("fleet: 3 host(s), 1 failed; 2 domain(s), 2 trimmed;")
 
 
+def test_explain_over_hosts_names_ext4_already_trimmed(fleet: Fleet) -> None:
+    """``--explain`` with several hosts: a trim, then a second one right after it. ext4
+    trims only the block groups changed since its last trim in this mount, so the second
+    reports 0 B on /mnt, and each host's lines name the cause, after the host, on the
+    local socket (a) and over SSH (c, where the image is not this machine's)."""
+    a, c = fleet.live[0], fleet.live[2]
+    hosts = ("-c", a.uri, "-c", c.uri, "--connect-timeout", str(CONNECT_TIMEOUT))
+    first = vmtrim("trim", *hosts, "--all", "--explain", "--json", "--no-history")
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert [(d["host"], d["status"], d["explained"]) for d in doc["domains"]] == [
+        (a.uri, "trimmed", True),
+        (c.uri, "trimmed", True),
+    ]
+    second = vmtrim("trim", *hosts, "--all", "--explain", "--no-history")
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    for one in (a, c):
+        mine = [line.strip() for line in lines if line.strip().startswith(f"{one.uri}: ")]
+        assert mine == [
+            f"{one.uri}: sda: why: ext4_already_trimmed: /mnt (ext4) reported 0 B trimmed:"
+            " ext4 skips the block groups already trimmed since mount (nothing was freed in"
+            " them since); what the first trim freed is already on the host"
+        ], second.stdout
+
+
 def test_audit_over_hosts_blames_only_the_dead_one(fleet: Fleet, sshd: SshServer) -> None:
     a, c = fleet.live[0], fleet.live[2]
     uris = ("-c", a.uri, "-c", c.uri, "-c", fleet.refused_uri)

@@ -231,30 +231,9 @@ def _print(
         print_line(f"outside the maintenance window {policy.window}: a run now would trim nothing")
 
 
-def disk_notes(d: DiskRecord) -> list[str]:
-    """A disk's thin pool before and after, and its --explain causes, one line each."""
-    import json
-
-    from vmtrim.output import human_bytes
-
-    lines = []
-    if d.pool:
-
-        def pct(value: float | None) -> str:
-            return "?" if value is None else f"{value:.2f} %"
-
-        lines.append(
-            f"{d.target}: thin pool {d.pool} (discards={d.pool_discards}): data"
-            f" {pct(d.pool_percent_before)} ({human_bytes(d.pool_used_before)}) ->"
-            f" {pct(d.pool_percent_after)} ({human_bytes(d.pool_used_after)})"
-        )
-    for cause in json.loads(d.causes) if d.causes else []:
-        lines.append(f"{d.target}: why: {cause['id']}: {cause['evidence']}")
-    return lines
-
-
 def _table(outcomes: list[Outcome], dry_run: bool) -> None:
     from vmtrim.output import Column, Row, Styled, human_bytes, render_table
+    from vmtrim.trim.render import record_lines  # a disk's pool and causes, as trim shows them
 
     styles = {"trimmed": "green", "blocked": "red", "failed": "bold red", "skipped": "yellow"}
     rows: list[Row] = []
@@ -284,7 +263,7 @@ def _table(outcomes: list[Outcome], dry_run: bool) -> None:
                             if d and d.reclaimable_note and r.status != "skipped"
                             else []
                         ),
-                        *(disk_notes(d) if d else []),
+                        *(record_lines(d) if d else []),
                     ],
                 )
             )

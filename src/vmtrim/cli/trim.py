@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -20,10 +20,6 @@ from vmtrim.trim.engine import (
     TrimOptions,
     TrimResult,
 )
-
-if TYPE_CHECKING:
-    from vmtrim.output import Cell
-    from vmtrim.storage.pool import PoolUsage
 
 CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 DEFAULT_TIMEOUT = 60.0
@@ -251,6 +247,7 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
     the shared table escapes them and never reads them as markup.
     """
     from vmtrim.output import Column, Row, Styled, human_bytes, print_line, render_table
+    from vmtrim.trim.render import STATUS_STYLE, detail_lines
 
     columns = [
         Column("domain", shorten="end", min_width=16),
@@ -272,7 +269,7 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
                 Row(
                     [
                         r.domain if first else "",
-                        Styled(r.status, _STYLE.get(r.status)) if first else "",
+                        Styled(r.status, STATUS_STYLE.get(r.status)) if first else "",
                         d.target if d else "-",
                         (d.source or "-") if d else "-",
                         human_bytes(d.allocated_before) if d else "-",
@@ -281,7 +278,7 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
                         _guest_says(r) if first else "",
                         f"{r.seconds:.2f}" if first else "",
                     ],
-                    _details(r) if last else (),
+                    detail_lines(r) if last else (),
                 )
             )
     render_table(columns, rows, title="vmtrim trim", notes=[CAPTION])
@@ -292,79 +289,9 @@ def render(results: Sequence[TrimResult], shut_off: Sequence[str] = ()) -> None:
         )
 
 
-_STYLE = {"trimmed": "green", "no_effect": "red", "skipped": "yellow", "failed": "red"}
-
-
 def _guest_says(r: TrimResult) -> str:
     from vmtrim.output import human_bytes
 
     if not r.paths:
         return ""
     return "-" if r.note else human_bytes(r.guest_trimmed_bytes)  # Windows: no count, not 0
-
-
-def _pool_line(d: DiskResult) -> str | None:
-    """``sdb: thin pool vg/pool: data 61.20 % (300 MiB) -> 40.10 % (196 MiB), got back 104 MiB``."""
-    from vmtrim.output import human_bytes
-
-    before, after = d.pool_before, d.pool_after
-    pool = before or after
-    if pool is None:
-        return None
-
-    def reading(u: PoolUsage | None) -> str:
-        if u is None:
-            return "?"
-        percent = "?" if u.data_percent is None else f"{u.data_percent:.2f} %"
-        return f"{percent} ({human_bytes(u.used_bytes)})"
-
-    back = d.pool_reclaimed
-    tail = f", got back {human_bytes(back)}" if back is not None else ""
-    return (
-        f"{d.target}: thin pool {pool.pool} (discards={pool.discards}): data"
-        f" {reading(before)} -> {reading(after)}{tail}"
-    )
-
-
-def _details(r: TrimResult) -> list[Cell]:
-    """Sentences below a domain's rows: why, which path failed, what blocks discard."""
-    from vmtrim.output import Styled, human_bytes
-
-    lines: list[Cell] = []
-    if r.blockers:
-        lines.append(
-            Styled(
-                f"{r.status}: the host got back {human_bytes(r.reclaimed_bytes)} of the"
-                f" {human_bytes(r.guest_trimmed_bytes)} the guest trimmed",
-                "red",
-            )
-        )
-        lines += [Styled(f"✗ {b.sentence()}", "red") for b in r.blockers]
-    elif r.reason:
-        lines.append(f"{r.status}: {r.reason}")
-    errors = [f"{p.path}: {p.error}" for p in r.paths if p.error]
-    lines += [e for e in errors if e not in (r.reason or "")]  # a failed domain's reason has them
-    lines += [line for line in map(_pool_line, r.disks) if line]
-    if r.explained:
-        lines += _explain_lines(r)
-    return lines
-
-
-def _explain_lines(r: TrimResult) -> list[Cell]:
-    """--explain: each disk's causes (id, evidence), or why there are none."""
-    from vmtrim.output import Styled, human_bytes
-
-    lines: list[Cell] = []
-    for d in r.disks:
-        if not d.causes:
-            continue
-        guest = f" of {human_bytes(d.guest_trimmed)} trimmed" if d.guest_trimmed else ""
-        lines.append(
-            Styled(f"why {d.target} got back {human_bytes(d.reclaimed_bytes)}{guest}:", "yellow")
-        )
-        lines += [f"  - {c.id}: {c.evidence}" for c in d.causes]
-    if r.explain_note:
-        lines.append(f"explain: {r.explain_note}")
-    elif not r.causes:
-        lines.append("explain: no disk fell short of what the guest trimmed on it")
-    return lines

@@ -5,6 +5,9 @@ libvirt: a pool volume (``<disk type='volume'>``) by the storage-volume API
 (``virStorageVolGetInfo``, which re-reads the volume), any other disk by
 ``virDomainGetBlockInfo``'s allocation. ``measured_by`` says which, per disk.
 
+The JSON and the table carry what a single-host trim does (``--explain``'s causes, each
+disk's thin pool); the table's lines below a domain are trim's, after the host.
+
 Exit code: 3 when any host failed (unreachable, refused, timed out, dropped), else 1
 when a domain was not trimmed, else 0.
 """
@@ -15,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmtrim.channels.libvirt import Connection, error_text, libvirt_module
 from vmtrim.errors import EXIT_ENVIRONMENT, EXIT_FINDINGS, EXIT_OK, EnvironmentProblem
@@ -35,6 +38,9 @@ from vmtrim.trim.engine import (
     trim_all,
 )
 from vmtrim.trim.libvirt import LibvirtTarget, measurable
+
+if TYPE_CHECKING:
+    from vmtrim.output import Cell
 
 #: How a record hook stores one host's results: None when done, else an exit code.
 Recorder = Callable[[Sequence[TrimResult], str], "int | None"]
@@ -240,8 +246,13 @@ def fleet_json(
 
 
 def render(runs: Sequence[HostRun[HostTrim]]) -> None:
-    """One table, grouped by host (the hosts' order), a failed host as one row, the fleet total."""
+    """One table, grouped by host (the hosts' order), a failed host as one row, the fleet total.
+
+    Below a domain's rows, the lines ``vmtrim trim`` prints there (the reason or blockers,
+    each disk's thin pool and ``--explain`` causes: :mod:`vmtrim.trim.render`), each
+    after its host, as every row starts with it."""
     from vmtrim.output import Column, Row, Styled, human_bytes, print_line, render_table
+    from vmtrim.trim.render import STATUS_STYLE, detail_lines
 
     columns = [
         Column("host", shorten="middle", min_width=16),
@@ -270,13 +281,13 @@ def render(runs: Sequence[HostRun[HostTrim]]) -> None:
         for r in run.value.results:
             disks: list[DiskResult | None] = [*r.disks] or [None]
             for i, d in enumerate(disks):
-                first = i == 0
+                first, last = i == 0, i == len(disks) - 1
                 rows.append(
                     Row(
                         [
                             run.uri,
                             r.domain if first else "",
-                            Styled(r.status, _STYLE.get(r.status)) if first else "",
+                            Styled(r.status, STATUS_STYLE.get(r.status)) if first else "",
                             d.target if d else "-",
                             human_bytes(d.allocated_before) if d else "-",
                             human_bytes(d.allocated_after) if d else "-",
@@ -284,7 +295,7 @@ def render(runs: Sequence[HostRun[HostTrim]]) -> None:
                             (d.measured_by or "-") if d else "-",
                             f"{r.seconds:.2f}" if first else "",
                         ],
-                        [f"{r.status}: {r.reason}"] if r.reason and i == len(disks) - 1 else (),
+                        [_on(run.uri, line) for line in detail_lines(r)] if last else (),
                     )
                 )
     render_table(columns, rows, title="vmtrim trim (fleet)")
@@ -297,4 +308,10 @@ def render(runs: Sequence[HostRun[HostTrim]]) -> None:
     )
 
 
-_STYLE = {"trimmed": "green", "no_effect": "red", "skipped": "yellow", "failed": "red"}
+def _on(host: str, line: Cell) -> Cell:
+    """A line below a domain's rows, after its host (as each row starts with it)."""
+    from vmtrim.output import Styled
+
+    if isinstance(line, Styled):
+        return Styled(f"{host}: {line.text}", line.style)
+    return f"{host}: {line or ''}"
