@@ -45,7 +45,13 @@ queue_lines = st.one_of(
         st.lists(
             st.tuples(
                 st.sampled_from(
-                    ["discard_granularity", "discard_max_bytes", "rotational", "alignment_offset"]
+                    [
+                        "discard_granularity",
+                        "discard_max_bytes",
+                        "rotational",
+                        "alignment_offset",
+                        "start",
+                    ]
                 ),
                 st.one_of(st.integers(-(2**70), 2**70).map(str), words),
             ),
@@ -71,30 +77,42 @@ def test_any_queue_output_gives_sane_values_or_notes(
         for value in (queue.discard_granularity, queue.discard_max_bytes, queue.alignment_offset):
             assert value is None or 0 <= value < 10**20
         assert queue.rotational in (None, True, False)
+        # sectors in, bytes out: never past what a disk can address
+        start = queue.partition_start
+        assert start is None or (0 <= start < 2**64 and start % 512 == 0)
+        assert queue.partition in {p for _, p in asked}
     assert all(isinstance(n, str) and len(n) < 2000 for n in notes)
 
 
 @given(
     st.lists(
         st.tuples(
-            names, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.sampled_from([0, 1])
+            names,
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**64 - 1),
+            st.sampled_from([0, 1]),
+            st.integers(0, 2**55 - 1),  # a partition's start sector
         ),
         min_size=1,
         max_size=5,
         unique_by=lambda t: t[0],
     )
 )
-def test_honest_queue_output_reads_back_exactly(disks: list[tuple[str, int, int, int]]) -> None:
+def test_honest_queue_output_reads_back_exactly(
+    disks: list[tuple[str, int, int, int, int]],
+) -> None:
     out = "".join(
         f"vmtrim-queue - {d}1 {d} discard_granularity={g} discard_max_bytes={m}"
-        f" discard_zeroes_data= rotational={r} alignment_offset=0 discard_alignment=0\n"
-        for d, g, m, r in disks
+        f" discard_zeroes_data= rotational={r} alignment_offset=0 discard_alignment=0"
+        f" start={s}\n"
+        for d, g, m, r, s in disks
     )
     found, notes = parse_queues(out.encode(), [("-", f"{d}1") for d, *_ in disks])
     assert notes == []
-    for d, g, m, r in disks:
+    for d, g, m, r, s in disks:
         q = found[("-", f"{d}1")]
         assert (q.device, q.discard_granularity, q.discard_max_bytes) == (d, g, m)
+        assert (q.partition, q.partition_start) == (f"{d}1", s * 512)
         assert q.rotational is bool(r)
         assert q.discard_zeroes_data is None  # absent file: empty value
 

@@ -320,6 +320,10 @@ class GuestQueue:
     rotational: bool | None = None
     alignment_offset: int | None = None  # of the partition that holds the filesystem
     discard_alignment: int | None = None
+    #: where that partition starts on the disk, in bytes (sysfs ``start`` x 512); 0 for a
+    #: filesystem on the whole disk
+    partition_start: int | None = None
+    partition: str | None = None  # the guest's name of what holds the filesystem: vda1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -330,6 +334,8 @@ class GuestQueue:
             "rotational": self.rotational,
             "alignment_offset": self.alignment_offset,
             "discard_alignment": self.discard_alignment,
+            "partition": self.partition,
+            "partition_start": self.partition_start,
         }
 
 

@@ -335,7 +335,8 @@ def _fstrim_timer(agent: AgentLike, timeout: float) -> TimerFacts:
 
 # One line per pair asked: "vmtrim-queue ASKED PART DISK key=value ...". ASKED is the
 # disk as asked: a partition (qemu-ga gives a partition's own node as "dev"), or "-" (no
-# "dev" before qemu-ga 3.1): the guest then finds the disk that holds it, DISK.
+# "dev" before qemu-ga 3.1): the guest then finds the disk that holds it, DISK. The
+# last value, start, is the partition's first sector (0 for a filesystem on the disk).
 _QUEUE_SCRIPT = f"""while [ $# -ge 2 ]; do
   asked=$1; p=$2; shift 2
   d=$asked
@@ -351,6 +352,8 @@ _QUEUE_SCRIPT = f"""while [ $# -ge 2 ]; do
   for f in alignment_offset discard_alignment; do
     printf ' %s=%s' "$f" "$(head -c 32 "$a/$f" 2>/dev/null)"
   done
+  s=0; [ "$a" = "/sys/block/$d" ] || s=$(head -c 32 "$a/start" 2>/dev/null)
+  printf ' start=%s' "$s"
   echo
 done | head -c {OUTPUT_LIMIT + 1}
 """
@@ -391,6 +394,8 @@ def parse_queues(
             rotational=None if rotational not in (0, 1) else bool(rotational),
             alignment_offset=values.get("alignment_offset"),
             discard_alignment=values.get("discard_alignment"),
+            partition_start=_sectors(values.get("start")),
+            partition=key[1],
         )
     if odd:
         notes.append(
@@ -404,6 +409,12 @@ def parse_queues(
                 f"the guest did not report the sysfs queue of {part if disk == '-' else disk}"
             )
     return found, notes
+
+
+def _sectors(value: int | None) -> int | None:
+    """sysfs ``start`` (512-byte sectors, whatever the logical block size) in bytes; None
+    past what a disk can hold (2**64 bytes)."""
+    return value * 512 if value is not None and value < 1 << 55 else None
 
 
 def guest_device(entry: dict[str, Any], fs_name: str) -> tuple[str, str] | None:
@@ -424,9 +435,11 @@ def guest_device(entry: dict[str, Any], fs_name: str) -> tuple[str, str] | None:
     return disk, part
 
 
-def _queues(
+def read_queues(
     agent: AgentLike, pairs: Sequence[tuple[str, str]], timeout: float
 ) -> tuple[dict[tuple[str, str], GuestQueue], list[str]]:
+    """The sysfs queues of the (disk, partition) pairs :func:`guest_device` gave: one
+    guest-exec for all of them."""
     args = [a for pair in pairs for a in pair]
     status = agent.run("/bin/sh", ["-c", _QUEUE_SCRIPT, "vmtrim", *args], timeout)
     return parse_queues(status.out_data, pairs)
@@ -511,7 +524,7 @@ def guest_facts(agent: AgentLike, domain: Domain, live_xml: str, timeout: float)
     if options is not None and device_of:
         pairs = list(dict.fromkeys(device_of.values()))
         try:  # last, and with a second to spare: a slow guest keeps the facts above
-            queues, notes = _queues(agent, pairs, left() - 1.0)
+            queues, notes = read_queues(agent, pairs, left() - 1.0)
         except (AgentCommandFailed, AgentUnavailable) as exc:
             domain.notes.append(
                 f"guest-exec failed, so the guest's sysfs queues are unknown: {exc}"
