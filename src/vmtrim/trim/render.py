@@ -14,8 +14,9 @@ run`` (from the history's disk records) print the same lines for a disk:
     sdb: got back 0 B of the 24.0 MiB the guest trimmed on it
     sdb: why: internal_snapshots: ...
 
-and, for a trim, the domain's own lines first: the reason (or the blockers of a
-``no_effect`` domain), the paths that failed, and what ``--explain`` could not say.
+and, for a trim, the domain's own lines around them: before, the reason (or the blockers
+of a ``no_effect`` domain) and the paths that failed; after, what ``--explain`` could not
+say (or that no disk fell short).
 
 Plain functions of plain values, returning table cells (:data:`vmtrim.output.Cell`):
 the table escapes them; nothing here is read as markup.
