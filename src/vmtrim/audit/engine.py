@@ -122,7 +122,7 @@ class _DiskAudit:
         from vmtrim.audit.granularity import granularity_stack, with_granularity
 
         granularity = granularity_stack(self.disk, self.image, self.probes)
-        self.findings = with_granularity(self.findings, granularity)
+        self.findings = with_granularity(self.findings, granularity, self.disk)
         return DiskReport(self.disk, layers, self.findings, self._exempt(), granularity)
 
     def _exempt(self) -> str | None:

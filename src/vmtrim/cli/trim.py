@@ -121,7 +121,7 @@ def trim(
     \b
     Explain causes (--explain; ids for scripts): internal_snapshots,
     backing_chain, discard_no_unref, granularity, qcow2_compat_010,
-    host_fs_no_punch, thin_pool_discards, ext4_already_trimmed.
+    host_fs_no_punch, thin_pool_discards, ext4_already_trimmed, alignment.
     \b
     Exit codes: 0 every selected domain trimmed, 1 a domain was no_effect,
     skipped or failed (a named shut-off domain is skipped), 2 bad input,

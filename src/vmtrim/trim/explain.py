@@ -12,7 +12,9 @@ the causes that apply to that disk are listed, each with a stable id
 - the host: the punch-hole probe of the image's directory, and the dm-thin pool under
   the disk (its discard mode);
 - the guest: a path that reported (about) nothing on ext4, which trims only the block
-  groups changed since its last trim in this mount.
+  groups changed since its last trim in this mount; the partition under the filesystem
+  starting part-way into a qcow2 cluster (its sysfs ``start``, read through the agent
+  in the same one guest-exec as the audit's: facts ``alignment_cost``).
 
 Granularity comes from the audit's :func:`~vmtrim.audit.granularity.granularity_stack`
 (guest, device, qcow2 cluster, host, pool; ``coarser`` marks a unit larger than every
@@ -34,12 +36,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vmtrim.channels.qmp import FstrimPath
 from vmtrim.facts import TRIM_CAUSES
-from vmtrim.model import Disk, Domain, Verdict
+from vmtrim.model import Disk, Domain, GuestQueue, LayerGranularity, Verdict
 from vmtrim.output import human_bytes
 from vmtrim.storage.block import ThinPool
 
 if TYPE_CHECKING:
-    from vmtrim.audit.granularity import LayerGranularity
+    from vmtrim.audit.granularity import Misalignment
+    from vmtrim.channels.qmp import ExecStatus
     from vmtrim.image.info import ImageInfo
     from vmtrim.trim.engine import DiskRef
 
@@ -102,6 +105,7 @@ class DiskFacts:
     pool: ThinPool | None = None
     filesystems: list[tuple[str, str]] = field(default_factory=list)  # (mountpoint, type)
     granularity: list[LayerGranularity] | None = None  # the audit's stack, with a disk model
+    queue: GuestQueue | None = None  # the guest's sysfs facts, its partition's start
 
 
 @dataclass
@@ -213,9 +217,28 @@ def disk_causes(facts: DiskFacts) -> list[Cause]:
             discards=pool.discards,
             data_percent=pool.data_percent,
         )
+    misaligned = _misaligned(facts)
+    if misaligned is not None:
+        add(
+            "alignment",
+            misaligned.evidence() + "; " + misaligned.advice(),
+            **misaligned.to_json(),
+        )
     # the default cluster is the likely cause only when nothing else explains the loss
     coarse = _granularity(facts, default_too=not found)
     return [*found, coarse] if coarse is not None else found
+
+
+def _misaligned(facts: DiskFacts) -> Misalignment | None:
+    """The guest partition against the qcow2 cluster: the stack's format layer, else the
+    image header's cluster."""
+    from vmtrim.audit.granularity import misalignment
+
+    layers = facts.granularity
+    image = facts.image
+    if layers is None and image is not None and image.format == "qcow2" and image.cluster_size:
+        layers = [LayerGranularity("format", "qcow2 cluster", int(image.cluster_size), True)]
+    return misalignment(facts.queue, layers or [])
 
 
 def _granularity(facts: DiskFacts, *, default_too: bool) -> Cause | None:
@@ -316,6 +339,8 @@ def paths_on(target: str, paths: Sequence[FstrimPath], evidence: Evidence) -> li
 class _Agent(Protocol):
     def execute(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any: ...
 
+    def run(self, path: str, args: list[str], timeout: float) -> ExecStatus: ...
+
 
 def domain_evidence(
     domain: Domain,
@@ -330,14 +355,19 @@ def domain_evidence(
     filesystem sits on which disk. Reads only; the host is probed on a local connection."""
     evidence = Evidence()
     by_target: dict[str, list[tuple[str, str]]] = {}
+    pairs: dict[str, tuple[str, str]] = {}  # target -> (guest disk, partition)
+    queues: dict[tuple[str, str], GuestQueue] = {}
     if agent is not None and xml is not None:
-        evidence.path_disks = _path_disks(agent, xml, timeout, by_target)
+        evidence.path_disks = _path_disks(agent, xml, timeout, by_target, pairs)
+        queues = _queues(agent, pairs, timeout)
     for disk in domain.disks:
         target = disk.target or disk.ident
         ref = refs.get(target)
         if ref is None:
             continue
-        facts = DiskFacts(target, filesystems=by_target.get(target, []))
+        if disk.guest_queue is None and target in pairs:
+            disk.guest_queue = queues.get(pairs[target])
+        facts = DiskFacts(target, filesystems=by_target.get(target, []), queue=disk.guest_queue)
         facts.guest_granularity, facts.granularity_from = guest_granularity(disk)
         node = disk.node
         facts.discard_no_unref = node.discard_no_unref if node is not None else None
@@ -353,11 +383,15 @@ def domain_evidence(
 
 
 def _path_disks(
-    agent: _Agent, xml: str, timeout: float, by_target: dict[str, list[tuple[str, str]]]
+    agent: _Agent,
+    xml: str,
+    timeout: float,
+    by_target: dict[str, list[tuple[str, str]]],
+    pairs: dict[str, tuple[str, str]],
 ) -> dict[str, set[str]] | None:
     from vmtrim.channels.qmp import parse_fsinfo
     from vmtrim.errors import VmtrimError
-    from vmtrim.sources.libvirt_live import disk_addresses, match_guest_disk
+    from vmtrim.sources.libvirt_live import disk_addresses, guest_device, match_guest_disk
 
     try:
         filesystems = parse_fsinfo(agent.execute("guest-get-fsinfo", None, timeout))
@@ -366,11 +400,31 @@ def _path_disks(
     addresses = disk_addresses(xml)
     out: dict[str, set[str]] = {}
     for fs in filesystems:
+        for entry in fs.disks:  # what to read in the guest's sysfs, as the audit does
+            target, pair = match_guest_disk(entry, addresses), guest_device(entry, fs.name)
+            if target is not None and pair is not None:
+                pairs.setdefault(target, pair)
         targets = {t for t in (match_guest_disk(d, addresses) for d in fs.disks) if t}
         out.setdefault(fs.mountpoint, set()).update(targets)
         for target in targets:
             by_target.setdefault(target, []).append((fs.mountpoint, fs.type))
     return out
+
+
+def _queues(
+    agent: _Agent, pairs: dict[str, tuple[str, str]], timeout: float
+) -> dict[tuple[str, str], GuestQueue]:
+    """The guest's sysfs facts of the disks (partition starts among them): one guest-exec;
+    nothing when guest-exec is refused (the other causes do not need it)."""
+    from vmtrim.errors import VmtrimError
+    from vmtrim.sources.libvirt_live import read_queues
+
+    if not pairs:
+        return {}
+    try:
+        return read_queues(agent, list(dict.fromkeys(pairs.values())), timeout)[0]
+    except VmtrimError:
+        return {}
 
 
 def _stack(disk: Disk, image: ImageInfo | None, local: bool) -> list[LayerGranularity] | None:
