@@ -225,6 +225,7 @@ def test_the_audit_finds_the_partitions_off_the_cluster(measured: Measured) -> N
         assert queues[target]["partition_start"] == measured.starts[target] * 512
         assert measured.starts[target] == spec.sector
         assert queues[target]["partition"] == measured.partitions[target]
+    assert queues["sda"]["partition_start"] == 0  # the scenario's ext4 on the whole disk
     findings = {
         d["target"]: [f for f in d["findings"] if " into a " in f["message"]]
         for d in measured.audit["disks"]

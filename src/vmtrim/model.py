@@ -321,7 +321,7 @@ class GuestQueue:
     alignment_offset: int | None = None  # of the partition that holds the filesystem
     discard_alignment: int | None = None
     #: where that partition starts on the disk, in bytes (sysfs ``start`` x 512); 0 for a
-    #: filesystem on the whole disk
+    #: filesystem on the whole disk; None for one on a device-mapper volume (not read)
     partition_start: int | None = None
     partition: str | None = None  # the guest's name of what holds the filesystem: vda1
 

@@ -336,7 +336,8 @@ def _fstrim_timer(agent: AgentLike, timeout: float) -> TimerFacts:
 # One line per pair asked: "vmtrim-queue ASKED PART DISK key=value ...". ASKED is the
 # disk as asked: a partition (qemu-ga gives a partition's own node as "dev"), or "-" (no
 # "dev" before qemu-ga 3.1): the guest then finds the disk that holds it, DISK. The
-# last value, start, is the partition's first sector (0 for a filesystem on the disk).
+# last value, start, is the partition's first sector: 0 for a filesystem on the disk,
+# empty for one on something else (an LV, whose offset in its partition is not read).
 _QUEUE_SCRIPT = f"""while [ $# -ge 2 ]; do
   asked=$1; p=$2; shift 2
   d=$asked
@@ -352,7 +353,9 @@ _QUEUE_SCRIPT = f"""while [ $# -ge 2 ]; do
   for f in alignment_offset discard_alignment; do
     printf ' %s=%s' "$f" "$(head -c 32 "$a/$f" 2>/dev/null)"
   done
-  s=0; [ "$a" = "/sys/block/$d" ] || s=$(head -c 32 "$a/start" 2>/dev/null)
+  s=
+  if [ "$a" != "/sys/block/$d" ]; then s=$(head -c 32 "$a/start" 2>/dev/null)
+  elif [ "$p" = "$d" ]; then s=0; fi
   printf ' start=%s' "$s"
   echo
 done | head -c {OUTPUT_LIMIT + 1}
