@@ -40,6 +40,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     helpers.REGENERATE = bool(config.getoption("regenerate_output"))
+    _import_lazy_hypothesis_modules()
+
+
+def _import_lazy_hypothesis_modules() -> None:
+    """Import the strategy modules hypothesis loads lazily, before any test runs.
+
+    Inside ``@given`` hypothesis raises the recursion limit; pytest rewrites hypothesis's
+    own modules (it is a plugin) with ``ast.parse`` as they are imported, and CPython
+    3.11's AST constructor then can fail with "AST constructor recursion depth mismatch"
+    (python/cpython#106905, pytest-dev/pytest#10874): a full CI run failed that way the
+    first time ``st.from_regex`` was built inside a test. Building them here, outside
+    any test, imports those modules in a plain frame.
+    """
+    from hypothesis import strategies as st
+
+    for strategy in (
+        st.from_regex(r"[a-z]", fullmatch=True),
+        st.characters(blacklist_categories=("Cc", "Cs")),
+        st.text(max_size=1),
+    ):
+        strategy.validate()
 
 
 @pytest.fixture(scope="session")
