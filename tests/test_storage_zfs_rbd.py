@@ -195,3 +195,24 @@ def test_absurd_input_is_bounded() -> None:
     assert rbd.parse_info("x", "[" * 200_000) is None
     assert rbd.parse_info("x", json.dumps({"object_size": 10**30})) is None
     assert zfs.parse_get("tank\tautotrim\t" + "x" * 10_000 + "\tlocal") == {}
+
+
+def test_the_host_layer_and_the_granularity_stack_ask_each_tool_once() -> None:
+    from vmtrim.audit.granularity import granularity_stack
+    from vmtrim.model import Disk, StorageKind
+
+    runner = Canned({"zfs": THICK, "zpool": AUTOTRIM_OFF, "rbd": json.dumps(RBD_INFO)})
+    probes = HostProbes(runner=runner)
+    zvol = Disk("vm", "vda", storage=StorageKind.BLOCK, source="/dev/zvol/tank/vm-100-disk-0")
+    net = Disk(
+        "vm",
+        "vdb",
+        storage=StorageKind.NETWORK,
+        protocol="rbd",
+        source="rbd://mon1:6789/rbd/vm-7-disk-0",
+    )
+    probes.block("/dev/zvol/tank/vm-100-disk-0")
+    probes.network("rbd", "rbd://mon1:6789/rbd/vm-7-disk-0")
+    units = [[layer.bytes for layer in granularity_stack(d, None, probes)] for d in (zvol, net)]
+    assert sorted(argv[0] for argv in runner.ran) == ["rbd", "zfs", "zpool"]
+    assert 16384 in units[0] and 4194304 in units[1]

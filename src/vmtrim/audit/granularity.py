@@ -39,7 +39,6 @@ QEMU 7.2's defaults for what the guest is told (``discard_granularity`` is -1 un
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,7 +55,7 @@ from vmtrim.model import (
     StorageKind,
 )
 from vmtrim.storage import rbd, zfs
-from vmtrim.storage.block import StorageLayer, block_stack
+from vmtrim.storage.block import StorageLayer
 from vmtrim.storage.mounts import mount_of, parse_mountinfo
 from vmtrim.storage.runner import LocalRunner
 
@@ -267,14 +266,12 @@ def _block_layers(path: str, host: HostProbes) -> list[LayerGranularity]:
         return []  # not on this host: no stat, dmsetup or zfs to run
     dataset = zfs.dataset_of(path)
     if dataset is not None:
-        got = host.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
-        vol = zfs.parse_zvol(dataset, got.stdout) if got.ok else None
+        vol, _why = host.zvol(dataset)
         if vol is not None and vol.volblocksize:
             return [
                 LayerGranularity("pool", f"zvol {dataset} volblocksize", vol.volblocksize, True)
             ]
-    stack = block_stack(host.runner, path)
-    return _storage_layers(tuple(stack.layers))
+    return _storage_layers(tuple(host.stack(path).layers))
 
 
 def _storage_layers(layers: tuple[StorageLayer, ...]) -> list[LayerGranularity]:
@@ -309,11 +306,7 @@ def _rbd_layers(source: str, host: HostProbes) -> list[LayerGranularity]:
     name = rbd.image_of(source)
     if name is None:
         return []
-    image: rbd.RbdImage | None = None
-    if not isinstance(host.runner, LocalRunner) or shutil.which("rbd"):  # no fork for nothing
-        out = host.runner.run(rbd.rbd_argv(name), timeout=20.0)
-        image = rbd.parse_info(name, out.stdout) if out.ok else None
-    image = image or rbd.default_image(name)
+    image = host.rbd_image(name)
     what = f"RBD object ({name})" if image.measured else f"RBD object ({name}, the default)"
     return [
         LayerGranularity(

@@ -36,6 +36,7 @@ import ctypes.util
 import dataclasses
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -202,6 +203,11 @@ class HostProbes:
     runner: Runner = field(default_factory=LocalRunner)
     _punch_cache: dict[int, Probe] = field(default_factory=dict)
     _device_cache: dict[str, Probe] = field(default_factory=dict)
+    # The audit's host layer and its granularity stack ask the same questions of the same
+    # device: each stack, zvol and RBD image is read once per HostProbes.
+    _stack_cache: dict[str, Stack] = field(default_factory=dict)
+    _zvol_cache: dict[str, tuple[zfs.Zvol | None, str]] = field(default_factory=dict)
+    _rbd_cache: dict[str, rbd.RbdImage] = field(default_factory=dict)
 
     @classmethod
     def no_probe(cls) -> HostProbes:
@@ -263,7 +269,7 @@ class HostProbes:
         cached = self._device_cache.get(mount.source)
         if cached is not None:
             return cached
-        stack = block_stack(self.runner, mount.source)
+        stack = self.stack(mount.source)
         if all(layer.kind == "disk" for layer in stack.layers):
             cached = Probe(stack.verdict, stack.reason())
         else:
@@ -292,11 +298,42 @@ class HostProbes:
     def block(self, path: str) -> Probe:
         if not self.local:
             return Probe(Verdict.UNKNOWN, self.off_reason)
-        stack = block_stack(self.runner, path)
+        stack = self.stack(path)
         if all(layer.kind == "disk" for layer in stack.layers):
             # a plain disk or partition: the sysfs probe (it finds a partition's queue)
             return self._zvol(path, block_device_probe(path))
         return self._stack_probe(stack)
+
+    def stack(self, path: str) -> Stack:
+        """The storage layers under the block device at ``path``, read once."""
+        cached = self._stack_cache.get(path)
+        if cached is None:
+            cached = self._stack_cache[path] = block_stack(self.runner, path)
+        return cached
+
+    def zvol(self, dataset: str) -> tuple[zfs.Zvol | None, str]:
+        """The zvol's facts (``zfs get`` and its pool's ``zpool get``), or None and why."""
+        cached = self._zvol_cache.get(dataset)
+        if cached is None:
+            got = self.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
+            pool = self.runner.run(zfs.zpool_argv(dataset.split("/", 1)[0]), timeout=20.0)
+            vol = zfs.parse_zvol(dataset, got.stdout, pool.stdout) if got.ok else None
+            why = got.why() if not got.ok else "zfs get said nothing about it"
+            cached = self._zvol_cache[dataset] = (vol, why)
+        return cached
+
+    def rbd_image(self, name: str) -> rbd.RbdImage:
+        """The image's object size from ``rbd info``, else the documented default."""
+        cached = self._rbd_cache.get(name)
+        if cached is None:
+            image = None
+            if not isinstance(self.runner, LocalRunner) or shutil.which(
+                "rbd"
+            ):  # no fork for nothing
+                out = self.runner.run(rbd.rbd_argv(name), timeout=20.0)
+                image = rbd.parse_info(name, out.stdout) if out.ok else None
+            cached = self._rbd_cache[name] = image or rbd.default_image(name)
+        return cached
 
     def _stack_probe(self, stack: Stack) -> Probe:
         layers = list(stack.layers)
@@ -328,8 +365,7 @@ class HostProbes:
         name = rbd.image_of(source)
         if name is None:
             return probe
-        out = self.runner.run(rbd.rbd_argv(name), timeout=20.0)
-        image = (rbd.parse_info(name, out.stdout) if out.ok else None) or rbd.default_image(name)
+        image = self.rbd_image(name)
         note = Note("rbd_objects", image.describe(), "FIELD.md [H2]; Linux 0c93e1b7a26b")
         return dataclasses.replace(probe, notes=(*probe.notes, note))
 
@@ -337,11 +373,8 @@ class HostProbes:
         dataset = zfs.dataset_of(path)
         if dataset is None:
             return probe
-        got = self.runner.run(zfs.zfs_argv(dataset), timeout=20.0)
-        pool = self.runner.run(zfs.zpool_argv(dataset.split("/", 1)[0]), timeout=20.0)
-        vol = zfs.parse_zvol(dataset, got.stdout, pool.stdout) if got.ok else None
+        vol, why = self.zvol(dataset)
         if vol is None:
-            why = got.why() if not got.ok else "zfs get said nothing about it"
             return dataclasses.replace(probe, reason=f"{probe.reason}; zvol {dataset}: {why}")
         facts = [f"zvol {dataset}"]
         if vol.volblocksize:
