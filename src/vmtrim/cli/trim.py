@@ -10,7 +10,7 @@ import click
 
 from vmtrim.cli.options import hosts_options
 from vmtrim.errors import EXIT_FINDINGS, EXIT_OK, BadInput
-from vmtrim.facts import WINDOWS_TRIM_TIMEOUT
+from vmtrim.facts import TRIM_CAUSES, WINDOWS_TRIM_TIMEOUT
 from vmtrim.trim.engine import (
     SCHEMA,
     TRIMMED,
@@ -23,6 +23,16 @@ from vmtrim.trim.engine import (
 
 CAPTION = "guest says: upper bound from FITRIM; reclaimed: measured on the host"
 DEFAULT_TIMEOUT = 60.0
+
+
+def _lists_cause_ids(f: Callable[..., int]) -> Callable[..., int]:
+    """Put the explain cause ids (the facts table's, in its order) into the help."""
+    import textwrap
+
+    ids = "Explain causes (--explain; ids for scripts): " + ", ".join(TRIM_CAUSES) + "."
+    lines = textwrap.wrap(ids, width=70, break_long_words=False, break_on_hyphens=False)
+    f.__doc__ = (f.__doc__ or "").replace("{cause_ids}", "\n    ".join(lines))
+    return f
 
 
 @click.command("trim")
@@ -85,6 +95,7 @@ DEFAULT_TIMEOUT = 60.0
 @click.option("--no-history", is_flag=True, help="Do not record this trim in the history.")
 @click.option("--db", "history_db", metavar="FILE", help="The history database to record in.")
 @click.argument("domains", nargs=-1, metavar="[DOMAIN...]")
+@_lists_cause_ids
 def trim(
     uris: tuple[str, ...],
     every: bool,
@@ -119,9 +130,7 @@ def trim(
     A disk on an LVM thin pool shows the pool's data usage before and after.
     Windows guests report no byte counts: the host figure is the measurement.
     \b
-    Explain causes (--explain; ids for scripts): internal_snapshots,
-    backing_chain, discard_no_unref, granularity, qcow2_compat_010,
-    host_fs_no_punch, thin_pool_discards, ext4_already_trimmed, alignment.
+    {cause_ids}
     \b
     Exit codes: 0 every selected domain trimmed, 1 a domain was no_effect,
     skipped or failed (a named shut-off domain is skipped), 2 bad input,
