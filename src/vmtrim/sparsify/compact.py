@@ -34,6 +34,7 @@ from vmtrim._util.proc import run_tool
 from vmtrim.errors import BadInput, EnvironmentProblem, ImageError
 from vmtrim.image.allocation import allocated_bytes
 from vmtrim.sparsify.inuse import hold_write_guard, refuse_if_in_use
+from vmtrim.sparsify.testhook import pause
 
 SCHEMA = "vmtrim.compact/1"
 TEMP_MARK = ".vmtrim-compact-"
@@ -147,13 +148,6 @@ def _keep_metadata(source: Path, target_fd: int, subject: str) -> None:
         os.close(src_fd)
 
 
-def _pause(point: str) -> None:
-    """A test hook: VMTRIM_TEST_PAUSE=POINT makes a run stop there for a SIGKILL."""
-    if os.environ.get("VMTRIM_TEST_PAUSE") == point:
-        print(f"vmtrim-test: paused at {point}", flush=True)
-        time.sleep(3600)
-
-
 def compact(
     path: Path,
     *,
@@ -224,15 +218,15 @@ def compact(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # "a compact owns it": see remove_leftovers
             result.command = [*argv, subject, str(tmp)]
-            _pause("convert")
+            pause("convert")
             # qemu-img creates the image on this same inode (O_CREAT, then truncate),
             # so our flock stays on it.
             _run_convert([*argv, subject, str(tmp)], subject)
-            _pause("compare")
+            pause("compare")
             _compare(path, tmp, fmt, subject)
             os.fsync(fd)
             _keep_metadata(path, fd, subject)
-            _pause("rename")
+            pause("rename")
             if keep_backup:
                 backup = path.with_name(
                     f"{path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak"

@@ -36,6 +36,7 @@ from typing import Any
 from vmtrim.errors import BadInput, GuestFailed
 from vmtrim.image.allocation import allocated_bytes
 from vmtrim.sparsify.inuse import refuse_if_in_use
+from vmtrim.sparsify.testhook import pause
 from vmtrim.vm.guest import (
     ControlChannel,
     DirectGuest,
@@ -262,13 +263,6 @@ def _gaps(parts: list[tuple[int, int]], disk_size: int) -> list[tuple[int, int]]
     return gaps
 
 
-def _pause(point: str) -> None:
-    """A test hook: VMTRIM_TEST_PAUSE=POINT makes a run stop there for a SIGKILL."""
-    if os.environ.get("VMTRIM_TEST_PAUSE") == point:
-        print(f"vmtrim-test: paused at {point}", flush=True)
-        time.sleep(3600)
-
-
 def run_appliance(
     path: Path,
     fmt: str,
@@ -311,7 +305,7 @@ def run_appliance(
             ctl = guest.ctl
             ready = ctl.expect("ready", boot_timeout)
             disk_size = int(ready.get("size", "0"))
-            _pause("booted")
+            pause("booted")
             while True:
                 f = _next_status(ctl, STEP_TIMEOUT)
                 kind = f["step"]
@@ -353,7 +347,7 @@ def run_appliance(
                         current.action = "failed"
                         current.error = f.get("message") or f"exit status {f.get('rc')}"
                     current = None
-                    _pause("trimmed")
+                    pause("trimmed")
                     ctl.go()
                 elif kind == "key":
                     reply, source = _key_reply(keys, f["dev"], f.get("uuid") or None)
