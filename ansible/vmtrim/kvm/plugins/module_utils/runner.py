@@ -18,8 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 __metaclass__ = type
 
-# fail_on: which outcomes of single domains fail the task (never is the default).
+# fail_on: which outcomes of single domains fail the task (never is the default). Every
+# module has it; start() adds it (doc_fragments/common.py documents its type and choices).
 FAIL_ON = ["never", "failed", "blocked"]
+FAIL_ON_OPTION: Dict[str, Any] = {"type": "str", "choices": FAIL_ON, "default": "never"}
 #: Domain statuses that mean "this domain failed" (trim, run).
 FAILED_STATUSES = {"failed"}
 #: ... and that mean "discard is blocked" (trim's no_effect, run's blocked/no_effect).
@@ -72,11 +74,12 @@ def run_vmtrim(argv: List[str]) -> Tuple[int, Optional[Dict[str, Any]], str]:
 
 
 def start(argument_spec: Dict[str, Any]) -> Any:
-    """The AnsibleModule (check mode supported by every vmtrim module), or None after
-    fail_json when vmtrim cannot be imported by this interpreter."""
+    """The AnsibleModule (check mode supported by every vmtrim module, ``fail_on`` added to
+    its options), or None after fail_json when vmtrim cannot be imported by this interpreter."""
     from ansible.module_utils.basic import AnsibleModule
 
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    spec = dict(argument_spec, fail_on=FAIL_ON_OPTION)
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     return None if vmtrim_missing(module) else module
 
 

@@ -19,6 +19,7 @@ description:
     block nodes, host storage) gets a verdict, a reason and a fix.
   - Read-only. C(changed) is always false, in check mode too.
 extends_documentation_fragment:
+  - vmtrim.kvm.common
   - vmtrim.kvm.hosts
 options:
   domains:
@@ -39,17 +40,10 @@ options:
       - V(never) returns the findings without failing the task.
       - V(blocked) fails the task when a disk blocks discard or a host failed.
       - V(failed) fails it only when a host failed.
-    type: str
-    choices: [never, failed, blocked]
-    default: never
-requirements:
-  - vmtrim with its libvirt extra, for the Python interpreter Ansible uses on the managed host
 attributes:
   check_mode:
     support: full
     description: An audit changes nothing; it runs the same in check mode.
-author:
-  - vmtrim developers
 """
 
 EXAMPLES = r"""
@@ -124,7 +118,6 @@ stderr:
 
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     CONNECTION_OPTIONS,
-    FAIL_ON,
     connection_args,
     finish,
     label,
@@ -159,7 +152,6 @@ def main():
             domains={"type": "list", "elements": "str", "default": []},
             timeout={"type": "float", "default": 10.0},
             probe={"type": "bool", "default": True},
-            fail_on={"type": "str", "choices": FAIL_ON, "default": "never"},
         )
     )
     if module is None:

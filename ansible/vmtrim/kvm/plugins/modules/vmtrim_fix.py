@@ -18,6 +18,8 @@ description:
   - vmtrim backs the definition up (0600) before it defines the fixed XML, and reads it back.
   - C(changed) is true only when a definition was rewritten (or a domain restarted).
   - In check mode vmtrim runs with C(--dry-run) and the document holds the unified diff.
+extends_documentation_fragment:
+  - vmtrim.kvm.common
 options:
   connect:
     description: The libvirt URI. Empty means C($LIBVIRT_DEFAULT_URI), else libvirt's default.
@@ -58,17 +60,10 @@ options:
     description:
       - V(never) returns the result without failing the task.
       - V(blocked) and V(failed) fail it when a disk still blocks discard after the fix.
-    type: str
-    choices: [never, failed, blocked]
-    default: never
-requirements:
-  - vmtrim with its libvirt extra, for the Python interpreter Ansible uses on the managed host
 attributes:
   check_mode:
     support: full
     description: C(--dry-run); the diff is in the result and nothing is written.
-author:
-  - vmtrim developers
 """
 
 EXAMPLES = r"""
@@ -125,7 +120,6 @@ stderr:
 """
 
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
-    FAIL_ON,
     domains_of,
     finish,
     label,
@@ -156,7 +150,6 @@ def main():
             "detect_zeroes": {"type": "str", "choices": ["unmap", "on", "off"]},
             "bus": {"type": "str", "choices": ["scsi"]},
             "probe": {"type": "bool", "default": True},
-            "fail_on": {"type": "str", "choices": FAIL_ON, "default": "never"},
         }
     )
     if module is None:

@@ -19,6 +19,8 @@ description:
     the concurrency and the excludes; every trim is recorded in the history database.
   - C(changed) is true only when a domain got space back (reclaimed > 0).
   - In check mode vmtrim runs with C(--dry-run) (survey and plan only).
+extends_documentation_fragment:
+  - vmtrim.kvm.common
 options:
   policy:
     description: The policy file on the managed host.
@@ -34,17 +36,10 @@ options:
       - V(never) returns every domain's outcome without failing the task.
       - V(failed) fails the task when a domain failed (a skipped one, e.g. not running, does not).
       - V(blocked) also fails it when a domain is blocked by its configuration.
-    type: str
-    choices: [never, failed, blocked]
-    default: never
-requirements:
-  - vmtrim with its libvirt extra, for the Python interpreter Ansible uses on the managed host
 attributes:
   check_mode:
     support: full
     description: C(--dry-run); nothing is trimmed or recorded.
-author:
-  - vmtrim developers
 """
 
 EXAMPLES = r"""
@@ -104,7 +99,6 @@ stderr:
 
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     BLOCKED_STATUSES,
-    FAIL_ON,
     FAILED_STATUSES,
     finish,
     reclaimed,
@@ -119,7 +113,6 @@ def main():
             "policy": {"type": "path"},
             "db": {"type": "path"},
             "lock": {"type": "path"},
-            "fail_on": {"type": "str", "choices": FAIL_ON, "default": "never"},
         }
     )
     if module is None:

@@ -21,6 +21,7 @@ description:
   - In check mode nothing is trimmed (vmtrim trim has no dry run); the task runs
     C(vmtrim audit) on the same domains instead and returns that document.
 extends_documentation_fragment:
+  - vmtrim.kvm.common
   - vmtrim.kvm.hosts
 options:
   domains:
@@ -55,17 +56,10 @@ options:
       - V(never) returns every domain's outcome without failing the task.
       - V(failed) fails the task when a domain failed (its agent answered with an error) or a host failed; a skipped domain (not running, no agent) does not.
       - V(blocked) also fails it when a domain's trim had no effect (a layer drops discards).
-    type: str
-    choices: [never, failed, blocked]
-    default: never
-requirements:
-  - vmtrim with its libvirt extra, for the Python interpreter Ansible uses on the managed host
 attributes:
   check_mode:
     support: partial
     description: Nothing is trimmed; an audit of the same domains is returned instead.
-author:
-  - vmtrim developers
 """
 
 EXAMPLES = r"""
@@ -139,7 +133,6 @@ stderr:
 from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     BLOCKED_STATUSES,
     CONNECTION_OPTIONS,
-    FAIL_ON,
     FAILED_STATUSES,
     connection_args,
     finish,
@@ -161,7 +154,6 @@ def main():
             timeout={"type": "float", "default": 60.0},
             history={"type": "bool", "default": True},
             db={"type": "path"},
-            fail_on={"type": "str", "choices": FAIL_ON, "default": "never"},
         )
     )
     if module is None:
