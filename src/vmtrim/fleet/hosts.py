@@ -8,9 +8,10 @@ connections of its own. Opening a connection runs in a daemon thread that is aba
 after ``--connect-timeout``: ``virConnectOpen`` has no deadline of its own, and a daemon
 that accepts the TCP connection and then hangs (stopped, swapping, wedged) would block it
 for ever. Each connection then gets libvirt's keepalive (``virConnectSetKeepAlive``; it
-needs libvirt's event loop, which :func:`event_loop` runs in a daemon thread), so a host
-that stops answering mid-run closes its connection, and every call still waiting on it
-fails, after about ``--connect-timeout`` too. The failure belongs to that host alone.
+needs libvirt's event loop, which :func:`~vmtrim.channels.libvirt_events.start_event_loop`
+runs in a daemon thread), so a host that stops answering mid-run closes its connection,
+and every call still waiting on it fails, after about ``--connect-timeout`` too. The
+failure belongs to that host alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from vmtrim.channels.libvirt import Connection, libvirt_module, open_connection
+from vmtrim.channels.libvirt_events import start_event_loop
 from vmtrim.errors import BadInput, HostUnreachable, VmtrimError
 
 R = TypeVar("R")
@@ -36,9 +38,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_HOSTS_PARALLEL = 8
 KEEPALIVE_COUNT = 3  # unanswered keepalive probes before libvirt closes the connection
-
-_loop_lock = threading.Lock()
-_loop_started = False
 
 
 def read_hosts_file(path: str) -> list[str]:
@@ -75,29 +74,12 @@ def is_remote(uri: str) -> bool:
     return "+" in parts.scheme or bool(parts.netloc)
 
 
-def event_loop() -> None:
-    """Register and run libvirt's default event loop once per process (keepalive needs it)."""
-    global _loop_started
-    with _loop_lock:
-        if _loop_started:
-            return
-        libvirt = libvirt_module()
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="vmtrim-libvirt-events", daemon=True).start()
-        _loop_started = True
-
-
 def connect_host(uri: str, timeout: float) -> Connection:
     """Open ``uri`` within ``timeout`` seconds, with keepalive; HostUnreachable otherwise.
 
     A connection that opens only after we gave up on it is closed at once.
     """
-    event_loop()
+    start_event_loop()
     box: dict[str, object] = {}
     abandoned = threading.Event()
     done = threading.Event()

@@ -36,6 +36,7 @@ from typing import Any
 
 from vmtrim._util.log import get_logger
 from vmtrim.channels.libvirt import Connection, error_text, libvirt_module, open_connection
+from vmtrim.channels.libvirt_events import start_event_loop
 from vmtrim.errors import EnvironmentProblem, LockHeld
 from vmtrim.run.policy import Policy
 
@@ -45,29 +46,6 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 KEEPALIVE = (5, 3)  # seconds between probes, probes missed before the link is dead
 AGENT_WAIT = 600.0  # a started domain whose agent has not connected by then is let be
-
-_loop_started = False
-_loop_lock = threading.Lock()
-
-
-def start_event_loop() -> None:
-    """libvirt's default event loop in a daemon thread; once per process, before connecting."""
-    global _loop_started
-    with _loop_lock:
-        if _loop_started:
-            return
-        libvirt = libvirt_module()
-        libvirt.virEventRegisterDefaultImpl()
-        # A 1 s tick keeps virEventRunDefaultImpl from sleeping forever on an idle host.
-        libvirt.virEventAddTimeout(1000, lambda timer, opaque: None, None)
-
-        def run() -> None:
-            while True:
-                if libvirt.virEventRunDefaultImpl() < 0:
-                    time.sleep(0.1)
-
-        threading.Thread(target=run, name="vmtrim-libvirt-events", daemon=True).start()
-        _loop_started = True
 
 
 def describe_lifecycle(libvirt: Any, event: int, detail: int) -> str | None:
