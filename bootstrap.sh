@@ -74,8 +74,8 @@ demo)
     ;;
 test)
     install
-    .venv/bin/ruff check src tests bench
-    .venv/bin/ruff format --check src tests bench
+    .venv/bin/ruff check src tests bench ansible
+    .venv/bin/ruff format --check src tests bench ansible
     .venv/bin/mypy
     shift
     exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

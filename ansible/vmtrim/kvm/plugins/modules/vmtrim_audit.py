@@ -125,7 +125,6 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     start,
 )
 
-
 # The layers that libvirt XML decides, so vmtrim fix can change them.
 CONFIG_LAYERS = {"device", "block_node"}
 

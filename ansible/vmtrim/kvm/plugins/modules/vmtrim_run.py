@@ -102,8 +102,8 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     FAILED_STATUSES,
     finish,
     reclaimed,
-    statuses,
     start,
+    statuses,
 )
 
 

@@ -138,8 +138,8 @@ from ansible_collections.vmtrim.kvm.plugins.module_utils.runner import (
     finish,
     reclaimed,
     selection_args,
-    statuses,
     start,
+    statuses,
 )
 
 
