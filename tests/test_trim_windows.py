@@ -39,13 +39,21 @@ OSINFO = {  # qga/qapi-schema.json GuestOSInfo, as commands-win32.c fills it
 GREETING = json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\n"
 
 
+def windows_hello(message: dict[str, Any]) -> bytes | None:
+    """A Windows qemu-ga's answer to guest-sync and guest-get-osinfo; None to the rest."""
+    command = message.get("execute")
+    if command == "guest-sync":
+        return reply(message, json.dumps(message["arguments"]["id"]).encode())
+    if command == "guest-get-osinfo":
+        return reply(message, json.dumps(OSINFO).encode())
+    return None
+
+
 def windows_agent(image: Path) -> Callable[[dict[str, Any]], bytes | None]:
     def handle(message: dict[str, Any]) -> bytes | None:
+        if (hello := windows_hello(message)) is not None:
+            return hello
         command = message.get("execute")
-        if command == "guest-sync":
-            return reply(message, json.dumps(message["arguments"]["id"]).encode())
-        if command == "guest-get-osinfo":
-            return reply(message, json.dumps(OSINFO).encode())
         if command == "guest-fstrim":
             # the retrim: QEMU gets the volume's discards and punches the image
             subprocess.run(
@@ -119,11 +127,8 @@ def test_windows_gets_the_longer_default_timeout() -> None:
     from vmtrim.trim import QemuTarget, TrimOptions, trim_target
 
     def slow(message: dict[str, Any]) -> bytes | None:
-        command = message.get("execute")
-        if command == "guest-sync":
-            return reply(message, json.dumps(message["arguments"]["id"]).encode())
-        if command == "guest-get-osinfo":
-            return reply(message, json.dumps(OSINFO).encode())
+        if (hello := windows_hello(message)) is not None:
+            return hello
         time.sleep(2.5)  # longer than the Linux timeout below
         return reply(message, json.dumps({"paths": [{"path": "C:\\"}]}).encode())
 
