@@ -225,22 +225,11 @@ def exit_code(results: Sequence[TrimResult]) -> int:
 
 
 def _run(targets: Sequence[Target], options: TrimOptions, show_progress: bool) -> list[TrimResult]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from vmtrim.output import progress_console, safe_text
+    from vmtrim.fleet.progress import count_progress
+    from vmtrim.output import safe_text
     from vmtrim.trim.engine import trim_all
 
-    err = progress_console()
-    progress = Progress(
-        TextColumn("trim"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}", markup=False),
-        console=err,
-        transient=True,
-        disable=not (show_progress and err.is_terminal),
-    )
+    progress = count_progress("trim", show=show_progress)
     with progress:
         task = progress.add_task("", total=len(targets))
         done: Callable[[TrimResult], None] = lambda r: progress.update(  # noqa: E731

@@ -1,37 +1,48 @@
-"""The fleet's progress bar: hosts done of all, domains done of those found so far."""
+"""Progress bars on stderr: the count bar (``count_progress``, also ``vmtrim trim``'s), and the
+fleet's two: hosts done of all, domains done of those found so far."""
 
 from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # rich is imported lazily, when a bar is made
+    from rich.progress import Progress
+
+
+def count_progress(label: str, *, show: bool = True) -> Progress:
+    """The count bar on stderr: ``label``, the bar, done of total, the time elapsed, then
+    the task's description (plain text, never markup). Shown on a terminal only, and not
+    when ``show`` is false or with --quiet."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from vmtrim.output import progress_console
+
+    err = progress_console()
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False),
+        console=err,
+        transient=True,
+        disable=not (show and err.is_terminal),
+    )
 
 
 class FleetProgress:
     """Two bars on stderr (terminal only, not with --quiet); safe to update from any thread."""
 
     def __init__(self, command: str, hosts: int, *, show: bool = True) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        from vmtrim.output import progress_console
-
-        err = progress_console()
-        self._progress = Progress(
-            TextColumn(command + " {task.fields[what]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}", markup=False),
-            console=err,
-            transient=True,
-            disable=not (show and err.is_terminal),
-        )
+        self._progress = count_progress(command + " {task.fields[what]}", show=show)
         self._hosts = self._progress.add_task("", total=hosts, what="hosts  ")
         self._domains = self._progress.add_task("", total=0, what="domains")
         self._lock = threading.Lock()
