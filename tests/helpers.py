@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 
 
+def vmtrim_argv(*args: str) -> list[str]:
+    """The command line of ``python -m vmtrim ARGS``, for a test that starts it itself."""
+    return [sys.executable, "-m", "vmtrim", *args]
+
+
 def vmtrim(
     *args: str,
     stdin: str | None = None,
@@ -24,7 +29,7 @@ def vmtrim(
     TimeoutExpired instead of stalling until pytest-timeout.
     """
     return subprocess.run(
-        [sys.executable, "-m", "vmtrim", *args],
+        vmtrim_argv(*args),
         input=stdin,
         env=env,
         cwd=cwd,
@@ -44,6 +49,19 @@ def du_bytes(path: Path) -> int:
     """What `du -B1` says: the bytes the host really stores for the file."""
     out = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
+
+
+def assert_refused_in_use(subcommand: str, image: Path, *needles: str) -> None:
+    """``vmtrim SUBCOMMAND IMAGE`` while a QEMU holds the image: exit 3 (environment), a
+    message with every one of NEEDLES, and not a byte of the image changed."""
+    from sparsify_support import qemu_holding, sha256  # the holding QEMU is defined there
+
+    with qemu_holding(image):
+        before = sha256(image)
+        refused = vmtrim(subcommand, str(image))
+        assert refused.returncode == 3
+        assert all(needle in refused.stderr for needle in needles), refused.stderr
+        assert sha256(image) == before
 
 
 # Set from `pytest --regenerate-output` by conftest.py's pytest_configure.

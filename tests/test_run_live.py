@@ -18,7 +18,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 import lab_domains
-from helpers import du_bytes, vmtrim
+from helpers import du_bytes, vmtrim, vmtrim_argv
 from lab_domains import OURS
 from test_live_libvirt import Lab, LabDomain
 
@@ -187,18 +186,9 @@ def test_the_lock_and_a_kill_mid_domain(guests: dict[str, LabDomain], tmp_path: 
     db = tmp_path / "history.db"
     policy = write_policy(tmp_path / "policy.toml", parallel=1, timeout=120)
     first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vmtrim",
-            "run",
-            "--policy",
-            str(policy),
-            "--db",
-            str(db),
-            "--lock",
-            str(tmp_path / "run.lock"),
-        ],
+        vmtrim_argv(
+            "run", "--policy", str(policy), "--db", str(db), "--lock", str(tmp_path / "run.lock")
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

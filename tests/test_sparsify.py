@@ -17,12 +17,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import du_bytes, qemu_img, vmtrim
+from helpers import assert_refused_in_use, du_bytes, qemu_img, vmtrim
 from sparsify_support import (
     LAYOUT,
     Disk,
@@ -30,7 +29,6 @@ from sparsify_support import (
     lab_guest_checksums,
     lab_guest_with_data_disk,
     make_gpt_disk,
-    qemu_holding,
     sha256,
 )
 from vmtrim.sparsify.engine import checksums
@@ -151,18 +149,8 @@ def test_second_run_costs_at_most_the_mounts_metadata(disk: Disk, sparsified: ob
     assert du_bytes(disk.path) <= before + MiB
 
 
-@pytest.fixture
-def running_qemu(pristine: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with qemu_holding(pristine) as proc:
-        yield proc
-
-
-def test_in_use_refused(pristine: Path, running_qemu: subprocess.Popen[bytes]) -> None:
-    before = sha256(pristine)
-    refused = vmtrim("sparsify", str(pristine))
-    assert refused.returncode == 3
-    assert "in use" in refused.stderr and "QEMU's image lock" in refused.stderr
-    assert sha256(pristine) == before
+def test_in_use_refused(pristine: Path) -> None:
+    assert_refused_in_use("sparsify", pristine, "in use", "QEMU's image lock")
 
 
 def _wait_unlocked(image: Path, timeout: float = 120) -> None:
