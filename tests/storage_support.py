@@ -60,14 +60,10 @@ def filesystem(fstype: str, where: Path, *options: str, size_mib: int = 320) -> 
 # --- a lab guest with lvm2, dm-thin and the guest agent ---------------------------------
 
 #: PID 1 of the storage guest: the sparsify appliance's modules (base + dm) and qemu-ga,
-#: then nothing: every step is a guest-exec from the test, through vmtrim's Runner.
+#: then nothing: every step is a guest-exec from the test, through vmtrim's Runner. The
+#: prelude (PATH, /dev, /proc, /sys, the console) is the appliance's guestlib.sh.
 STORAGE_INIT = """#!/bin/sh
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+. /lib/vmtrim/guestlib.sh
 mkdir -p /run/lvm /run/lock/lvm /tmp /mnt
 while read -r group m; do
     case "$group" in base | dm) insmod "/lib/modules/$m" 2>/dev/null ;; esac

@@ -2,14 +2,15 @@
 
 The initramfs holds busybox (static), the kernel modules for every bus verify
 tests (see :mod:`vmtrim.lab.modules`), qemu-ga with the shared libraries ``ldd``
-names, and ``init.sh`` as ``/init``.
+names, ``init.sh`` as ``/init`` and the shell it sources, ``guestlib.sh``, as
+``/lib/vmtrim/guestlib.sh`` (every variant's /init sources it).
 
 Cache layout under ``$XDG_CACHE_HOME/vmtrim`` (default ``~/.cache/vmtrim``)::
 
     kernels/linux-image-*.deb      Debian's kernel package, downloaded once
     lab/<key>/vmlinux (or vmlinuz) the appliance; <key> hashes every input:
     lab/<key>/initrd.img             kernel, modules, busybox, qemu-ga and its
-    lab/<key>/manifest.json          libraries, init.sh and BUILD_FORMAT
+    lab/<key>/manifest.json          libraries, init.sh, guestlib.sh and BUILD_FORMAT
     lab.lock                       flock: one build at a time, across processes
 
 A build happens in a temporary directory and is renamed into place, so a reader
@@ -58,6 +59,9 @@ from vmtrim.lab.modules import (
 # Bump when the layout of the initramfs changes in a way the inputs do not show.
 BUILD_FORMAT = 4
 KEEP_BUILDS = 3
+# The shell every variant's /init sources (". /lib/vmtrim/guestlib.sh"): file, place.
+GUEST_LIB = "guestlib.sh"
+GUEST_LIB_PATH = Path("/lib/vmtrim/guestlib.sh")
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class _Inputs:
     ga_libs: list[tuple[Path, Path]]
     busybox_libs: list[tuple[Path, Path]]
     init: bytes
+    guestlib: bytes
     variant: Variant = VARIANTS["lab"]
     tools: tuple[Path, ...] = ()
     tool_libs: tuple[tuple[Path, Path], ...] = ()
@@ -191,6 +196,7 @@ def _gather(
         ga_libs=_libraries(qemu_ga, cache / "kernels"),
         busybox_libs=_libraries(busybox, cache / "kernels"),
         init=init_script(variant.init),
+        guestlib=init_script(GUEST_LIB),
         variant=variant,
         tools=tools,
         tool_libs=tuple(lib for t in tools for lib in _libraries(t, cache / "kernels")),
@@ -218,6 +224,7 @@ def _key(inputs: _Inputs) -> str:
     for _, real in sorted(set(inputs.ga_libs + inputs.busybox_libs)):
         sha256_file(real, h)
     h.update(inputs.init)
+    h.update(f"guestlib {len(inputs.guestlib)}\n".encode() + inputs.guestlib)
     if inputs.variant.name != "lab":  # the lab appliance's key stays what it always was
         h.update(repr((inputs.variant, inputs.variant.groups)).encode())
         for path in inputs.tools:
@@ -345,6 +352,10 @@ def _assemble_root(
         _copy_into(root, Path("/usr/sbin") / tool.name, tool)
     (root / "init").write_bytes(inputs.init)
     (root / "init").chmod(0o755)
+    lib = root / GUEST_LIB_PATH.relative_to("/")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    lib.write_bytes(inputs.guestlib)
+    lib.chmod(0o644)
     # One "group path" line per module; init.sh loads "base" and its filesystem's group.
     installed = [
         (group, install_module(tree, rel, root / "lib" / "modules")) for group, rel in order

@@ -11,12 +11,9 @@
 # for one line ("go") from that port. An error line ends with message=<free text>.
 # The disk is the only block device; the filesystem is on the whole disk.
 
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+# The prelude (PATH, /dev, /proc, /sys, the console) and say, die, wait_host, wait_port,
+# wait_disk, discarded and settle: shared with the other variants.
+. /lib/vmtrim/guestlib.sh
 
 MODE=online FS=ext4 SIZE=200 AGENT=0
 for word in $(cat /proc/cmdline); do
@@ -27,42 +24,6 @@ for word in $(cat /proc/cmdline); do
     vmtrim.agent=*) AGENT=${word#*=} ;;
     esac
 done
-
-CTL=
-say() {
-    echo "VMTRIM $*"
-    if [ -n "$CTL" ]; then echo "VMTRIM $*" >&3; fi
-}
-halt_now() {
-    sync
-    poweroff -f
-    while :; do sleep 1; done  # PID 1 must never exit: that is a kernel panic
-}
-die() {
-    say "step=error message=$*"
-    halt_now
-}
-wait_host() {
-    read -r _reply <&3 || die "the host closed the control port"
-}
-find_port() {  # print /dev/vportNpM for a virtio-serial port name
-    for f in /sys/class/virtio-ports/*/name; do
-        [ -r "$f" ] || continue
-        if [ "$(cat "$f")" = "$1" ]; then
-            d=${f%/name}
-            [ -c "/dev/${d##*/}" ] && echo "/dev/${d##*/}" && return 0
-        fi
-    done
-    return 1
-}
-wait_port() {
-    i=0
-    until find_port "$1"; do
-        i=$((i + 1))
-        [ $i -gt 300 ] && return 1
-        sleep 0.1
-    done
-}
 
 while read -r group m; do
     case "$group" in
@@ -88,34 +49,7 @@ if [ "$AGENT" = 1 ]; then
     qemu-ga -m virtio-serial -p "$GA" -d || die "qemu-ga did not start"
 fi
 
-DISK=
-i=0
-while [ -z "$DISK" ]; do
-    for d in vda sda; do [ -b "/dev/$d" ] && DISK=$d; done
-    [ -n "$DISK" ] && break
-    i=$((i + 1))
-    [ $i -gt 600 ] && die "no disk appeared (vda or sda)"
-    sleep 0.1
-done
-
-discarded() {  # bytes of discard requests the disk has completed (field 14: sectors)
-    set -- $(cat "/sys/block/$DISK/stat")
-    echo $((${14:-0} * 512))
-}
-settle() {  # sync until no request is in flight and the discard counter stops moving
-    prev=-1
-    n=0
-    while :; do
-        sync
-        set -- $(cat "/sys/block/$DISK/stat")
-        cur=${14:-0}
-        [ "$cur" = "$prev" ] && [ "${9:-0}" = 0 ] && break
-        prev=$cur
-        n=$((n + 1))
-        [ $n -gt 60 ] && break
-        sleep 0.3
-    done
-}
+wait_disk
 
 OPTS=
 case "$MODE" in

@@ -26,12 +26,9 @@
 # control port and lives in a file in this guest's RAM while cryptsetup reads it.
 # Nothing is repaired: a filesystem whose journal or log needs replaying is skipped.
 
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+# The prelude (PATH, /dev, /proc, /sys, the console) and say, die, wait_host, wait_port,
+# wait_disk, discarded and settle: shared with the lab guest.
+. /lib/vmtrim/guestlib.sh
 
 ACTION=trim KEYS=0
 for word in $(cat /proc/cmdline); do
@@ -40,43 +37,6 @@ for word in $(cat /proc/cmdline); do
     vmtrim.keys=1) KEYS=1 ;;
     esac
 done
-
-CTL=
-say() {
-    echo "VMTRIM $*"
-    if [ -n "$CTL" ]; then echo "VMTRIM $*" >&3; fi
-}
-halt_now() {
-    sync
-    poweroff -f
-    while :; do sleep 1; done # PID 1 must never exit: that is a kernel panic
-}
-die() {
-    say "step=error message=$*"
-    halt_now
-}
-wait_host() {
-    # EOF: the host went away (vmtrim was killed). Stop cleanly: QEMU then flushes.
-    read -r _reply <&3 || die "the host closed the control port"
-}
-find_port() {
-    for f in /sys/class/virtio-ports/*/name; do
-        [ -r "$f" ] || continue
-        if [ "$(cat "$f")" = "$1" ]; then
-            d=${f%/name}
-            [ -c "/dev/${d##*/}" ] && echo "/dev/${d##*/}" && return 0
-        fi
-    done
-    return 1
-}
-wait_port() {
-    i=0
-    until find_port "$1"; do
-        i=$((i + 1))
-        [ $i -gt 300 ] && return 1
-        sleep 0.1
-    done
-}
 
 LOADED=" "
 load_group() { # insmod the modules of one group of /etc/vmtrim/modules, once
@@ -91,34 +51,8 @@ load_group base
 CTL=$(wait_port org.vmtrim.ctl) || die "no virtio-serial port org.vmtrim.ctl"
 exec 3<>"$CTL"
 
-DISK=
-i=0
-while [ -z "$DISK" ]; do
-    for d in vda sda; do [ -b "/dev/$d" ] && DISK=$d; done
-    [ -n "$DISK" ] && break
-    i=$((i + 1))
-    [ $i -gt 600 ] && die "no disk appeared (vda or sda)"
-    sleep 0.1
-done
+wait_disk
 
-discarded() {
-    set -- $(cat "/sys/block/$DISK/stat")
-    echo $((${14:-0} * 512))
-}
-settle() { # sync until no request is in flight and the discard counter stops moving
-    prev=-1
-    n=0
-    while :; do
-        sync
-        set -- $(cat "/sys/block/$DISK/stat")
-        cur=${14:-0}
-        [ "$cur" = "$prev" ] && [ "${9:-0}" = 0 ] && break
-        prev=$cur
-        n=$((n + 1))
-        [ $n -gt 60 ] && break
-        sleep 0.3
-    done
-}
 bytes_of() { # size in bytes of a block device node (disk, partition or dm device)
     set -- $(stat -L -c '%t %T' "$1")
     echo $(($(cat "/sys/dev/block/$((0x$1)):$((0x$2))/size") * 512))
