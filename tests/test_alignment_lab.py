@@ -39,8 +39,7 @@ import pytest
 import lab_domains
 from granularity_support import _settled as settled
 from helpers import qemu_img, vmtrim
-from test_live_libvirt import Lab, LabDomain, domain_xml, make_image
-from test_trim_explain import disk_xml
+from test_live_libvirt import Lab, LabDomain
 from vmtrim.channels.libvirt import LibvirtAgent
 
 lab = lab_domains.lab  # the shared module-scoped fixture: this module's guest
@@ -152,21 +151,10 @@ def measured(lab: Lab) -> Iterator[Measured]:
     work.chmod(0o755)
     try:
         images = {t: build(work, t, spec) for t, spec in DISKS.items()}
-        make_image(work / "disk.qcow2", 64)
-        disks = disk_xml("sda", work / "disk.qcow2") + "".join(
-            disk_xml(t, images[t]) for t in DISKS
-        )
-        name = f"{lab_domains.OURS}align"
-        xml = domain_xml(
-            name, work, lab.appliance, discard=True, agent=True, write_mib=4, disk=disks
-        )
-        dom = lab.conn.defineXML(xml)
-        lab_dom = LabDomain(name, work, dom, 4)
-        lab.domains.append(lab_dom)
-        dom.create()
-        lab_dom.connect()
-        lab_dom.until_deleted()
-        agent = LibvirtAgent(dom)
+        lab_dom = lab_domains.define(lab, "align", work, 4, 64, images)
+        lab_domains.boot(lab_dom)
+        name = lab_dom.name
+        agent = LibvirtAgent(lab_dom.dom)
         specs = " ".join(f"{s.mib}:{s.mount}" for s in DISKS.values())
         mounted = dict(line.split() for line in guest_sh(agent, SETUP % specs).splitlines())
         partitions = {t: mounted[s.mount] for t, s in DISKS.items()}

@@ -28,6 +28,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+import lab_domains
 from helpers import vmtrim
 from test_live_guest_buses import make_image
 from vmtrim.channels.libvirt import LibvirtAgent
@@ -96,11 +97,7 @@ def guest(libvirtd: str) -> Iterator[Guest]:
     finally:
         if ctl is not None:
             ctl.close()
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isActive():
-                dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.undefine()
+        lab_domains.remove(dom)
         shutil.rmtree(workdir, ignore_errors=True)
         conn.close()
 

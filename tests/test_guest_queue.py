@@ -25,7 +25,6 @@ virtio-blk ignores discard_granularity=0 (facts rows scsi_dg0, virtio_blk_dg0).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+import lab_domains
 from helpers import vmtrim
 from vmtrim.errors import GuestFailed
 from vmtrim.lab import Appliance
@@ -229,11 +229,7 @@ def guest(libvirtd: str, appliance: Appliance) -> Iterator[Guest]:
         if ctl is not None:
             ctl.close()
         if dom is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isActive():
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefine()
+            lab_domains.remove(dom)
         shutil.rmtree(top, ignore_errors=True)
         conn.close()
 

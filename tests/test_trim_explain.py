@@ -45,7 +45,7 @@ import pytest
 
 import lab_domains
 from helpers import du_bytes, vmtrim
-from test_live_libvirt import Lab, LabDomain, domain_xml, make_image
+from test_live_libvirt import Lab, LabDomain
 from vmtrim.channels.libvirt import LibvirtAgent
 
 lab = lab_domains.lab  # the shared module-scoped fixture: this module's guest
@@ -127,15 +127,6 @@ def build_disks(work: Path) -> dict[str, Path]:
     return images
 
 
-def disk_xml(target: str, image: Path) -> str:
-    bus = "scsi" if target.startswith("sd") else "virtio"
-    return (
-        "<disk type='file' device='disk'>"
-        "<driver name='qemu' type='qcow2' discard='unmap'/>"
-        f"<source file='{image}'/><target dev='{target}' bus='{bus}'/></disk>"
-    )
-
-
 #: In the guest: mount each data disk (found by its size), free what its cause needs.
 GUEST_SCRIPT = """
 set -e
@@ -178,22 +169,11 @@ def explained(lab: Lab) -> Iterator[Explained]:
     lab_dom: LabDomain | None = None
     try:
         images = build_disks(work)
-        make_image(work / "disk.qcow2", 128)
-        disks = disk_xml("sda", work / "disk.qcow2") + "".join(
-            disk_xml(t, images[t]) for t in DISKS
-        )
-        name = f"{lab_domains.OURS}explain"
-        xml = domain_xml(
-            name, work, lab.appliance, discard=True, agent=True, write_mib=32, disk=disks
-        )
-        dom = lab.conn.defineXML(xml)
-        lab_dom = LabDomain(name, work, dom, 32)
-        lab.domains.append(lab_dom)
-        dom.create()
-        lab_dom.connect()
-        lab_dom.until_deleted()
+        lab_dom = lab_domains.define(lab, "explain", work, 32, 128, {t: images[t] for t in DISKS})
+        lab_domains.boot(lab_dom)
+        name = lab_dom.name
         specs = " ".join(f"{mib}:{mnt}" for mib, mnt in DISKS.values())
-        status = LibvirtAgent(dom).run(
+        status = LibvirtAgent(lab_dom.dom).run(
             "/bin/sh", ["-c", GUEST_SCRIPT % (specs, FILES_MIB)], timeout=600
         )
         assert status.exitcode == 0, status.err_data.decode(errors="replace")
