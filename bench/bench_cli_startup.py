@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import import_times
+
 PYTHON = sys.executable
 VMTRIM = str(Path(PYTHON).with_name("vmtrim"))
 TARGET_S = 0.050
@@ -42,19 +44,7 @@ def wall(argv: list[str]) -> float:
 
 
 def slowest_imports(count: int = 8) -> list[tuple[int, str]]:
-    done = subprocess.run(
-        [PYTHON, "-X", "importtime", VMTRIM, "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rows = []
-    for line in done.stderr.splitlines():
-        if not line.startswith("import time:") or "cumulative" in line:
-            continue
-        _, cumulative, name = line.split("|")
-        rows.append((int(cumulative), name.rstrip()))
-    return sorted(rows, reverse=True)[:count]
+    return sorted(import_times([VMTRIM, "--version"]), reverse=True)[:count]
 
 
 def main() -> None:
@@ -83,7 +73,7 @@ def main() -> None:
     )
     print("slowest imports of vmtrim --version (cumulative, python -X importtime):")
     for micros, name in slowest_imports():
-        print(f"  {micros / 1000:6.1f} ms  {name}")
+        print(f"  {micros / 1000:6.1f} ms   {name}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import libvirt
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from _common import until_deleted  # noqa: E402
 from fleet_hosts import FleetHost, free_port, refill, start_host  # noqa: E402
 from test_live_libvirt import Lab  # noqa: E402  (the tests' lab domains)
 from vmtrim.lab import ensure_appliance  # noqa: E402
@@ -101,12 +102,7 @@ def main() -> None:
             for h, (lab, _) in enumerate(labs)
             for g in range(GUESTS)
         ]
-        for guest in guests:
-            guest.until_deleted()
-        print(
-            f"{HOSTS} hosts x {GUESTS} guests booted, {WRITE_MIB} MiB written+deleted each,"
-            f" in {time.monotonic() - t0:.1f} s"
-        )
+        until_deleted(guests, f"{HOSTS} hosts x {GUESTS} guests booted", WRITE_MIB, t0)
         uris = [h.tcp_uri for h in hosts]
         results: dict[int, list[dict[str, float]]] = {1: [], HOSTS: []}
         for n in range(rounds):

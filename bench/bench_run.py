@@ -23,67 +23,24 @@ Round 2: the same guests, already trimmed, by `virsh domfstrim` (2 at a time) an
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import libvirt
+from _common import lab_session, until_deleted, virsh_domfstrim, vmtrim_json
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from services import start_libvirtd  # noqa: E402
-from test_live_libvirt import Lab  # noqa: E402  (the tests' lab domains: one definition)
-from vmtrim.lab import ensure_appliance  # noqa: E402
-
-URI = "qemu:///system"
 GUESTS = 6
 WRITE_MIB = 32
 PARALLEL = 2
 
 
 def vmtrim_run(policy: Path, db: Path, lock: Path) -> tuple[float, dict[str, Any]]:
-    start = time.monotonic()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vmtrim",
-            "run",
-            "--policy",
-            str(policy),
-            "--db",
-            str(db),
-            "--lock",
-            str(lock),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    return vmtrim_json(
+        "run", "--policy", str(policy), "--db", str(db), "--lock", str(lock), "--json"
     )
-    wall = time.monotonic() - start
-    if not out.stdout:
-        raise SystemExit(f"vmtrim run printed nothing: {out.stderr}")
-    doc: dict[str, Any] = json.loads(out.stdout)
-    return wall, doc
-
-
-def virsh_domfstrim(names: list[str]) -> float:
-    def one(name: str) -> None:
-        subprocess.run(["virsh", "-c", URI, "domfstrim", name], capture_output=True, check=True)
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        list(pool.map(one, names))
-    return time.monotonic() - start
 
 
 def report(label: str, wall: float, doc: dict[str, Any]) -> None:
@@ -115,18 +72,10 @@ def report(label: str, wall: float, doc: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    daemons = start_libvirtd()
-    conn = libvirt.open(URI)
-    lab = Lab(conn, ensure_appliance())
-    try:
+    with lab_session() as lab:
         t0 = time.monotonic()
         guests = [lab.start(f"r{i}", write_mib=WRITE_MIB) for i in range(GUESTS)]
-        for guest in guests:
-            guest.until_deleted()
-        print(
-            f"booted {GUESTS} guests, {WRITE_MIB} MiB written+deleted each, "
-            f"in {time.monotonic() - t0:.1f} s"
-        )
+        until_deleted(guests, f"booted {GUESTS} guests", WRITE_MIB, t0)
         with tempfile.TemporaryDirectory() as tmp:
             policy = Path(tmp) / "policy.toml"
             policy.write_text(
@@ -136,7 +85,7 @@ def main() -> None:
             wall, doc = vmtrim_run(policy, db, lock)
             report("round 1, vmtrim run (the real job)", wall, doc)
             names = [g.name for g in guests]
-            anchor = virsh_domfstrim(names)
+            anchor = virsh_domfstrim(names, PARALLEL)
             wall2, doc2 = vmtrim_run(policy, db, lock)
             print(
                 f"round 2 (already trimmed): virsh domfstrim x{GUESTS} ({PARALLEL} at a time) "
@@ -144,10 +93,6 @@ def main() -> None:
                 f"included); ratio {wall2 / anchor:.2f}"
             )
             report("round 2, vmtrim run", wall2, doc2)
-    finally:
-        lab.cleanup()
-        conn.close()
-        daemons.stop()
 
 
 if __name__ == "__main__":

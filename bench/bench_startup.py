@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import import_times
+
 PY = sys.executable
 VMTRIM = str(Path(PY).with_name("vmtrim"))
 
@@ -67,20 +69,11 @@ def image_rows(img: Path, runs: int) -> None:
 
 
 def imports(img: Path, top: int = 12) -> None:
-    proc = subprocess.run(
-        [PY, "-X", "importtime", "-m", "vmtrim", "image", "info", "--json", str(img)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rows = []
-    for line in proc.stderr.splitlines():
-        if not line.startswith("import time:") or "imported package" in line:
-            continue
-        _, cumulative, name = line.split(":", 1)[1].split("|")
-        if name.startswith("  "):  # nested: counted in the module that imported it
-            continue
-        rows.append((int(cumulative), name.strip()))
+    rows = [
+        (micros, name)
+        for micros, name in import_times(["-m", "vmtrim", "image", "info", "--json", str(img)])
+        if not name.startswith("  ")  # nested: counted in the module that imported it
+    ]
     rows.sort(reverse=True)
     print("\nimage info --json: top-level imports by cumulative time (-X importtime, one run)")
     for micros, name in rows[:top]:

@@ -15,59 +15,17 @@ Round 2, the anchor: the same guests, now already trimmed, by `virsh domfstrim`
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import libvirt
+from _common import URI, lab_session, until_deleted, virsh_domfstrim, vmtrim_json
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from services import start_libvirtd  # noqa: E402
-from test_live_libvirt import Lab  # noqa: E402  (the tests' lab domains: one definition)
-from vmtrim.lab import ensure_appliance  # noqa: E402
-
-URI = "qemu:///system"
 GUESTS = 6
 WRITE_MIB = 32
 PARALLEL = 3
 
 
 def vmtrim_trim(names: list[str]) -> tuple[float, dict[str, object]]:
-    start = time.monotonic()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vmtrim",
-            "trim",
-            "-c",
-            URI,
-            "--json",
-            "--parallel",
-            str(PARALLEL),
-            *names,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.monotonic() - start
-    return wall, json.loads(out.stdout)
-
-
-def virsh_domfstrim(names: list[str]) -> float:
-    def one(name: str) -> None:
-        subprocess.run(["virsh", "-c", URI, "domfstrim", name], capture_output=True, check=True)
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        list(pool.map(one, names))
-    return time.monotonic() - start
+    return vmtrim_json("trim", "-c", URI, "--json", "--parallel", str(PARALLEL), *names)
 
 
 def report(label: str, wall: float, doc: dict[str, object]) -> None:
@@ -99,22 +57,14 @@ def report(label: str, wall: float, doc: dict[str, object]) -> None:
 
 
 def main() -> None:
-    daemons = start_libvirtd()
-    conn = libvirt.open(URI)
-    lab = Lab(conn, ensure_appliance())
-    try:
+    with lab_session() as lab:
         t0 = time.monotonic()
         guests = [lab.start(f"b{i}", write_mib=WRITE_MIB) for i in range(GUESTS)]
-        for guest in guests:
-            guest.until_deleted()
-        print(
-            f"booted {GUESTS} guests, {WRITE_MIB} MiB written+deleted each, "
-            f"in {time.monotonic() - t0:.1f} s"
-        )
+        until_deleted(guests, f"booted {GUESTS} guests", WRITE_MIB, t0)
         names = [g.name for g in guests]
         wall, doc = vmtrim_trim(names)
         report("round 1, vmtrim trim (the real job)", wall, doc)
-        anchor = virsh_domfstrim(names)
+        anchor = virsh_domfstrim(names, PARALLEL)
         wall2, doc2 = vmtrim_trim(names)
         print(
             f"round 2 (already trimmed): virsh domfstrim x{GUESTS} ({PARALLEL} at a time) "
@@ -122,10 +72,6 @@ def main() -> None:
             f"{wall2 / anchor:.2f}"
         )
         report("round 2, vmtrim trim", wall2, doc2)
-    finally:
-        lab.cleanup()
-        conn.close()
-        daemons.stop()
 
 
 if __name__ == "__main__":
