@@ -539,20 +539,28 @@ def _explain(result: TrimResult, target: Target, deadline: float, pending: set[s
         return
     by_disk = guest_by_disk(result.paths, evidence.path_disks)
     whole = shortfall(result)  # without a path-to-disk map, the domain's figures decide
-    any_short = whole
+    short: set[str] = set()
     for disk in result.disks:
-        facts = evidence.disks.get(disk.target)
         disk.guest_trimmed = by_disk.get(disk.target)
-        short = (
+        if (
             falls_short(disk.guest_trimmed, disk.reclaimed_bytes)
             if evidence.path_disks is not None
             else whole
-        )
-        any_short = any_short or short
+        ):
+            short.add(disk.target)
+    any_short = whole or bool(short)
+    if short:  # the image headers, host probes and guest sysfs only where they can explain
+        try:
+            _bounded("explain", lambda: evidence.fill(short), deadline, pending)
+        except Exception as exc:
+            result.explain_note = f"the causes could not be read: {_one_line(exc)}"
+            return
+    for disk in result.disks:
+        facts = evidence.disks.get(disk.target)
         disk.causes = []
         if facts is None:
             continue
-        if short:
+        if disk.target in short:
             disk.causes += disk_causes(facts)
         disk.causes += already_trimmed(facts, paths_on(disk.target, result.paths, evidence))
     if any_short and not result.causes:

@@ -30,7 +30,7 @@ disk got back 99 % of a deleted 200 MiB file).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -115,6 +115,9 @@ class Evidence:
     disks: dict[str, DiskFacts] = field(default_factory=dict)
     #: guest mountpoint -> the disk targets its filesystem sits on; None: not known
     path_disks: dict[str, set[str]] | None = None
+    #: reads the costly facts (image header, host probes, the guest's sysfs) of the disks
+    #: named, once each: explain asks only for the disks that fell short
+    fill: Callable[[set[str]], None] = field(default=lambda targets: None)
 
 
 def guest_granularity(disk: Disk | None) -> tuple[int, str]:
@@ -350,35 +353,50 @@ def domain_evidence(
     timeout: float,
     *,
     local: bool,
+    lazy: bool = False,
 ) -> Evidence:
     """Each measured disk's facts, and (with an agent and the domain XML) which guest
-    filesystem sits on which disk. Reads only; the host is probed on a local connection."""
+    filesystem sits on which disk. Reads only; the host is probed on a local connection.
+    With ``lazy`` the per-disk facts wait for ``Evidence.fill``."""
     evidence = Evidence()
     by_target: dict[str, list[tuple[str, str]]] = {}
     pairs: dict[str, tuple[str, str]] = {}  # target -> (guest disk, partition)
-    queues: dict[tuple[str, str], GuestQueue] = {}
     if agent is not None and xml is not None:
         evidence.path_disks = _path_disks(agent, xml, timeout, by_target, pairs)
-        queues = _queues(agent, pairs, timeout)
+    costly: dict[str, tuple[Disk, DiskRef]] = {}
     for disk in domain.disks:
         target = disk.target or disk.ident
         ref = refs.get(target)
         if ref is None:
             continue
-        if disk.guest_queue is None and target in pairs:
-            disk.guest_queue = queues.get(pairs[target])
-        facts = DiskFacts(target, filesystems=by_target.get(target, []), queue=disk.guest_queue)
-        facts.guest_granularity, facts.granularity_from = guest_granularity(disk)
-        node = disk.node
-        facts.discard_no_unref = node.discard_no_unref if node is not None else None
-        if ref.local_file and local:
-            facts.image, facts.image_error = image_facts(ref.local_file)
-            facts.punch = punch_facts(ref.local_file)
-        facts.granularity = _stack(disk, facts.image, local)
-        path = ref.local_file or (ref.source if (ref.source or "").startswith("/dev/") else None)
-        if local and path:
-            facts.pool = _pool(path)
-        evidence.disks[target] = facts
+        evidence.disks[target] = DiskFacts(target, filesystems=by_target.get(target, []))
+        costly[target] = (disk, ref)
+
+    def fill(targets: set[str]) -> None:
+        wanted = {t: costly.pop(t) for t in sorted(targets) if t in costly}
+        unread = [t for t, (disk, _) in wanted.items() if disk.guest_queue is None]
+        asked = {t: pairs[t] for t in unread if t in pairs}
+        queues = _queues(agent, asked, timeout) if agent is not None else {}
+        for target, (disk, ref) in wanted.items():
+            if disk.guest_queue is None and target in asked:
+                disk.guest_queue = queues.get(asked[target])
+            facts = evidence.disks[target]
+            facts.queue = disk.guest_queue
+            facts.guest_granularity, facts.granularity_from = guest_granularity(disk)
+            node = disk.node
+            facts.discard_no_unref = node.discard_no_unref if node is not None else None
+            if ref.local_file and local:
+                facts.image, facts.image_error = image_facts(ref.local_file)
+                facts.punch = punch_facts(ref.local_file)
+            facts.granularity = _stack(disk, facts.image, local)
+            device = ref.source if (ref.source or "").startswith("/dev/") else None
+            path = ref.local_file or device
+            if local and path:
+                facts.pool = _pool(path)
+
+    evidence.fill = fill
+    if not lazy:
+        fill(set(costly))
     return evidence
 
 

@@ -142,5 +142,5 @@ class LibvirtTarget:
         domain = parse_domain_xml(xml, subject=self.name)
         refs = {r.target: r for r in self.disks()}
         return domain_evidence(
-            domain, refs, LibvirtAgent(self.dom), xml, timeout, local=self.conn.local
+            domain, refs, LibvirtAgent(self.dom), xml, timeout, local=self.conn.local, lazy=True
         )

@@ -137,12 +137,19 @@ class QemuTarget:
         """The images' headers and their host filesystems; QMP's device names do not map
         onto the guest's filesystems, so the domain's totals decide which disks fell short."""
         evidence = Evidence()
-        for ref in self.disks():
-            facts = DiskFacts(ref.target)
-            if ref.local_file:
-                facts.image, facts.image_error = image_facts(ref.local_file)
-                facts.punch = punch_facts(ref.local_file)
-            evidence.disks[ref.target] = facts
+        files = {ref.target: ref.local_file for ref in self.disks()}
+        for target in files:
+            evidence.disks[target] = DiskFacts(target)
+
+        def fill(targets: set[str]) -> None:
+            for target in sorted(targets):
+                path = files.pop(target, None)
+                if path:
+                    facts = evidence.disks[target]
+                    facts.image, facts.image_error = image_facts(path)
+                    facts.punch = punch_facts(path)
+
+        evidence.fill = fill
         return evidence
 
     def unmap_counters(self) -> dict[str, tuple[int, int]] | None:
