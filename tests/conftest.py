@@ -40,9 +40,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     helpers.REGENERATE = bool(config.getoption("regenerate_output"))
-    _import_lazy_hypothesis_modules()
 
 
+@pytest.fixture(scope="session", autouse=True)
 def _import_lazy_hypothesis_modules() -> None:
     """Import the strategy modules hypothesis loads lazily, before any test runs.
 
@@ -50,8 +50,9 @@ def _import_lazy_hypothesis_modules() -> None:
     own modules (it is a plugin) with ``ast.parse`` as they are imported, and CPython
     3.11's AST constructor then can fail with "AST constructor recursion depth mismatch"
     (python/cpython#106905, pytest-dev/pytest#10874): a full CI run failed that way the
-    first time ``st.from_regex`` was built inside a test. Building them here, outside
-    any test, imports those modules in a plain frame.
+    first time ``st.from_regex`` was built inside a test. Building them in this session
+    fixture, before the first test and outside any ``@given`` (hypothesis warns about such
+    work during conftest initialisation), imports those modules in a plain frame.
     """
     from hypothesis import strategies as st
 
